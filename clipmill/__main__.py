@@ -1,0 +1,3 @@
+from clipmill.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The ``clipmill`` command: run one stage, a whole flow, the demo web server, or manage models.
+
+Every stage lives in ``components/<stage>/`` and exposes ``cli.py`` with ``HELP``, ``add_arguments(parser)``
+and ``run(args, params)``; ``clipmill stage <stage>`` finds it by name.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import components
+from components.common.errors import ClipmillError
+
+from .params import DEFAULT_PARAMS, load_params
+
+
+def stage_modules() -> dict[str, object]:
+    """Stage name -> its ``components.<stage>.cli`` module, for every stage package that has one."""
+    out = {}
+    for info in sorted(pkgutil.iter_modules(components.__path__), key=lambda m: m.name):
+        if not info.ispkg or info.name == "common":
+            continue
+        try:
+            out[info.name] = importlib.import_module(f"components.{info.name}.cli")
+        except ModuleNotFoundError as e:
+            if e.name != f"components.{info.name}.cli":
+                raise  # the stage exists but one of its own imports is broken
+    return out
+
+
+def _add_params_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE",
+                   help=f"params file (default: {DEFAULT_PARAMS})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipmill",
+        description="CLIP-style pretraining pipeline: crawl -> download -> curate -> train -> evaluate -> register.",
+        epilog="Configuration lives in params.yaml (see README.md, 'Configuration reference').",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    stage = sub.add_parser("stage", help="run one pipeline stage (as dvc.yaml does)",
+                           description="Run one pipeline stage. `dvc repro` and the Prefect flows call these.")
+    stage_sub = stage.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, mod in stage_modules().items():
+        sp = stage_sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        _add_params_option(sp)
+        mod.add_arguments(sp)
+        sp.set_defaults(handler=mod.run, needs_params=True)
+
+    for extra in ("pipelines.cli", "components.demo_corpus.server_cli", "components.register.models_cli"):
+        try:
+            mod = importlib.import_module(extra)
+        except ModuleNotFoundError as e:
+            if e.name is None or not extra.startswith(e.name):
+                raise
+            continue
+        mod.register(sub, _add_params_option)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params) if getattr(args, "params", None) else None
+        rc = args.handler(args, params)
+    except ClipmillError as e:
+        print(f"clipmill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipmill: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

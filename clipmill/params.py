@@ -1,0 +1,73 @@
+"""The schema of params.yaml: one typed section per stage, unknown keys rejected.
+
+``load_params`` turns every problem into a ``ConfigError`` whose one line names the key path and the reason.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from components.common.errors import ConfigError
+from components.common.params import ProjectParams, RayParams, Section, TrackingParams
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class Params(Section):
+    project: ProjectParams = Field(default_factory=ProjectParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    ray: RayParams = Field(default_factory=RayParams)
+
+
+def _model_at(loc: tuple) -> Any:
+    """The pydantic model class that owns the location ``loc`` (for 'did you mean' hints)."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    path = ".".join(loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        model = _model_at(tuple(err["loc"]))
+        known = list(getattr(model, "model_fields", {}))
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+        return f"{path}: unknown key{hint}"
+    got = err.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{path}: {err['msg'][0].lower()}{err['msg'][1:]}{got_s}"
+
+
+def parse_params(data: Any, source: str = DEFAULT_PARAMS) -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    return parse_params(data, str(path))

@@ -1,0 +1,1 @@
+"""Code shared by every stage: typed params, errors, atomic I/O, hashing, tracking."""
