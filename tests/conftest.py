@@ -30,3 +30,12 @@ def default_params():
     from clipmill.params import load_params
 
     return load_params(REPO / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect server (temporary SQLite database) shared by every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

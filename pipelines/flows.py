@@ -1,0 +1,173 @@
+"""Prefect flows over the dvc.yaml stage graph.
+
+Each Prefect task runs one stage with ``dvc repro --single-item <stage>``: DVC decides whether the stage's
+inputs changed (unchanged stages are skipped) and records the result in dvc.lock, exactly as ``dvc repro``
+would. The flow opens one MLflow parent run; every stage run is its child (``CLIPMILL_PARENT_RUN_ID``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.tasks import exponential_backoff
+
+from components.common.errors import ClipmillError
+from components.common.io import write_text
+from components.common.params import TrackingParams
+from components.common.tracking import PARENT_RUN_ENV, lineage_tags, tracking_uri, use_experiment
+
+from .dag import FLOW_TARGETS, load_dag, select
+
+_EXITED = re.compile(r"exited with (\d+)")
+USER_ERROR_EXIT = 2  # a ClipmillError (bad input, bad params): retrying cannot help
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: str):
+        self.stage, self.returncode = stage, returncode
+        super().__init__(f"stage '{stage}' failed (exit {returncode}):\n{tail}")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # ran | skipped
+    seconds: float
+    mlflow_run_id: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def _stage_env(parent_run_id: str | None, uri: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # Stage commands call `clipmill`: make the interpreter's own environment the first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = uri
+    env.pop(PARENT_RUN_ENV, None)
+    if parent_run_id:
+        env[PARENT_RUN_ENV] = parent_run_id
+    return env
+
+
+def _retry_transient(task_, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    return not (isinstance(exc, StageFailed) and exc.returncode == USER_ERROR_EXIT)
+
+
+@task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
+      retry_condition_fn=_retry_transient)
+def run_stage(stage: str, root: str, env: dict[str, str]) -> StageResult:
+    """Run one dvc.yaml stage through DVC, streaming its output into the flow's log."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    tail: deque[str] = deque(maxlen=40)
+    skipped = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail.append(line)
+        skipped |= "didn't change, skipping" in line
+        logger.info("[%s] %s", stage, line)
+    rc = proc.wait()
+    seconds = time.perf_counter() - start
+    if rc != 0:
+        # DVC exits 255 for any failed command; the stage's own exit code is in its message.
+        own = [int(m) for m in _EXITED.findall("\n".join(tail))]
+        raise StageFailed(stage, own[-1] if own else rc, "\n".join(tail))
+    return StageResult(stage, "skipped" if skipped else "ran", seconds)
+
+
+def _attach_child_runs(results: list[StageResult], parent_run_id: str) -> None:
+    """Fill in each stage's MLflow child run and the counts it logged (samples_in / samples_out ...)."""
+    import mlflow
+
+    runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              search_all_experiments=True, output_format="list")
+    by_stage = {r.data.tags.get("clipmill.stage"): r for r in runs}
+    for res in results:
+        run = by_stage.get(res.stage)
+        if run is not None:
+            res.mlflow_run_id = run.info.run_id
+            res.metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("samples_", "n_"))}
+
+
+def summary_markdown(flow_name: str, results: list[StageResult], total_seconds: float, parent_run_id: str | None,
+                     extra: dict[str, str] | None = None) -> str:
+    stage_seconds = sum(r.seconds for r in results)
+    lines = [f"# clipmill run: `{flow_name}`", ""]
+    if parent_run_id:
+        lines.append(f"MLflow parent run: `{parent_run_id}`")
+    for k, v in (extra or {}).items():
+        lines.append(f"{k}: {v}")
+    lines += ["", "| stage | status | seconds | counts | MLflow run |", "|---|---|---:|---|---|"]
+    for r in results:
+        counts = ", ".join(f"{k}={v:g}" for k, v in sorted(r.metrics.items())) or "–"
+        lines.append(f"| {r.stage} | {r.status} | {r.seconds:.1f} | {counts} | {r.mlflow_run_id or '–'} |")
+    overhead = total_seconds / stage_seconds if stage_seconds else float("nan")
+    lines += ["", f"Total wall time {total_seconds:.1f} s; stages {stage_seconds:.1f} s (ratio {overhead:.3f})."]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="clipmill", flow_run_name="{flow_name}", log_prints=True)
+def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None = None) -> list[dict]:
+    """Run the stages of ``flow_name`` (or the explicit ``stages``) in dvc.yaml order, under one MLflow parent run."""
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.runtime import flow_run
+
+    from clipmill.params import load_params
+
+    logger = get_run_logger()
+    root_path = Path(root).resolve()
+    dag = load_dag(root_path)
+    if flow_name not in FLOW_TARGETS and not stages:
+        raise ClipmillError(f"unknown flow '{flow_name}' (flows: {', '.join(FLOW_TARGETS)})")
+    order = stages or select(dag, FLOW_TARGETS[flow_name])
+    params = load_params(root_path / "params.yaml")
+    tracking: TrackingParams = params.tracking
+    start = time.perf_counter()
+    results: list[StageResult] = []
+    cwd = os.getcwd()
+    os.chdir(root_path)  # relative tracking URIs and dvc.lock resolve against the project root
+    try:
+        uri = tracking_uri(tracking)
+        parent_id = None
+        if tracking.enabled:
+            use_experiment(tracking)
+            tags = {"clipmill.flow": flow_name, "prefect.flow_run_id": str(flow_run.id or ""),
+                    **lineage_tags(params)}
+            parent = mlflow.start_run(run_name=f"pipeline:{flow_name}", tags=tags)
+            parent_id = parent.info.run_id
+        env = _stage_env(parent_id, uri)
+        logger.info("flow %s: %d stages: %s", flow_name, len(order), " -> ".join(order))
+        status = "FAILED"
+        try:
+            for stage in order:
+                results.append(run_stage(stage, str(root_path), env))
+            status = "FINISHED"
+        finally:
+            total = time.perf_counter() - start
+            if parent_id:
+                _attach_child_runs(results, parent_id)
+            text = summary_markdown(flow_name, results, total, parent_id)
+            summary_path = root_path / params.project.reports_dir / "run_summary.md"
+            write_text(text, summary_path)
+            if parent_id:
+                mlflow.log_metric("wall_seconds", total)
+                mlflow.log_metric("stage_seconds", sum(r.seconds for r in results))
+                mlflow.log_artifact(str(summary_path))
+                mlflow.end_run(status=status)
+            create_markdown_artifact(text, key=f"clipmill-{flow_name.replace('_', '-')}-summary",
+                                     description="Stage durations, counts and MLflow runs")
+            logger.info("run summary written to %s", summary_path)
+    finally:
+        os.chdir(cwd)
+    return [asdict(r) for r in results]

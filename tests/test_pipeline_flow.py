@@ -1,0 +1,87 @@
+"""The Prefect flow runs dvc.yaml's stages through DVC: order, skipping, lineage runs, failures."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from components.common.errors import ClipmillError
+from pipelines.dag import load_dag, select
+from pipelines.flows import StageFailed, pipeline
+
+from .conftest import REPO
+
+STAGE_SCRIPT = textwrap.dedent('''
+    import sys, pathlib
+    from clipmill.params import load_params
+    from components.common.tracking import stage_run
+    from components.common.errors import ClipmillError
+    name, src, dst = sys.argv[1:4]
+    params = load_params()
+    if pathlib.Path("fail_" + name).exists():
+        raise SystemExit(2)
+    with stage_run(name, params.tracking, params.project, [src] if src != "-" else []):
+        import mlflow
+        text = pathlib.Path(src).read_text() if src != "-" else "seed"
+        pathlib.Path(dst).write_text(text + "+" + name)
+        mlflow.log_metrics({"samples_in": len(text), "samples_out": len(text) + 1})
+''')
+
+
+@pytest.fixture
+def project(tmp_path, mlflow_uri) -> Path:
+    """A throwaway git + DVC project with three chained stages that record MLflow runs."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "stage.py").write_text(STAGE_SCRIPT)
+    py = sys.executable
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": f"{py} stage.py a - a.txt", "deps": ["stage.py"], "outs": ["a.txt"]},
+        "b": {"cmd": f"{py} stage.py b a.txt b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
+        "c": {"cmd": f"{py} stage.py c b.txt c.txt", "deps": ["b.txt"], "outs": ["c.txt"]},
+    }}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": mlflow_uri}}))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], [str(Path(py).parent / "dvc"), "init", "-q"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    return root
+
+
+def test_dag_reads_the_repo_pipeline():
+    dag = load_dag(REPO)
+    assert list(dag)[0] == "demo_corpus"
+    assert select(dag, ("validate_download",))[-1] == "validate_download"
+    with pytest.raises(ClipmillError, match="no stage named 'nope'"):
+        select(dag, ("nope",))
+
+
+def test_flow_runs_stages_in_order_then_skips_unchanged(project, prefect_server):
+    results = pipeline(flow_name="full", root=str(project))
+    assert [(r["stage"], r["status"]) for r in results] == [("a", "ran"), ("b", "ran"), ("c", "ran")]
+    assert (project / "c.txt").read_text() == "seed+a+b+c"
+    assert all(r["mlflow_run_id"] for r in results)
+    child = mlflow.get_run(results[1]["mlflow_run_id"])
+    parent = mlflow.get_run(child.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["clipmill.flow"] == "full" and parent.data.tags["prefect.flow_run_id"]
+    assert child.data.tags["clipmill.data_hash"] and child.data.tags["clipmill.git_commit"] != "unknown"
+    summary = (project / "reports" / "run_summary.md").read_text()
+    assert "| b | ran |" in summary and "samples_in=" in summary
+
+    again = pipeline(flow_name="full", root=str(project))
+    assert [r["status"] for r in again] == ["skipped"] * 3
+
+
+def test_user_error_fails_the_flow_without_retries(project, prefect_server):
+    (project / "fail_b").write_text("")
+    with pytest.raises(StageFailed) as e:
+        pipeline(flow_name="full", root=str(project))
+    assert e.value.stage == "b" and e.value.returncode == 2
+    assert not (project / "c.txt").exists()
