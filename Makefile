@@ -10,6 +10,8 @@ SITE    = $(VENV)/lib/python3.11/site-packages
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export NO_ALBUMENTATIONS_UPDATE = 1
 export HF_HUB_OFFLINE = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export DO_NOT_TRACK = 1
 
 .PHONY: setup demo test test-fast bench mlflow-ui prefect-ui clean help
 
