@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 
 from components.common.errors import ConfigError
 from components.common.params import ProjectParams, RayParams, Section, TrackingParams
+from components.filter.params import FilterParams
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -22,6 +23,7 @@ class Params(Section):
     project: ProjectParams = Field(default_factory=ProjectParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     ray: RayParams = Field(default_factory=RayParams)
+    filter: FilterParams = Field(default_factory=FilterParams)
 
 
 def _model_at(loc: tuple) -> Any:

@@ -48,3 +48,23 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a stage's parquet table; a missing or unreadable file or a missing column is an ``InputError``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file (run the stage that writes it first)")
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(path, f"not a readable parquet file ({e})") from None
+    for column in columns or []:
+        if column not in schema.names:
+            raise InputError(path, "missing column", field=column)
+    return pq.read_table(path, columns=columns).to_pandas()

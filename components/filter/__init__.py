@@ -1,0 +1,1 @@
+"""Rule filter: DataComp "basic" caption and image rules, boilerplate patterns, exact-duplicate images."""

@@ -1,0 +1,42 @@
+"""The ``filter:`` section of params.yaml."""
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from components.common.engine import Engine
+from components.common.params import Section
+
+# Web boilerplate alt-text: camera file names, bare file names, UI strings, placeholders.
+DEFAULT_BOILERPLATE = [
+    r"(?i)^\s*(img|dsc|dscn|dscf|pict?|photo|image|screenshot)[\s_-]*\d+",
+    r"(?i)^\s*\S+\.(jpe?g|png|gif|webp|bmp|tiff?)\s*$",
+    r"(?i)\bclick (here )?(to|for) (enlarge|zoom|view|see)",
+    r"(?i)^\s*(image|photo|picture|thumbnail|untitled|placeholder|no image|image not found)\s*$",
+    r"(?i)\b(stock photo|royalty[- ]free|all rights reserved)\b",
+]
+
+
+class FilterParams(Section):
+    engine: Engine = Field("local", description="Where the per-sample rules run: in-process (local) or Ray Data (ray; see the ray section).")
+    batch_size: int = Field(4096, ge=1, description="Rows per batch handed to the rule function.")
+    min_words: int | None = Field(3, ge=1, description="Drop captions with fewer whitespace-separated words (DataComp: more than 2); null: off.")
+    min_chars: int | None = Field(6, ge=1, description="Drop captions shorter than this many characters after stripping (DataComp: more than 5); null: off.")
+    min_image_side: int | None = Field(200, ge=1, description="Drop images whose original shorter side is below this many pixels (DataComp: 200); null: off.")
+    max_aspect_ratio: float | None = Field(3.0, ge=1.0, description="Drop images whose original longer/shorter side ratio exceeds this (DataComp: 3); null: off.")
+    boilerplate_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_BOILERPLATE),
+        description="Python regexes searched in the caption; a match drops the sample as boilerplate. Empty list: off.",
+    )
+    dedup_images: bool = Field(True, description="Drop exact-duplicate images (same sha256), keeping the one with the smallest uid.")
+
+    @field_validator("boilerplate_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pattern {pattern!r} is not a valid regex: {e}") from None
+        return patterns
