@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import pandas as pd
@@ -23,13 +24,13 @@ def expected_reason(i: int) -> str | None:
     if i % 15 == 14:
         return "download:http_404"
     if i % 19 == 5:
-        return "rule:min_words"
+        return "min_words"
     if i % 17 == 3:
-        return "rule:min_words"  # "IMG_1003.jpg" is one word: the word rule comes before boilerplate
+        return "min_words"  # "IMG_1003.jpg" is one word: the word rule comes before boilerplate
     if i % 23 == 9:
-        return "rule:min_image_side"
+        return "min_image_side"
     if i % 29 == 11:
-        return "rule:max_aspect_ratio"
+        return "max_aspect_ratio"
     return None
 
 
@@ -54,10 +55,10 @@ def test_reasons_and_counts_add_up(download, tmp_path):
 
     expected = [expected_reason(i) for i in range(len(manifest))]
     # The fixture copies the previous written image into every sample with i % 31 == 30.
-    got = rules["reason"].where(rules["reason"] != "rule:duplicate_image", None).tolist()
+    got = rules["reason"].where(rules["reason"] != "duplicate_image", None).tolist()
     assert got == expected
 
-    duplicates = rules[rules["reason"] == "rule:duplicate_image"]
+    duplicates = rules[rules["reason"] == "duplicate_image"]
     assert len(duplicates) == 3  # i = 30, 61, 92 each repeat a kept image
     for uid in duplicates["uid"]:
         sha = manifest.loc[manifest["uid"] == uid, "sha256"].item()
@@ -68,7 +69,7 @@ def test_reasons_and_counts_add_up(download, tmp_path):
     assert summary["input"] == 120
     assert summary["kept"] + sum(summary["dropped"].values()) == 120
     assert summary["dropped"]["download:http_404"] == 8
-    assert summary["dropped"]["rule:duplicate_image"] == 3
+    assert summary["dropped"]["duplicate_image"] == 3
     assert summary == json.loads((tmp_path / "rules_summary.json").read_text())
 
 
@@ -91,12 +92,26 @@ def test_rule_precedence_and_boilerplate_defaults():
     })
     reasons = rule_reasons(batch, FilterParams(min_words=3, min_chars=6, min_image_side=200)).set_index("uid")["reason"]
     assert reasons.to_dict() == {
-        "a": None, "b": "rule:boilerplate", "c": "rule:boilerplate", "d": "rule:min_words",
-        "e": "rule:min_words", "f": "rule:min_image_side", "g": "rule:max_aspect_ratio",
+        "a": None, "b": None, "c": "boilerplate", "d": "min_words",
+        "e": "min_words", "f": "min_image_side", "g": "max_aspect_ratio",
         "h": "download:unknown",
     }
+    one_word = rule_reasons(batch, FilterParams(min_words=1, min_chars=1)).set_index("uid")["reason"]
+    assert one_word["d"] == "boilerplate"  # a bare file name
     no_patterns = rule_reasons(batch, FilterParams(boilerplate_patterns=[], min_words=1)).set_index("uid")["reason"]
-    assert no_patterns["b"] is None and no_patterns["c"] is None
+    assert no_patterns["c"] is None and no_patterns["d"] is None
+
+
+@pytest.mark.parametrize("caption", ["untitled-1.png", "DSC00042.JPG", "Screenshot_000042.png", "download (3).jpg",
+                                     "click image to view full size", "Picture 1", "HD wallpaper", "no image"])
+def test_default_patterns_catch_boilerplate_only_captions(caption):
+    assert any(re.search(p, caption) for p in FilterParams().boilerplate_patterns)
+
+
+@pytest.mark.parametrize("caption", ["a red circle, click to enlarge", "IMG_0042.jpg a blue star",
+                                     "click beetle on a leaf", "photo of a green ring", "red star - stock photo"])
+def test_default_patterns_keep_honest_captions_with_boilerplate_around(caption):
+    assert not any(re.search(p, caption) for p in FilterParams().boilerplate_patterns)
 
 
 def test_bad_patterns_are_config_errors():

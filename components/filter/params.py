@@ -8,13 +8,15 @@ from pydantic import Field, field_validator
 from components.common.engine import Engine
 from components.common.params import Section
 
-# Web boilerplate alt-text: camera file names, bare file names, UI strings, placeholders.
+# Captions that are nothing but web boilerplate: a file name, a camera name, a UI string or a placeholder.
+# Anchored at both ends, so an honest caption with boilerplate around it is kept.
 DEFAULT_BOILERPLATE = [
-    r"(?i)^\s*(img|dsc|dscn|dscf|pict?|photo|image|screenshot)[\s_-]*\d+",
-    r"(?i)^\s*\S+\.(jpe?g|png|gif|webp|bmp|tiff?)\s*$",
-    r"(?i)\bclick (here )?(to|for) (enlarge|zoom|view|see)",
-    r"(?i)^\s*(image|photo|picture|thumbnail|untitled|placeholder|no image|image not found)\s*$",
-    r"(?i)\b(stock photo|royalty[- ]free|all rights reserved)\b",
+    r"(?i)^\s*[\w\s().-]*\.(jpe?g|png|gif|webp|bmp|tiff?)\s*$",
+    r"(?i)^\s*(img|dsc|dscn|dscf|pict?|p|photo|image|screenshot|file)[\s_-]*\d+\s*$",
+    r"(?i)^\s*(click( \w+)? (to|for) [\w ]+|(view|see) (more|larger image|full size)|(free )?download( now)?"
+    r"|(hd )?wallpaper|thumbnail|untitled(-\d+)?|image|photo|picture|img|logo|banner|home|placeholder"
+    r"|no (image|description)( available)?|image not found|stock photo|royalty free|all rights reserved"
+    r"|high resolution|(picture|figure|image|photo) \d+|image via \w+)\s*[.!]*\s*$",
 ]
 
 

@@ -25,7 +25,7 @@ from components.common.tracking import stage_run
 from .params import FilterParams
 
 MANIFEST_COLUMNS = ["uid", "status", "error_reason", "caption", "original_width", "original_height", "sha256"]
-DUPLICATE_REASON = "rule:duplicate_image"
+DUPLICATE_REASON = "duplicate_image"
 
 log = get_logger("filter")
 
@@ -43,19 +43,19 @@ def rule_reasons(batch: pd.DataFrame, params: FilterParams) -> pd.DataFrame:
          ("download:" + batch["error_reason"].fillna("unknown").astype(str)).to_numpy()),
     ]
     if params.min_words is not None:
-        checks.append(((caption.str.split().str.len() < params.min_words).to_numpy(), "rule:min_words"))
+        checks.append(((caption.str.split().str.len() < params.min_words).to_numpy(), "min_words"))
     if params.min_chars is not None:
-        checks.append(((caption.str.strip().str.len() < params.min_chars).to_numpy(), "rule:min_chars"))
+        checks.append(((caption.str.strip().str.len() < params.min_chars).to_numpy(), "min_chars"))
     if params.boilerplate_patterns:
         patterns = [re.compile(p) for p in params.boilerplate_patterns]
         boilerplate = np.array([any(p.search(text) for p in patterns) for text in caption], dtype=bool)
-        checks.append((boilerplate, "rule:boilerplate"))
+        checks.append((boilerplate, "boilerplate"))
     if params.min_image_side is not None:
-        checks.append((np.minimum(width, height) < params.min_image_side, "rule:min_image_side"))
+        checks.append((np.minimum(width, height) < params.min_image_side, "min_image_side"))
     if params.max_aspect_ratio is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.maximum(width, height) / np.minimum(width, height)
-        checks.append((ratio > params.max_aspect_ratio, "rule:max_aspect_ratio"))
+        checks.append((ratio > params.max_aspect_ratio, "max_aspect_ratio"))
     reason = np.full(len(batch), None, dtype=object)
     for failed, value in checks:
         first = failed & pd.isna(reason)
