@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 
 from components.common.errors import ConfigError
 from components.common.params import ProjectParams, RayParams, Section, TrackingParams
+from components.balance.params import BalanceParams
 from components.filter.params import FilterParams
 
 DEFAULT_PARAMS = "params.yaml"
@@ -24,6 +25,7 @@ class Params(Section):
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     ray: RayParams = Field(default_factory=RayParams)
     filter: FilterParams = Field(default_factory=FilterParams)
+    balance: BalanceParams = Field(default_factory=BalanceParams)
 
 
 def _model_at(loc: tuple) -> Any:

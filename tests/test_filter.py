@@ -41,8 +41,7 @@ def download(tmp_path):
 
 def run_filter(download, tmp_path, **overrides):
     params = FilterParams(**{**SMALL, **overrides})
-    summary = filter_manifest(download["manifest"], tmp_path / "rules.parquet", tmp_path / "rules_summary.json",
-                              params, RayParams(), TrackingParams(enabled=False))
+    summary = filter_manifest(download["manifest"], tmp_path, params, RayParams(), TrackingParams(enabled=False))
     return pd.read_parquet(tmp_path / "rules.parquet"), summary
 
 
@@ -123,19 +122,19 @@ def test_bad_manifest_names_file_and_field(download, tmp_path):
     table = download["table"]
     table.drop(columns=["sha256"]).to_parquet(tmp_path / "no_sha.parquet", index=False)
     with pytest.raises(InputError, match=r"no_sha\.parquet: field 'sha256': missing column"):
-        filter_manifest(tmp_path / "no_sha.parquet", tmp_path / "r.parquet", tmp_path / "s.json",
+        filter_manifest(tmp_path / "no_sha.parquet", tmp_path / "out",
                         FilterParams(), RayParams(), TrackingParams(enabled=False))
     pd.concat([table, table.head(1)]).to_parquet(tmp_path / "dup.parquet", index=False)
     with pytest.raises(InputError, match="field 'uid'.*more than once"):
-        filter_manifest(tmp_path / "dup.parquet", tmp_path / "r.parquet", tmp_path / "s.json",
+        filter_manifest(tmp_path / "dup.parquet", tmp_path / "out",
                         FilterParams(), RayParams(), TrackingParams(enabled=False))
     broken = table.copy()
     broken.loc[0, "original_width"] = None
     broken.to_parquet(tmp_path / "no_width.parquet", index=False)
     with pytest.raises(InputError, match="field 'original_width'"):
-        filter_manifest(tmp_path / "no_width.parquet", tmp_path / "r.parquet", tmp_path / "s.json",
+        filter_manifest(tmp_path / "no_width.parquet", tmp_path / "out",
                         FilterParams(), RayParams(), TrackingParams(enabled=False))
-    assert not (tmp_path / "r.parquet").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_records_an_mlflow_run(download, tmp_path, mlflow_uri, default_params):
@@ -145,7 +144,7 @@ def test_cli_records_an_mlflow_run(download, tmp_path, mlflow_uri, default_param
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "curate"
     rc = main(["stage", "filter", "--params", str(tmp_path / "params.yaml"), "--manifest", str(download["manifest"]),
-               "--out", str(out / "rules.parquet"), "--summary", str(out / "rules_summary.json")])
+               "--out-dir", str(out)])
     assert rc == 0
     summary = json.loads((out / "rules_summary.json").read_text())
     mlflow.set_tracking_uri(mlflow_uri)

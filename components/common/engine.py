@@ -104,8 +104,9 @@ def map_batches(table: pd.DataFrame, fn: Any, *, engine: Engine, ray_params: Ray
         raise ConfigError(f"engine: unknown engine {engine!r} (expected one of {', '.join(ENGINES)})")
     if batch_size < 1:
         raise ConfigError(f"batch_size: must be >= 1 (got {batch_size})")
-    if table.empty:
-        return table.iloc[0:0].copy()
+    if table.empty:  # still run the function once, so that the output has its columns
+        udf = fn(**(fn_constructor_kwargs or {})) if inspect.isclass(fn) else fn
+        return udf(table.reset_index(drop=True), **(fn_kwargs or {}))
     started = time.perf_counter()
     if engine == "local":
         out = _map_local(table, fn, batch_size, fn_kwargs or {}, fn_constructor_kwargs or {}, desc)

@@ -10,10 +10,10 @@ HELP = "rule filter: caption/image rules, boilerplate, duplicate images -> data/
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", default="data/download/manifest.parquet", help="download manifest (input)")
-    parser.add_argument("--out", default="data/curate/rules.parquet", help="per-uid keep/reason table (output)")
-    parser.add_argument("--summary", default="data/curate/rules_summary.json", help="funnel counts (output)")
+    parser.add_argument("--out-dir", default="data/curate",
+                        help="where rules.parquet (per-uid keep/reason) and rules_summary.json go (output)")
 
 
 def run(args: argparse.Namespace, params) -> int:
-    filter_manifest(args.manifest, args.out, args.summary, params.filter, params.ray, params.tracking)
+    filter_manifest(args.manifest, args.out_dir, params.filter, params.ray, params.tracking)
     return 0

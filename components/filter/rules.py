@@ -88,13 +88,13 @@ def drop_duplicate_images(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def filter_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLike, summary_path: str | os.PathLike,
-                    params: FilterParams, ray_params: RayParams, tracking: TrackingParams) -> dict:
-    """Download manifest in; ``rules.parquet`` (uid, keep, reason) and its funnel summary JSON out.
+def filter_manifest(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, params: FilterParams,
+                    ray_params: RayParams, tracking: TrackingParams) -> dict:
+    """Download manifest in; ``out_dir/rules.parquet`` (uid, keep, reason) and ``out_dir/rules_summary.json`` out.
 
     Returns the summary: input count, kept count and dropped counts per reason.
     """
-    manifest_path = Path(manifest_path)
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
     manifest = read_parquet(manifest_path, MANIFEST_COLUMNS)
     _check_manifest(manifest, manifest_path, params)
     with stage_run("filter", tracking, params, [manifest_path]) as run:
@@ -107,11 +107,11 @@ def filter_manifest(manifest_path: str | os.PathLike, out_path: str | os.PathLik
             table = drop_duplicate_images(table)
         rules = pd.DataFrame({"uid": table["uid"], "keep": table["reason"].isna(), "reason": table["reason"]})
         summary = funnel_summary(rules["reason"])
-        write_parquet(rules, out_path)
-        write_json(summary, summary_path)
+        write_parquet(rules, out_dir / "rules.parquet")
+        write_json(summary, out_dir / "rules_summary.json")
         if run is not None:
             mlflow.log_metrics(funnel_metrics(summary))
-            mlflow.log_artifact(str(summary_path))
+            mlflow.log_artifact(str(out_dir / "rules_summary.json"))
     log.info("rules: kept %d of %d (%s)", summary["kept"], summary["input"],
              ", ".join(f"{k}={v}" for k, v in summary["dropped"].items()) or "nothing dropped")
     return summary

@@ -1,0 +1,1 @@
+"""MetaCLIP balancing: match captions against metadata entries, then subsample head entries towards t."""
