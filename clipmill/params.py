@@ -16,6 +16,9 @@ from components.common.errors import ConfigError
 from components.common.params import ProjectParams, RayParams, Section, TrackingParams
 from components.balance.params import BalanceParams
 from components.filter.params import FilterParams
+from components.report.params import ReportParams
+from components.reshard.params import ReshardParams
+from components.rewrite.params import RewriteParams
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -26,6 +29,9 @@ class Params(Section):
     ray: RayParams = Field(default_factory=RayParams)
     filter: FilterParams = Field(default_factory=FilterParams)
     balance: BalanceParams = Field(default_factory=BalanceParams)
+    rewrite: RewriteParams = Field(default_factory=RewriteParams)
+    reshard: ReshardParams = Field(default_factory=ReshardParams)
+    report: ReportParams = Field(default_factory=ReportParams)
 
 
 def _model_at(loc: tuple) -> Any:

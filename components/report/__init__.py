@@ -1,0 +1,1 @@
+"""The curation report: funnel, score histogram, entry rank-frequency, kept/dropped examples, rewrite examples."""

@@ -1,0 +1,1 @@
+"""Caption rewriting (LaCLIP-style): k faithful rewrites per kept caption, from rules, a chat server or a local model."""
