@@ -176,8 +176,12 @@ class OpenAIBackend:
         return Generated([clean_completion(c) for c in contents])
 
     def generate(self, uids: list[str], captions: list[str], entries: list[list[str]]) -> list[Generated]:
-        with ThreadPoolExecutor(max_workers=self.params.openai.concurrency) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.params.openai.concurrency)
+        try:
             results = list(pool.map(self._rewrite_one, uids, captions))
+        finally:
+            # On a stopping error, captions not yet sent are not sent at all.
+            pool.shutdown(wait=True, cancel_futures=True)
         failures = [r.error for r in results if r.error]
         if any(r.error is None for r in results):
             self.succeeded = True

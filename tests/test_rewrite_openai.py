@@ -1,0 +1,231 @@
+"""The openai rewriting backend against a local server that speaks the chat-completions protocol.
+
+The server answers POST /v1/chat/completions with ``choices[i].message.content`` for i < n, and can be told to
+answer the next requests with a 429 (Retry-After), a 500, a stall past the client's timeout, or a malformed body.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+
+from components.common.errors import ClipmillError
+from components.common.hashing import make_uid
+from components.common.params import RayParams, TrackingParams
+from components.rewrite.captions import rewrite_captions
+from components.rewrite.openai_backend import OpenAIBackend
+from components.rewrite.params import OpenAIBackendParams, RewriteParams
+
+# Choice i of an answer: a faithful paraphrase, except the last one, which drops the caption's words.
+VARIANTS = ["a picture of {c}", "an image showing {c}", "{c}, seen from the front", "a photo of {c} in daylight",
+            "something else entirely"]
+
+
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), ChatHandler)
+        self.faults: list[str] = []
+        self.requests: list[dict] = []
+        self.headers_seen: list[dict] = []
+        self.max_choices: int | None = None
+        self.always_fail_caption: str | None = None
+        self.always_status: int | None = None
+        self.delay = 0.0
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body: bytes, headers: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        srv = self.server
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with srv.lock:
+            srv.requests.append(request)
+            srv.headers_seen.append(dict(self.headers))
+            fault = srv.faults.pop(0) if srv.faults else None
+            srv.in_flight += 1
+            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        try:
+            time.sleep(srv.delay)
+            if self.path != "/v1/chat/completions":
+                return self._reply(404, b'{"error": {"message": "not found"}}')
+            caption = request["messages"][-1]["content"]
+            if srv.always_status:
+                return self._reply(srv.always_status, b'{"error": {"message": "refused"}}')
+            if fault == "429":
+                return self._reply(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "2"})
+            if fault == "500" or caption == srv.always_fail_caption:
+                return self._reply(500, b'{"error": {"message": "internal"}}')
+            if fault == "timeout":
+                time.sleep(1.0)
+            if fault == "malformed":
+                return self._reply(200, b'{"choices": [{"message": {"role": "assistant"}}')
+            n = request.get("n", 1) if srv.max_choices is None else min(request.get("n", 1), srv.max_choices)
+            offset = sum(1 for r in srv.requests if r["messages"][-1]["content"] == caption) - 1
+            choices = [{"index": i, "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": VARIANTS[(i + offset) % len(VARIANTS)].format(c=caption)}}
+                       for i in range(n)]
+            body = {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": request["model"],
+                    "choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            self._reply(200, json.dumps(body).encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout)
+        finally:
+            with srv.lock:
+                srv.in_flight -= 1
+
+
+@pytest.fixture
+def server():
+    srv = ChatServer()
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def make_params(server: ChatServer, tmp_path, **openai) -> RewriteParams:
+    settings = {"base_url": server.base_url, "model": "tiny-chat", "timeout_s": 0.3, "max_retries": 4,
+                "backoff_s": 0.0, "cache_dir": str(tmp_path / "cache"), "concurrency": 4, **openai}
+    return RewriteParams(backend="openai", rewrites_per_caption=4, openai=OpenAIBackendParams(**settings))
+
+
+def write_inputs(tmp_path, n: int) -> tuple:
+    captions = [f"a {c} circle number {i}" for i, c in zip(range(n), ["red", "blue", "green"] * n)]
+    uids = [make_uid(f"http://x/{i}", c) for i, c in enumerate(captions)]
+    entries = [[c.split()[1], "circle"] for c in captions]
+    pd.DataFrame({"uid": uids, "matched_entries": entries, "keep": True, "reason": None}).to_parquet(
+        tmp_path / "balance.parquet", index=False)
+    pd.DataFrame({"uid": uids, "caption": captions}).to_parquet(tmp_path / "manifest.parquet", index=False)
+    return tmp_path / "balance.parquet", tmp_path / "manifest.parquet"
+
+
+def run_stage(tmp_path, params: RewriteParams, tracking: TrackingParams | None = None) -> dict:
+    return rewrite_captions(tmp_path / "balance.parquet", tmp_path / "manifest.parquet", tmp_path / "rewrites.parquet",
+                            tmp_path / "summary.json", params, 0, RayParams(), tracking or TrackingParams(enabled=False))
+
+
+def test_requests_follow_the_protocol_and_the_guard_drops_unfaithful_choices(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", "sk-local")
+    write_inputs(tmp_path, 6)
+    params = make_params(server, tmp_path, api_key_env="TEST_LLM_KEY")
+    summary = run_stage(tmp_path, params)
+    assert len(server.requests) == 6
+    request = server.requests[0]
+    assert request["model"] == "tiny-chat" and request["n"] == 4
+    assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.9, 0.95, 77)
+    roles = [m["role"] for m in request["messages"]]
+    assert roles == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert server.headers_seen[0]["Authorization"] == "Bearer sk-local"
+    rewrites = pd.read_parquet(tmp_path / "rewrites.parquet")
+    assert set(rewrites["model"]) == {"tiny-chat"} and set(rewrites["backend"]) == {"openai"}
+    first = rewrites.set_index("uid")["rewrites"].iloc[0].tolist()
+    assert first[0].startswith("a picture of a ") and len(first) == 4
+    assert summary["kept"] + sum(summary["dropped"].values()) == summary["slots"] == 24
+
+
+def test_answers_with_fewer_choices_than_n_are_completed_by_more_requests(server, tmp_path):
+    write_inputs(tmp_path, 2)
+    server.max_choices = 1  # like a llama.cpp server, which ignores n
+    summary = run_stage(tmp_path, make_params(server, tmp_path))
+    assert [r["n"] for r in server.requests if r["messages"][-1]["content"].endswith("number 0")] == [4, 3, 2, 1]
+    assert summary["kept"] == 8 and summary["dropped"] == {}
+
+
+def test_retries_429_with_retry_after_500_timeout_and_malformed_body(server, tmp_path):
+    server.faults = ["429", "500", "timeout", "malformed"]
+    slept: list[float] = []
+    params = make_params(server, tmp_path, concurrency=1, backoff_s=0.01)
+    backend = OpenAIBackend(params, seed=0, sleep=slept.append)
+    [result] = backend.generate(["u1"], ["a red circle"], [["red", "circle"]])
+    assert result.error is None and len(result.candidates) == 4
+    assert len(server.requests) == 5
+    # Retry-After (2 s) wins over the backoff; then 0.01 * 2^attempt.
+    assert slept == [2.0, 0.02, 0.04, 0.08]
+
+
+def test_a_request_that_keeps_failing_is_recorded_and_a_dead_server_stops_the_stage(server, tmp_path):
+    write_inputs(tmp_path, 4)
+    server.always_fail_caption = "a red circle number 3"
+    params = make_params(server, tmp_path, max_retries=2, max_failed_fraction=0.5)
+    summary = run_stage(tmp_path, params)
+    assert summary["failed_captions"] == {"backend:http_500": 1}
+    assert summary["dropped"]["backend:http_500"] == 4
+    assert summary["kept"] + sum(summary["dropped"].values()) == 16
+    failing = [r for r in server.requests if r["messages"][-1]["content"] == server.always_fail_caption]
+    assert len(failing) == 3  # the first try and two retries
+
+    (tmp_path / "rewrites.parquet").unlink()
+    strict = make_params(server, tmp_path / "fresh", max_retries=1, max_failed_fraction=0.0)
+    with pytest.raises(ClipmillError, match="1 of 4 captions got no answer"):
+        run_stage(tmp_path, strict)
+    assert not (tmp_path / "rewrites.parquet").exists()
+
+    server.always_status = 503
+    with pytest.raises(ClipmillError, match="no request succeeded"):
+        run_stage(tmp_path, make_params(server, tmp_path / "other", max_retries=1))
+
+
+def test_a_client_error_stops_at_once_without_retries(server, tmp_path):
+    write_inputs(tmp_path, 3)
+    server.always_status = 404
+    with pytest.raises(ClipmillError, match="HTTP 404 for model 'tiny-chat'"):
+        run_stage(tmp_path, make_params(server, tmp_path, concurrency=1))
+    sent = [r["messages"][-1]["content"] for r in server.requests]
+    assert len(sent) == len(set(sent)) and len(sent) <= 2  # no retry; at most the request already picked up
+
+
+def test_a_rerun_is_answered_from_the_cache_with_zero_requests(server, tmp_path, mlflow_uri):
+    write_inputs(tmp_path, 10)
+    params = make_params(server, tmp_path, concurrency=2)
+    server.delay = 0.02
+    first = run_stage(tmp_path, params, TrackingParams(tracking_uri=mlflow_uri))
+    table = pd.read_parquet(tmp_path / "rewrites.parquet")
+    assert len(server.requests) == 10
+    assert 1 <= server.max_in_flight <= 2
+    server.requests.clear()
+    second = run_stage(tmp_path, params, TrackingParams(tracking_uri=mlflow_uri))
+    assert server.requests == []
+    assert second == first
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "rewrites.parquet"), table)
+    # Another sampling setting is another request.
+    run_stage(tmp_path, params.model_copy(update={"temperature": 0.7}))
+    assert len(server.requests) == 10
+
+
+def test_a_corrupt_cache_entry_is_asked_again(server, tmp_path):
+    write_inputs(tmp_path, 2)
+    params = make_params(server, tmp_path)
+    run_stage(tmp_path, params)
+    entry = next((tmp_path / "cache").rglob("*.json"))
+    entry.write_text('{"contents": ["trunc')
+    server.requests.clear()
+    run_stage(tmp_path, params)
+    sent = [r["messages"][-1]["content"] for r in server.requests]
+    assert len(sent) == len(set(sent)) and len(sent) <= 2  # no retry; at most the request already picked up

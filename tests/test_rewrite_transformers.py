@@ -1,0 +1,92 @@
+"""The transformers rewriting backend with a tiny GPT-2 and a word-level tokenizer built here (nothing downloaded)."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from components.common.errors import ConfigError
+from components.common.hashing import make_uid
+from components.common.params import RayParams, TrackingParams
+from components.rewrite.captions import rewrite_captions
+from components.rewrite.local_model import LocalModelBackend
+from components.rewrite.params import RewriteParams, TransformersBackendParams
+from components.rewrite.prompt import build_prompt
+
+CAPTIONS = [f"a {c} {s} on a plain background" for c in ("red", "blue", "green") for s in ("circle", "square")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 2-layer GPT-2 with random weights and a word-level tokenizer over the prompt vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    params = RewriteParams()
+    corpus = CAPTIONS + [params.instruction] + [e.caption for e in params.examples] + [e.rewrite for e in params.examples]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus + ["=> \n"], trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    config = GPT2Config(vocab_size=fast.vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def make_params(model_dir, **overrides) -> RewriteParams:
+    return RewriteParams(backend="transformers", rewrites_per_caption=3, max_tokens=8,
+                         transformers=TransformersBackendParams(model_dir=str(model_dir), batch_size=4), **overrides)
+
+
+def write_inputs(tmp_path) -> None:
+    uids = [make_uid(f"http://x/{i}", c) for i, c in enumerate(CAPTIONS)]
+    entries = [[c.split()[1]] for c in CAPTIONS]
+    pd.DataFrame({"uid": uids, "matched_entries": entries, "keep": True, "reason": None}).to_parquet(
+        tmp_path / "balance.parquet", index=False)
+    pd.DataFrame({"uid": uids, "caption": CAPTIONS}).to_parquet(tmp_path / "manifest.parquet", index=False)
+
+
+def test_batched_generation_gives_k_sampled_rewrites_per_caption(model_dir):
+    backend = LocalModelBackend(make_params(model_dir), seed=0)
+    uids = [f"u{i}" for i in range(len(CAPTIONS))]
+    entries = [[] for _ in CAPTIONS]
+    first = backend.generate(uids, CAPTIONS, entries)
+    assert len(first) == len(CAPTIONS)
+    assert all(g.error is None and len(g.candidates) == 3 for g in first)
+    assert all(isinstance(c, str) and "\n" not in c for g in first for c in g.candidates)
+    assert len({c for g in first for c in g.candidates}) > 3  # sampled, not one greedy answer
+    assert [g.candidates for g in backend.generate(uids, CAPTIONS, entries)] == [g.candidates for g in first]
+
+
+def test_prompt_form_follows_the_tokenizer(model_dir):
+    backend = LocalModelBackend(make_params(model_dir), seed=0)
+    params = backend.params
+    prompt = build_prompt("u1", CAPTIONS[0], params.instruction, params.examples, 3, seed=0)
+    assert backend.prompt_text(prompt) == prompt.text()
+    backend.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+                                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+    chat = backend.prompt_text(prompt)
+    assert chat.startswith("<system> Rewrite") and chat.endswith(f"<user> {CAPTIONS[0]}\n<assistant>")
+
+
+def test_stage_runs_the_local_model_and_the_guard_counts_add_up(model_dir, tmp_path):
+    write_inputs(tmp_path)
+    summary = rewrite_captions(tmp_path / "balance.parquet", tmp_path / "manifest.parquet",
+                               tmp_path / "rewrites.parquet", tmp_path / "summary.json", make_params(model_dir), 0,
+                               RayParams(), TrackingParams(enabled=False))
+    table = pd.read_parquet(tmp_path / "rewrites.parquet")
+    assert len(table) == len(CAPTIONS) and set(table["model"]) == {str(model_dir)}
+    assert summary["slots"] == 3 * len(CAPTIONS)
+    assert summary["kept"] + sum(summary["dropped"].values()) == summary["slots"]
+    # Random weights rarely say the caption's color: the guard drops those rewrites as lost_entry.
+    assert summary["dropped"].get("lost_entry", 0) > 0
+    caption_of = pd.read_parquet(tmp_path / "manifest.parquet").set_index("uid")["caption"]
+    for uid, rewrites in zip(table["uid"], table["rewrites"]):
+        assert all(caption_of[uid].split()[1] in r.split() for r in rewrites)
+
+
+def test_a_missing_model_directory_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="rewrite.transformers.model_dir: .* is not a saved model directory"):
+        LocalModelBackend(make_params(tmp_path / "nowhere"), seed=0)
