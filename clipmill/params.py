@@ -16,6 +16,7 @@ from components.common.errors import ConfigError
 from components.common.params import ProjectParams, RayParams, Section, TrackingParams
 from components.balance.params import BalanceParams
 from components.filter.params import FilterParams
+from components.score.params import ScoreParams
 from components.report.params import ReportParams
 from components.reshard.params import ReshardParams
 from components.rewrite.params import RewriteParams
@@ -28,6 +29,7 @@ class Params(Section):
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     ray: RayParams = Field(default_factory=RayParams)
     filter: FilterParams = Field(default_factory=FilterParams)
+    score: ScoreParams = Field(default_factory=ScoreParams)
     balance: BalanceParams = Field(default_factory=BalanceParams)
     rewrite: RewriteParams = Field(default_factory=RewriteParams)
     reshard: ReshardParams = Field(default_factory=ReshardParams)

@@ -1,0 +1,97 @@
+"""CLIP-scoring throughput: the score stage's batch function next to a bare open_clip inference loop.
+
+Both score the same image-caption pairs with the same model (an open_clip ``local-dir`` export) and batch size,
+in the same process, alternating, best of ``--repeats``. The stage path reads the images from webdataset
+shards and runs through the engine (local); the bare loop gets the image bytes already in memory and does only
+decode, open_clip preprocessing, ``encode_image``/``encode_text`` and the cosine. Target: ratio >= 0.9.
+
+    python -m benchmarks.score_bench [--model clipmill-tiny] [--images 512] [--batch-size 64] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import torch
+from PIL import Image
+
+from components.common.engine import map_batches
+from components.common.model import create_clip, export_local_dir
+from components.score.scoring import ClipScorer, shard_path
+from tests.curation_fixtures import make_download
+
+
+def bare_loop(model, preprocess, tokenizer, images: list[bytes], captions: list[str], batch_size: int,
+              device: str) -> np.ndarray:
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[i:i + batch_size]])
+            image_features = model.encode_image(pixels.to(device), normalize=True)
+            text_features = model.encode_text(tokenizer(captions[i:i + batch_size]).to(device), normalize=True)
+            out.append((image_features * text_features).sum(-1).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="clipmill-tiny", help="open_clip config (randomly initialised; nothing is downloaded)")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="reports/bench/score.json", help="results (JSON)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        export = export_local_dir(create_clip(args.model), tmp / "model")
+        download = make_download(tmp / "download", n=args.images, per_shard=256)
+        table = download["table"]
+        table = table[table["status"] == "success"].sort_values(["shard", "key"]).reset_index(drop=True)
+        images = []
+        for shard, key in zip(table["shard"], table["key"]):
+            with tarfile.open(shard_path(download["shards"], shard)) as tar:
+                images.append(tar.extractfile(f"{key}.jpg").read())
+        captions = table["caption"].tolist()
+        scorer = ClipScorer(f"local-dir:{export}", str(download["shards"]), device=args.device,
+                            batch_size=args.batch_size)
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}", device=args.device)
+        model.eval()
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
+        work = table[["uid", "shard", "key", "caption"]]
+        stage_s, bare_s = [], []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            stage_scores = map_batches(work, scorer, engine="local", batch_size=args.batch_size, desc="score")
+            stage_s.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            bare_scores = bare_loop(model, preprocess, tokenizer, images, captions, args.batch_size, args.device)
+            bare_s.append(time.perf_counter() - started)
+        max_diff = float(np.abs(stage_scores["clip_score"].to_numpy() - bare_scores).max())
+    result = {
+        "model": args.model, "device": args.device, "images": len(table), "batch_size": args.batch_size,
+        "stage_images_per_s": round(len(table) / min(stage_s), 1),
+        "bare_open_clip_images_per_s": round(len(table) / min(bare_s), 1),
+        "max_abs_score_difference": max_diff,
+    }
+    result["ratio"] = round(result["stage_images_per_s"] / result["bare_open_clip_images_per_s"], 3)
+    print(f"{args.model} on {args.device}, {len(table)} images, batch {args.batch_size}: stage "
+          f"{result['stage_images_per_s']} images/s | bare open_clip {result['bare_open_clip_images_per_s']} images/s | "
+          f"ratio {result['ratio']} | max |score diff| {max_diff:.2e}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CLIP-score filter: cosine similarity of image and caption embeddings, DataComp top-fraction or absolute threshold."""

@@ -1,0 +1,42 @@
+"""The ``score:`` section of params.yaml."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from components.common.engine import Engine
+from components.common.params import Section
+from components.train.params import TrainParams
+
+BOOTSTRAP = "bootstrap"
+
+
+class ScoreParams(Section):
+    engine: Engine = Field("local", description="Where scoring runs: in-process (local) or Ray Data actors (ray; see the ray section).")
+    batch_size: int = Field(64, ge=1, description="Image-caption pairs per forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device of the scorer; auto: cuda when available.")
+    scorer: str = Field(
+        BOOTSTRAP,
+        description="The scoring model: 'bootstrap' (the data-filtering network of the score_bootstrap stage), a "
+                    "'local-dir:' export, an MLflow URI (models:/clipmill@champion, runs:/<id>/model), or an "
+                    "open_clip config name / JSON config file used with score.checkpoint.",
+    )
+    bootstrap: TrainParams = Field(
+        default_factory=TrainParams,
+        description="Training params of the bootstrap data-filtering network: the score_bootstrap stage runs "
+                    "`clipmill stage train --config-key score.bootstrap` on the trusted shards.",
+    )
+    checkpoint: str | None = Field(None, description="Local weights (.safetensors or checkpoint) for an open_clip config name in score.scorer.")
+    top_fraction: float | None = Field(
+        0.3, gt=0, le=1,
+        description="DataComp top fraction f: the threshold is the score at rank floor(n*f) of the descending scores "
+                    "(ties kept); null: off.",
+    )
+    min_score: float | None = Field(None, ge=-1, le=1, description="Absolute cosine threshold (DataComp ViT-B/32: 0.25, LAION: 0.28); null: off.")
+
+    @model_validator(mode="after")
+    def _checkpoint_only_for_config_names(self):
+        if self.checkpoint is not None and (self.scorer == BOOTSTRAP or ":" in self.scorer):
+            raise ValueError("checkpoint is only used with an open_clip config name or JSON config in score.scorer")
+        return self
