@@ -18,6 +18,7 @@ from components.balance.params import BalanceParams
 from components.filter.params import FilterParams
 from components.score.params import ScoreParams
 from components.report.params import ReportParams
+from components.evaluate.params import EvaluateParams
 from components.reshard.params import ReshardParams
 from components.rewrite.params import RewriteParams
 
@@ -34,6 +35,7 @@ class Params(Section):
     rewrite: RewriteParams = Field(default_factory=RewriteParams)
     reshard: ReshardParams = Field(default_factory=ReshardParams)
     report: ReportParams = Field(default_factory=ReportParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 def _model_at(loc: tuple) -> Any:

@@ -1,0 +1,93 @@
+"""The report's HTML page: one self-contained file (thumbnails inline) beside its PNG figures."""
+from __future__ import annotations
+
+import jinja2
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>clipmill curation report</title>
+<style>
+ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
+        color: #222; line-height: 1.45; padding: 0 1rem; }
+ h1 { margin-bottom: .2rem; } h2 { margin-top: 2.2rem; border-bottom: 1px solid #ddd; padding-bottom: .2rem; }
+ .meta { color: #666; font-size: .9rem; }
+ table { border-collapse: collapse; margin: .8rem 0; font-size: .92rem; }
+ th, td { border: 1px solid #ddd; padding: .35rem .6rem; text-align: left; vertical-align: top; }
+ th { background: #f4f6f8; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+ tr.total td { font-weight: 600; background: #fafafa; }
+ img.plot { max-width: 100%; border: 1px solid #eee; }
+ .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax({{ thumb_px + 24 }}px, 1fr)); gap: .8rem; }
+ .card { border: 1px solid #ddd; border-radius: 6px; padding: .4rem; font-size: .8rem; background: #fff; }
+ .card img { display: block; margin: 0 auto .3rem; max-width: 100%; }
+ .card.kept { border-top: 4px solid #3b78b0; } .card.dropped { border-top: 4px solid #d9822b; }
+ .reason { display: inline-block; background: #fbe7d3; color: #7a3d00; border-radius: 3px; padding: 0 .3rem; }
+ .ok { display: inline-block; background: #dce9f5; color: #1d4c75; border-radius: 3px; padding: 0 .3rem; }
+ .caption { word-break: break-word; }
+ .noimg { color: #999; text-align: center; padding: 1.2rem 0; font-style: italic; }
+ ul.rewrites { margin: 0; padding-left: 1.1rem; }
+</style></head>
+<body>
+<h1>Curation report</h1>
+<p class="meta">{{ funnel[0].input | int }} URLs in, {{ funnel[-1].kept | int }} samples in the curated shards
+({{ "%.1f" | format(100 * funnel[-1].kept / (funnel[0].input or 1)) }}%). Curated content hash
+<code>{{ curated_hash[:16] }}</code>.</p>
+
+<h2>Funnel</h2>
+<img class="plot" src="funnel.png" alt="curation funnel">
+<table>
+<tr><th>stage</th><th>in</th><th>kept</th><th>dropped</th><th>dropped by reason</th></tr>
+{% for s in funnel %}
+<tr><td>{{ s.stage }}</td><td class="num">{{ "{:,}".format(s.input) }}</td><td class="num">{{ "{:,}".format(s.kept) }}</td>
+<td class="num">{{ "{:,}".format(s.input - s.kept) }}</td>
+<td>{% for reason, n in s.dropped.items() %}<span class="reason">{{ reason }}</span> {{ "{:,}".format(n) }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
+{% endfor %}
+<tr class="total"><td>total</td><td class="num">{{ "{:,}".format(funnel[0].input) }}</td>
+<td class="num">{{ "{:,}".format(funnel[-1].kept) }}</td><td class="num">{{ "{:,}".format(total_dropped) }}</td><td>curated + dropped = URL list</td></tr>
+</table>
+
+<h2>CLIP-score filter</h2>
+<img class="plot" src="score_histogram.png" alt="CLIP score histogram">
+
+<h2>Balancing</h2>
+<img class="plot" src="entry_rank_frequency.png" alt="entry rank-frequency before and after balancing">
+<table>
+<tr><th>entry</th><th>texts before</th><th>texts after</th></tr>
+{% for e in head_entries %}
+<tr><td>{{ e.entry }}</td><td class="num">{{ "{:,}".format(e.count_before) }}</td><td class="num">{{ "{:,}".format(e.count_after) }}</td></tr>
+{% endfor %}
+</table>
+
+<h2>Examples</h2>
+<h3>Kept</h3>
+<div class="grid">
+{% for x in kept_examples %}<div class="card kept"><img src="{{ x.thumbnail }}" alt="">
+<span class="ok">curated</span><div class="caption">{{ x.caption }}</div></div>
+{% endfor %}</div>
+<h3>Dropped</h3>
+<div class="grid">
+{% for x in dropped_examples %}<div class="card dropped">{% if x.thumbnail %}<img src="{{ x.thumbnail }}" alt="">{% else %}<div class="noimg">no image</div>{% endif %}
+<span class="reason">{{ x.stage }}: {{ x.reason }}</span><div class="caption">{{ x.caption }}</div></div>
+{% endfor %}</div>
+
+<h2>Caption rewrites</h2>
+<p class="meta">Backend <code>{{ rewrite_summary.backend }}</code>, model <code>{{ rewrite_summary.model }}</code>:
+{{ "{:,}".format(rewrite_summary.kept) }} of {{ "{:,}".format(rewrite_summary.slots) }} rewrites kept
+({{ rewrite_summary.rewrites_per_caption }} asked per caption).</p>
+<table>
+<tr><th>dropped rewrites: reason</th><th>count</th></tr>
+{% for reason, n in rewrite_summary.dropped.items() %}<tr><td><span class="reason">{{ reason }}</span></td><td class="num">{{ "{:,}".format(n) }}</td></tr>
+{% else %}<tr><td colspan="2">none dropped</td></tr>{% endfor %}
+</table>
+<table>
+<tr><th>original caption</th><th>rewrites</th></tr>
+{% for x in rewrite_examples %}
+<tr><td class="caption">{{ x.caption }}</td><td><ul class="rewrites">{% for r in x.rewrites %}<li>{{ r }}</li>{% else %}<li><em>none kept</em></li>{% endfor %}</ul></td></tr>
+{% endfor %}
+</table>
+</body></html>
+"""
+
+
+def render_page(context: dict) -> str:
+    """The HTML of the report for ``context`` (every text is escaped)."""
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(TEMPLATE).render(**context)
