@@ -1,0 +1,141 @@
+"""The evaluation stage: score a trained model on the versioned held-out suite and draw what the scores hide.
+
+In: a model (local-dir export or MLflow URI) and the evaluation directory (``zeroshot.parquet``,
+``zeroshot_classes.json``, ``retrieval.parquet``, ``suite.json``). Out: ``metrics.json`` (suite version, model
+hash, metrics) and ``per_class.csv`` in the output directory; PNG plots in the reports directory; all of it in
+an MLflow stage run. The numbers come from ``components.common.evalsets.evaluate_clip``, the same function
+training's in-loop validation uses.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.common import metrics as clip_metrics
+from components.common.evalsets import EvalSuite, evaluate_clip, load_eval_suite
+from components.common.evaluation import EvaluationRecord, model_hash, read_suite_version
+from components.common.io import atomic_path
+from components.common.log import get_logger
+from components.common.model import ClipModel, embed_images, embed_texts, load_clip, resolve_model_source
+from components.common.params import TrackingParams
+from components.common.tracking import stage_run, tracking_uri
+
+from . import plots
+from .params import EvaluateParams
+
+log = get_logger("evaluate")
+
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+EXAMPLES_TOP_K = 5
+
+
+@dataclass
+class ZeroShotDetails:
+    labels: np.ndarray       # true class per image
+    predictions: np.ndarray  # top-1 class per image
+    hits: np.ndarray         # top-1 correct, ties counted as misses (as in the metric)
+
+
+def zeroshot_details(clip: ClipModel, suite: EvalSuite, batch_size: int) -> ZeroShotDetails:
+    """Per-image zero-shot predictions with the template-ensemble classifier of ``components.common.metrics``."""
+    zs = suite.zeroshot
+    prompts = [t.format(c) for c in zs.classes for t in zs.templates]
+    text = embed_texts(clip, prompts, batch_size).view(len(zs.classes), len(zs.templates), -1)
+    images = embed_images(clip, suite.pixels("zeroshot", clip), batch_size)
+    logits = clip_metrics.zeroshot_logits(images, clip_metrics.zeroshot_classifier(text))
+    labels = torch.from_numpy(zs.labels)
+    hits = clip_metrics.target_ranks(logits, labels) == 0
+    return ZeroShotDetails(zs.labels, logits.argmax(dim=1).numpy(), hits.numpy())
+
+
+def per_class_table(classes: list[str], details: ZeroShotDetails) -> pd.DataFrame:
+    """Support and top-1 recall of every class that has evaluation images."""
+    support = np.bincount(details.labels, minlength=len(classes))
+    correct = np.bincount(details.labels, weights=details.hits.astype(float), minlength=len(classes))
+    present = support > 0
+    return pd.DataFrame({
+        "class_name": np.asarray(classes, dtype=object)[present],
+        "support": support[present],
+        "recall": correct[present] / support[present],
+    })
+
+
+def retrieval_ranking(clip: ClipModel, suite: EvalSuite, queries: int, batch_size: int):
+    """Text-to-image top-k for the first caption of ``queries`` evenly spaced retrieval images.
+
+    Returns (query texts, ranked image indices [Q, k], index of each query's own image [Q]).
+    """
+    rt = suite.retrieval
+    own = np.unique(np.linspace(0, len(rt.images) - 1, num=min(queries, len(rt.images))).astype(int))
+    texts = [rt.captions[i][0] for i in own]
+    scores = embed_texts(clip, texts, batch_size) @ embed_images(clip, suite.pixels("retrieval", clip), batch_size).T
+    k = min(EXAMPLES_TOP_K, len(rt.images))
+    ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].numpy()
+    return texts, ranked, own
+
+
+def draw_plots(clip: ClipModel, suite: EvalSuite, suite_version: str, params: EvaluateParams,
+               reports_dir: Path) -> tuple[list[Path], pd.DataFrame | None]:
+    """The PNG plots in ``reports_dir`` and the per-class table (None without a zero-shot set)."""
+    paths, table = [], None
+    if suite.zeroshot is not None:
+        zs = suite.zeroshot
+        details = zeroshot_details(clip, suite, params.batch_size)
+        table = per_class_table(zs.classes, details)
+        paths.append(plots.per_class_accuracy(
+            table["class_name"].tolist(), table["recall"].to_numpy(), table["support"].to_numpy(),
+            f"Zero-shot top-1 recall per class (suite {suite_version})", reports_dir / "per_class_accuracy.png"))
+        paths.append(plots.confusion_matrix(
+            zs.classes, details.labels, details.predictions, params.confusion_max_classes,
+            f"Zero-shot confusion matrix (suite {suite_version})", reports_dir / "confusion_matrix.png"))
+    if suite.retrieval is not None:
+        texts, ranked, own = retrieval_ranking(clip, suite, params.example_queries, params.batch_size)
+        paths.append(plots.retrieval_examples(
+            texts, ranked, own, suite.retrieval.images,
+            f"Text-to-image retrieval: top {ranked.shape[1]} (green: the caption's own image)",
+            reports_dir / "retrieval_examples.png"))
+    return paths, table
+
+
+def evaluate(model: str | Path, eval_dir: str | Path, out_dir: str | Path, reports_dir: str | Path,
+             params: EvaluateParams, tracking: TrackingParams) -> EvaluationRecord:
+    """Evaluate ``model`` on the suite in ``eval_dir``; writes metrics.json, per_class.csv and the plots."""
+    eval_dir, out_dir, reports_dir = Path(eval_dir), Path(out_dir), Path(reports_dir)
+    suite_version = read_suite_version(eval_dir)
+    suite = load_eval_suite(eval_dir)
+    with resolve_model_source(str(model), tracking_uri(tracking)) as model_path:
+        digest = model_hash(model_path)
+        clip = load_clip(str(model_path), device=params.device)
+        data_paths = [model_path, eval_dir]
+        with stage_run("evaluate", tracking, params, data_paths) as run:
+            started = time.perf_counter()
+            scores = evaluate_clip(clip, suite, params.batch_size)
+            seconds = time.perf_counter() - started
+            n_images = sum(len(s.images) for s in (suite.zeroshot, suite.retrieval) if s is not None)
+            log.info("suite %s: %d images scored in %.1fs (%.0f images/s): %s", suite_version, n_images, seconds,
+                     n_images / max(seconds, 1e-9), ", ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items())))
+            record = EvaluationRecord(suite_version, digest, scores)
+            plot_paths, table = draw_plots(clip, suite, suite_version, params, reports_dir)
+            with atomic_path(out_dir) as tmp:
+                tmp.mkdir()
+                record.write(tmp / METRICS_FILE)
+                if table is not None:
+                    table.to_csv(tmp / PER_CLASS_FILE, index=False)
+            if run is not None:
+                import mlflow
+
+                mlflow.log_metrics(scores)
+                mlflow.log_metric("evaluate/images_per_second", n_images / max(seconds, 1e-9))
+                mlflow.set_tags({"clipmill.suite_version": suite_version, "clipmill.model_hash": digest,
+                                 "clipmill.model_source": str(model)})
+                for path in [out_dir / METRICS_FILE, *plot_paths]:
+                    mlflow.log_artifact(str(path), artifact_path="evaluation")
+                if table is not None:
+                    mlflow.log_artifact(str(out_dir / PER_CLASS_FILE), artifact_path="evaluation")
+    return record

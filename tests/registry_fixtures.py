@@ -1,0 +1,58 @@
+"""Tiny models and a tiny evaluation suite for the evaluate/register/serving tests (real open_clip, no downloads)."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from components.common.evaluation import EvaluationRecord, model_hash
+from components.common.model import create_clip, export_local_dir
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
+TEMPLATES = ["a photo of a {} square.", "a {} square."]
+
+
+def png(rgb: tuple[int, int, int], seed: int, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(rgb) + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_eval_suite(out: Path, version: str = "test-1", per_class: int = 5) -> Path:
+    """zeroshot.parquet (+ classes json), retrieval.parquet (2 captions per image) and suite.json in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(COLORS)
+    rows = [{"uid": f"z{c}{i}", "image": png(COLORS[name], 100 * c + i), "label": c, "class_name": name}
+            for c, name in enumerate(classes) for i in range(per_class)]
+    pd.DataFrame(rows).to_parquet(out / "zeroshot.parquet", index=False)
+    (out / "zeroshot_classes.json").write_text(json.dumps({"classes": classes, "templates": TEMPLATES}))
+    retrieval = [{"uid": f"r{c}{i}", "image": png(COLORS[name], 1000 + 10 * c + i),
+                  "captions": [f"a {name} square number {i}", f"{name} colored tile"]}
+                 for c, name in enumerate(classes) for i in range(3)]
+    pd.DataFrame(retrieval).to_parquet(out / "retrieval.parquet", index=False)
+    (out / "suite.json").write_text(json.dumps({"version": version, "sets": {}}))
+    return out
+
+
+def tiny_model(out: Path, seed: int = 0) -> Path:
+    """A randomly initialised ``clipmill-tiny`` exported as an open_clip local-dir."""
+    torch.manual_seed(seed)
+    return export_local_dir(create_clip("clipmill-tiny"), out)
+
+
+def write_record(model_dir: Path, path: Path, metrics: dict[str, float], suite_version: str = "test-1") -> Path:
+    """An evaluation record for ``model_dir`` with chosen metrics (the policy tests pick the numbers)."""
+    return EvaluationRecord(suite_version, model_hash(model_dir), metrics).write(path)
+
+
+def policy_metrics(acc1: float, guard: float = 0.5) -> dict[str, float]:
+    """The primary metric and the default guardrails of params.yaml."""
+    return {"zeroshot/acc1": acc1, "zeroshot/mean_per_class_recall": guard,
+            "retrieval/image_to_text_recall_at_5": guard, "retrieval/text_to_image_recall_at_5": guard}
