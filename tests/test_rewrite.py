@@ -76,10 +76,22 @@ def test_rules_backend_varies_wording_order_and_frame():
     entries = ["red", "red circle", "circle", "blue", "square", "photo"]
     rewrites = RulesBackend(params, seed=0).generate(["u1"], [caption], [entries])[0].candidates
     joined = " | ".join(rewrites)
-    assert any(r.index("blue square") < r.index("red circle") for r in rewrites), joined  # conjuncts swapped
+    assert any(r.index("blue square") < r.index("red circle") for r in rewrites), joined  # items reordered
     assert any(w in joined for w in ("large", "huge", "little", "tiny", "center")), joined  # synonyms
     assert len(set(rewrites)) >= 6, joined
     assert all("photo" in r for r in rewrites)  # a matched entry is never swapped for a synonym
+
+
+def test_listed_items_move_and_the_rest_stays_in_place():
+    params = RewriteParams(rewrites_per_caption=12)
+    caption = "a green cross, a yellow triangle and a scarlet rhombus, vector illustration"
+    rewrites = RulesBackend(params, seed=3).generate(["u1"], [caption], [["green cross", "scarlet"]])[0].candidates
+    reordered = [r for r in rewrites if not r.replace("a picture of ", "").startswith("a green cross")]
+    assert reordered, rewrites
+    for r in rewrites:
+        assert ", vector illustration" in r or ", vector artwork" in r or ", vector drawing" in r, r
+        assert sorted(x for x in ("a green cross", "a yellow triangle", "a scarlet rhombus") if x in r) == [
+            "a green cross", "a scarlet rhombus", "a yellow triangle"], r
 
 
 def test_guard_drops_each_bad_rewrite_with_its_reason():

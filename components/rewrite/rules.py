@@ -1,7 +1,7 @@
 """The offline rewriting backend: deterministic paraphrases made by rules, not by a language model.
 
 Each rewrite strips a leading frame ("a photo of"), swaps words for configured synonyms, reorders
-conjuncts ("X and Y" -> "Y and X") or fronts a trailing place phrase ("X in the center" -> "in the center, X"),
+listed items ("A, B and C" -> "C, A and B") or fronts a trailing place phrase ("X in the center" -> "in the center, X"),
 and wraps the content in a template ("a picture of X"). Words inside the caption's matched metadata entries are never changed,
 so the entries survive; the faithfulness guard checks it anyway.
 """
@@ -16,6 +16,8 @@ from .prompt import stable_seed
 
 _STRIPPED = ",.;:?!`\"'()"
 _PLACE_WORDS = {"in", "on", "at", "near", "under", "above", "behind", "beside", "inside"}
+_DETERMINERS = {"a", "an", "the", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "some",
+                "several", "many"}
 
 
 def _core(word: str) -> str:
@@ -60,15 +62,40 @@ def _swap_synonyms(words: list[str], protected: list[bool], synonyms: dict[str, 
     return out
 
 
-def _swap_conjuncts(words: list[str], protected: list[bool], rng: random.Random) -> list[str] | None:
-    """'X and Y' -> 'Y and X' around one unprotected 'and'; None when there is none."""
-    ands = [i for i, (w, p) in enumerate(zip(words, protected)) if w == "and" and not p and 0 < i < len(words) - 1]
-    if not ands:
+def _reorder_items(words: list[str], protected: list[bool], rng: random.Random) -> list[str] | None:
+    """'A, B and C' -> the same items in another order; None when fewer than two items can move.
+
+    Items are the runs of words between commas and unprotected 'and's; only items that open with a
+    determiner ('a red circle', 'two stars') move, the rest ('vector illustration') stay where they are.
+    """
+    segments: list[list[str]] = [[]]
+    separators: list[str] = []
+    for word, keep in zip(words, protected):
+        if word == "and" and not keep and segments[-1]:
+            separators.append("and")
+            segments.append([])
+        elif word.endswith(",") and len(word) > 1:
+            segments[-1].append(word[:-1])
+            separators.append(",")
+            segments.append([])
+        else:
+            segments[-1].append(word)
+    movable = [i for i, seg in enumerate(segments) if seg and _core(seg[0]).lower() in _DETERMINERS]
+    if "and" not in separators or len(movable) < 2 or not all(segments):
         return None
-    cut = rng.choice(ands)
-    left, right = words[:cut], words[cut + 1:]
-    left[-1] = left[-1].rstrip(",")
-    return right + ["and"] + left
+    shift = rng.randrange(1, len(movable))
+    order = list(range(len(segments)))
+    for position, source in zip(movable, movable[shift:] + movable[:shift]):
+        order[position] = source
+    out: list[str] = []
+    for i, source in enumerate(order):
+        out += segments[source]
+        if i < len(separators):
+            if separators[i] == ",":
+                out[-1] += ","
+            else:
+                out.append("and")
+    return out
 
 
 def _split_place_phrase(words: list[str], protected: list[bool]) -> tuple[list[str], list[str]] | None:
@@ -98,15 +125,20 @@ def paraphrase(uid: str, caption: str, entries: list[str], index: int, params: R
     fronted: list[str] = []
     order = rng.random()
     if order < 0.4:
-        words = _swap_conjuncts(words, protected, rng) or words
+        words = _reorder_items(words, protected, rng) or words
     elif order < 0.7 and (split := _split_place_phrase(words, protected)):
         words, fronted = split
         words[-1] = words[-1].rstrip(",")
     content = " ".join(words).rstrip(" .")
-    # Consecutive rewrites of one caption walk through the templates, so the k rewrites differ in frame.
-    template_index = (stable_seed(seed, uid, "template") + index) % len(params.templates)
-    text = _apply_template(params.templates[template_index], content)
-    return f"{' '.join(fronted).rstrip(' .')}, {text}" if fronted else text
+    # Consecutive rewrites of one caption walk through the templates, so the k rewrites differ in frame;
+    # a template that leaves the caption unchanged ('{d}' with nothing else changed) passes to the next one.
+    first = stable_seed(seed, uid, "template") + index
+    for step in range(len(params.templates)):
+        text = _apply_template(params.templates[(first + step) % len(params.templates)], content)
+        text = f"{' '.join(fronted).rstrip(' .')}, {text}" if fronted else text
+        if text != " ".join(caption.split()):
+            break
+    return text
 
 
 class RulesBackend:
