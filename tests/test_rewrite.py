@@ -169,3 +169,18 @@ def test_cli_reports_kept_uid_missing_from_manifest(tmp_path, capsys, monkeypatc
     assert rc == 2 and len(err) == 1
     assert "manifest.parquet: field 'uid': 1 uids kept by balancing have no row" in err[0]
     assert not out.exists()
+
+
+def test_ray_engine_writes_the_same_table_as_local(tmp_path):
+    table = captions(60)
+    balance_path, manifest_path = write_inputs(tmp_path, table, dropped=0)
+    outputs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.parquet"
+        # batch_size 16: several batches, spread over Ray actors.
+        rewrite_captions(balance_path, manifest_path, out, tmp_path / f"{engine}.json",
+                         RewriteParams(engine=engine, batch_size=16), 0, RayParams(num_cpus=1),
+                         TrackingParams(enabled=False))
+        outputs[engine] = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(outputs["local"], outputs["ray"])
+    assert json.loads((tmp_path / "local.json").read_text()) == json.loads((tmp_path / "ray.json").read_text())

@@ -79,8 +79,8 @@ def reshard(manifest_path: str | os.PathLike, shard_dir: str | os.PathLike, rule
     order = shuffled_order(uids, seed)
     size = params.samples_per_shard
     out_dir = Path(out_dir)
-    started = time.perf_counter()
     with stage_run("reshard", tracking, params, paths) as run:
+        started = time.perf_counter()
         with atomic_path(out_dir) as tmp, ShardReader(shard_dir) as reader:
             (tmp / "shards").mkdir(parents=True)
             rows, total_bytes = [], 0
