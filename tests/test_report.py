@@ -21,6 +21,14 @@ REWRITE_SUMMARY = {"backend": "rules", "model": "rules", "captions": 2, "rewrite
                    "failed_captions": {}}
 
 
+# What the validate stage writes to data/validation/<boundary>.json (trimmed to the fields the report reads).
+VALIDATION_RESULT = {"boundary": "rewrites", "success": False, "checks": [
+    {"table": "rewrites", "success": True, "expectations": [
+        {"expectation": "expect_column_values_to_be_unique", "column": "uid", "success": True}]},
+    {"table": "rewrite_texts", "success": False, "expectations": [
+        {"expectation": "expect_column_values_to_not_match_regex", "column": "rewrite", "success": False}]}]}
+
+
 @pytest.fixture(scope="module")
 def curation(tmp_path_factory):
     root = tmp_path_factory.mktemp("curation")
@@ -31,13 +39,16 @@ def curation(tmp_path_factory):
     p["curated"] = root / "curated"
     p["rewrites_summary"] = root / "rewrites_summary.json"
     p["rewrites_summary"].write_text(json.dumps(REWRITE_SUMMARY))
+    p["validation"] = root / "validation"
+    p["validation"].mkdir()
+    (p["validation"] / "rewrites.json").write_text(json.dumps(VALIDATION_RESULT))
     return curation
 
 
 def build(curation, out, tracking=None, **paths):
     p = {**curation["paths"], **paths}
     return build_report(p["urls"], p["manifest"], p["shards"], p["rules"], p["scores"], p["balance"],
-                        p["entry_counts"], p["rewrites"], p["rewrites_summary"], p["curated"], out,
+                        p["entry_counts"], p["rewrites"], p["rewrites_summary"], p["curated"], p["validation"], out,
                         ReportParams(examples_per_group=8, rewrite_examples=5), 0, 20,
                         tracking or TrackingParams(enabled=False))
 
@@ -70,6 +81,8 @@ def test_report_builds_with_plots_examples_and_a_funnel_that_adds_up(curation, t
         assert f"{reason}</span>" in html
     assert html.count("data:image/jpeg;base64,") >= 8 + 6  # download failures have no thumbnail
     assert "a picture of a " in html and "same_as_caption" in html
+    assert "rewrite_texts: expect_column_values_to_not_match_regex(rewrite)" in html
+    assert html.count("not run") == 3  # download, curate and curated were not validated here
     assert all(f'src="{name}"' in html for name in ("funnel.png", "score_histogram.png", "entry_rank_frequency.png"))
 
     run = mlflow.search_runs(experiment_names=["clipmill"]).iloc[0]

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rewrites", default="data/curate/rewrites.parquet", help="caption rewrites (input)")
     parser.add_argument("--rewrites-summary", default="data/curate/rewrites_summary.json", help="rewrite counts (input)")
     parser.add_argument("--curated", default="data/curated", help="curated shards directory (input)")
+    parser.add_argument("--validation", default="data/validation", help="boundary validation results (input)")
     parser.add_argument("--out", default=None, help="report directory (output; default: <project.reports_dir>/curation)")
 
 
@@ -25,6 +26,6 @@ def run(args: argparse.Namespace, params) -> int:
 
     out = args.out or f"{params.project.reports_dir}/curation"
     build_report(args.urls, args.manifest, args.shards, args.rules, args.scores, args.balance, args.entry_counts,
-                 args.rewrites, args.rewrites_summary, args.curated, out, params.report,
+                 args.rewrites, args.rewrites_summary, args.curated, args.validation, out, params.report,
                  params.project.seed + params.report.seed_offset, params.balance.t, params.tracking)
     return 0

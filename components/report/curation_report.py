@@ -29,6 +29,8 @@ from .page import render_page
 from .params import ReportParams
 from .plots import funnel_figure, rank_frequency_figure, save_figure, score_histogram_figure
 
+VALIDATED_BOUNDARIES = ("download", "curate", "rewrites", "curated")
+
 log = get_logger("report")
 
 
@@ -43,6 +45,23 @@ def thumbnail(jpg: bytes, px: int) -> str | None:
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def validation_status(validation_dir: str | os.PathLike) -> list[dict]:
+    """Per boundary: whether its Great Expectations results exist and passed, and the failed expectations."""
+    rows = []
+    for boundary in VALIDATED_BOUNDARIES:
+        path = Path(validation_dir) / f"{boundary}.json"
+        if not path.is_file():
+            rows.append({"boundary": boundary, "status": "not run", "passed": 0, "total": 0, "failed": []})
+            continue
+        results = read_json(path)
+        expectations = [(check["table"], e) for check in results["checks"] for e in check["expectations"]]
+        failed = [f"{table}: {e['expectation']}" + (f"({e['column']})" if e.get("column") else "")
+                  for table, e in expectations if not e["success"]]
+        rows.append({"boundary": boundary, "status": "passed" if results["success"] else "failed",
+                     "passed": len(expectations) - len(failed), "total": len(expectations), "failed": failed})
+    return rows
 
 
 def pick_dropped(fate: pd.DataFrame, n: int, rng: random.Random) -> pd.DataFrame:
@@ -74,9 +93,11 @@ def example_cards(rows: pd.DataFrame, manifest: pd.DataFrame, reader: ShardReade
 def build_report(urls_path: str | os.PathLike, manifest_path: str | os.PathLike, shard_dir: str | os.PathLike,
                  rules_path: str | os.PathLike, scores_path: str | os.PathLike, balance_path: str | os.PathLike,
                  entry_counts_path: str | os.PathLike, rewrites_path: str | os.PathLike,
-                 rewrites_summary_path: str | os.PathLike, curated_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                 params: ReportParams, seed: int, balance_t: int | None, tracking: TrackingParams) -> list[StageCounts]:
-    """Every curation output in; the report directory out (also logged to MLflow). Returns the funnel stages."""
+                 rewrites_summary_path: str | os.PathLike, curated_dir: str | os.PathLike,
+                 validation_dir: str | os.PathLike, out_dir: str | os.PathLike, params: ReportParams, seed: int,
+                 balance_t: int | None, tracking: TrackingParams) -> list[StageCounts]:
+    """Every curation output and the boundary validation results in; the report directory out (also logged to
+    MLflow). Returns the funnel stages."""
     curated_dir = Path(curated_dir)
     urls = read_parquet(urls_path, ["uid"])
     manifest = read_parquet(manifest_path, ["uid", "key", "shard", "status", "error_reason", "caption"])
@@ -103,7 +124,7 @@ def build_report(urls_path: str | os.PathLike, manifest_path: str | os.PathLike,
         "funnel": funnel, "total_dropped": sum(s.input - s.kept for s in stages),
         "curated_hash": hash_file.read_text().strip(), "thumb_px": params.thumbnail_px,
         "head_entries": entry_counts.sort_values("count_before", ascending=False).head(15).to_dict("records"),
-        "kept_examples": kept_cards, "dropped_examples": dropped_cards, "rewrite_summary": rewrite_summary,
+        "validation": validation_status(validation_dir), "kept_examples": kept_cards, "dropped_examples": dropped_cards, "rewrite_summary": rewrite_summary,
         "rewrite_examples": [{"caption": str(manifest.at[uid, "caption"]), "rewrites": list(r)}
                              for uid, r in zip(rewrite_rows["uid"], rewrite_rows["rewrites"])],
     }

@@ -44,6 +44,15 @@ TEMPLATE = """<!DOCTYPE html>
 <td class="num">{{ "{:,}".format(funnel[-1].kept) }}</td><td class="num">{{ "{:,}".format(total_dropped) }}</td><td>curated + dropped = URL list</td></tr>
 </table>
 
+<h2>Validation at the boundaries</h2>
+<table>
+<tr><th>boundary</th><th>Great Expectations</th><th>expectations passed</th><th>failed</th></tr>
+{% for v in validation %}
+<tr><td>{{ v.boundary }}</td><td><span class="{{ 'ok' if v.status == 'passed' else 'reason' }}">{{ v.status }}</span></td>
+<td class="num">{{ v.passed }} / {{ v.total }}</td><td>{{ v.failed | join(", ") }}</td></tr>
+{% endfor %}
+</table>
+
 <h2>CLIP-score filter</h2>
 <img class="plot" src="score_histogram.png" alt="CLIP score histogram">
 
