@@ -85,3 +85,13 @@ def test_user_error_fails_the_flow_without_retries(project, prefect_server):
         pipeline(flow_name="full", root=str(project))
     assert e.value.stage == "b" and e.value.returncode == 2
     assert not (project / "c.txt").exists()
+
+
+def test_prefect_yaml_deployments_build_with_their_schedules():
+    from pipelines.serve import build_deployments
+
+    deployments = {d.name: d for d in build_deployments(REPO / "prefect.yaml", REPO)}
+    assert {"weekly-full", "daily-curate"} <= set(deployments)
+    weekly = deployments["weekly-full"]
+    assert weekly.parameters["flow_name"] == "full" and weekly.parameters["root"] == str(REPO)
+    assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
