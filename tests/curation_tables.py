@@ -3,6 +3,7 @@
 rules.parquet covers every manifest uid (failed downloads as ``download:<reason>``); scores.parquet the uids the
 rules kept (mismatched captions score low); balance.parquet the uids the score kept (one head entry subsampled);
 rewrites.parquet the uids balancing kept. Each table has one row per uid with ``keep`` and ``reason``.
+``make_curated`` adds the curated shards written by the real reshard stage.
 """
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components.common.params import TrackingParams
 from components.common.text import spaced_text
+from components.reshard.curated import reshard
+from components.reshard.params import ReshardParams
 
 from tests.curation_fixtures import COLORS, SHAPES, make_download
 
@@ -85,3 +89,13 @@ def make_curation(root: Path, n: int = 160, per_shard: int = 50, seed: int = 0) 
     urls.to_parquet(paths["urls"], index=False)
     return {"paths": paths, "manifest": manifest, "rules": rules, "scores": scores, "balance": balance,
             "entry_counts": entry_counts, "rewrites": rewrites}
+
+
+def make_curated(root: Path, n: int, per_shard: int, samples_per_shard: int) -> dict:
+    """``make_curation`` plus ``root/curated`` from the reshard stage (``paths["curated"]``)."""
+    curation = make_curation(root, n=n, per_shard=per_shard)
+    p = curation["paths"]
+    p["curated"] = root / "curated"
+    reshard(p["manifest"], p["shards"], p["rules"], p["scores"], p["balance"], p["rewrites"], p["curated"],
+            ReshardParams(samples_per_shard=samples_per_shard), 0, TrackingParams(enabled=False))
+    return curation

@@ -12,9 +12,7 @@ from components.common.params import TrackingParams
 from components.report.curation_report import build_report
 from components.report.funnel import NOT_IN_TABLE, curation_funnel
 from components.report.params import ReportParams
-from components.reshard.curated import reshard
-from components.reshard.params import ReshardParams
-from tests.curation_tables import make_curation
+from tests.curation_tables import make_curated
 
 REWRITE_SUMMARY = {"backend": "rules", "model": "rules", "captions": 2, "rewrites_per_caption": 4, "slots": 8,
                    "kept": 5, "dropped": {"lost_entry": 1, "same_as_caption": 2}, "captions_with_rewrites": 2,
@@ -32,11 +30,8 @@ VALIDATION_RESULT = {"boundary": "rewrites", "success": False, "checks": [
 @pytest.fixture(scope="module")
 def curation(tmp_path_factory):
     root = tmp_path_factory.mktemp("curation")
-    curation = make_curation(root, n=200, per_shard=50)
+    curation = make_curated(root, n=200, per_shard=50, samples_per_shard=40)
     p = curation["paths"]
-    reshard(p["manifest"], p["shards"], p["rules"], p["scores"], p["balance"], p["rewrites"], root / "curated",
-            ReshardParams(samples_per_shard=40), 0, TrackingParams(enabled=False))
-    p["curated"] = root / "curated"
     p["rewrites_summary"] = root / "rewrites_summary.json"
     p["rewrites_summary"].write_text(json.dumps(REWRITE_SUMMARY))
     p["validation"] = root / "validation"

@@ -5,22 +5,13 @@ import great_expectations as gx
 import pandas as pd
 import pytest
 
-from components.common.params import TrackingParams
-from components.reshard.curated import reshard
-from components.reshard.params import ReshardParams
 from components.validate.suites_curation import curate_checks, curated_checks, head_entry_floor, rewrites_checks
-from tests.curation_tables import make_curation
+from tests.curation_tables import make_curated
 
 
 @pytest.fixture(scope="module")
 def curation(tmp_path_factory):
-    root = tmp_path_factory.mktemp("curation")
-    curation = make_curation(root, n=160, per_shard=50)
-    p = curation["paths"]
-    reshard(p["manifest"], p["shards"], p["rules"], p["scores"], p["balance"], p["rewrites"], root / "curated",
-            ReshardParams(samples_per_shard=30), 0, TrackingParams(enabled=False))
-    p["curated"] = root / "curated"
-    return curation
+    return make_curated(tmp_path_factory.mktemp("curation"), n=160, per_shard=50, samples_per_shard=30)
 
 
 def failures(checks) -> dict[str, list[str]]:
