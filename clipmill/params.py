@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError
 
 from components.common.errors import ConfigError
 from components.common.params import ProjectParams, RayParams, Section, TrackingParams
+from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
 from components.balance.params import BalanceParams
 from components.filter.params import FilterParams
 from components.score.params import ScoreParams
@@ -29,6 +30,8 @@ class Params(Section):
     project: ProjectParams = Field(default_factory=ProjectParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     ray: RayParams = Field(default_factory=RayParams)
+    demo_corpus: DemoCorpusParams = Field(default_factory=DemoCorpusParams)
+    demo_server: DemoServerParams = Field(default_factory=DemoServerParams)
     filter: FilterParams = Field(default_factory=FilterParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     balance: BalanceParams = Field(default_factory=BalanceParams)

@@ -14,6 +14,12 @@ from typing import BinaryIO
 from .errors import InputError
 
 
+def shard_file_name(shard: str) -> str:
+    """The tar file name a manifest's ``shard`` value names: '00000', '00000.tar' or a path all give '00000.tar'."""
+    name = Path(str(shard)).name
+    return name if name.endswith(".tar") else f"{name}.tar"
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """Webdataset's split of a member name: the key runs up to the first dot of the base name."""
     folder, _, base = name.rpartition("/")

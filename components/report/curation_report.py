@@ -21,7 +21,7 @@ from components.common.errors import InputError
 from components.common.io import atomic_path, read_json, read_parquet
 from components.common.log import get_logger
 from components.common.params import TrackingParams
-from components.common.shards import ShardReader
+from components.common.shards import ShardReader, shard_file_name
 from components.common.tracking import stage_run
 
 from .funnel import StageCounts, curation_funnel
@@ -83,8 +83,7 @@ def example_cards(rows: pd.DataFrame, manifest: pd.DataFrame, reader: ShardReade
         source = manifest.loc[row.uid]
         image = None
         if source["status"] == "success" and isinstance(source["key"], str):
-            shard = source["shard"] if str(source["shard"]).endswith(".tar") else f"{source['shard']}.tar"
-            image = thumbnail(reader.read(shard, source["key"], "jpg"), px)
+            image = thumbnail(reader.read(shard_file_name(source["shard"]), source["key"], "jpg"), px)
         cards.append({"uid": row.uid, "caption": str(source["caption"]), "stage": row.stage, "reason": row.reason,
                       "thumbnail": image})
     return cards

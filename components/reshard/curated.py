@@ -24,7 +24,7 @@ from components.common.hashing import content_hash, file_sha256
 from components.common.io import atomic_path, read_parquet
 from components.common.log import get_logger, progress_disabled
 from components.common.params import TrackingParams
-from components.common.shards import ShardReader
+from components.common.shards import ShardReader, shard_file_name
 from components.common.tracking import stage_run
 
 from .params import ReshardParams
@@ -91,8 +91,7 @@ def reshard(manifest_path: str | os.PathLike, shard_dir: str | os.PathLike, rule
                     with wds.TarWriter(str(tmp / "shards" / name), user="clipmill", group="clipmill", mtime=0,
                                        encoder=False) as writer:
                         for uid in order[start:start + size]:
-                            shard, key = source.at[uid, "shard"], source.at[uid, "key"]
-                            shard = shard if shard.endswith(".tar") else f"{shard}.tar"
+                            shard, key = shard_file_name(source.at[uid, "shard"]), source.at[uid, "key"]
                             source_meta = json.loads(reader.read(shard, key, "json"))
                             if source_meta.get("uid") != uid:
                                 raise InputError(Path(shard_dir) / shard, f"sample {key!r} has uid "

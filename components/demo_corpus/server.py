@@ -1,0 +1,144 @@
+"""The demo web server: serves the synthetic crawl's web/ directory and misbehaves the way the web does.
+
+Each URL path in ``web/routes.json`` has a behaviour: ``ok`` (200 with the file's content type),
+``not_found`` (404), ``transient_5xx`` (503 on the first request for the path, 200 afterwards),
+``slow`` (answers only after ``slow_seconds``), ``truncated`` (announces the full Content-Length, sends part
+of the body, closes), ``html_as_image`` (an HTML page labelled image/jpeg), ``redirect`` (302 to the real
+path) and ``robots_noai`` (200 with ``X-Robots-Tag: noai``). Unknown paths are 404.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+from components.common.errors import InputError
+from components.common.log import get_logger
+
+from .vocabulary import HTML_PAGE
+
+log = get_logger("demo_server")
+
+ROUTES_FILE = "routes.json"
+ROUTES_FORMAT = 1
+DEFAULT_SLOW_SECONDS = 20.0
+
+
+def load_routes(web_dir: str | os.PathLike) -> dict[str, dict]:
+    """URL path -> route, from ``web_dir/routes.json``."""
+    path = Path(web_dir) / ROUTES_FILE
+    if not path.exists():
+        raise InputError(path, "no routes file: is this a demo_corpus web/ directory?")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(doc, dict) or doc.get("format") != ROUTES_FORMAT or not isinstance(doc.get("routes"), dict):
+        raise InputError(path, f"expected {{'format': {ROUTES_FORMAT}, 'routes': {{path: route}}}}", field="format")
+    return doc["routes"]
+
+
+class DemoWebServer(ThreadingHTTPServer):
+    """A threading HTTP server over one web/ directory; per-path request counts drive transient failures."""
+
+    def __init__(self, address: tuple[str, int], web_dir: Path, routes: dict[str, dict], slow_seconds: float):
+        super().__init__(address, _Handler)
+        self.web_dir, self.routes, self.slow_seconds = web_dir, routes, slow_seconds
+        self.stopping = threading.Event()  # wakes stalled 'slow' handlers at shutdown
+        self._requests: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count_request(self, path: str) -> int:
+        """How many times ``path`` has been requested, this request included."""
+        with self._lock:
+            self._requests[path] = self._requests.get(path, 0) + 1
+            return self._requests[path]
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("request from %s failed", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DemoWebServer
+    server_version = "clipmill-demo-web/1"
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = urlsplit(self.path).path
+        route = self.server.routes.get(path)
+        try:
+            self._respond(path, route)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("client left before the answer to %s", path)  # a timed-out client (slow, truncated)
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None,
+              sent_bytes: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body if sent_bytes is None else body[:sent_bytes])
+        self.wfile.flush()
+
+    def _file(self, route: dict) -> bytes:
+        return (self.server.web_dir / route["file"]).read_bytes()
+
+    def _respond(self, path: str, route: dict | None) -> None:
+        behaviour = route["behaviour"] if route else "not_found"
+        if behaviour == "not_found":
+            self._send(404, b"<html><body><h1>404 Not Found</h1></body></html>\n", "text/html")
+        elif behaviour == "redirect":
+            self.send_response(302)
+            self.send_header("Location", route["target"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif behaviour == "html_as_image":
+            page = HTML_PAGE.format(title=Path(path).stem).encode()
+            self._send(200, page, route["content_type"])
+        elif behaviour == "transient_5xx" and self.server.count_request(path) == 1:
+            self._send(503, b"<html><body><h1>503 Service Unavailable</h1></body></html>\n", "text/html",
+                       {"Retry-After": "1"})
+        elif behaviour == "truncated":
+            body = self._file(route)
+            self._send(200, body, route["content_type"], sent_bytes=len(body) // 2)
+            self.close_connection = True
+        elif behaviour == "slow":
+            if not self.server.stopping.wait(self.server.slow_seconds):
+                self._send(200, self._file(route), route["content_type"])
+        elif behaviour == "robots_noai":
+            self._send(200, self._file(route), route["content_type"], {"X-Robots-Tag": "noai"})
+        else:  # ok, and transient_5xx after its first failure
+            self._send(200, self._file(route), route["content_type"])
+
+
+@contextmanager
+def serve_web(web_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
+              slow_seconds: float = DEFAULT_SLOW_SECONDS) -> Iterator[str]:
+    """Serve ``web_dir`` (a demo_corpus web/ directory) in a daemon thread; yields the base URL.
+
+    URLs in urls.parquet start with ``DEMO_BASE_URL``; replace that prefix with the yielded base URL.
+    """
+    web_dir = Path(web_dir)
+    routes = load_routes(web_dir)
+    server = DemoWebServer((host, port), web_dir, routes, slow_seconds)
+    thread = threading.Thread(target=server.serve_forever, name="demo-web-server", daemon=True)
+    thread.start()
+    bound_host, bound_port = server.server_address[:2]
+    base_url = f"http://{bound_host}:{bound_port}" if ":" not in bound_host else f"http://[{bound_host}]:{bound_port}"
+    log.info("serving %s (%d routes) at %s", web_dir, len(routes), base_url)
+    try:
+        yield base_url
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -1,0 +1,31 @@
+"""``clipmill demo-server``: serve the synthetic crawl's web/ directory until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import threading
+
+from .crawl import DEMO_BASE_URL
+from .server import serve_web
+
+
+def register(subparsers, add_params_option) -> None:
+    p = subparsers.add_parser(
+        "demo-server", help="serve data/crawl/web like a misbehaving web server (until Ctrl-C)",
+        description=f"Serve a demo_corpus web/ directory. Prints the base URL: it replaces {DEMO_BASE_URL} in "
+                    "the crawl's URLs. Behaviours (404, 503, slow, truncated, ...) follow web/routes.json; "
+                    "demo_server.slow_seconds sets how long slow URLs stall.")
+    add_params_option(p)
+    p.add_argument("--web", default="data/crawl/web", help="the web/ directory written by the demo_corpus stage")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, params) -> int:
+    with serve_web(args.web, args.host, args.port, params.demo_server.slow_seconds) as base_url:
+        print(base_url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
