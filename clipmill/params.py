@@ -20,6 +20,7 @@ from components.filter.params import FilterParams
 from components.score.params import ScoreParams
 from components.report.params import ReportParams
 from components.evaluate.params import EvaluateParams
+from components.register.params import RegisterParams
 from components.reshard.params import ReshardParams
 from components.rewrite.params import RewriteParams
 
@@ -39,6 +40,7 @@ class Params(Section):
     reshard: ReshardParams = Field(default_factory=ReshardParams)
     report: ReportParams = Field(default_factory=ReportParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    register: RegisterParams = Field(default_factory=RegisterParams)
 
 
 def _model_at(loc: tuple) -> Any:

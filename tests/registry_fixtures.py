@@ -1,8 +1,18 @@
-"""Tiny models and a tiny evaluation suite for the evaluate/register/serving tests (real open_clip, no downloads)."""
+"""Tiny models, a tiny evaluation suite and loopback servers for the evaluate/register/serving tests.
+
+Real open_clip models with random weights, real MLflow servers on 127.0.0.1; nothing is downloaded.
+"""
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +66,39 @@ def policy_metrics(acc1: float, guard: float = 0.5) -> dict[str, float]:
     """The primary metric and the default guardrails of params.yaml."""
     return {"zeroshot/acc1": acc1, "zeroshot/mean_per_class_recall": guard,
             "retrieval/image_to_text_recall_at_5": guard, "retrieval/text_to_image_recall_at_5": guard}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log_path: Path, timeout_s: float = 240):
+    """Start ``cmd`` in its own process group, wait until ``ready_url`` answers 200, always kill the group."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(ready_url, timeout=5) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{ready_url} not ready after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()

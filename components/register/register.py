@@ -1,0 +1,138 @@
+"""The register stage: export the trained model, add it to the registry as ``challenger``, apply the policy.
+
+In: the trained local-dir export, its evaluation record (``metrics.json``, checked to be of this very model),
+the training ``run.json``, the curated data directory (hashed for lineage) and the evaluation directory (to
+re-evaluate the champion when it was measured on an older suite). Out: a registered model version with lineage
+and metric tags, ``registration.json`` (name, version, decision) and ``reports/promotion.md``, both also logged
+to the stage's MLflow run. Registering the same model again reuses its version.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.common.errors import ConfigError, InputError
+from components.common.evaluation import EvaluationRecord, model_hash
+from components.common.hashing import content_hash
+from components.common.io import read_json, write_json, write_text
+from components.common.log import get_logger
+from components.common.params import TrackingParams
+from components.common.tracking import lineage_tags, stage_run, tracking_uri
+
+from .export import log_clip_model
+from .params import RegisterParams
+from .promotion import PromotionRecord, apply_policy, promotion_report
+from .registry import (CHALLENGER, TAG_METRIC_PREFIX, TAG_MODEL_HASH, TAG_SUITE, find_by_hash, get_version,
+                       record_metrics, recorded_metrics)
+
+log = get_logger("register")
+
+REGISTRATION_FILE = "registration.json"
+REPORT_FILE = "promotion.md"
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    model_uri: str
+    newly_registered: bool
+    promotion: PromotionRecord | None
+
+
+def read_train_run_id(path: str | os.PathLike | None) -> str:
+    """The MLflow run id in training's ``run.json``, or "none" when there is no such file or no run."""
+    if path is None or not Path(path).is_file():
+        return "none"
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("run_id", ""), (str, type(None))):
+        raise InputError(path, "expected an object whose run_id is a string or null", field="run_id")
+    return data.get("run_id") or "none"
+
+
+def version_tags(record: EvaluationRecord, lineage: dict[str, str], curated_hash: str, train_run_id: str) -> dict[str, str]:
+    """What a model version carries: lineage, training run, suite and metrics."""
+    tags = {
+        "clipmill.git_commit": lineage["clipmill.git_commit"],
+        "clipmill.dvc_lock_hash": lineage["clipmill.dvc_lock_hash"],
+        "clipmill.params_hash": lineage["clipmill.params_hash"],
+        "clipmill.curated_data_hash": curated_hash,
+        "clipmill.train_run_id": train_run_id,
+        TAG_MODEL_HASH: record.model_hash,
+        TAG_SUITE: record.suite_version,
+    }
+    tags.update({f"{TAG_METRIC_PREFIX}{k}": f"{v:.6g}" for k, v in sorted(record.metrics.items())})
+    return tags
+
+
+def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval_dir: str | os.PathLike,
+             out_dir: str | os.PathLike, reports_dir: str | os.PathLike, *, params: RegisterParams,
+             tracking: TrackingParams, pipeline_params: Any, train_run_file: str | os.PathLike | None = None,
+             curated_dir: str | os.PathLike | None = None, eval_batch_size: int = 64,
+             eval_device: str = "cpu") -> Registration:
+    """Register the model at ``model_dir`` and (with ``params.promote``) apply the promotion policy.
+
+    ``pipeline_params`` (the whole params.yaml) is hashed into the version's ``clipmill.params_hash``.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    if not tracking.enabled:
+        raise ConfigError("tracking.enabled is false: registering a model needs the MLflow tracking store")
+    model_dir, out_dir, reports_dir = Path(model_dir), Path(out_dir), Path(reports_dir)
+    record = EvaluationRecord.read(metrics_file)
+    digest = model_hash(model_dir)
+    if digest != record.model_hash:
+        raise InputError(metrics_file, f"these metrics are of another model ({record.model_hash[:12]}, not "
+                                       f"{digest[:12]} in {model_dir}): re-run `clipmill stage evaluate`",
+                         field="model_hash")
+    train_run_id = read_train_run_id(train_run_file)
+    curated = Path(curated_dir) if curated_dir is not None else None
+    curated_hash = content_hash([curated]) if curated is not None and curated.exists() else "none"
+    name = params.model_name
+    with stage_run("register", tracking, params, [model_dir, metrics_file]) as run:
+        client = MlflowClient(tracking_uri(tracking))
+        existing = find_by_hash(client, name, digest)
+        if existing is None:
+            info = log_clip_model(model_dir, registered_model_name=name)
+            version = get_version(client, name, info.registered_model_version)
+            log.info("registered %s version %s (%s)", name, version.version, info.model_uri)
+        else:
+            version = existing
+            log.info("model %s is already %s version %s: reusing it", digest[:12], name, version.version)
+        tags = version_tags(record, lineage_tags(pipeline_params, []), curated_hash, train_run_id)
+        for key, value in tags.items():
+            if key not in version.tags:  # a reused version keeps the lineage of its first registration
+                client.set_model_version_tag(name, version.version, key, value)
+        if recorded_metrics(version, record.suite_version) != record.metrics:
+            record_metrics(client, version, record)
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        version = get_version(client, name, version.version)
+
+        promotion = None
+        if params.promote:
+            promotion = apply_policy(client, version, record, params, eval_dir, eval_batch_size, eval_device)
+            champion = promotion.champion_version
+            champ_metrics = (recorded_metrics(get_version(client, name, champion), record.suite_version)
+                             if champion and champion != str(version.version) else None)
+            report = promotion_report(name, promotion, record.metrics, champ_metrics, params)
+        else:
+            report = (f"# Registration: {name} version {version.version}\n\n- promotion policy off "
+                      f"(`register.promote: false`): the version is `{CHALLENGER}`, `champion` is unchanged\n")
+        write_text(report, reports_dir / REPORT_FILE)
+        registration = Registration(name, str(version.version), f"models:/{name}/{version.version}", existing is None,
+                                    promotion)
+        summary = {"name": name, "version": registration.version, "model_uri": registration.model_uri,
+                   "model_hash": digest, "suite_version": record.suite_version,
+                   "promotion": json.loads(promotion.to_json()) if promotion else None}
+        write_json(summary, out_dir / REGISTRATION_FILE)
+        if run is not None:
+            mlflow.set_tags({"clipmill.registered_model": name, "clipmill.registered_version": registration.version})
+            mlflow.log_artifact(str(out_dir / REGISTRATION_FILE))
+            mlflow.log_artifact(str(reports_dir / REPORT_FILE))
+            if promotion is not None:
+                mlflow.set_tag("clipmill.promotion.outcome", promotion.decision.outcome)
+    return registration
