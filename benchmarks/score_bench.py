@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from PIL import Image
 
 from components.common.engine import map_batches
 from components.common.model import create_clip, export_local_dir
-from components.score.scoring import ClipScorer, shard_path
+from components.common.shards import ShardReader, shard_file_name
+from components.score.scoring import ClipScorer
 from tests.curation_fixtures import make_download
 
 
@@ -59,10 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
         download = make_download(tmp / "download", n=args.images, per_shard=256)
         table = download["table"]
         table = table[table["status"] == "success"].sort_values(["shard", "key"]).reset_index(drop=True)
-        images = []
-        for shard, key in zip(table["shard"], table["key"]):
-            with tarfile.open(shard_path(download["shards"], shard)) as tar:
-                images.append(tar.extractfile(f"{key}.jpg").read())
+        with ShardReader(download["shards"]) as reader:
+            images = [reader.read(shard_file_name(shard), key, "jpg") for shard, key in zip(table["shard"], table["key"])]
         captions = table["caption"].tolist()
         scorer = ClipScorer(f"local-dir:{export}", str(download["shards"]), device=args.device,
                             batch_size=args.batch_size)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 
 import mlflow
 import numpy as np
@@ -18,7 +19,8 @@ from components.common.errors import ClipmillError, ConfigError, InputError
 from components.common.model import create_clip, export_local_dir
 from components.common.params import RayParams, TrackingParams
 from components.score.params import ScoreParams
-from components.score.scoring import score_survivors, score_threshold, shard_path
+from components.common.shards import shard_file_name
+from components.score.scoring import score_survivors, score_threshold
 from tests.curation_fixtures import make_download
 
 NO_TRACKING = TrackingParams(enabled=False)
@@ -56,11 +58,9 @@ def bare_open_clip_scores(export_dir, images: list[bytes], captions: list[str]) 
 
 
 def read_images(download, rows: pd.DataFrame) -> list[bytes]:
-    import tarfile
-
     out = []
     for shard, key in zip(rows["shard"], rows["key"]):
-        with tarfile.open(shard_path(download["shards"], shard)) as tar:
+        with tarfile.open(download["shards"] / shard_file_name(shard)) as tar:
             out.append(tar.extractfile(f"{key}.jpg").read())
     return out
 

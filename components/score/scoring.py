@@ -7,9 +7,7 @@ and/or an absolute minimum; with both, the higher one applies.
 from __future__ import annotations
 
 import os
-import tarfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import mlflow
@@ -24,49 +22,14 @@ from components.common.io import read_parquet, write_json, write_parquet
 from components.common.log import get_logger
 from components.common.model import LOCAL_DIR_PREFIX, ClipModel, create_clip, embed_images, embed_texts, load_clip
 from components.common.params import RayParams, TrackingParams
+from components.common.shards import ShardReader, shard_file_name
 from components.common.tracking import stage_run, tracking_uri
 
 from .params import BOOTSTRAP, ScoreParams
 
 LOW_SCORE_REASON = "low_clip_score"
-OPEN_SHARDS = 2  # batches come in shard order, so the current and the next shard are all that is read
 
 log = get_logger("score")
-
-
-def shard_path(shards_dir: Path, shard: object) -> Path:
-    """The tar of a manifest ``shard`` value: a path, a file name in ``shards_dir``, or a shard number."""
-    name = f"{int(shard):05d}" if isinstance(shard, (int, np.integer)) else str(shard)
-    path = Path(name) if Path(name).is_absolute() else shards_dir / name
-    return path if path.suffix == ".tar" else path.with_name(path.name + ".tar")
-
-
-class ShardImages:
-    """Image bytes by (shard, key) from webdataset tars (``<key>.jpg`` members), keeping a few tars open."""
-
-    def __init__(self, shards_dir: str | os.PathLike):
-        self.shards_dir = Path(shards_dir)
-        self.open: OrderedDict[Path, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
-
-    def _members(self, path: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
-        if path not in self.open:
-            if len(self.open) >= OPEN_SHARDS:
-                self.open.popitem(last=False)[1][0].close()
-            try:
-                tar = tarfile.open(path)
-            except (OSError, tarfile.TarError) as e:
-                raise InputError(path, f"cannot read the shard: {e}") from None
-            self.open[path] = (tar, {m.name: m for m in tar.getmembers() if m.isfile()})
-        self.open.move_to_end(path)
-        return self.open[path]
-
-    def read(self, shard: object, key: str) -> bytes:
-        path = shard_path(self.shards_dir, shard)
-        tar, members = self._members(path)
-        member = members.get(f"{key}.jpg")
-        if member is None:
-            raise InputError(path, f"no image for key {key!r} (member {key}.jpg)", field="key")
-        return tar.extractfile(member).read()
 
 
 class ClipScorer:
@@ -75,11 +38,11 @@ class ClipScorer:
     def __init__(self, source: str, shards_dir: str, device: str = "cpu", checkpoint: str | None = None,
                  mlflow_uri: str | None = None, batch_size: int = 64):
         self.clip = load_scorer(source, device, checkpoint, mlflow_uri)
-        self.images = ShardImages(shards_dir)
+        self.shards = ShardReader(shards_dir)
         self.batch_size = batch_size
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        images = [self.images.read(shard, key) for shard, key in zip(batch["shard"], batch["key"])]
+        images = [self.shards.read(shard_file_name(shard), key, "jpg") for shard, key in zip(batch["shard"], batch["key"])]
         scores = clip_scores(self.clip, images, batch["caption"].fillna("").astype(str).tolist(), self.batch_size)
         return pd.DataFrame({"uid": batch["uid"].to_numpy(), "clip_score": scores})
 
