@@ -23,6 +23,8 @@ from components.evaluate.params import EvaluateParams
 from components.register.params import RegisterParams
 from components.reshard.params import ReshardParams
 from components.rewrite.params import RewriteParams
+from components.train.params import TrainParams
+from components.tune.params import TuneParams
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -39,6 +41,8 @@ class Params(Section):
     rewrite: RewriteParams = Field(default_factory=RewriteParams)
     reshard: ReshardParams = Field(default_factory=ReshardParams)
     report: ReportParams = Field(default_factory=ReportParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     register: RegisterParams = Field(default_factory=RegisterParams)
 

@@ -32,3 +32,15 @@ class TrackingParams(Section):
 class RayParams(Section):
     address: str | None = Field(None, description="Ray cluster address (ray://host:10001 or host:6379); null starts a local Ray.")
     num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray started when address is null.")
+
+
+def section_at(params: BaseModel, key: str) -> object:
+    """The section at dotted ``key`` of loaded params (``score.bootstrap``); ConfigError naming the missing part."""
+    from .errors import ConfigError
+
+    section: object = params
+    for part in key.split("."):
+        if part not in getattr(type(section), "model_fields", {}):
+            raise ConfigError(f"params: no section '{key}' ('{part}' is not a key there)")
+        section = getattr(section, part)
+    return section

@@ -1,0 +1,69 @@
+"""``clipmill stage train``: train a model on shards, validate on the held-out sets, export it."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from components.common.errors import ConfigError, InputError
+from components.common.io import read_json
+from components.common.params import section_at
+
+from .params import TrainParams
+
+HELP = "train a CLIP-style model (Lightning over open_clip) on webdataset shards and export it (open_clip local-dir)"
+DEFAULT_BEST_PARAMS = "data/tune/best_params.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", default="data/curated", help="directory of .tar shards or a brace pattern (default: %(default)s)")
+    p.add_argument("--eval-dir", default="data/eval", help="held-out sets for in-loop validation; '' disables it (default: %(default)s)")
+    p.add_argument("--out", default="data/train", help="output directory (default: %(default)s)")
+    p.add_argument("--best-params", default=DEFAULT_BEST_PARAMS, metavar="FILE",
+                   help="tuned values applied over the section when the file exists and was tuned for it (default: %(default)s)")
+    p.add_argument("--config-key", default="train", metavar="KEY",
+                   help="dotted params.yaml key of the TrainParams section to use, e.g. score.bootstrap (default: %(default)s)")
+
+
+def resolve_section(params: object, key: str) -> TrainParams:
+    """The ``TrainParams`` section at dotted ``key`` of the loaded params."""
+    section = section_at(params, key)
+    if not isinstance(section, TrainParams):
+        raise ConfigError(f"params: '{key}' is not a training section ({type(section).__name__})")
+    return section
+
+
+def apply_best_params(section: TrainParams, path: str | None, key: str) -> TrainParams:
+    """``section`` with the tuned ``overrides`` of ``path`` applied, when the file exists and was tuned for ``key``."""
+    if not path or not Path(path).is_file():
+        return section
+    best = read_json(path)
+    if not isinstance(best, dict) or not isinstance(best.get("overrides"), dict):
+        raise InputError(path, "expected an object with an 'overrides' mapping", field="overrides")
+    if best.get("config_key") != key:
+        return section
+    try:
+        return TrainParams.model_validate({**section.model_dump(), **best["overrides"]})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(path, f"{err['msg']} (got {err.get('input')!r})",
+                         field="overrides." + ".".join(map(str, err["loc"]))) from None
+
+
+def run(args: argparse.Namespace, params) -> int:
+    from components.common.log import get_logger
+
+    from .train import train
+
+    base = resolve_section(params, args.config_key)
+    section = apply_best_params(base, args.best_params, args.config_key)
+    if section != base:
+        get_logger("train").info("applied tuned params from %s", args.best_params)
+    stage = "train" if args.config_key == "train" else f"train[{args.config_key}]"
+    result = train(section, shards=args.shards, out_dir=args.out, eval_dir=args.eval_dir or None,
+                   seed=params.project.seed, tracking=params.tracking, stage=stage)
+    metrics = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items() if k != "step")
+    print(f"train: {result.steps} steps, {result.samples_seen} samples, {result.wall_time_s:.1f} s -> {args.out}/model"
+          + (f" ({metrics})" if metrics else ""))
+    return 0

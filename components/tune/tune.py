@@ -1,0 +1,162 @@
+"""A Ray Tune sweep over short training runs; the best configuration goes to ``best_params.json``.
+
+Each trial is a training run (``components.train.train.train``) of ``steps_per_trial`` steps that validates
+and calls ``ray.tune.report`` every ``report_every_n_steps``; ASHA stops weak trials at those reports. Every
+trial is an MLflow child run of the sweep's run. ``best_params.json``:
+``{"config_key": "train", "overrides": {lr, weight_decay, warmup_steps, batch_size, loss}, "metric": ...,
+"value": ..., "trial_id": ..., "mlflow_run_id": ...}``; ``clipmill stage train`` applies the overrides over the
+section named by ``config_key``. ``trials.json`` lists every trial with its config, last report and status.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from components.common.errors import ClipmillError
+from components.common.io import write_json
+from components.common.log import get_logger
+from components.common.params import RayParams, TrackingParams
+from components.common.tracking import PARENT_RUN_ENV, stage_run, tracking_uri
+from components.train.params import TrainParams
+
+from .params import SearchSpace, TuneParams
+
+log = get_logger("tune")
+
+TUNED_KEYS = tuple(SearchSpace.model_fields)
+
+
+def search_space(space: SearchSpace) -> dict[str, Any]:
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(*space.lr),
+        "weight_decay": tune.loguniform(*space.weight_decay),
+        "warmup_steps": tune.choice(space.warmup_steps),
+        "batch_size": tune.choice(space.batch_size),
+        "loss": tune.choice(space.loss),
+    }
+
+
+def trial_params(base: TrainParams, tune_params: TuneParams, config: dict[str, Any]) -> TrainParams:
+    """``base`` with the trial's sampled values and a short, checkpoint-free schedule."""
+    return TrainParams.model_validate({
+        **base.model_dump(), **{k: config[k] for k in TUNED_KEYS},
+        "max_steps": tune_params.steps_per_trial, "epochs": max(base.epochs, tune_params.steps_per_trial),
+        "val_every_n_steps": tune_params.report_every_n_steps, "checkpoint_every_n_steps": 0, "resume": False,
+        "num_workers": tune_params.trial_num_workers,
+    })
+
+
+def run_trial(config: dict[str, Any], *, base: dict, tune_params: dict, shards: str, eval_dir: str, seed: int,
+              tracking: dict, parent_run_id: str | None, cwd: str) -> None:
+    """Ray Tune function trainable: one short training run reporting its validation metrics."""
+    import mlflow
+    from ray import tune
+
+    from components.train.train import train
+
+    os.chdir(cwd)  # lineage tags read git and dvc.lock from the repository
+    if parent_run_id:
+        os.environ[PARENT_RUN_ENV] = parent_run_id
+    params = trial_params(TrainParams.model_validate(base), TuneParams.model_validate(tune_params), config)
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        run = mlflow.active_run()
+        tune.report({**metrics, "step": step, "mlflow_run_id": run.info.run_id if run else ""})
+
+    with tempfile.TemporaryDirectory(prefix="clipmill-trial-") as out:
+        train(params, shards=shards, out_dir=out, eval_dir=eval_dir, seed=seed,
+              tracking=TrackingParams.model_validate(tracking), stage="tune-trial", validation_listeners=[report])
+
+
+def _init_ray(ray_params: RayParams, tune_params: TuneParams, env: dict[str, str]) -> None:
+    import ray
+
+    runtime_env = {"env_vars": env}
+    if ray_params.address:
+        ray.init(address=ray_params.address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=ray_params.num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 object_store_memory=tune_params.object_store_mb * 2**20, log_to_driver=False)
+
+
+def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_dir: str, out_dir: str | os.PathLike,
+              seed: int, tracking: TrackingParams, ray_params: RayParams) -> dict[str, Any]:
+    """Run the sweep; write ``best_params.json`` and ``trials.json`` to ``out_dir``; return the best entry."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from components.train.data import scan_shards
+
+    shard_set = scan_shards(shards)  # bad input fails here, before Ray starts
+    out_dir = Path(out_dir)
+    reports = tune_params.steps_per_trial // tune_params.report_every_n_steps
+    uri = tracking_uri(tracking)
+    with stage_run("tune", tracking, tune_params, shard_set.paths) as run:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                run_trial, base=base.model_dump(mode="json"), tune_params=tune_params.model_dump(mode="json"),
+                shards=str(Path(shards).resolve()), eval_dir=str(Path(eval_dir).resolve()), seed=seed,
+                tracking={**tracking.model_dump(), "tracking_uri": uri},
+                parent_run_id=run.info.run_id if run else None, cwd=os.getcwd()),
+            {"cpu": tune_params.cpus_per_trial, "gpu": tune_params.gpus_per_trial})
+        _init_ray(ray_params, tune_params, {"RAY_CHDIR_TO_TRIAL_DIR": "0", "MLFLOW_TRACKING_URI": uri})
+        try:
+            with tempfile.TemporaryDirectory(prefix="clipmill-tune-") as storage:
+                tuner = tune.Tuner(
+                    trainable, param_space=search_space(tune_params.search_space),
+                    tune_config=tune.TuneConfig(
+                        metric=tune_params.metric, mode=tune_params.mode, num_samples=tune_params.trials,
+                        scheduler=ASHAScheduler(max_t=reports, grace_period=min(tune_params.grace_period, reports),
+                                                reduction_factor=tune_params.reduction_factor),
+                        search_alg=BasicVariantGenerator(random_state=seed)),
+                    run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0))
+                results = tuner.fit()
+                trials = [_trial_entry(r, tune_params.metric) for r in results]
+        finally:
+            ray.shutdown()
+        best = _best(trials, tune_params)
+        best["config_key"] = tune_params.config_key
+        write_json(trials, out_dir / "trials.json")
+        write_json(best, out_dir / "best_params.json")
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metric(f"best/{tune_params.metric}", best["value"])
+            mlflow.log_params({f"best.{k}": v for k, v in best["overrides"].items()})
+            mlflow.log_artifact(str(out_dir / "best_params.json"))
+            mlflow.log_artifact(str(out_dir / "trials.json"))
+    log.info("best of %d trials: %s=%.4f with %s", len(trials), tune_params.metric, best["value"], best["overrides"])
+    return best
+
+
+def _trial_entry(result: Any, metric: str) -> dict[str, Any]:
+    last = result.metrics or {}
+    value = last.get(metric)
+    return {
+        "trial_id": last.get("trial_id") or Path(result.path).name,
+        "overrides": {k: result.config[k] for k in TUNED_KEYS},
+        "metric": metric,
+        "value": value if isinstance(value, (int, float)) and math.isfinite(value) else None,
+        "reports": last.get("training_iteration", 0),
+        "step": last.get("step"),
+        "mlflow_run_id": last.get("mlflow_run_id"),
+        "error": str(result.error).splitlines()[0] if result.error else None,
+    }
+
+
+def _best(trials: list[dict[str, Any]], tune_params: TuneParams) -> dict[str, Any]:
+    """The trial with the best last report (the ASHA survivors ran longest, so they are compared at the end)."""
+    scored = [t for t in trials if t["value"] is not None]
+    if not scored:
+        errors = "; ".join(sorted({t["error"] for t in trials if t["error"]})) or "no trial reported"
+        raise ClipmillError(f"tune: no trial reported {tune_params.metric}: {errors}")
+    sign = 1 if tune_params.mode == "max" else -1
+    best = max(scored, key=lambda t: (t["reports"], sign * t["value"]))
+    return {k: best[k] for k in ("overrides", "metric", "value", "trial_id", "mlflow_run_id")}

@@ -1,0 +1,47 @@
+"""Sweep stage: a 2-trial Ray Tune sweep of tiny training runs, tracked as MLflow child runs."""
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from components.train.cli import apply_best_params
+from components.tune import cli as tune_cli
+from tests.test_train_shapes import run_stage, write_shape_evalsets, write_shape_shards
+
+
+def test_two_trial_sweep_writes_the_best_config(tmp_path, mlflow_uri, default_params):
+    import mlflow
+
+    shards = tmp_path / "shards"
+    write_shape_shards(shards, shards=2, per_shard=64)
+    evalsets = write_shape_evalsets(tmp_path / "eval", per_class=2, retrieval_size=12)
+    params = default_params.model_dump(mode="json")
+    params["ray"].update(address=None, num_cpus=2)
+    params["train"].update(samples_per_epoch=128, shuffle_buffer=32, cpu_threads=1)
+    params["tune"].update(trials=2, steps_per_trial=10, report_every_n_steps=5, cpus_per_trial=1.0,
+                          search_space={"lr": [1e-3, 3e-3], "weight_decay": [0.01, 0.1], "warmup_steps": [2],
+                                        "batch_size": [16, 32], "loss": ["clip", "siglip"]})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "tune"
+    rc = run_stage(tune_cli, tmp_path / "params.yaml", ["--shards", str(shards), "--eval-dir", str(evalsets),
+                                                        "--out", str(out)])
+    assert rc == 0
+
+    trials = json.loads((out / "trials.json").read_text())
+    best = json.loads((out / "best_params.json").read_text())
+    assert len(trials) == 2 and all(t["error"] is None and t["value"] is not None for t in trials)
+    assert best["config_key"] == "train" and best["metric"] == "val/zeroshot/acc1"
+    assert set(best["overrides"]) == {"lr", "weight_decay", "warmup_steps", "batch_size", "loss"}
+    assert best["value"] == max(t["value"] for t in trials if t["reports"] == max(u["reports"] for u in trials))
+    tuned = apply_best_params(default_params.train, str(out / "best_params.json"), "train")
+    assert {k: getattr(tuned, k) for k in best["overrides"]} == best["overrides"]
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name(default_params.tracking.experiment).experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("clipmill.stage") == "tune")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and {c.data.tags["clipmill.stage"] for c in children} == {"tune-trial"}
+    assert {c.info.run_id for c in children} >= {t["mlflow_run_id"] for t in trials}
+    assert all(c.data.tags["clipmill.git_commit"] != "unknown" for c in children)  # trials run in the repository
+    assert parent.data.metrics["best/val/zeroshot/acc1"] == best["value"]
