@@ -108,6 +108,7 @@ def test_default_patterns_catch_boilerplate_only_captions(caption):
 
 
 @pytest.mark.parametrize("caption", ["a red circle, click to enlarge", "IMG_0042.jpg a blue star",
+                                     "an image of two hearts DSC864067.JPG",
                                      "click beetle on a leaf", "photo of a green ring", "red star - stock photo"])
 def test_default_patterns_keep_honest_captions_with_boilerplate_around(caption):
     assert not any(re.search(p, caption) for p in FilterParams().boilerplate_patterns)

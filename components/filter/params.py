@@ -11,7 +11,7 @@ from components.common.params import Section
 # Captions that are nothing but web boilerplate: a file name, a camera name, a UI string or a placeholder.
 # Anchored at both ends, so an honest caption with boilerplate around it is kept.
 DEFAULT_BOILERPLATE = [
-    r"(?i)^\s*[\w\s().-]*\.(jpe?g|png|gif|webp|bmp|tiff?)\s*$",
+    r"(?i)^\s*[\w().-]+( \(\d+\))?\.(jpe?g|png|gif|webp|bmp|tiff?)\s*$",
     r"(?i)^\s*(img|dsc|dscn|dscf|pict?|p|photo|image|screenshot|file)[\s_-]*\d+\s*$",
     r"(?i)^\s*(click( \w+)? (to|for) [\w ]+|(view|see) (more|larger image|full size)|(free )?download( now)?"
     r"|(hd )?wallpaper|thumbnail|untitled(-\d+)?|image|photo|picture|img|logo|banner|home|placeholder"
