@@ -15,6 +15,8 @@ from pydantic import Field, ValidationError
 from components.common.errors import ConfigError
 from components.common.params import ProjectParams, RayParams, Section, TrackingParams
 from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
+from components.download.params import DownloadParams
+from components.validate.params import ValidationParams
 from components.balance.params import BalanceParams
 from components.filter.params import FilterParams
 from components.score.params import ScoreParams
@@ -35,6 +37,8 @@ class Params(Section):
     ray: RayParams = Field(default_factory=RayParams)
     demo_corpus: DemoCorpusParams = Field(default_factory=DemoCorpusParams)
     demo_server: DemoServerParams = Field(default_factory=DemoServerParams)
+    download: DownloadParams = Field(default_factory=DownloadParams)
+    validation: ValidationParams = Field(default_factory=ValidationParams)
     filter: FilterParams = Field(default_factory=FilterParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     balance: BalanceParams = Field(default_factory=BalanceParams)

@@ -1,0 +1,24 @@
+"""``clipmill stage download``: URL list -> webdataset shards, manifest.parquet and summary.json (img2dataset)."""
+from __future__ import annotations
+
+import argparse
+
+from .stage import download
+
+HELP = "download the URL list with img2dataset -> data/download (shards/, manifest.parquet, summary.json)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--urls", default=None,
+                        help="URL list: parquet with url, caption, optional uid and passthrough columns "
+                             "(default: download.urls in params)")
+    parser.add_argument("--out", default="data/download",
+                        help="output directory: shards/, manifest.parquet, summary.json, run.json (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output directory that holds a different run (default: refuse)")
+
+
+def run(args: argparse.Namespace, params) -> int:
+    download(params.download, args.urls or params.download.urls, args.out, tracking=params.tracking,
+             ray_params=params.ray, demo_server=params.demo_server, overwrite=args.overwrite)
+    return 0

@@ -1,0 +1,40 @@
+"""The ``download:`` section of params.yaml."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from components.common.params import Section
+
+# Left out of a run's fingerprint: the URL list counts by its content, not its path, and the rest change how
+# fast the download runs but not what it produces; a rerun that changes only these resumes the previous run.
+NOT_FINGERPRINTED = frozenset({"urls", "processes_count", "thread_count", "distributor"})
+
+
+class DownloadParams(Section):
+    urls: str = Field("data/crawl/urls.parquet", description="URL list (parquet: url, caption, optional uid, passthrough columns).")
+    image_size: int = Field(64, ge=8, le=4096, description="Target image size in pixels (meaning depends on resize_mode).")
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
+        "center_crop", description="img2dataset resize mode: no, border, keep_ratio, keep_ratio_largest, center_crop.")
+    resize_only_if_bigger: bool = Field(False, description="Only downscale; smaller images keep their size.")
+    encode_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the re-encoded images.")
+    number_sample_per_shard: int = Field(1000, ge=1, description="URLs per shard (one tar + parquet + stats file each).")
+    processes_count: int = Field(2, ge=1, description="Download processes (multiprocessing distributor).")
+    thread_count: int = Field(16, ge=1, description="Download threads per process.")
+    distributor: Literal["multiprocessing", "ray"] = Field(
+        "multiprocessing", description="img2dataset distributor; 'ray' runs shards as Ray tasks (see the ray: section).")
+    timeout: int = Field(10, ge=1, description="Seconds before one HTTP request is abandoned.")
+    retries: int = Field(2, ge=0, description="Extra attempts per URL after a failed request.")
+    max_shard_retry: int = Field(1, ge=0, description="How often img2dataset retries a shard whose worker crashed.")
+    user_agent_token: str | None = Field(
+        "clipmill", description="Token added to the User-Agent; X-Robots-Tag directives addressed to it apply too.")
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that make a URL opt out of training (empty list: ignore the header).")
+    allow_private_hosts: bool = Field(
+        False, description="Download from loopback, private, link-local, reserved and cloud-metadata addresses.")
+
+    def fingerprint(self) -> dict:
+        """The settings that decide what a run produces (see NOT_FINGERPRINTED)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in NOT_FINGERPRINTED}

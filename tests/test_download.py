@@ -1,0 +1,338 @@
+"""The download stage: real img2dataset against the demo web server on 127.0.0.1, on a 200-URL demo crawl."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from components.common.errors import InputError
+from components.common.params import RayParams, TrackingParams
+from components.demo_corpus import load_ground_truth
+from components.demo_corpus.corpus import generate_demo_corpus
+from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
+from components.download.params import DownloadParams
+from components.download.reasons import error_reason
+from components.download.safety import is_public_address, refusal_reasons
+from components.download.shards import read_shard
+from components.download.stage import MANIFEST_COLUMNS, claim_output_dir, download
+from components.download.url_list import read_url_list
+
+from .conftest import REPO
+
+FAULTS = ["not_found", "transient_5xx", "slow", "truncated", "html_as_image", "redirect", "robots_noai"]
+EXPECTED = {  # demo server behaviour -> (status, error_reason)
+    "ok": ("success", None),
+    "redirect": ("success", None),
+    "transient_5xx": ("success", None),  # recovers on the retry
+    "not_found": ("failed_to_download", "http_404"),
+    "slow": ("failed_to_download", "timeout"),
+    "truncated": ("failed_to_download", "truncated"),
+    "robots_noai": ("failed_to_download", "robots_optout"),
+    "html_as_image": ("failed_to_resize", "not_an_image"),
+}
+UNCLEAN_ROWS = [5, 50, 150]  # captions given invalid UTF-8 bytes
+SLOW_SECONDS = 4.0
+# The stage as `clipmill stage download` runs it, without importing every other stage's CLI.
+RUN_STAGE = ("import sys; from clipmill.params import load_params; from components.download.stage import download; "
+             "p = load_params(sys.argv[1]); download(p.download, p.download.urls, sys.argv[2], tracking=p.tracking, "
+             "ray_params=p.ray, demo_server=p.demo_server)")
+PARAMS = {"timeout": 2, "retries": 1, "number_sample_per_shard": 50, "processes_count": 1, "thread_count": 8,
+          "image_size": 32}
+
+
+def _run(params: DownloadParams, out: Path, tracking: TrackingParams | None = None, **kwargs) -> dict:
+    return download(params, params.urls, out, tracking=tracking or TrackingParams(enabled=False),
+                    ray_params=RayParams(), demo_server=DemoServerParams(slow_seconds=SLOW_SECONDS), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory) -> Path:
+    """A 200-pair demo crawl in which every fault occurs ten times; three captions are not valid UTF-8."""
+    root = tmp_path_factory.mktemp("demo")
+    params = DemoCorpusParams(num_pairs=200, behaviours=dict.fromkeys(FAULTS, 0.05), zeroshot_per_class=1,
+                              retrieval_size=1, trusted_size=1, workers=1)
+    generate_demo_corpus(params, 0, root / "crawl", root / "eval", root / "trusted")
+    urls = root / "crawl" / "urls.parquet"
+    table = pq.read_table(urls)
+    captions = [c.encode() for c in table.column("caption").to_pylist()]
+    for row in UNCLEAN_ROWS:
+        captions[row] = b"caf\xe9 \xff" + captions[row]
+    unclean = pa.array(captions, type=pa.binary()).view(pa.string())
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", unclean), urls)
+    return root / "crawl"
+
+
+@pytest.fixture(scope="module")
+def downloaded(crawl, tmp_path_factory):
+    """One uninterrupted run of the stage, recorded in a temporary MLflow store."""
+    root = tmp_path_factory.mktemp("download")
+    params = DownloadParams(urls=str(crawl / "urls.parquet"), **PARAMS)
+    with pytest.MonkeyPatch.context() as mp:
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        summary = _run(params, root / "out", TrackingParams(experiment="download-test"))
+    return {"out": root / "out", "params": params, "summary": summary, "uri": uri,
+            "manifest": pd.read_parquet(root / "out" / "manifest.parquet")}
+
+
+def _tar_uids(tar_path: Path) -> list[str]:
+    with tarfile.open(tar_path) as tar:
+        return [json.load(tar.extractfile(m))["uid"] for m in tar if m.name.endswith(".json")]
+
+
+def test_every_shard_adds_up_and_each_success_is_in_exactly_one_shard(downloaded):
+    shards = downloaded["out"] / "shards"
+    manifest = downloaded["manifest"]
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"0000{i}.tar" for i in range(4)]
+    assert not (shards / "_tmp").exists()
+    uids_in_tars = []
+    for stats_file in sorted(shards.glob("*_stats.json")):
+        stats = json.loads(stats_file.read_text())
+        assert stats["count"] == stats["successes"] + stats["failed_to_download"] + stats["failed_to_resize"]
+        rows = pq.read_table(stats_file.with_name(stats_file.name.replace("_stats.json", ".parquet"))).to_pandas()
+        assert len(rows) == stats["count"]
+        assert (rows["status"] == "success").sum() == stats["successes"]
+        uids_in_tars += _tar_uids(stats_file.with_name(stats_file.name.replace("_stats.json", ".tar")))
+    assert len(uids_in_tars) == len(set(uids_in_tars))
+    assert set(uids_in_tars) == set(manifest.loc[manifest["status"] == "success", "uid"])
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert manifest["uid"].is_unique and len(manifest) == 200
+
+
+def test_failure_reasons_match_the_injected_faults(downloaded, crawl):
+    truth = load_ground_truth(crawl / "ground_truth.parquet")[["uid", "url", "behaviour"]]
+    joined = downloaded["manifest"].merge(truth, on="uid", suffixes=("", "_truth"), validate="one_to_one")
+    assert len(joined) == 200
+    observed = zip(joined["behaviour"], joined["status"], joined["error_reason"], joined["error_message"])
+    mismatches = [(b, s, r, m) for b, s, r, m in observed if (s, None if pd.isna(r) else r) != EXPECTED[b]]
+    assert mismatches == []
+    assert set(joined["behaviour"]) == set(EXPECTED)
+    assert (joined["url"] == joined["url_truth"]).all()  # the demo server's address never reaches the manifest
+    successes = joined[joined["status"] == "success"]
+    assert (successes["width"] == 32).all() and (successes["height"] == 32).all()
+    assert successes["sha256"].str.fullmatch("[0-9a-f]{64}").all()
+    assert successes["shard"].notna().all() and joined.loc[joined["status"] != "success", "key"].isna().all()
+
+
+def test_summary_counts_add_up_and_the_run_is_in_mlflow(downloaded, crawl):
+    import mlflow
+
+    summary, manifest = downloaded["summary"], downloaded["manifest"]
+    truth = load_ground_truth(crawl / "ground_truth.parquet")
+    expected_successes = int(truth["behaviour"].map(lambda b: EXPECTED[b][0] == "success").sum())
+    assert summary == json.loads((downloaded["out"] / "summary.json").read_text())
+    assert sum(summary["by_status"].values()) == summary["urls"] == 200
+    assert sum(summary["by_reason"].values()) == 200 - summary["by_status"]["success"]
+    assert summary["by_status"]["success"] == expected_successes and summary["by_status"]["refused"] == 0
+    assert summary["success_rate"] == pytest.approx(expected_successes / 200)
+    assert summary["images_per_s"] > 0 and summary["captions_cleaned"] == len(UNCLEAN_ROWS)
+    cleaned = manifest.iloc[UNCLEAN_ROWS]["caption"]
+    assert cleaned.str.startswith("caf\ufffd \ufffd").all()
+
+    client = mlflow.MlflowClient(downloaded["uri"])
+    [run] = client.search_runs([client.get_experiment_by_name("download-test").experiment_id])
+    assert run.data.tags["clipmill.stage"] == "download"
+    assert run.data.metrics["success_rate"] == pytest.approx(expected_successes / 200)
+    assert run.data.metrics["reason.http_404"] == 10
+    assert run.data.params["image_size"] == "32"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
+
+
+def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, tmp_path):
+    out = tmp_path / "out"
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({
+        "tracking": {"enabled": False}, "demo_server": {"slow_seconds": SLOW_SECONDS},
+        "download": {"urls": str(crawl / "urls.parquet"), **PARAMS}}))
+    proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, str(params_file), str(out)], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((out / "shards").glob("*_stats.json")):
+            assert proc.poll() is None, "the stage ended before its first shard was finished"
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.parquet").exists() and not (out / "summary.json").exists()
+    finished = sorted((out / "shards").glob("*_stats.json"))
+    assert 1 <= len(finished) < 4
+    tar = finished[0].with_name(finished[0].name.replace("_stats.json", ".tar"))
+    with open(tar, "r+b") as fh:  # a finished shard damaged afterwards: must be noticed and downloaded again
+        fh.truncate(tar.stat().st_size // 2)
+
+    summary = _run(downloaded["params"], out)
+    assert summary["resumed_shards"] == len(finished) - 1 and summary["repaired_shards"] == 1
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), downloaded["manifest"])
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
+        p.name for p in (downloaded["out"] / "shards").iterdir())
+    assert not list(out.glob(".*"))  # no leftover img2dataset input or temporary files
+
+
+def test_private_and_non_http_urls_are_refused_and_counted(tmp_path):
+    urls = ["http://127.0.0.1:8080/a.jpg", "http://localhost/b.jpg", "http://169.254.169.254/latest/meta-data/",
+            "http://10.1.2.3/c.jpg", "http://[::1]/d.jpg", "http://100.100.100.200/e.jpg", "file:///etc/passwd",
+            "ftp://example.org/f.jpg", "not a url"]
+    pd.DataFrame({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}).to_parquet(tmp_path / "urls.parquet")
+    params = DownloadParams(urls=str(tmp_path / "urls.parquet"), **PARAMS)
+    assert params.allow_private_hosts is False
+    summary = _run(params, tmp_path / "out")
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert summary["by_status"] == {"success": 0, "failed_to_download": 0, "failed_to_resize": 0, "refused": 9}
+    assert summary["by_reason"] == {"private_host": 6, "unsupported_scheme": 2, "invalid_url": 1}
+    assert list(manifest["url"]) == urls and manifest["shard"].isna().all()
+    assert not list((tmp_path / "out" / "shards").glob("*.tar"))
+
+
+def test_host_checks():
+    assert refusal_reasons(["http://93.184.216.34/a.jpg", "https://8.8.8.8/b.png"], allow_private_hosts=False) \
+        == [None, None]
+    assert refusal_reasons(["http://127.0.0.1/a.jpg", "gopher://x/y"], allow_private_hosts=True) \
+        == [None, "unsupported_scheme"]
+    for address in ("127.0.0.1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "::1",
+                    "fd00:ec2::254", "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1", "100.64.0.1"):
+        assert not is_public_address(address), address
+    assert is_public_address("93.184.216.34") and is_public_address("2606:4700::1111")
+
+
+def _write(tmp_path: Path, df: pd.DataFrame) -> Path:
+    path = tmp_path / "urls.parquet"
+    df.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("case, field, reason", [
+    ("missing_url", "url", "missing required column"),
+    ("missing_caption", "caption", "missing required column"),
+    ("not_parquet", None, "not a parquet file"),
+    ("empty", None, "the URL list is empty"),
+    ("duplicate_uid", "uid", "duplicate uid"),
+    ("duplicate_pair", "uid", "computed from url + caption"),
+    ("null_uid", "uid", "null uid"),
+    ("reserved_column", "status", "reserved"),
+    ("missing_file", None, "no such file"),
+])
+def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, case, field, reason):
+    good = pd.DataFrame({"uid": ["a", "b"], "url": ["http://x.test/1.jpg", "http://x.test/2.jpg"], "caption": ["c", "d"]})
+    path = tmp_path / "urls.parquet"
+    if case == "missing_url":
+        _write(tmp_path, good.drop(columns="url"))
+    elif case == "missing_caption":
+        _write(tmp_path, good.drop(columns="caption"))
+    elif case == "not_parquet":
+        path.write_text("url,caption\nhttp://x.test/1.jpg,c\n")
+    elif case == "empty":
+        _write(tmp_path, good.iloc[:0])
+    elif case == "duplicate_uid":
+        _write(tmp_path, good.assign(uid=["a", "a"]))
+    elif case == "duplicate_pair":
+        _write(tmp_path, good.drop(columns="uid").iloc[[0, 0]])
+    elif case == "null_uid":
+        _write(tmp_path, good.assign(uid=["a", None]))
+    elif case == "reserved_column":
+        _write(tmp_path, good.assign(status=["x", "y"]))
+    with pytest.raises(InputError) as err:
+        _run(DownloadParams(urls=str(path), **PARAMS), tmp_path / "out")
+    assert err.value.field == field and reason in err.value.reason
+    assert err.value.file == str(path)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_bad_input_as_one_line(tmp_path, capsys):
+    from clipmill.cli import main
+
+    _write(tmp_path, pd.DataFrame({"url": ["http://x.test/1.jpg"]}))
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"tracking": {"enabled": False}}))
+    rc = main(["stage", "download", "--params", str(params_file), "--urls", str(tmp_path / "urls.parquet"),
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"clipmill: error: {tmp_path / 'urls.parquet'}: field 'caption': missing required "
+                               "column (columns: url)"]
+
+
+def test_binary_and_invalid_captions_are_kept_cleaned_and_counted(tmp_path):
+    table = pa.table({"url": ["http://x.test/1.jpg", "http://x.test/2.jpg", "http://x.test/3.jpg"],
+                      "caption": pa.array([b"fine", b"bad \xff\xfe", None], type=pa.binary()),
+                      "site": ["a", "b", "c"]})
+    pq.write_table(table, tmp_path / "urls.parquet")
+    url_list = read_url_list(tmp_path / "urls.parquet")
+    assert list(url_list.table["caption"]) == ["fine", "bad \ufffd\ufffd", ""]
+    assert (url_list.captions_cleaned, url_list.captions_missing) == (1, 1)
+    assert url_list.passthrough == ["site"] and url_list.table["uid"].str.fullmatch("[0-9a-f]{32}").all()
+
+
+def test_output_dir_of_a_different_run_is_refused(downloaded, tmp_path):
+    out = downloaded["out"]
+    with pytest.raises(InputError) as err:
+        _run(downloaded["params"].model_copy(update={"image_size": 48}), out)
+    assert err.value.file == str(out)
+    assert "download.image_size: 32 -> 48" in err.value.reason and "--overwrite" in err.value.reason
+    assert (out / "manifest.parquet").exists()  # the refused run left the directory as it was
+
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    run_info = {"urls": "u.parquet", "urls_sha256": "0" * 64, "params": {}}
+    with pytest.raises(InputError, match="no run.json"):
+        claim_output_dir(stray, run_info, overwrite=False)
+    assert claim_output_dir(stray, run_info, overwrite=True) is False
+    assert sorted(p.name for p in stray.iterdir()) == ["run.json"]
+    assert claim_output_dir(stray, run_info, overwrite=False) is True  # same fingerprint: resume
+
+
+def test_damaged_shards_are_detected(downloaded, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(downloaded["out"] / "shards", shards)
+    assert len(read_shard(shards, 0)) == 50
+
+    tar = shards / "00000.tar"
+    with open(tar, "r+b") as fh:
+        fh.truncate(tar.stat().st_size // 2)
+    with pytest.raises(InputError, match="00000.tar"):
+        read_shard(shards, 0)
+
+    stats_file = shards / "00001_stats.json"
+    stats = json.loads(stats_file.read_text())
+    stats_file.write_text(json.dumps({**stats, "successes": stats["successes"] + 1}))
+    with pytest.raises(InputError) as err:
+        read_shard(shards, 1)
+    assert err.value.field == "count"
+
+    (shards / "00002_stats.json").unlink()
+    with pytest.raises(InputError, match="not finished"):
+        read_shard(shards, 2)
+
+
+@pytest.mark.parametrize("status, message, reason", [
+    ("success", None, None),
+    ("failed_to_download", "HTTP Error 404: Not Found", "http_404"),
+    ("failed_to_download", "HTTP Error 503: Service Unavailable", "http_5xx"),
+    ("failed_to_download", "HTTP Error 418: I'm a teapot", "http_4xx"),
+    ("failed_to_download", "timed out", "timeout"),
+    ("failed_to_download", "<urlopen error timed out>", "timeout"),
+    ("failed_to_download", "IncompleteRead(354 bytes read, 355 more expected)", "truncated"),
+    ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "robots_optout"),
+    ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns"),
+    ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+    ("failed_to_download", "HTTP Error 302: The HTTP server returned a redirect error that would lead to an "
+                           "infinite loop.\nThe last 30x error message was:\nFound", "too_many_redirects"),
+    ("failed_to_download", "something new", "download_error"),
+    ("failed_to_resize", "Image decoding error", "not_an_image"),
+    ("failed_to_resize", "image too small", "image_too_small"),
+])
+def test_error_messages_are_normalised(status, message, reason):
+    assert error_reason(status, message) == reason
