@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .evaluate import evaluate
-
 HELP = "evaluate a model on the held-out suite -> data/evaluate/metrics.json + plots in reports/evaluation/"
 
 
@@ -18,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
+    from .evaluate import evaluate  # torch and matplotlib load only when the stage runs
+
     reports = args.reports or Path(params.project.reports_dir) / "evaluation"
     evaluate(args.model, args.eval_dir, args.out, reports, params.evaluate, params.tracking)
     return 0

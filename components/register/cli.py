@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .register import register
-
 HELP = "register the trained model in the MLflow registry (alias challenger) and apply the promotion policy"
 
 
@@ -21,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
+    from .register import register  # torch and mlflow load only when the stage runs
+
     result = register(args.model, args.metrics, args.eval_dir, args.out, args.reports or Path(params.project.reports_dir),
                       params=params.register, tracking=params.tracking, pipeline_params=params,
                       train_run_file=args.train_run, curated_dir=args.curated,

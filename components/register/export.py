@@ -27,7 +27,7 @@ from .clip_pyfunc import BATCH_SIZE, LOCAL_DIR_ARTIFACT
 PYFUNC_FILE = Path(__file__).with_name("clip_pyfunc.py")
 MODEL_NAME_IN_RUN = "model"
 # What the pyfunc needs at serving time besides mlflow (which MLflow adds itself).
-_RUNTIME_PACKAGES = ("torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas", "pyyaml")
+_RUNTIME_PACKAGES = ("torch", "torchvision", "open_clip_torch", "safetensors", "pillow", "numpy", "pandas")
 
 
 def copy_local_dir(local_dir: str | Path, dst: Path) -> Path:
