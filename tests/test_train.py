@@ -92,7 +92,7 @@ def _stream(shards, **kw):
 
 
 def _epoch(loader):
-    return [(b["uid"], b["image"]) for b in loader]
+    return [(list(b["uid"]), b["image"]) for b in loader]
 
 
 def test_stream_resumes_mid_epoch_with_the_same_batches(shards):
@@ -122,7 +122,7 @@ def test_captions_are_drawn_from_original_and_rewrites_per_sample_and_epoch(tmp_
     def caption(epoch):
         stream.set_position(epoch, 0)
         batch = next(iter(stream))
-        return tokens[tuple(batch["text"][batch["uid"].index(uid)].tolist())]
+        return tokens[tuple(batch["text"][list(batch["uid"]).index(uid)].tolist())]
 
     seen = [caption(e) for e in range(30)]
     assert set(seen) == set(options)          # every option is drawn ...

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import webdataset
 from PIL import Image
@@ -157,8 +158,9 @@ class ShardStream(IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # open_clip's augmentations draw from torch's global generator
             images = torch.stack([self.transform(image) for _, _, image in decoded])
+        # uids as one numpy array: Lightning walks every element of a list on every step (batch transfer)
         return {"image": images, "text": self.tokenizer([c for _, c, _ in decoded]),
-                "uid": [u for u, _, _ in decoded], "batch_index": batch_index}
+                "uid": np.array([u for u, _, _ in decoded]), "batch_index": batch_index}
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[dict]:
         samples = self._samples(self.rank * num_workers + worker, self.world_size * num_workers)
