@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         table = pd.read_parquet(source).head(args.limit)
         table.to_parquet(urls, index=False)
         demo = table["url"].str.startswith(DEMO_BASE_URL).any()
+        if demo:  # the stage serves the web/ directory beside its URL list
+            (tmp / "web").symlink_to(web.resolve())
         for repeat in range(args.repeats):
             order = ["stage", "img2dataset"] if repeat % 2 == 0 else ["img2dataset", "stage"]
             for name in order:

@@ -48,7 +48,7 @@ SLOW_SECONDS = 4.0
 RUN_STAGE = ("import sys; from clipmill.params import load_params; from components.download.stage import download; "
              "p = load_params(sys.argv[1]); download(p.download, p.download.urls, sys.argv[2], tracking=p.tracking, "
              "ray_params=p.ray, demo_server=p.demo_server)")
-PARAMS = {"timeout": 2, "retries": 1, "number_sample_per_shard": 50, "processes_count": 1, "thread_count": 8,
+PARAMS = {"timeout": 2, "retries": 1, "number_sample_per_shard": 70, "processes_count": 1, "thread_count": 8,
           "image_size": 32}
 
 
@@ -95,7 +95,7 @@ def _tar_uids(tar_path: Path) -> list[str]:
 def test_every_shard_adds_up_and_each_success_is_in_exactly_one_shard(downloaded):
     shards = downloaded["out"] / "shards"
     manifest = downloaded["manifest"]
-    assert sorted(p.name for p in shards.glob("*.tar")) == [f"0000{i}.tar" for i in range(4)]
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"0000{i}.tar" for i in range(3)]
     assert not (shards / "_tmp").exists()
     uids_in_tars = []
     for stats_file in sorted(shards.glob("*_stats.json")):
@@ -169,7 +169,7 @@ def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, 
         proc.wait()
     assert not (out / "manifest.parquet").exists() and not (out / "summary.json").exists()
     finished = sorted((out / "shards").glob("*_stats.json"))
-    assert 1 <= len(finished) < 4
+    assert 1 <= len(finished) < 3
     tar = finished[0].with_name(finished[0].name.replace("_stats.json", ".tar"))
     with open(tar, "r+b") as fh:  # a finished shard damaged afterwards: must be noticed and downloaded again
         fh.truncate(tar.stat().st_size // 2)
@@ -297,7 +297,7 @@ def test_output_dir_of_a_different_run_is_refused(downloaded, tmp_path):
 def test_damaged_shards_are_detected(downloaded, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(downloaded["out"] / "shards", shards)
-    assert len(read_shard(shards, 0)) == 50
+    assert len(read_shard(shards, 0)) == 70
 
     tar = shards / "00000.tar"
     with open(tar, "r+b") as fh:
