@@ -22,7 +22,7 @@ class TrainParams(Section):
     shuffle_buffer: int = Field(1000, ge=1, description="Samples held in each worker's shuffle buffer.")
     sample_rewrites: bool = Field(True, description="LaCLIP: pick the caption uniformly among the original and json.rewrites, per sample and epoch.")
     augment_scale: tuple[float, float] = Field((0.9, 1.0), description="RandomResizedCrop scale range of the open_clip train transform.")
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes per device.")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per device.")
     # optimisation
     epochs: int = Field(4, ge=1, description="Epochs of samples_per_epoch samples.")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1: run all epochs).")

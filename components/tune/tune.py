@@ -59,7 +59,8 @@ def run_trial(config: dict[str, Any], *, base: dict, tune_params: dict, shards: 
 
     from components.train.train import train
 
-    os.chdir(cwd)  # lineage tags read git and dvc.lock from the repository
+    if os.path.isdir(cwd):  # lineage tags read git and dvc.lock from the repository (absent on other nodes)
+        os.chdir(cwd)
     if parent_run_id:
         os.environ[PARENT_RUN_ENV] = parent_run_id
     params = trial_params(TrainParams.model_validate(base), TuneParams.model_validate(tune_params), config)
