@@ -42,6 +42,12 @@ _RANK_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 @dataclass
 class TrainResult:
+    """What a run produced; ``run.json`` holds it without ``metrics`` (those are ``metrics.json``).
+
+    ``steps``/``samples_seen`` count the whole training, including steps before a resume; ``wall_time_s`` and
+    ``samples_per_s`` this invocation only.
+    """
+
     run_id: str | None
     steps: int
     samples_seen: int
