@@ -15,7 +15,7 @@ import pandas as pd
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it is renamed onto ``path`` (file or directory)."""
-    path = Path(path)
+    path = Path(path).absolute()  # writers that resolve relative paths elsewhere still land in the temp dir
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name

@@ -1,0 +1,30 @@
+"""`make bench`: every throughput benchmark, each a ratio of clipmill's stage to the bare library in one run.
+
+    python -m benchmarks            # all of them (the download one needs the demo crawl: run `make demo` first)
+    python -m benchmarks.<name> -h  # one of them, with its options
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import download_bench, match_bench, score_bench, train_bench
+
+BENCHES = {"match": match_bench, "score": score_bench, "train": train_bench, "download": download_bench}
+
+
+def main() -> int:
+    results = {}
+    for name, module in BENCHES.items():
+        if name == "download" and not Path("data/crawl/urls.parquet").exists():
+            print("download: skipped (no data/crawl/urls.parquet; run `make demo` first)", file=sys.stderr)
+            continue
+        print(f"== {name}", file=sys.stderr)
+        results[name] = module.main([])
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
