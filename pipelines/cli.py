@@ -13,10 +13,40 @@ def _run(args: argparse.Namespace, params) -> int:
     flow_name = "full" if args.flow == "demo" else args.flow
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     pipeline(flow_name=flow_name, root=str(Path(args.root).resolve()), stages=stages)
-    summary = Path(args.root) / params.project.reports_dir / "run_summary.md"
+    root = Path(args.root)
+    summary = root / params.project.reports_dir / "run_summary.md"
     if summary.exists():
         print(summary.read_text())
+    if args.flow == "demo":
+        print(champion_report(root, params))
     return 0
+
+
+def champion_report(root: Path, params) -> str:
+    """What the demo leaves in the registry: the champion, its metrics, and how to serve and query it."""
+    from components.common.io import read_json
+
+    registration = root / params.project.data_dir / "register" / "registration.json"
+    if not registration.exists():
+        return "No model was registered by this run (see the run summary above)."
+    reg = read_json(registration)
+    decision = reg["promotion"]["decision"]
+    champion = reg["version"] if decision["outcome"] == "promoted" else reg["promotion"].get("champion_version")
+    metrics = read_json(root / params.project.data_dir / "evaluate" / "metrics.json")["metrics"]
+    name = reg["name"]
+    lines = [f"Registered {reg['model_uri']} (alias challenger); decision: {decision['outcome']} - "
+             f"{decision['reason']}.",
+             f"Champion: models:/{name}@champion = version {champion or 'none'}. This run's model, on suite "
+             f"{reg['suite_version']}:"]
+    lines += [f"  {k:<42} {v:.4f}" for k, v in sorted(metrics.items())]
+    lines += ["", "Serve and query the champion:",
+              f"  .venv/bin/mlflow models serve -m models:/{name}@champion --env-manager local "
+              "--host 127.0.0.1 --port 5001",
+              "  curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\",
+              """    -d '{"dataframe_records": [{"text": "a photo of a red circle"}]}'""",
+              "Browse: make mlflow-ui (runs, registry) | make prefect-ui (flow runs) | "
+              f"{params.project.reports_dir}/curation/index.html | {params.project.reports_dir}/promotion.md"]
+    return "\n".join(lines)
 
 
 def register(subparsers, add_params_option) -> None:

@@ -21,7 +21,8 @@ from prefect.tasks import exponential_backoff
 from components.common.errors import ClipmillError
 from components.common.io import write_text
 from components.common.params import TrackingParams
-from components.common.tracking import PARENT_RUN_ENV, lineage_tags, tracking_uri, use_experiment
+from components.common.tracking import (DVC_STAGE_ENV, DVC_STAGE_TAG, PARENT_RUN_ENV, lineage_tags, tracking_uri,
+                                        use_experiment)
 
 from .dag import FLOW_TARGETS, load_dag, select
 
@@ -44,8 +45,9 @@ class StageResult:
     metrics: dict = field(default_factory=dict)
 
 
-def _stage_env(parent_run_id: str | None, uri: str) -> dict[str, str]:
+def _stage_env(stage: str, parent_run_id: str | None, uri: str) -> dict[str, str]:
     env = dict(os.environ)
+    env[DVC_STAGE_ENV] = stage
     # Stage commands call `clipmill`: make the interpreter's own environment the first on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["MLFLOW_TRACKING_URI"] = uri
@@ -62,11 +64,13 @@ def _retry_transient(task_, task_run, state) -> bool:
 
 @task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
       retry_condition_fn=_retry_transient)
-def run_stage(stage: str, root: str, env: dict[str, str]) -> StageResult:
-    """Run one dvc.yaml stage through DVC, streaming its output into the flow's log."""
+def run_stage(stage: str, root: str, env: tuple[str | None, str]) -> StageResult:
+    """Run one dvc.yaml stage through DVC, streaming its output into the flow's log.
+
+    ``env`` is (MLflow parent run id, tracking URI) for the stage's own MLflow run."""
     logger = get_run_logger()
     start = time.perf_counter()
-    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=root, env=env, text=True,
+    proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=root, env=_stage_env(stage, *env), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
     tail: deque[str] = deque(maxlen=40)
     skipped = False
@@ -91,12 +95,12 @@ def _attach_child_runs(results: list[StageResult], parent_run_id: str) -> None:
 
     runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               search_all_experiments=True, output_format="list")
-    by_stage = {r.data.tags.get("clipmill.stage"): r for r in runs}
+    by_stage = {r.data.tags.get(DVC_STAGE_TAG): r for r in runs}
     for res in results:
         run = by_stage.get(res.stage)
         if run is not None:
             res.mlflow_run_id = run.info.run_id
-            res.metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("samples_", "n_"))}
+            res.metrics = {k: v for k, v in run.data.metrics.items() if k in ("samples_in", "samples_out")}
 
 
 def summary_markdown(flow_name: str, results: list[StageResult], total_seconds: float, parent_run_id: str | None,
@@ -107,9 +111,10 @@ def summary_markdown(flow_name: str, results: list[StageResult], total_seconds: 
         lines.append(f"MLflow parent run: `{parent_run_id}`")
     for k, v in (extra or {}).items():
         lines.append(f"{k}: {v}")
-    lines += ["", "| stage | status | seconds | counts | MLflow run |", "|---|---|---:|---|---|"]
+    lines += ["", "| stage | status | seconds | samples in → out | MLflow run |", "|---|---|---:|---|---|"]
     for r in results:
-        counts = ", ".join(f"{k}={v:g}" for k, v in sorted(r.metrics.items())) or "–"
+        counts = " → ".join(f"{r.metrics[k]:g}" if k in r.metrics else "·" for k in ("samples_in", "samples_out"))
+        counts = "–" if not r.metrics else counts
         lines.append(f"| {r.stage} | {r.status} | {r.seconds:.1f} | {counts} | {r.mlflow_run_id or '–'} |")
     overhead = total_seconds / stage_seconds if stage_seconds else float("nan")
     lines += ["", f"Total wall time {total_seconds:.1f} s; stages {stage_seconds:.1f} s (ratio {overhead:.3f})."]
@@ -146,7 +151,7 @@ def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None 
                     **lineage_tags(params)}
             parent = mlflow.start_run(run_name=f"pipeline:{flow_name}", tags=tags)
             parent_id = parent.info.run_id
-        env = _stage_env(parent_id, uri)
+        env = (parent_id, uri)
         logger.info("flow %s: %d stages: %s", flow_name, len(order), " -> ".join(order))
         status = "FAILED"
         try:

@@ -22,8 +22,11 @@ def funnel_summary(reasons: pd.Series) -> dict:
 
 
 def funnel_metrics(summary: dict) -> dict[str, float]:
-    """MLflow metric names for a funnel summary (``dropped.<reason>`` with ':' turned into '.')."""
+    """MLflow metric names for a funnel summary (``dropped.<reason>`` with ':' turned into '.').
+
+    ``samples_in`` / ``samples_out`` are the names every stage uses for the pipeline's run summary."""
     return {"input": summary["input"], "kept": summary["kept"],
+            "samples_in": summary["input"], "samples_out": summary["kept"],
             **{f"dropped.{k.replace(':', '.')}": v for k, v in summary["dropped"].items()}}
 
 

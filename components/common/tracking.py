@@ -15,6 +15,8 @@ from .hashing import content_hash, file_sha256, hash_obj
 from .params import TrackingParams
 
 PARENT_RUN_ENV = "CLIPMILL_PARENT_RUN_ID"
+DVC_STAGE_ENV = "CLIPMILL_DVC_STAGE"  # set by the flow: which dvc.yaml stage this process runs
+DVC_STAGE_TAG = "clipmill.dvc_stage"
 
 
 def tracking_uri(params: TrackingParams) -> str:
@@ -95,7 +97,8 @@ def stage_run(stage: str, tracking: TrackingParams, params_section: Any,
 
     use_experiment(tracking)
     parent = os.environ.get(PARENT_RUN_ENV)
-    tags = {"clipmill.stage": stage, **lineage_tags(params_section, data_paths)}
+    tags = {"clipmill.stage": stage, DVC_STAGE_TAG: os.environ.get(DVC_STAGE_ENV, stage),
+            **lineage_tags(params_section, data_paths)}
     if parent:
         tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=stage, tags=tags) as run:

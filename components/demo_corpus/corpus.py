@@ -233,7 +233,7 @@ def run_demo_corpus(params: DemoCorpusParams, seed: int, tracking: TrackingParam
             import mlflow
 
             mlflow.log_param("project.seed", seed)
-            mlflow.log_metrics({**summary_metrics(summary), "seconds": seconds,
+            mlflow.log_metrics({**summary_metrics(summary), "seconds": seconds, "samples_out": summary["num_pairs"],
                                 "pairs_per_second": summary["num_pairs"] / max(seconds, 1e-9)})
             mlflow.log_artifact(str(Path(crawl_out) / "summary.json"))
             mlflow.log_artifact(str(Path(eval_out) / "suite.json"))

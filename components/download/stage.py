@@ -326,6 +326,7 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
                                                 "download_seconds", "captions_cleaned", "captions_missing",
                                                 "shards", "resumed_shards", "repaired_shards", "urls")}
             metrics.update({f"status.{k}": v for k, v in summary["by_status"].items()})
+            metrics.update(samples_in=summary["urls"], samples_out=summary["by_status"]["success"])
             metrics.update({f"reason.{k}": v for k, v in summary["by_reason"].items()})
             mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(out / "summary.json"))

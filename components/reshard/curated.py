@@ -118,7 +118,8 @@ def reshard(manifest_path: str | os.PathLike, shard_dir: str | os.PathLike, rule
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         elapsed = time.perf_counter() - started
         if run is not None:
-            mlflow.log_metrics({"samples": summary["samples"], "shards": summary["shards"], "bytes": total_bytes})
+            mlflow.log_metrics({"samples": summary["samples"], "shards": summary["shards"], "bytes": total_bytes,
+                                "samples_in": summary["samples"], "samples_out": summary["samples"]})
             mlflow.set_tag("clipmill.curated_hash", summary["content_hash"])
             mlflow.log_artifact(str(out_dir / "summary.json"))
     log.info("reshard: %d samples in %d shards (%.1f MB) in %.1f s (%.0f samples/s); content hash %s",

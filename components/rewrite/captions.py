@@ -115,6 +115,7 @@ def rewrite_captions(balance_path: str | os.PathLike, manifest_path: str | os.Pa
         write_json(summary, summary_path)
         if run is not None:
             mlflow.log_metrics({"captions": summary["captions"], "kept": summary["kept"],
+                                "samples_in": summary["captions"], "samples_out": summary["captions"],
                                 **{f"dropped.{k.replace(':', '.')}": v for k, v in summary["dropped"].items()}})
             mlflow.log_artifact(str(summary_path))
             examples = [{"caption": c, "rewrites": list(r)} for c, r in
