@@ -8,11 +8,17 @@ from .dag import FLOW_TARGETS
 
 
 def _run(args: argparse.Namespace, params) -> int:
-    from .flows import pipeline
+    import sys
+
+    from .flows import StageFailed, pipeline
 
     flow_name = "full" if args.flow == "demo" else args.flow
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
-    pipeline(flow_name=flow_name, root=str(Path(args.root).resolve()), stages=stages)
+    try:
+        pipeline(flow_name=flow_name, root=str(Path(args.root).resolve()), stages=stages)
+    except StageFailed as e:
+        print(f"clipmill: error: {e}", file=sys.stderr)
+        return 1
     root = Path(args.root)
     summary = root / params.project.reports_dir / "run_summary.md"
     if summary.exists():

@@ -19,8 +19,14 @@ def _offline_env(monkeypatch):
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A real MLflow tracking store (SQLite + local artifacts) private to the test."""
+    import mlflow.tracking.fluent
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # The experiment an earlier test activated lives in another store: forget it.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     return uri
 
 
@@ -33,9 +39,14 @@ def default_params():
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One real Prefect server (temporary SQLite database) shared by every flow test of the session."""
+def prefect_server() -> str:
+    """One real Prefect server (temporary SQLite database) shared by the session; yields its API URL.
+
+    Flows run in their own processes (as `clipmill run` does) with PREFECT_API_URL pointing here, so no Prefect
+    client state is left in the test process (forked workers of later tests inherit it badly).
+    """
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        yield PREFECT_API_URL.value()

@@ -14,7 +14,6 @@ import yaml
 
 from components.common.errors import ClipmillError
 from pipelines.dag import load_dag, select
-from pipelines.flows import StageFailed, pipeline
 
 from .conftest import REPO
 
@@ -64,27 +63,44 @@ def test_dag_reads_the_repo_pipeline():
         select(dag, ("nope",))
 
 
+def run_flow(project: Path, api_url: str) -> subprocess.CompletedProcess:
+    """`clipmill run full` in its own process, as a user runs it, against the test session's Prefect server."""
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    return subprocess.run([str(Path(sys.executable).parent / "clipmill"), "run", "full", "--root", str(project),
+                           "--params", str(project / "params.yaml")], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def summary_rows(project: Path) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in (project / "reports" / "run_summary.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| stage")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
 def test_flow_runs_stages_in_order_then_skips_unchanged(project, prefect_server):
-    results = pipeline(flow_name="full", root=str(project))
-    assert [(r["stage"], r["status"]) for r in results] == [("a", "ran"), ("b", "ran"), ("c", "ran")]
+    done = run_flow(project, prefect_server)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = summary_rows(project)
+    assert list(rows) == ["a", "b", "c"] and all(r[0] == "ran" for r in rows.values())
     assert (project / "c.txt").read_text() == "seed+a+b+c"
-    assert all(r["mlflow_run_id"] for r in results)
-    child = mlflow.get_run(results[1]["mlflow_run_id"])
+    assert rows["b"][2] == "6 → 7"
+    child = mlflow.get_run(rows["b"][3])
     parent = mlflow.get_run(child.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["clipmill.flow"] == "full" and parent.data.tags["prefect.flow_run_id"]
+    assert child.data.tags["clipmill.dvc_stage"] == "b"
     assert child.data.tags["clipmill.data_hash"] and child.data.tags["clipmill.git_commit"] != "unknown"
-    summary = (project / "reports" / "run_summary.md").read_text()
-    assert re.search(r"\| b \| ran \| [\d.]+ \| 8 → 9 \|", summary), summary
 
-    again = pipeline(flow_name="full", root=str(project))
-    assert [r["status"] for r in again] == ["skipped"] * 3
+    again = run_flow(project, prefect_server)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r[0] for r in summary_rows(project).values()] == ["skipped"] * 3
 
 
 def test_user_error_fails_the_flow_without_retries(project, prefect_server):
     (project / "fail_b").write_text("")
-    with pytest.raises(StageFailed) as e:
-        pipeline(flow_name="full", root=str(project))
-    assert e.value.stage == "b" and e.value.returncode == 2
+    done = run_flow(project, prefect_server)
+    assert done.returncode == 1
+    assert "clipmill: error: stage 'b' failed (exit 2)" in done.stderr
+    assert done.stderr.count("[b] Running stage 'b'") == 1  # a user error is not retried
     assert not (project / "c.txt").exists()
 
 
