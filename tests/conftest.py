@@ -19,11 +19,13 @@ def _offline_env(monkeypatch):
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A real MLflow tracking store (SQLite + local artifacts) private to the test."""
+    import mlflow.tracking._tracking_service.utils
     import mlflow.tracking.fluent
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # The experiment an earlier test activated lives in another store: forget it.
+    # The store and experiment an earlier test activated are another test's: forget them.
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
