@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .hashing import content_hash
-from .io import write_json
+from .io import read_json, write_json
 
 SUITE_FILE = "suite.json"  # {"version": "...", "sets": {...}} beside the evaluation sets
 
@@ -33,12 +33,7 @@ class EvaluationRecord:
     @classmethod
     def read(cls, path: str | os.PathLike) -> "EvaluationRecord":
         path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "evaluation metrics file does not exist (run `clipmill stage evaluate` first)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(path, f"not valid JSON: {e}") from None
+        data = read_json(path, missing="evaluation metrics file does not exist (run `clipmill stage evaluate` first)")
         if not isinstance(data, dict):
             raise InputError(path, "expected a JSON object")
         for key in ("suite_version", "model_hash"):

@@ -46,8 +46,17 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike, missing: str = "no such file") -> Any:
+    """Parse a JSON file; a missing file (reason ``missing``) or invalid JSON is an ``InputError`` naming it."""
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:

@@ -8,7 +8,6 @@ path) and ``robots_noai`` (200 with ``X-Robots-Tag: noai``). Unknown paths are 4
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from components.common.errors import InputError
+from components.common.io import read_json
 from components.common.log import get_logger
 
 from .vocabulary import HTML_PAGE
@@ -32,12 +32,7 @@ DEFAULT_SLOW_SECONDS = 20.0
 def load_routes(web_dir: str | os.PathLike) -> dict[str, dict]:
     """URL path -> route, from ``web_dir/routes.json``."""
     path = Path(web_dir) / ROUTES_FILE
-    if not path.exists():
-        raise InputError(path, "no routes file: is this a demo_corpus web/ directory?")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    doc = read_json(path, missing="no routes file: is this a demo_corpus web/ directory?")
     if not isinstance(doc, dict) or doc.get("format") != ROUTES_FORMAT or not isinstance(doc.get("routes"), dict):
         raise InputError(path, f"expected {{'format': {ROUTES_FORMAT}, 'routes': {{path: route}}}}", field="format")
     return doc["routes"]
