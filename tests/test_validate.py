@@ -22,7 +22,7 @@ def make_manifest(n: int = 200, failures: int = 30, refused: int = 5) -> pd.Data
     uids = [f"{i:032x}" for i in range(n)]
     requests = pd.DataFrame({"uid": uids, "url": [f"http://crawl.test/{i}.jpg" for i in range(n)],
                              "caption": [f"a red circle {i}" for i in range(n)],
-                             "refusal": [None] * (n - refused) + ["private_host"] * refused})
+                             "url_list": "crawl", "refusal": [None] * (n - refused) + ["private_host"] * refused})
     fetched = n - refused
     ok = np.arange(fetched) >= failures
     results = pd.DataFrame({

@@ -238,3 +238,26 @@ def run_demo_corpus(params: DemoCorpusParams, seed: int, tracking: TrackingParam
             mlflow.log_artifact(str(Path(crawl_out) / "summary.json"))
             mlflow.log_artifact(str(Path(eval_out) / "suite.json"))
     return summary
+
+
+BATCH_OFFSET_STRIDE = 1000  # batch b of the crawl uses seed_offset + b * stride: no URL repeats an earlier batch's
+
+
+def generate_crawl_batch(params: DemoCorpusParams, seed: int, batch: int, num_pairs: int,
+                         out: str | os.PathLike) -> dict:
+    """A later batch of the synthetic crawl in ``out`` (urls.parquet, web/, ground_truth.parquet, summary.json):
+    new URLs on the same sites with the same misbehaviour and defect rates, to append to the crawl with
+    ``clipmill run full --new-urls out/urls.parquet``. Batch 0 is the crawl itself; batches >= 1 are new.
+    """
+    if batch < 1:
+        raise ClipmillError(f"demo crawl batch {batch}: batches start at 1 (batch 0 is the demo_corpus crawl)")
+    batch_params = params.model_copy(update={"num_pairs": num_pairs,
+                                             "seed_offset": params.seed_offset + batch * BATCH_OFFSET_STRIDE})
+    plan = plan_crawl(batch_params, seed)
+    jobs = [(f.scene, f.encoding) for f in plan.files.values()]
+    with closing(render_images(jobs, params.workers)) as images, atomic_path(out) as tmp:
+        truth = _write_crawl(plan, images, tmp)
+        summary = crawl_summary(truth, plan, batch_params)
+        summary.update(seed=seed, seed_offset=batch_params.seed_offset, batch=batch)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary

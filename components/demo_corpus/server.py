@@ -38,12 +38,25 @@ def load_routes(web_dir: str | os.PathLike) -> dict[str, dict]:
     return doc["routes"]
 
 
-class DemoWebServer(ThreadingHTTPServer):
-    """A threading HTTP server over one web/ directory; per-path request counts drive transient failures."""
+def merge_routes(web_dirs: list[Path]) -> dict[str, dict]:
+    """The routes of several web/ directories (a crawl and its appended batches); each route remembers its
+    directory (``root``). A URL path two directories both answer is an ``InputError``."""
+    merged: dict[str, dict] = {}
+    for web_dir in web_dirs:
+        for path, route in load_routes(web_dir).items():
+            if path in merged:
+                raise InputError(Path(web_dir) / ROUTES_FILE, f"URL path {path!r} is also served from "
+                                                              f"{merged[path]['root']}", field="routes")
+            merged[path] = {**route, "root": str(web_dir)}
+    return merged
 
-    def __init__(self, address: tuple[str, int], web_dir: Path, routes: dict[str, dict], slow_seconds: float):
+
+class DemoWebServer(ThreadingHTTPServer):
+    """A threading HTTP server over web/ directories; per-path request counts drive transient failures."""
+
+    def __init__(self, address: tuple[str, int], routes: dict[str, dict], slow_seconds: float):
         super().__init__(address, _Handler)
-        self.web_dir, self.routes, self.slow_seconds = web_dir, routes, slow_seconds
+        self.routes, self.slow_seconds = routes, slow_seconds
         self.stopping = threading.Event()  # wakes stalled 'slow' handlers at shutdown
         self._requests: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -85,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _file(self, route: dict) -> bytes:
-        return (self.server.web_dir / route["file"]).read_bytes()
+        return (Path(route["root"]) / route["file"]).read_bytes()
 
     def _respond(self, path: str, route: dict | None) -> None:
         behaviour = route["behaviour"] if route else "not_found"
@@ -116,15 +129,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve_web(web_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
+def serve_web(web_dirs: str | os.PathLike | list, host: str = "127.0.0.1", port: int = 0,
               slow_seconds: float = DEFAULT_SLOW_SECONDS) -> Iterator[str]:
-    """Serve ``web_dir`` (a demo_corpus web/ directory) in a daemon thread; yields the base URL.
+    """Serve ``web_dirs`` (a demo_corpus web/ directory, or several: the crawl's and its appended batches') in a
+    daemon thread; yields the base URL.
 
     URLs in urls.parquet start with ``DEMO_BASE_URL``; replace that prefix with the yielded base URL.
     """
-    web_dir = Path(web_dir)
-    routes = load_routes(web_dir)
-    server = DemoWebServer((host, port), web_dir, routes, slow_seconds)
+    dirs = [Path(d) for d in (web_dirs if isinstance(web_dirs, (list, tuple)) else [web_dirs])]
+    web_dir = ", ".join(map(str, dirs))
+    routes = merge_routes(dirs)
+    server = DemoWebServer((host, port), routes, slow_seconds)
     thread = threading.Thread(target=server.serve_forever, name="demo-web-server", daemon=True)
     thread.start()
     bound_host, bound_port = server.server_address[:2]

@@ -15,7 +15,9 @@ def register(subparsers, add_params_option) -> None:
                     "the crawl's URLs. Behaviours (404, 503, slow, truncated, ...) follow web/routes.json; "
                     "demo_server.slow_seconds sets how long slow URLs stall.")
     add_params_option(p)
-    p.add_argument("--web", default="data/crawl/web", help="the web/ directory written by the demo_corpus stage")
+    p.add_argument("--web", default=["data/crawl/web"], nargs="+",
+                   help="web/ directories: the demo_corpus stage's, and those of appended crawl batches "
+                        "(default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
     p.set_defaults(handler=run)

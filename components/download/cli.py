@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--urls", default=None,
                         help="URL list: parquet with url, caption, optional uid and passthrough columns "
                              "(default: download.urls in params)")
+    parser.add_argument("--additions", default=None,
+                        help="directory of URL lists appended to the crawl (`clipmill run full --new-urls`); "
+                             "'' for none (default: download.additions in params)")
     parser.add_argument("--out", default="data/download",
                         help="output directory: shards/, manifest.parquet, summary.json, run.json (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
@@ -19,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
+    additions = params.download.additions if args.additions is None else (args.additions or None)
     download(params.download, args.urls or params.download.urls, args.out, tracking=params.tracking,
-             ray_params=params.ray, demo_server=params.demo_server, overwrite=args.overwrite)
+             ray_params=params.ray, demo_server=params.demo_server, additions=additions, overwrite=args.overwrite)
     return 0

@@ -9,11 +9,14 @@ from components.common.params import Section
 
 # Left out of a run's fingerprint: the URL list counts by its content, not its path, and the rest change how
 # fast the download runs but not what it produces; a rerun that changes only these resumes the previous run.
-NOT_FINGERPRINTED = frozenset({"urls", "processes_count", "thread_count", "distributor"})
+NOT_FINGERPRINTED = frozenset({"urls", "additions", "processes_count", "thread_count", "distributor"})
 
 
 class DownloadParams(Section):
     urls: str = Field("data/crawl/urls.parquet", description="URL list (parquet: url, caption, optional uid, passthrough columns).")
+    additions: str = Field(
+        "data/crawl_additions", description="Directory of URL lists appended to the crawl by "
+                                            "`clipmill run full --new-urls` (one DVC-tracked directory per list).")
     image_size: int = Field(64, ge=8, le=4096, description="Target image size in pixels (meaning depends on resize_mode).")
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
         "center_crop", description="img2dataset resize mode: no, border, keep_ratio, keep_ratio_largest, center_crop.")

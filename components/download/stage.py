@@ -34,12 +34,13 @@ from .params import DownloadParams
 from .reasons import error_reason
 from .safety import INVALID_URL, PRIVATE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
 from .shards import finished_shards, read_shard, shard_files
-from .url_list import UrlList, read_url_list
+from .additions import Crawl, read_crawl
+from .url_list import UrlList
 
 log = get_logger("download")
 
 MANIFEST_COLUMNS = ["uid", "key", "shard", "status", "error_message", "error_reason", "width", "height",
-                    "original_width", "original_height", "sha256", "caption", "url"]
+                    "original_width", "original_height", "sha256", "caption", "url", "url_list"]
 STATUSES = ("success", "failed_to_download", "failed_to_resize", "refused")
 SIZE_COLUMNS = ["width", "height", "original_width", "original_height"]
 RESULT_COLUMNS = ["key", "shard", "status", "error_message", *SIZE_COLUMNS, "sha256"]  # taken from the shards
@@ -54,7 +55,8 @@ _IMG2DATASET_INPUT = ".img2dataset_urls.parquet"
 def _describe_differences(previous: dict, current: dict) -> list[str]:
     out = []
     if previous.get("urls_sha256") != current["urls_sha256"]:
-        out.append(f"the URL list's content differs (was {previous.get('urls')})")
+        out.append(f"the crawl's URL lists differ (was {previous.get('urls')} + {previous.get('additions', 0)} "
+                   "appended)")
     before, now = previous.get("params", {}), current["params"]
     for key in sorted(set(before) | set(now)):
         if before.get(key) != now.get(key):
@@ -114,17 +116,17 @@ def build_requests(url_list: UrlList, demo_base: str | None, allow_private_hosts
 
 
 @contextmanager
-def _fetch_urls(urls_path: Path, requests: pd.DataFrame, demo_base: str | None,
+def _fetch_urls(web_dirs: list[Path], requests: pd.DataFrame, demo_base: str | None,
                 demo_server: DemoServerParams) -> Iterator[pd.Series]:
     """The URLs img2dataset fetches: as listed, or with the demo base swapped for a demo server started here
-    on the ``web/`` directory beside the URL list."""
+    on the ``web/`` directories of the crawl's lists."""
     if demo_base is None:
         yield requests["url"]
         return
     from components.demo_corpus import serve_web
 
-    with serve_web(urls_path.parent / "web", slow_seconds=demo_server.slow_seconds) as base_url:
-        log.info("URL list points at %s: serving %s at %s", demo_base, urls_path.parent / "web", base_url)
+    with serve_web(web_dirs, slow_seconds=demo_server.slow_seconds) as base_url:
+        log.info("URL list points at %s: serving %s at %s", demo_base, ", ".join(map(str, web_dirs)), base_url)
         yield requests["url"].str.replace(demo_base.rstrip("/"), base_url, n=1, regex=False)
 
 
@@ -250,7 +252,7 @@ def build_manifest(requests: pd.DataFrame, results: pd.DataFrame) -> pd.DataFram
         raise ClipmillError(f"the shards do not hold exactly the requested uids ({len(missing)} missing, "
                             f"{len(unexpected)} unexpected)")
     fetched = results.set_index("uid").reindex(columns=RESULT_COLUMNS)
-    manifest = requests[["uid", "url", "caption", "refusal"]].join(fetched, on="uid")
+    manifest = requests[["uid", "url", "caption", "url_list", "refusal"]].join(fetched, on="uid")
     refused = manifest["refusal"].notna()
     manifest.loc[refused, "status"] = "refused"
     manifest.loc[refused, "error_reason"] = manifest.loc[refused, "refusal"]
@@ -264,18 +266,24 @@ def build_manifest(requests: pd.DataFrame, results: pd.DataFrame) -> pd.DataFram
     return manifest[MANIFEST_COLUMNS].reset_index(drop=True)
 
 
-def summarize(manifest: pd.DataFrame, url_list: UrlList, stats: dict, wall_seconds: float) -> dict:
+def summarize(manifest: pd.DataFrame, crawl: Crawl, stats: dict, wall_seconds: float) -> dict:
     by_status = {s: int(n) for s, n in manifest["status"].value_counts().items()}
     by_reason = {str(r): int(n) for r, n in Counter(manifest["error_reason"].dropna()).most_common()}
     successes = by_status.get("success", 0)
     download_seconds = stats["download_seconds"]
+    per_list = manifest.groupby("url_list", sort=False)["status"]
+    lists = [{**entry, "downloaded": int(per_list.get_group(entry["name"]).eq("success").sum())
+              if entry["name"] in per_list.groups else 0} for entry in crawl.lists]
     return {
         "urls": len(manifest),
+        "urls_listed": len(manifest) + crawl.duplicates,  # duplicates: uids an earlier list had, not fetched again
+        "duplicates": crawl.duplicates,
+        "url_lists": lists,
         "by_status": {s: by_status.get(s, 0) for s in STATUSES},
         "by_reason": by_reason,
         "success_rate": successes / len(manifest),
-        "captions_cleaned": url_list.captions_cleaned,
-        "captions_missing": url_list.captions_missing,
+        "captions_cleaned": crawl.url_list.captions_cleaned,
+        "captions_missing": crawl.url_list.captions_missing,
         "shards": stats["shards"],
         "resumed_shards": stats["resumed_shards"],
         "repaired_shards": stats["repaired_shards"],
@@ -287,19 +295,24 @@ def summarize(manifest: pd.DataFrame, url_list: UrlList, stats: dict, wall_secon
 
 
 def download(params: DownloadParams, urls: str | Path, out: str | Path, *, tracking: TrackingParams,
-             ray_params: RayParams, demo_server: DemoServerParams, overwrite: bool = False) -> dict:
-    """Download the URL list ``urls`` into ``out`` (see the module docstring); returns the summary.
+             ray_params: RayParams, demo_server: DemoServerParams, additions: str | Path | None = None,
+             overwrite: bool = False) -> dict:
+    """Download the crawl (the URL list ``urls`` followed by the lists appended under ``additions``) into ``out``
+    (see the module docstring); returns the summary.
 
     Every input problem is an ``InputError`` raised before anything is written.
     """
     started = time.perf_counter()
     urls, out = Path(urls), Path(out)
-    url_list = read_url_list(urls)
+    crawl = read_crawl(urls, additions)
+    url_list = crawl.url_list
     demo_base = _demo_base_url(url_list.table["url"])
-    run_info = {"urls": str(urls), "urls_sha256": file_sha256(urls), "params": params.fingerprint()}
+    run_info = {"urls": str(urls), "additions": len(crawl.lists) - 1, "urls_sha256": crawl.sha256,
+                "params": params.fingerprint()}
     resuming = claim_output_dir(out, run_info, overwrite)
     requests_file = out / "requests.parquet"
-    with stage_run("download", tracking, params, [urls]) as run:
+    inputs = [urls] + ([Path(additions)] if additions is not None else [])
+    with stage_run("download", tracking, params, inputs) as run:
         if resuming and requests_file.is_file():
             requests = pd.read_parquet(requests_file)
             log.info("resuming the download in %s", out)
@@ -310,10 +323,10 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
         if refused:
             log.warning("%d of %d URLs refused: %s", refused, len(requests),
                         dict(Counter(requests["refusal"].dropna())))
-        with _fetch_urls(urls, requests, demo_base, demo_server) as fetch_urls, _ray_session(params, ray_params):
+        with _fetch_urls(crawl.web_dirs, requests, demo_base, demo_server) as fetch_urls, _ray_session(params, ray_params):
             results, stats = download_shards(requests, fetch_urls, out, params, url_list.passthrough)
         manifest = build_manifest(requests, results)
-        summary = summarize(manifest, url_list, stats, time.perf_counter() - started)
+        summary = summarize(manifest, crawl, stats, time.perf_counter() - started)
         write_parquet(manifest, out / "manifest.parquet")
         write_json(summary, out / "summary.json")
         log.info("downloaded %d of %d URLs (%.1f%%) in %.1f s: %.1f images/s; %s", summary["by_status"]["success"],
@@ -326,7 +339,8 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
                                                 "download_seconds", "captions_cleaned", "captions_missing",
                                                 "shards", "resumed_shards", "repaired_shards", "urls")}
             metrics.update({f"status.{k}": v for k, v in summary["by_status"].items()})
-            metrics.update(samples_in=summary["urls"], samples_out=summary["by_status"]["success"])
+            metrics.update(samples_in=summary["urls_listed"], samples_out=summary["by_status"]["success"],
+                           duplicates=summary["duplicates"], url_lists=len(summary["url_lists"]))
             metrics.update({f"reason.{k}": v for k, v in summary["by_reason"].items()})
             mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(out / "summary.json"))

@@ -14,7 +14,7 @@ from .suites_curation import TableCheck
 E = gx.expectations
 
 MANIFEST_COLUMNS = ["uid", "key", "shard", "status", "error_message", "error_reason", "width", "height",
-                    "original_width", "original_height", "sha256", "caption", "url"]
+                    "original_width", "original_height", "sha256", "caption", "url", "url_list"]
 STATUSES = ["success", "failed_to_download", "failed_to_resize", "refused"]
 
 
@@ -30,6 +30,7 @@ def download_checks(manifest_path: str | os.PathLike, params: DownloadBoundaryPa
         E.ExpectTableRowCountToBeBetween(min_value=1),
         E.ExpectColumnValuesToNotBeNull(column="uid"),
         E.ExpectColumnValuesToBeUnique(column="uid"),
+        E.ExpectColumnValuesToNotBeNull(column="url_list", description="every URL names the list it came from"),
         E.ExpectColumnValuesToBeInSet(column="status", value_set=STATUSES),
         E.ExpectColumnValuesToBeInSet(column="status", value_set=["success"], mostly=params.min_success_rate,
                                       description=f"success rate at least {params.min_success_rate:g}"),

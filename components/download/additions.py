@@ -1,0 +1,159 @@
+"""URL lists appended to the crawl (``clipmill run full --new-urls``), and the crawl they make together.
+
+The crawl is the base URL list (``download.urls``) followed by every appended list, oldest first. Each appended
+list is one directory of the additions directory (``data/crawl_additions/<id>/``, DVC-tracked one by one, so
+every append is a data version of its own):
+
+- ``urls.parquet``: the list as given (checked like any URL list);
+- ``web/`` (demo crawl batches only): what the demo server answers for the list's URLs;
+- ``source.json``: where the list came from, its sha256 and when it was appended.
+
+``<id>`` is ``<UTC time>-<sha256 prefix>``, so sorting the ids gives the order of the appends.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from components.common.errors import InputError
+from components.common.hashing import file_sha256, hash_obj
+from components.common.io import atomic_path, read_json, write_json
+from components.common.log import get_logger
+
+from .url_list import UrlList, read_url_list
+
+log = get_logger("download")
+
+URLS_FILE = "urls.parquet"
+SOURCE_FILE = "source.json"
+WEB_DIR = "web"
+BASE_LIST = "crawl"  # the name of the base list in counts and in each URL's ``url_list``
+
+
+@dataclass(frozen=True)
+class Addition:
+    id: str
+    path: Path  # the addition's directory
+
+    @property
+    def urls(self) -> Path:
+        return self.path / URLS_FILE
+
+    @property
+    def web(self) -> Path | None:
+        web = self.path / WEB_DIR
+        return web if web.is_dir() else None
+
+
+def list_additions(additions_dir: str | os.PathLike | None) -> list[Addition]:
+    """The appended lists in append order. A list DVC tracks but the work tree lacks is an ``InputError``
+    (its data is in the DVC cache or remote: ``dvc pull`` restores it)."""
+    if additions_dir is None:
+        return []
+    root = Path(additions_dir)
+    if not root.is_dir():
+        raise InputError(root, "no such directory (it holds the URL lists appended to the crawl; "
+                               "restore it with `git checkout` and `dvc pull`)")
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.suffix == ".dvc":
+            target = entry.with_suffix("")
+            if not (target / URLS_FILE).is_file():
+                raise InputError(target, f"appended URL list tracked by {entry.name} is not in the work tree: "
+                                         "run `dvc pull` (or `dvc checkout`) first")
+        elif entry.is_dir() and not entry.name.startswith("."):
+            if not (entry / URLS_FILE).is_file():
+                raise InputError(entry, f"an appended list without {URLS_FILE}")
+            found.append(Addition(entry.name, entry))
+    return found
+
+
+@dataclass
+class Crawl:
+    """The whole crawl: one checked ``UrlList`` (with a ``url_list`` passthrough column naming each URL's list),
+    the web/ directories of demo lists, and per-list counts."""
+
+    url_list: UrlList
+    web_dirs: list[Path]
+    lists: list[dict]  # name, path, sha256, urls (listed), duplicates (uids an earlier list already had)
+    sha256: str  # of all lists, in order
+
+    @property
+    def duplicates(self) -> int:
+        return sum(entry["duplicates"] for entry in self.lists)
+
+
+def read_crawl(urls: str | os.PathLike, additions_dir: str | os.PathLike | None = None) -> Crawl:
+    """The base list followed by the appended ones. A uid an earlier list already holds is not fetched again
+    (counted as a duplicate of its list); a passthrough column must have one type across the lists."""
+    urls = Path(urls)
+    parts = [(BASE_LIST, urls)] + [(a.id, a.urls) for a in list_additions(additions_dir)]
+    tables, lists, passthrough, dtypes, seen = [], [], [], {}, set()
+    for name, path in parts:
+        part = read_url_list(path)
+        for column in part.passthrough:
+            dtype = part.table[column].dtype
+            if column in dtypes and dtypes[column] != dtype:
+                raise InputError(path, f"type {dtype} differs from {dtypes[column]} in an earlier list of the crawl",
+                                 field=column)
+            if column not in dtypes:
+                dtypes[column] = dtype
+                passthrough.append(column)
+        table = part.table
+        repeated = table["uid"].isin(seen)
+        seen.update(table["uid"])
+        lists.append({"name": name, "path": str(path), "sha256": file_sha256(path), "urls": len(table),
+                      "duplicates": int(repeated.sum()), "captions_cleaned": part.captions_cleaned,
+                      "captions_missing": part.captions_missing})
+        if repeated.any():
+            log.warning("%s: %d URL(s) already in an earlier list of the crawl are not fetched again", path,
+                        int(repeated.sum()))
+        tables.append(table.loc[~repeated].assign(url_list=name))
+    if "url_list" in dtypes:
+        raise InputError(parts[0][1], "column name is reserved for the list each URL comes from; rename it",
+                         field="url_list")
+    table = pd.concat(tables, ignore_index=True)
+    combined = UrlList(table, [*passthrough, "url_list"], sum(e["captions_cleaned"] for e in lists),
+                       sum(e["captions_missing"] for e in lists))
+    web_dirs = [d for d in [urls.parent / WEB_DIR] + [a.web for a in list_additions(additions_dir)]
+                if d is not None and (d / "routes.json").is_file()]
+    digest = lists[0]["sha256"] if len(lists) == 1 else hash_obj([e["sha256"] for e in lists])
+    return Crawl(combined, web_dirs, lists, digest)
+
+
+def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike, *,
+                    now: dt.datetime | None = None) -> Addition:
+    """Check ``source`` (a URL list) and append it to the crawl as a new directory of ``additions_dir``.
+
+    A list whose content was appended before is refused. The ``web/`` directory beside a list of demo URLs
+    comes along (the demo server answers from it).
+    """
+    from components.demo_corpus import DEMO_BASE_URL
+
+    source = Path(source)
+    checked = read_url_list(source)  # every problem is one InputError before anything is written
+    sha = file_sha256(source)
+    root = Path(additions_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for earlier in root.iterdir():
+        record = earlier / SOURCE_FILE
+        if record.is_file() and read_json(record).get("sha256") == sha:
+            raise InputError(source, f"this URL list was appended to the crawl before (as {earlier.name})")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    addition = Addition(f"{now:%Y%m%dT%H%M%SZ}-{sha[:8]}", root / f"{now:%Y%m%dT%H%M%SZ}-{sha[:8]}")
+    demo = checked.table["url"].str.startswith(DEMO_BASE_URL + "/", na=False).any()
+    web = source.parent / WEB_DIR
+    with atomic_path(addition.path) as tmp:
+        tmp.mkdir()
+        shutil.copyfile(source, tmp / URLS_FILE)
+        if demo and (web / "routes.json").is_file():
+            shutil.copytree(web, tmp / WEB_DIR)
+        write_json({"source": str(source.resolve()), "sha256": sha, "urls": len(checked.table),
+                    "appended_at": now.isoformat(timespec="seconds")}, tmp / SOURCE_FILE)
+    log.info("appended %s (%d URLs) to the crawl as %s", source, len(checked.table), addition.path)
+    return addition

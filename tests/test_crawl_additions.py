@@ -1,0 +1,89 @@
+"""URL lists appended to the crawl: checked on append, downloaded after the base list, counted per list."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import pytest
+
+from components.common.errors import InputError
+from components.common.params import RayParams, TrackingParams
+from components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
+from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
+from components.download.additions import append_url_list, list_additions, read_crawl
+from components.download.params import DownloadParams
+
+SMALL = dict(num_pairs=80, zeroshot_per_class=1, retrieval_size=1, trusted_size=1, workers=1)
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory):
+    """An 80-pair demo crawl and its batch 1 (40 new pairs with their own web/ directory)."""
+    root = tmp_path_factory.mktemp("crawl")
+    params = DemoCorpusParams(**SMALL)
+    generate_demo_corpus(params, 0, root / "crawl", root / "eval", root / "trusted")
+    summary = generate_crawl_batch(params, 0, 1, 40, root / "batch1")
+    assert summary["num_pairs"] == 40 and summary["batch"] == 1
+    return root
+
+
+def test_a_batch_is_new_urls_on_the_same_web(crawl):
+    base, batch = (pd.read_parquet(crawl / d / "urls.parquet") for d in ("crawl", "batch1"))
+    assert list(batch.columns) == list(base.columns)
+    assert not set(batch["url"]) & set(base["url"]) and not set(batch["uid"]) & set(base["uid"])
+    assert (crawl / "batch1" / "web" / "routes.json").is_file()
+
+
+def test_appended_lists_download_after_the_base_list_with_counts_that_add_up(crawl, tmp_path):
+    additions = tmp_path / "additions"
+    first = append_url_list(crawl / "batch1" / "urls.parquet", additions,
+                            now=dt.datetime(2026, 11, 2, 3, 0, tzinfo=dt.timezone.utc))
+    assert first.id.startswith("20261102T030000Z-") and first.web is not None
+    with pytest.raises(InputError, match="appended to the crawl before"):
+        append_url_list(crawl / "batch1" / "urls.parquet", additions)
+    # a later list repeating 5 crawl URLs and bringing 3 new ones (no web/ beside it: not served)
+    base = pd.read_parquet(crawl / "crawl" / "urls.parquet")
+    repeat = pd.concat([base.head(5), base.head(3).assign(uid=lambda d: "new" + d["uid"].str[3:],
+                                                          url=lambda d: d["url"] + ".v2")])
+    (tmp_path / "repeat").mkdir()
+    repeat.to_parquet(tmp_path / "repeat" / "urls.parquet", index=False)
+    second = append_url_list(tmp_path / "repeat" / "urls.parquet", additions,
+                             now=dt.datetime(2026, 11, 9, 3, 0, tzinfo=dt.timezone.utc))
+    assert [a.id for a in list_additions(additions)] == [first.id, second.id] and second.web is None
+
+    c = read_crawl(crawl / "crawl" / "urls.parquet", additions)
+    assert [e["name"] for e in c.lists] == ["crawl", first.id, second.id]
+    assert [e["duplicates"] for e in c.lists] == [0, 0, 5]
+    assert len(c.url_list.table) == 80 + 40 + 3 and c.url_list.table["uid"].is_unique
+    assert c.url_list.passthrough[-1] == "url_list"
+    assert len(c.web_dirs) == 2
+
+    from components.download.stage import download
+
+    params = DownloadParams(urls=str(crawl / "crawl" / "urls.parquet"), timeout=2, retries=1,
+                            number_sample_per_shard=50, processes_count=1, thread_count=8, image_size=32)
+    summary = download(params, params.urls, tmp_path / "out", tracking=TrackingParams(enabled=False),
+                       ray_params=RayParams(), demo_server=DemoServerParams(slow_seconds=3.0), additions=additions)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert summary["urls"] == len(manifest) == 123 and summary["urls_listed"] == 128 and summary["duplicates"] == 5
+    assert sum(summary["by_status"].values()) == summary["urls"]
+    per_list = manifest.groupby("url_list")["status"].apply(lambda s: int((s == "success").sum())).to_dict()
+    assert {e["name"]: e["downloaded"] for e in summary["url_lists"]} == per_list
+    assert per_list[first.id] > 25  # the batch's own web/ is served: most of its URLs answer
+    assert per_list[second.id] == 0  # .v2 paths are not on the demo web: 404
+    assert list(manifest["url_list"].drop_duplicates()) == ["crawl", first.id, second.id]
+
+
+def test_an_appended_list_tracked_but_not_checked_out_is_one_clear_error(crawl, tmp_path):
+    additions = tmp_path / "additions"
+    additions.mkdir()
+    (additions / "20261102T030000Z-0123abcd.dvc").write_text("outs:\n- md5: 0.dir\n  path: 20261102T030000Z-0123abcd\n")
+    with pytest.raises(InputError, match="not in the work tree: run `dvc pull`"):
+        read_crawl(crawl / "crawl" / "urls.parquet", additions)
+
+
+def test_a_bad_list_is_refused_before_anything_is_written(tmp_path):
+    pd.DataFrame({"link": ["http://a.test/x.jpg"]}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match="caption|url"):
+        append_url_list(tmp_path / "bad.parquet", tmp_path / "additions")
+    assert not (tmp_path / "additions").exists()
