@@ -25,7 +25,7 @@ from components.evaluate.params import EvaluateParams
 from components.register.params import RegisterParams
 from components.reshard.params import ReshardParams
 from components.rewrite.params import RewriteParams
-from components.train.params import TrainParams
+from components.train.params import ContinualParams, TrainParams
 from components.tune.params import TuneParams
 
 DEFAULT_PARAMS = "params.yaml"
@@ -46,6 +46,7 @@ class Params(Section):
     reshard: ReshardParams = Field(default_factory=ReshardParams)
     report: ReportParams = Field(default_factory=ReportParams)
     train: TrainParams = Field(default_factory=TrainParams)
+    continual: ContinualParams = Field(default_factory=ContinualParams)
     tune: TuneParams = Field(default_factory=TuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     register: RegisterParams = Field(default_factory=RegisterParams)

@@ -15,7 +15,9 @@ def _run(args: argparse.Namespace, params) -> int:
     flow_name = "full" if args.flow == "demo" else args.flow
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     try:
-        pipeline(flow_name=flow_name, root=str(Path(args.root).resolve()), stages=stages)
+        pipeline(flow_name=flow_name, root=str(Path(args.root).resolve()), stages=stages,
+                 new_urls=str(Path(args.new_urls).resolve()) if args.new_urls else None, continual=args.continual,
+                 commit=args.commit, push=args.push)
     except StageFailed as e:
         print(f"clipmill: error: {e}", file=sys.stderr)
         return 1
@@ -65,5 +67,20 @@ def register(subparsers, add_params_option) -> None:
     p.add_argument("flow", choices=[*FLOW_TARGETS, "demo"])
     p.add_argument("--stages", default="", help="comma-separated stage names to run instead of the flow's set")
     p.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml (default: .)")
+    p.add_argument("--new-urls", metavar="PARQUET",
+                   help="append this URL list (url, caption, ...) to the crawl first: it is checked, copied under "
+                        "download.additions and tracked with `dvc add`; the download stage then fetches it too")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--continual", dest="continual", action="store_true", default=None,
+                       help="warm-start training from the current champion (models:/NAME@champion, written to "
+                            "warm_start.yaml as a fixed version) with the continual: schedule; from scratch while "
+                            "there is no champion")
+    start.add_argument("--from-scratch", dest="continual", action="store_false",
+                       help="reset warm_start.yaml: train from scratch (default: keep warm_start.yaml as it is)")
+    p.add_argument("--commit", action="store_true",
+                   help="after a successful run, commit its data version (dvc.lock, warm_start.yaml, the crawl "
+                        "additions' .dvc files) to git; the registered model version is tagged with the commit")
+    p.add_argument("--push", action="store_true", help="after a successful run, `dvc push` its data to the "
+                                                         "default DVC remote")
     add_params_option(p)
     p.set_defaults(handler=_run)

@@ -108,9 +108,9 @@ def summary_markdown(flow_name: str, results: list[StageResult], total_seconds: 
     stage_seconds = sum(r.seconds for r in results)
     lines = [f"# clipmill run: `{flow_name}`", ""]
     if parent_run_id:
-        lines.append(f"MLflow parent run: `{parent_run_id}`")
+        lines.append(f"- MLflow parent run: `{parent_run_id}`")
     for k, v in (extra or {}).items():
-        lines.append(f"{k}: {v}")
+        lines.append(f"- {k}: {v}")
     lines += ["", "| stage | status | seconds | samples in → out | MLflow run |", "|---|---|---:|---|---|"]
     for r in results:
         counts = " → ".join(f"{r.metrics[k]:g}" if k in r.metrics else "·" for k in ("samples_in", "samples_out"))
@@ -121,14 +121,49 @@ def summary_markdown(flow_name: str, results: list[StageResult], total_seconds: 
     return "\n".join(lines) + "\n"
 
 
+def _run_facts(root: Path, params, ran: set[str], warm, added: list[str]) -> dict[str, str]:
+    """What the summary says beyond the stage table: the crawl, the warm start, the resulting model."""
+    from components.common.io import read_json
+
+    facts: dict[str, str] = {}
+    download = root / params.project.data_dir / "download" / "summary.json"
+    if download.is_file():
+        lists = read_json(download).get("url_lists") or []
+        names = [e["name"] for e in lists]
+        facts["Crawl"] = (f"{len(names)} URL list(s): {', '.join(names)}" if names else "one URL list")
+    if added:
+        facts["New URL lists"] = ", ".join(f"`{a}`" for a in added) + " (appended by this run)"
+    if warm is not None:
+        facts["Warm start"] = f"`{warm.init_from}` (loss {warm.loss})" if warm.init_from else warm.reason
+    registration = root / params.project.data_dir / "register" / "registration.json"
+    if "register" in ran and registration.is_file():
+        reg = read_json(registration)
+        decision = (reg.get("promotion") or {}).get("decision") or {}
+        facts["Model"] = (f"`{reg['model_uri']}` (challenger); promotion: {decision.get('outcome', 'off')}"
+                          + (f" - {decision['reason']}" if decision.get("reason") else ""))
+    return facts
+
+
+def _mlflow_run_link(uri: str, parent_run_id: str, experiment_id: str) -> str | None:
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent_run_id}" if uri.startswith("http") else None
+
+
 @flow(name="clipmill", flow_run_name="{flow_name}", log_prints=True)
-def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None = None) -> list[dict]:
-    """Run the stages of ``flow_name`` (or the explicit ``stages``) in dvc.yaml order, under one MLflow parent run."""
+def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None = None, new_urls: str | None = None,
+             continual: bool | None = None, commit: bool = False, push: bool = False) -> list[dict]:
+    """Run the stages of ``flow_name`` (or the explicit ``stages``) in dvc.yaml order, under one MLflow parent run.
+
+    ``new_urls``: a URL list appended to the crawl first. ``continual``: True warm-starts training from the current
+    champion, False trains from scratch, None keeps warm_start.yaml as committed. ``commit``: commit the run's
+    data version (dvc.lock, warm_start.yaml, crawl additions) to git; ``push``: ``dvc push`` its data.
+    """
     import mlflow
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
     from prefect.runtime import flow_run
 
     from clipmill.params import load_params
+
+    from . import continual as cont
 
     logger = get_run_logger()
     root_path = Path(root).resolve()
@@ -143,17 +178,31 @@ def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None 
     cwd = os.getcwd()
     os.chdir(root_path)  # relative tracking URIs and dvc.lock resolve against the project root
     try:
+        added = cont.append_new_urls(root_path, params, new_urls) if new_urls else []
+        warm = None
+        if continual is True:
+            warm = cont.write_champion_warm_start(root_path, params)
+        elif continual is False:
+            warm = cont.write_scratch_warm_start(root_path)
         uri = tracking_uri(tracking)
         parent_id = None
         if tracking.enabled:
             use_experiment(tracking)
             tags = {"clipmill.flow": flow_name, "prefect.flow_run_id": str(flow_run.id or ""),
+                    "clipmill.new_urls": ",".join(added) or "none",
+                    "clipmill.warm_start": (warm.init_from or "none") if warm else "as committed",
                     **lineage_tags(params)}
             parent = mlflow.start_run(run_name=f"pipeline:{flow_name}", tags=tags)
             parent_id = parent.info.run_id
+            link = _mlflow_run_link(uri, parent_id, parent.info.experiment_id)
+            if link:
+                create_link_artifact(link, link_text=f"MLflow parent run {parent_id}",
+                                     key=f"clipmill-{flow_name.replace('_', '-')}-mlflow",
+                                     description="The MLflow parent run of this flow run (one child run per stage)")
         env = (parent_id, uri)
         logger.info("flow %s: %d stages: %s", flow_name, len(order), " -> ".join(order))
         status = "FAILED"
+        facts: dict[str, str] = {}
         try:
             for stage in order:
                 results.append(run_stage(stage, str(root_path), env))
@@ -162,7 +211,17 @@ def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None 
             total = time.perf_counter() - start
             if parent_id:
                 _attach_child_runs(results, parent_id)
-            text = summary_markdown(flow_name, results, total, parent_id)
+            ran = {r.stage for r in results if r.status == "ran"}
+            facts = _run_facts(root_path, params, ran, warm, added)
+            if status == "FINISHED" and commit:
+                sha = cont.commit_run(root_path, params, f"clipmill run {flow_name}: " + "; ".join(
+                    f"{k.lower()} {v}" for k, v in facts.items() if k in ("New URL lists", "Model")).replace("`", ""))
+                facts["Data commit"] = f"`{sha}`" if sha else "nothing changed"
+                if sha and "register" in ran:
+                    _tag_model_with_commit(root_path, params, sha)
+            if status == "FINISHED" and push:
+                facts["DVC push"] = cont.push_data(root_path)
+            text = summary_markdown(flow_name, results, total, parent_id, facts)
             summary_path = root_path / params.project.reports_dir / "run_summary.md"
             write_text(text, summary_path)
             if parent_id:
@@ -171,8 +230,19 @@ def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None 
                 mlflow.log_artifact(str(summary_path))
                 mlflow.end_run(status=status)
             create_markdown_artifact(text, key=f"clipmill-{flow_name.replace('_', '-')}-summary",
-                                     description="Stage durations, counts and MLflow runs")
+                                     description="Stage durations, counts, MLflow runs and the resulting model")
             logger.info("run summary written to %s", summary_path)
     finally:
         os.chdir(cwd)
     return [asdict(r) for r in results]
+
+
+def _tag_model_with_commit(root: Path, params, sha: str) -> None:
+    """The registered version names the git commit that holds its data version (dvc.lock)."""
+    from mlflow import MlflowClient
+
+    from components.common.io import read_json
+
+    reg = read_json(root / params.project.data_dir / "register" / "registration.json")
+    MlflowClient(tracking_uri(params.tracking)).set_model_version_tag(reg["name"], reg["version"],
+                                                                      "clipmill.data_commit", sha)

@@ -63,11 +63,11 @@ def test_dag_reads_the_repo_pipeline():
         select(dag, ("nope",))
 
 
-def run_flow(project: Path, api_url: str) -> subprocess.CompletedProcess:
+def run_flow(project: Path, api_url: str, *extra: str) -> subprocess.CompletedProcess:
     """`clipmill run full` in its own process, as a user runs it, against the test session's Prefect server."""
     env = {**os.environ, "PREFECT_API_URL": api_url}
     return subprocess.run([str(Path(sys.executable).parent / "clipmill"), "run", "full", "--root", str(project),
-                           "--params", str(project / "params.yaml")], env=env, capture_output=True, text=True,
+                           "--params", str(project / "params.yaml"), *extra], env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -112,3 +112,27 @@ def test_prefect_yaml_deployments_build_with_their_schedules():
     weekly = deployments["weekly-full"]
     assert weekly.parameters["flow_name"] == "full" and weekly.parameters["root"] == str(REPO)
     assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
+
+
+def test_a_committed_and_pushed_run_comes_back_with_dvc_pull(project, prefect_server, tmp_path):
+    dvc = str(Path(sys.executable).parent / "dvc")
+    remote = tmp_path / "dvc-remote"
+    subprocess.run([dvc, "remote", "add", "-d", "local", str(remote)], cwd=project, check=True)
+    done = run_flow(project, prefect_server, "--commit", "--push")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = (project / "reports" / "run_summary.md").read_text()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert f"Data commit: `{head}`" in summary and "DVC push:" in summary
+    committed = subprocess.run(["git", "show", "--name-only", "--format=%s", "HEAD"], cwd=project,
+                               capture_output=True, text=True).stdout.split()
+    assert committed[:3] == ["clipmill", "run", "full:"] and "dvc.lock" in committed
+    assert any(remote.rglob("*")), "dvc push stored the run's outputs in the remote"
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    subprocess.run([dvc, "remote", "add", "-f", "-d", "local", str(remote)], cwd=clone, check=True)
+    pulled = subprocess.run([dvc, "pull"], cwd=clone, capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (clone / "c.txt").read_text() == "seed+a+b+c"  # restored, not recomputed
+    status = subprocess.run([dvc, "status"], cwd=clone, capture_output=True, text=True).stdout
+    assert "up to date" in status

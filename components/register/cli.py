@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", default="data/evaluate/metrics.json", help="its evaluation record (input)")
     parser.add_argument("--train-run", default="data/train/run.json", help="training run.json: MLflow run id (input)")
     parser.add_argument("--curated", default="data/curated", help="curated training data, hashed for lineage (input)")
+    parser.add_argument("--download-summary", default="data/download/summary.json",
+                        help="the download's summary.json: the crawl's URL lists, recorded on the version (input)")
     parser.add_argument("--eval-dir", default="data/eval",
                         help="evaluation suite, to re-evaluate a champion measured on another suite version (input)")
     parser.add_argument("--out", default="data/register", help="registration.json (output)")
@@ -24,6 +26,7 @@ def run(args: argparse.Namespace, params) -> int:
     result = register(args.model, args.metrics, args.eval_dir, args.out, args.reports or Path(params.project.reports_dir),
                       params=params.register, tracking=params.tracking, pipeline_params=params,
                       train_run_file=args.train_run, curated_dir=args.curated,
+                      download_summary=args.download_summary or None,
                       eval_batch_size=params.evaluate.batch_size, eval_device=params.evaluate.device)
     outcome = f"; promotion: {result.promotion.decision.outcome} ({result.promotion.decision.reason})" \
         if result.promotion else ""

@@ -43,24 +43,41 @@ class Registration:
     promotion: PromotionRecord | None
 
 
-def read_train_run_id(path: str | os.PathLike | None) -> str:
-    """The MLflow run id in training's ``run.json``, or "none" when there is no such file or no run."""
+def read_train_run(path: str | os.PathLike | None) -> dict[str, str]:
+    """The MLflow run id and the warm start in training's ``run.json`` ("none" when there is no such file)."""
     if path is None or not Path(path).is_file():
-        return "none"
+        return {"run_id": "none", "init_from": "none"}
     data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("run_id", ""), (str, type(None))):
-        raise InputError(path, "expected an object whose run_id is a string or null", field="run_id")
-    return data.get("run_id") or "none"
+    if not isinstance(data, dict):
+        raise InputError(path, "expected an object with run_id and init_from")
+    for key in ("run_id", "init_from"):
+        if not isinstance(data.get(key), (str, type(None))):
+            raise InputError(path, "expected a string or null", field=key)
+    return {"run_id": data.get("run_id") or "none", "init_from": data.get("init_from") or "none"}
 
 
-def version_tags(record: EvaluationRecord, lineage: dict[str, str], curated_hash: str, train_run_id: str) -> dict[str, str]:
-    """What a model version carries: lineage, training run, suite and metrics."""
+def read_url_lists(path: str | os.PathLike | None) -> str:
+    """The crawl's URL lists (download summary's ``url_lists``) as "crawl,<id>,...", or "unknown"."""
+    if path is None or not Path(path).is_file():
+        return "unknown"
+    lists = read_json(path).get("url_lists")
+    if not isinstance(lists, list):
+        return "unknown"
+    return ",".join(str(entry.get("name")) for entry in lists)[:4000]  # under MLflow's tag value limit
+
+
+def version_tags(record: EvaluationRecord, lineage: dict[str, str], curated_hash: str, train_run: dict[str, str],
+                 url_lists: str = "unknown") -> dict[str, str]:
+    """What a model version carries: lineage (code, params, the data it saw), training run, warm start, suite
+    and metrics."""
     tags = {
         "clipmill.git_commit": lineage["clipmill.git_commit"],
         "clipmill.dvc_lock_hash": lineage["clipmill.dvc_lock_hash"],
         "clipmill.params_hash": lineage["clipmill.params_hash"],
         "clipmill.curated_data_hash": curated_hash,
-        "clipmill.train_run_id": train_run_id,
+        "clipmill.data.url_lists": url_lists,
+        "clipmill.train_run_id": train_run["run_id"],
+        "clipmill.warm_start": train_run["init_from"],
         TAG_MODEL_HASH: record.model_hash,
         TAG_SUITE: record.suite_version,
     }
@@ -71,7 +88,8 @@ def version_tags(record: EvaluationRecord, lineage: dict[str, str], curated_hash
 def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval_dir: str | os.PathLike,
              out_dir: str | os.PathLike, reports_dir: str | os.PathLike, *, params: RegisterParams,
              tracking: TrackingParams, pipeline_params: Any, train_run_file: str | os.PathLike | None = None,
-             curated_dir: str | os.PathLike | None = None, eval_batch_size: int = 64,
+             curated_dir: str | os.PathLike | None = None, download_summary: str | os.PathLike | None = None,
+             eval_batch_size: int = 64,
              eval_device: str = "cpu") -> Registration:
     """Register the model at ``model_dir`` and (with ``params.promote``) apply the promotion policy.
 
@@ -89,7 +107,8 @@ def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval
         raise InputError(metrics_file, f"these metrics are of another model ({record.model_hash[:12]}, not "
                                        f"{digest[:12]} in {model_dir}): re-run `clipmill stage evaluate`",
                          field="model_hash")
-    train_run_id = read_train_run_id(train_run_file)
+    train_run = read_train_run(train_run_file)
+    url_lists = read_url_lists(download_summary)
     curated = Path(curated_dir) if curated_dir is not None else None
     curated_hash = content_hash([curated]) if curated is not None and curated.exists() else "none"
     name = params.model_name
@@ -103,7 +122,7 @@ def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval
         else:
             version = existing
             log.info("model %s is already %s version %s: reusing it", digest[:12], name, version.version)
-        tags = version_tags(record, lineage_tags(pipeline_params, []), curated_hash, train_run_id)
+        tags = version_tags(record, lineage_tags(pipeline_params, []), curated_hash, train_run, url_lists)
         for key, value in tags.items():
             if key not in version.tags:  # a reused version keeps the lineage of its first registration
                 client.set_model_version_tag(name, version.version, key, value)
@@ -127,6 +146,7 @@ def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval
                                     promotion)
         summary = {"name": name, "version": registration.version, "model_uri": registration.model_uri,
                    "model_hash": digest, "suite_version": record.suite_version,
+                   "warm_start": train_run["init_from"], "url_lists": url_lists, "curated_data_hash": curated_hash,
                    "promotion": json.loads(promotion.to_json()) if promotion else None}
         write_json(summary, out_dir / REGISTRATION_FILE)
         if run is not None:

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="data/train", help="output directory (default: %(default)s)")
     p.add_argument("--best-params", default=DEFAULT_BEST_PARAMS, metavar="FILE",
                    help="tuned values applied over the section when the file exists and was tuned for it (default: %(default)s)")
+    p.add_argument("--warm-start", default=None, metavar="FILE",
+                   help="warm_start.yaml: when it names a model, train from it with the continual: section "
+                        "(default: none, from scratch)")
     p.add_argument("--config-key", default="train", metavar="KEY",
                    help="dotted params.yaml key of the TrainParams section to use, e.g. score.bootstrap (default: %(default)s)")
 
@@ -56,10 +59,19 @@ def run(args: argparse.Namespace, params) -> int:
 
     from .train import train
 
+    from .warm_start import continual_section, read_warm_start
+
+    log = get_logger("train")
     base = resolve_section(params, args.config_key)
-    section = apply_best_params(base, args.best_params, args.config_key)
-    if section != base:
-        get_logger("train").info("applied tuned params from %s", args.best_params)
+    warm = read_warm_start(args.warm_start)
+    if warm.init_from:
+        section = continual_section(base, params.continual, warm)
+        log.info("warm start from %s (loss %s): continual schedule %s, lr %g, %d epochs; tuned values are not "
+                 "applied to a warm start", warm.init_from, section.loss, section.schedule, section.lr, section.epochs)
+    else:
+        section = apply_best_params(base, args.best_params, args.config_key)
+        if section != base:
+            log.info("applied tuned params from %s", args.best_params)
     stage = "train" if args.config_key == "train" else f"train[{args.config_key}]"
     result = train(section, shards=args.shards, out_dir=args.out, eval_dir=args.eval_dir or None,
                    seed=params.project.seed, tracking=params.tracking, stage=stage)

@@ -54,6 +54,7 @@ class TrainResult:
     wall_time_s: float
     samples_per_s: float
     resumed_from: str | None
+    init_from: str | None = None  # the warm start, if any
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,7 +177,7 @@ def train(params: TrainParams, *, shards: str, out_dir: str | os.PathLike, eval_
             run_id=run.info.run_id if run is not None else None, steps=trainer.global_step,
             samples_seen=trainer.global_step * per_step, wall_time_s=round(wall, 3),
             samples_per_s=round(trained_now / wall, 1) if wall > 0 else 0.0, resumed_from=resume_from,
-            metrics=dict(validation.last) if validation and validation.last else {})
+            init_from=params.init_from, metrics=dict(validation.last) if validation and validation.last else {})
         log.info("trained %d steps (%d samples this run) in %.1f s: %.0f samples/s", trainer.global_step - steps_before,
                  trained_now, wall, result.samples_per_s)
         export_local_dir(clip, out_dir / "model")
