@@ -50,7 +50,8 @@ def test_registered_model_round_trips_through_both_exports(workspace, mlflow_uri
     champion = client.get_model_version_by_alias("clipmill", "champion")
     assert str(champion.version) == str(client.get_model_version_by_alias("clipmill", "challenger").version) == "1"
     tags = champion.tags
-    assert tags["clipmill.train_run_id"] == "train-run-42"
+    assert tags["clipmill.train_run_id"] == "train-run-42" and tags["clipmill.warm_start"] == "none"
+    assert tags["clipmill.data.url_lists"] == "unknown"  # no download summary given
     assert tags["clipmill.curated_data_hash"] == content_hash([ws / "curated"])
     assert len(tags["clipmill.dvc_lock_hash"]) == 64 and len(tags["clipmill.params_hash"]) == 64
     assert tags["clipmill.git_commit"]
@@ -117,10 +118,10 @@ def test_models_cli_lists_compares_and_names_unknown_versions(workspace, capsys)
 
     assert main(["models", "list", "--params", PARAMS]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[1].split()[:5] == ["version", "aliases", "created", "suite", "zeroshot/acc1"]
+    assert table[1].split()[:7] == ["version", "aliases", "created", "from", "lists", "suite", "zeroshot/acc1"]
     rows = {line.split()[0]: line for line in table[3:]}
     assert "challenger,champion" in rows["2"] and "0.4500" in rows["2"] and "promoted" in rows["2"]
-    assert "0.3000" in rows["1"]
+    assert "0.3000" in rows["1"] and rows["1"].split()[4:6] == ["scratch", "-"]  # trained from scratch, lists unknown
 
     assert main(["models", "compare", "1", "2", "--params", PARAMS, "--eval-dir", str(ws / "no-suite")]) == 0
     out = capsys.readouterr().out

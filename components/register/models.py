@@ -38,18 +38,30 @@ def _metric(tags: dict[str, str], name: str) -> str:
     return f"{float(raw):.4f}" if raw is not None else "-"
 
 
+def _warm_start(tags: dict[str, str], name: str) -> str:
+    warm = tags.get("clipmill.warm_start", "-")
+    prefix = f"models:/{name}/"
+    return f"v{warm[len(prefix):]}" if warm.startswith(prefix) else ("scratch" if warm == "none" else warm)
+
+
+def _url_lists(tags: dict[str, str]) -> str:
+    lists = tags.get("clipmill.data.url_lists")
+    return "-" if lists in (None, "unknown") else str(len(lists.split(",")))
+
+
 def list_models(args, params) -> int:
     client, name = _client(params), _name(args, params)
     versions = all_versions(client, name)
     key_metrics = [params.register.primary_metric, *params.register.guardrails]
-    header = ["version", "aliases", "created", "suite", *key_metrics, "promotion"]
+    header = ["version", "aliases", "created", "from", "lists", "suite", *key_metrics, "promotion"]
     aliases: dict[str, list[str]] = {}
     for alias, version in client.get_registered_model(name).aliases.items():  # search results omit aliases
         aliases.setdefault(str(version), []).append(alias)
     rows = []
     for v in versions:
         created = datetime.fromtimestamp(v.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
-        rows.append([v.version, ",".join(sorted(aliases.get(str(v.version), []))) or "-", created, v.tags.get(TAG_SUITE, "-"),
+        rows.append([v.version, ",".join(sorted(aliases.get(str(v.version), []))) or "-", created,
+                     _warm_start(v.tags, name), _url_lists(v.tags), v.tags.get(TAG_SUITE, "-"),
                      *(_metric(v.tags, m) for m in key_metrics), v.tags.get(TAG_OUTCOME, "-")])
     print(f"registered model '{name}' ({len(versions)} versions; metrics on the suite each was registered with)")
     print(format_table(header, rows))
