@@ -109,6 +109,12 @@ def test_every_uid_has_one_fate_and_missing_rows_are_counted(curation, tmp_path)
     assert sorted(fate["uid"]) == sorted(urls["uid"])
     assert stages[-1].kept == int(fate["reason"].isna().sum())
 
+    # URLs a later appended list repeated: listed, counted, not fetched twice
+    stages, _ = curation_funnel(urls, curation["manifest"], p["rules"], tmp_path / "scores.parquet", p["balance"],
+                                p["curated"] / "manifest.parquet", duplicates=4)
+    assert stages[0].as_dict() == {"stage": "URL list", "input": len(urls) + 4, "kept": len(urls),
+                                   "dropped": {"duplicate_url": 4}}
+
 
 def test_inconsistent_inputs_are_refused_with_the_file_and_field(curation, tmp_path):
     p = curation["paths"]

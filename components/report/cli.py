@@ -8,6 +8,8 @@ HELP = "curation report: funnel, score histogram, entry rank-frequency, examples
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--urls", default="data/crawl/urls.parquet", help="URL list (input)")
+    parser.add_argument("--additions", default=None,
+                        help="URL lists appended to the crawl (input; default: download.additions; '' for none)")
     parser.add_argument("--manifest", default="data/download/manifest.parquet", help="download manifest (input)")
     parser.add_argument("--shards", default="data/download/shards", help="download shards, for thumbnails (input)")
     parser.add_argument("--rules", default="data/curate/rules.parquet", help="rule filter table (input)")
@@ -27,5 +29,6 @@ def run(args: argparse.Namespace, params) -> int:
     out = args.out or f"{params.project.reports_dir}/curation"
     build_report(args.urls, args.manifest, args.shards, args.rules, args.scores, args.balance, args.entry_counts,
                  args.rewrites, args.rewrites_summary, args.curated, args.validation, out, params.report,
-                 params.project.seed + params.report.seed_offset, params.balance.t, params.tracking)
+                 params.project.seed + params.report.seed_offset, params.balance.t, params.tracking,
+                 additions=params.download.additions if args.additions is None else (args.additions or None))
     return 0

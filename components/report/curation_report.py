@@ -94,14 +94,19 @@ def build_report(urls_path: str | os.PathLike, manifest_path: str | os.PathLike,
                  entry_counts_path: str | os.PathLike, rewrites_path: str | os.PathLike,
                  rewrites_summary_path: str | os.PathLike, curated_dir: str | os.PathLike,
                  validation_dir: str | os.PathLike, out_dir: str | os.PathLike, params: ReportParams, seed: int,
-                 balance_t: int | None, tracking: TrackingParams) -> list[StageCounts]:
+                 balance_t: int | None, tracking: TrackingParams,
+                 additions: str | os.PathLike | None = None) -> list[StageCounts]:
     """Every curation output and the boundary validation results in; the report directory out (also logged to
-    MLflow). Returns the funnel stages."""
+    MLflow). ``additions``: the URL lists appended to the crawl (the funnel starts from all lists). Returns the
+    funnel stages."""
+    from components.download.additions import read_crawl
+
     curated_dir = Path(curated_dir)
-    urls = read_parquet(urls_path, ["uid"])
+    crawl = read_crawl(urls_path, additions)
+    urls = crawl.url_list.table[["uid"]]
     manifest = read_parquet(manifest_path, ["uid", "key", "shard", "status", "error_reason", "caption"])
     stages, fate = curation_funnel(urls, manifest, rules_path, scores_path, balance_path,
-                                   curated_dir / "manifest.parquet")
+                                   curated_dir / "manifest.parquet", duplicates=crawl.duplicates)
     scores = read_parquet(scores_path, ["uid", "clip_score", "keep", "threshold"])
     entry_counts = read_parquet(entry_counts_path, ["entry", "count_before", "count_after"])
     rewrites = read_parquet(rewrites_path, ["uid", "rewrites"])
@@ -130,7 +135,7 @@ def build_report(urls_path: str | os.PathLike, manifest_path: str | os.PathLike,
     if funnel[-1]["kept"] + context["total_dropped"] != funnel[0]["input"]:
         raise AssertionError(f"funnel does not add up: {funnel}")
     out_dir = Path(out_dir)
-    data_paths = [Path(p) for p in (urls_path, manifest_path, rules_path, scores_path, balance_path,
+    data_paths = [Path(p) for p in (urls_path, *([additions] if additions else []), manifest_path, rules_path, scores_path, balance_path,
                                     entry_counts_path, rewrites_path, curated_dir / "manifest.parquet")]
     with stage_run("report", tracking, params, data_paths) as run:
         with atomic_path(out_dir) as tmp:

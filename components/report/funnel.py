@@ -58,18 +58,19 @@ def _table_reasons(path: str | os.PathLike) -> dict:
 
 
 def curation_funnel(urls: pd.DataFrame, manifest: pd.DataFrame, rules_path, scores_path, balance_path,
-                    curated_manifest_path) -> tuple[list[StageCounts], pd.DataFrame]:
+                    curated_manifest_path, duplicates: int = 0) -> tuple[list[StageCounts], pd.DataFrame]:
     """The funnel counts per stage, and each URL-list uid's fate: (uid, stage, reason), reason None when curated.
 
     ``manifest`` is the download manifest (uid, status, error_reason); the stage tables and the curated manifest
-    are read from their paths.
+    are read from their paths. ``duplicates``: uids a later URL list repeated (listed, not fetched again).
     """
     uids = pd.Index(urls["uid"])
     download = {uid: (None if status == "success" else (str(reason) if isinstance(reason, str) and reason else "download_failed"))
                 for uid, status, reason in zip(manifest["uid"], manifest["status"], manifest["error_reason"])}
     steps = [("download", download, NOT_IN_MANIFEST), ("rules", rules_path, NOT_IN_TABLE),
              ("score", scores_path, NOT_IN_TABLE), ("balance", balance_path, NOT_IN_TABLE)]
-    stages, fates, kept = [StageCounts("URL list", len(uids), len(uids))], [], uids
+    first = StageCounts("URL list", len(uids) + duplicates, len(uids), {"duplicate_url": duplicates} if duplicates else {})
+    stages, fates, kept = [first], [], uids
     for name, source, absent in steps:
         reason_of = source if isinstance(source, dict) else _table_reasons(source)
         counts, kept, dropped = _stage(name, _reasons(kept, reason_of, absent))
