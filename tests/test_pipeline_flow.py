@@ -34,10 +34,8 @@ STAGE_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def project(tmp_path, mlflow_uri) -> Path:
-    """A throwaway git + DVC project with three chained stages that record MLflow runs."""
-    root = tmp_path / "proj"
+def make_flow_project(root: Path, tracking_uri: str) -> Path:
+    """A throwaway git + DVC project at ``root`` with three chained stages that record MLflow runs."""
     root.mkdir()
     (root / "stage.py").write_text(STAGE_SCRIPT)
     py = sys.executable
@@ -46,13 +44,18 @@ def project(tmp_path, mlflow_uri) -> Path:
         "b": {"cmd": f"{py} stage.py b a.txt b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
         "c": {"cmd": f"{py} stage.py c b.txt c.txt", "deps": ["b.txt"], "outs": ["c.txt"]},
     }}))
-    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": mlflow_uri}}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": tracking_uri}}))
     env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@t"}
     for cmd in (["git", "init", "-q"], [str(Path(py).parent / "dvc"), "init", "-q"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=root, check=True, env=env)
     return root
+
+
+@pytest.fixture
+def project(tmp_path, mlflow_uri) -> Path:
+    return make_flow_project(tmp_path / "proj", mlflow_uri)
 
 
 def test_dag_reads_the_repo_pipeline():

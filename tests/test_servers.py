@@ -12,14 +12,13 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
 from tests.curation_fixtures import make_download
 from tests.registry_fixtures import free_port, running_server
-from tests.test_pipeline_flow import STAGE_SCRIPT
+from tests.test_pipeline_flow import make_flow_project
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -32,25 +31,6 @@ def _post(url: str, body: dict) -> list[dict]:
         return json.loads(r.read())
 
 
-def _project(root: Path, tracking_uri: str) -> Path:
-    """A git + DVC project of three chained stages that record MLflow runs (as in test_pipeline_flow)."""
-    root.mkdir()
-    (root / "stage.py").write_text(STAGE_SCRIPT)
-    py = sys.executable
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "a": {"cmd": f"{py} stage.py a - a.txt", "deps": ["stage.py"], "outs": ["a.txt"]},
-        "b": {"cmd": f"{py} stage.py b a.txt b.txt", "deps": ["a.txt"], "outs": ["b.txt"]},
-        "c": {"cmd": f"{py} stage.py c b.txt c.txt", "deps": ["b.txt"], "outs": ["c.txt"]},
-    }}))
-    (root / "params.yaml").write_text(yaml.safe_dump({"tracking": {"tracking_uri": tracking_uri}}))
-    env = {**ENV, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=root, check=True, env=env)
-    return root
-
-
 def test_a_flow_runs_through_real_mlflow_and_prefect_servers(tmp_path, monkeypatch):
     mlflow_port, prefect_port = free_port(), free_port()
     mlflow_uri, prefect_api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
@@ -61,7 +41,7 @@ def test_a_flow_runs_through_real_mlflow_and_prefect_servers(tmp_path, monkeypat
                         tmp_path / "mlflow.log"), \
             running_server([str(REPO / "infra/prefect/start.sh")], f"{prefect_api}/health", prefect_env,
                            tmp_path / "prefect.log"):
-        project = _project(tmp_path / "proj", mlflow_uri)
+        project = make_flow_project(tmp_path / "proj", mlflow_uri)
         done = subprocess.run([str(BIN / "clipmill"), "run", "full", "--root", str(project), "--params",
                                str(project / "params.yaml")], capture_output=True, text=True, timeout=600,
                               env={**ENV, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_uri})
