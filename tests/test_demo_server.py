@@ -185,20 +185,22 @@ def _first_line(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline().strip()
 
 
-def test_demo_server_command_serves_until_interrupted(corpus):
+def test_demo_server_command_serves_until_interrupted(corpus, tmp_path):
     web, truth = corpus
     row = _rows(truth, "ok")[0]
     cmd = [str(Path(sys.executable).parent / "clipmill"), "demo-server", "--web", str(web),
            "--params", str(REPO / "params.yaml")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = open(tmp_path / "stderr.log", "w")  # a file, not a pipe nobody reads: the server never blocks on it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         base_url = _first_line(proc, timeout=180)
         assert base_url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(_url(base_url, row), timeout=PATIENT) as r:
             assert r.status == 200 and _sha(r.read()) == row.image_sha256
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=60) == 0, (tmp_path / "stderr.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        stderr.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 
 from .crawl import DEMO_BASE_URL
@@ -24,10 +25,15 @@ def register(subparsers, add_params_option) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
-    with serve_web(args.web, args.host, args.port, params.demo_server.slow_seconds) as base_url:
-        print(base_url, flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM stop the server at any point after start-up, without an exception mid-shutdown.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with serve_web(args.web, args.host, args.port, params.demo_server.slow_seconds) as base_url:
+            print(base_url, flush=True)
+            while not stop.wait(0.5):
+                pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
