@@ -1,0 +1,82 @@
+"""prefect.yaml's deployments served by infra/prefect/worker.sh: a process work pool and worker on a Prefect
+server started with infra/prefect/start.sh, a deployment run through them on a throwaway project.
+
+(The flow through real MLflow and Prefect servers and the rule filter on a Ray head are in test_servers.py.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+from tests.registry_fixtures import free_port, running_server
+from tests.test_pipeline_flow import make_flow_project
+
+BIN = Path(sys.executable).parent
+
+
+def _filter(api: str, kind: str) -> list[dict]:
+    """All objects of ``kind`` (flow_runs, deployments ...) through the Prefect server's REST API."""
+    request = urllib.request.Request(f"{api}/{kind}/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_a_deployment_of_prefect_yaml_runs_on_the_process_worker(tmp_path, mlflow_uri):
+    api_port, health_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}/api"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env.pop("CLIPMILL_ROOT", None)  # worker.sh's default: flow runs work in this checkout
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    server_env.update(PORT=str(api_port),
+                      # prefect.yaml's cron schedules must not start runs of the real checkout during the test
+                      PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+    # the worker's own health endpoint answers once worker.sh has created the pool and deployed prefect.yaml
+    worker_env = {**env, "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+                  "PREFECT_WORKER_WEBSERVER_PORT": str(health_port)}
+    project = make_flow_project(tmp_path / "proj", mlflow_uri)
+
+    with running_server([str(REPO / "infra/prefect/start.sh")], f"{api}/health", server_env,
+                        tmp_path / "prefect.log", timeout_s=120), \
+            running_server([str(REPO / "infra/prefect/worker.sh"), "--with-healthcheck"],
+                           f"http://127.0.0.1:{health_port}/health", worker_env, tmp_path / "worker.log",
+                           timeout_s=180):
+        deployments = {d["name"]: d for d in _filter(api, "deployments")}
+        assert {"weekly-full", "daily-curate"} <= set(deployments)
+        curate = deployments["daily-curate"]
+        assert curate["work_pool_name"] == "clipmill" and curate["entrypoint"] == "pipelines/flows.py:pipeline"
+        assert [s["schedule"]["cron"] for s in curate["schedules"]] == ["0 2 * * *"]
+        assert curate["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+
+        # the daily deployment, pointed at the throwaway project, as an operator would trigger it
+        params = json.dumps({"flow_name": "full", "root": str(project)})
+        done = subprocess.run([str(BIN / "prefect"), "deployment", "run", "clipmill/daily-curate", "--params",
+                               params, "--watch", "--watch-timeout", "600"], env=env, capture_output=True,
+                              text=True, timeout=660)
+        worker_log = (tmp_path / "worker.log").read_text()[-3000:]
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + worker_log
+
+        [flow_run] = _filter(api, "flow_runs")
+        assert flow_run["state_type"] == "COMPLETED" and flow_run["name"] == "full"
+        assert flow_run["deployment_id"] == curate["id"] and flow_run["work_pool_name"] == "clipmill"
+
+    # the worker's flow run ran the project's stages and recorded them under one MLflow parent run
+    assert (project / "c.txt").read_text() == "seed+a+b+c"
+    assert (project / "reports" / "run_summary.md").is_file()
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("clipmill").experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("clipmill.flow") == "full"]
+    assert parent.data.tags["prefect.flow_run_id"] == flow_run["id"]
+    children = sorted(r.data.tags["clipmill.dvc_stage"] for r in runs
+                      if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["a", "b", "c"]
