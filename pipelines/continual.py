@@ -47,8 +47,7 @@ def append_new_urls(root: Path, params, source: str | os.PathLike) -> list[str]:
     ``source`` may be an inbox directory: each list in it that the crawl does not hold yet is appended (one
     appended before is skipped), and an empty inbox appends nothing.
     """
-    from components.common.errors import InputError
-    from components.download.additions import append_url_list
+    from components.download.additions import AlreadyAppended, append_url_list
 
     source = Path(source)
     if not source.is_absolute():
@@ -58,11 +57,11 @@ def append_new_urls(root: Path, params, source: str | os.PathLike) -> list[str]:
     for path in lists:
         try:
             addition = append_url_list(path, root / params.download.additions)
-        except InputError as e:
-            if source.is_dir() and "appended to the crawl before" in str(e):
-                log.info("%s is in the crawl already: skipped", path)
-                continue
-            raise
+        except AlreadyAppended as e:
+            if not source.is_dir():
+                raise
+            log.info("%s is in the crawl already (%s): skipped", path, e.addition_id)
+            continue
         _run([_tool("dvc"), "add", "-q", str(addition.path.relative_to(root))], root, "dvc add of the new URL list")
         log.info("new URL list %s joins the crawl as %s (DVC-tracked)", path, addition.id)
         ids.append(addition.id)

@@ -74,6 +74,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def prefect_filter(api: str, kind: str) -> list[dict]:
+    """All objects of ``kind`` (flow_runs, deployments, artifacts ...) through a Prefect server's REST API."""
+    request = urllib.request.Request(f"{api}/{kind}/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
 @contextmanager
 def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log_path: Path, timeout_s: float = 240):
     """Start ``cmd`` in its own process group, wait until ``ready_url`` answers 200, always kill the group."""

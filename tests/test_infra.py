@@ -9,24 +9,15 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
-from tests.registry_fixtures import free_port, running_server
+from tests.registry_fixtures import free_port, prefect_filter, running_server
 from tests.test_pipeline_flow import make_flow_project
 
 BIN = Path(sys.executable).parent
-
-
-def _filter(api: str, kind: str) -> list[dict]:
-    """All objects of ``kind`` (flow_runs, deployments ...) through the Prefect server's REST API."""
-    request = urllib.request.Request(f"{api}/{kind}/filter", data=b"{}", method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def test_a_deployment_of_prefect_yaml_runs_on_the_process_worker(tmp_path, mlflow_uri):
@@ -50,7 +41,7 @@ def test_a_deployment_of_prefect_yaml_runs_on_the_process_worker(tmp_path, mlflo
             running_server([str(REPO / "infra/prefect/worker.sh"), "--with-healthcheck"],
                            f"http://127.0.0.1:{health_port}/health", worker_env, tmp_path / "worker.log",
                            timeout_s=180):
-        deployments = {d["name"]: d for d in _filter(api, "deployments")}
+        deployments = {d["name"]: d for d in prefect_filter(api, "deployments")}
         assert {"weekly-full", "daily-curate"} <= set(deployments)
         curate = deployments["daily-curate"]
         assert curate["work_pool_name"] == "clipmill" and curate["entrypoint"] == "pipelines/flows.py:pipeline"
@@ -66,7 +57,7 @@ def test_a_deployment_of_prefect_yaml_runs_on_the_process_worker(tmp_path, mlflo
         worker_log = (tmp_path / "worker.log").read_text()[-3000:]
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + worker_log
 
-        [flow_run] = _filter(api, "flow_runs")
+        [flow_run] = prefect_filter(api, "flow_runs")
         assert flow_run["state_type"] == "COMPLETED" and flow_run["name"] == "full"
         assert flow_run["deployment_id"] == curate["id"] and flow_run["work_pool_name"] == "clipmill"
 

@@ -2,13 +2,11 @@
 tracking server and a Prefect server, and a curation stage on a Ray cluster started with `ray start --head`."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -17,18 +15,11 @@ from mlflow import MlflowClient
 
 from tests.conftest import REPO
 from tests.curation_fixtures import make_download
-from tests.registry_fixtures import free_port, running_server
+from tests.registry_fixtures import free_port, prefect_filter, running_server
 from tests.test_pipeline_flow import make_flow_project
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def _post(url: str, body: dict) -> list[dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def test_a_flow_runs_through_real_mlflow_and_prefect_servers(tmp_path, monkeypatch):
@@ -48,9 +39,9 @@ def test_a_flow_runs_through_real_mlflow_and_prefect_servers(tmp_path, monkeypat
         assert done.returncode == 0, done.stderr[-3000:]
 
         # the Prefect server holds the completed flow run, with a link artifact to the MLflow parent run
-        [flow_run] = _post(f"{prefect_api}/flow_runs/filter", {})
+        [flow_run] = prefect_filter(prefect_api, "flow_runs")
         assert flow_run["state_type"] == "COMPLETED" and flow_run["name"] == "full"
-        artifacts = _post(f"{prefect_api}/artifacts/filter", {})
+        artifacts = prefect_filter(prefect_api, "artifacts")
         by_key = {a["key"]: a for a in artifacts}
         link, summary = by_key["clipmill-full-mlflow"], by_key["clipmill-full-summary"]  # a link is stored as markdown
         assert link["flow_run_id"] == summary["flow_run_id"] == flow_run["id"]

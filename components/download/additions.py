@@ -92,7 +92,8 @@ def read_crawl(urls: str | os.PathLike, additions_dir: str | os.PathLike | None 
     """The base list followed by the appended ones. A uid an earlier list already holds is not fetched again
     (counted as a duplicate of its list); a passthrough column must have one type across the lists."""
     urls = Path(urls)
-    parts = [(BASE_LIST, urls)] + [(a.id, a.urls) for a in list_additions(additions_dir)]
+    additions = list_additions(additions_dir)
+    parts = [(BASE_LIST, urls)] + [(a.id, a.urls) for a in additions]
     tables, lists, passthrough, dtypes, seen = [], [], [], {}, set()
     for name, path in parts:
         part = read_url_list(path)
@@ -120,17 +121,25 @@ def read_crawl(urls: str | os.PathLike, additions_dir: str | os.PathLike | None 
     table = pd.concat(tables, ignore_index=True)
     combined = UrlList(table, [*passthrough, "url_list"], sum(e["captions_cleaned"] for e in lists),
                        sum(e["captions_missing"] for e in lists))
-    web_dirs = [d for d in [urls.parent / WEB_DIR] + [a.web for a in list_additions(additions_dir)]
+    web_dirs = [d for d in [urls.parent / WEB_DIR] + [a.web for a in additions]
                 if d is not None and (d / "routes.json").is_file()]
     digest = lists[0]["sha256"] if len(lists) == 1 else hash_obj([e["sha256"] for e in lists])
     return Crawl(combined, web_dirs, lists, digest)
+
+
+class AlreadyAppended(InputError):
+    """The URL list's content is in the crawl already (as the addition ``id``)."""
+
+    def __init__(self, source: Path, addition_id: str):
+        self.addition_id = addition_id
+        super().__init__(source, f"this URL list was appended to the crawl before (as {addition_id})")
 
 
 def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike, *,
                     now: dt.datetime | None = None) -> Addition:
     """Check ``source`` (a URL list) and append it to the crawl as a new directory of ``additions_dir``.
 
-    A list whose content was appended before is refused. The ``web/`` directory beside a list of demo URLs
+    A list whose content was appended before is refused (``AlreadyAppended``). The ``web/`` directory beside a list of demo URLs
     comes along (the demo server answers from it).
     """
     from components.demo_corpus import DEMO_BASE_URL
@@ -143,9 +152,10 @@ def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike,
     for earlier in root.iterdir():
         record = earlier / SOURCE_FILE
         if record.is_file() and read_json(record).get("sha256") == sha:
-            raise InputError(source, f"this URL list was appended to the crawl before (as {earlier.name})")
+            raise AlreadyAppended(source, earlier.name)
     now = now or dt.datetime.now(dt.timezone.utc)
-    addition = Addition(f"{now:%Y%m%dT%H%M%SZ}-{sha[:8]}", root / f"{now:%Y%m%dT%H%M%SZ}-{sha[:8]}")
+    addition_id = f"{now:%Y%m%dT%H%M%SZ}-{sha[:8]}"
+    addition = Addition(addition_id, root / addition_id)
     demo = checked.table["url"].str.startswith(DEMO_BASE_URL + "/", na=False).any()
     web = source.parent / WEB_DIR
     with atomic_path(addition.path) as tmp:
