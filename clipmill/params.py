@@ -18,6 +18,7 @@ from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
 from components.download.params import DownloadParams
 from components.validate.params import ValidationParams
 from components.balance.params import BalanceParams
+from components.curate.params import CurateParams
 from components.filter.params import FilterParams
 from components.score.params import ScoreParams
 from components.report.params import ReportParams
@@ -39,6 +40,7 @@ class Params(Section):
     demo_server: DemoServerParams = Field(default_factory=DemoServerParams)
     download: DownloadParams = Field(default_factory=DownloadParams)
     validation: ValidationParams = Field(default_factory=ValidationParams)
+    curate: CurateParams = Field(default_factory=CurateParams)
     filter: FilterParams = Field(default_factory=FilterParams)
     score: ScoreParams = Field(default_factory=ScoreParams)
     balance: BalanceParams = Field(default_factory=BalanceParams)

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from components.common.engine import Engine
 from components.common.params import Section
 
 DEFAULT_METADATA = "components/balance/metadata/default.txt"
 
 
 class BalanceParams(Section):
-    engine: Engine = Field("local", description="Where caption matching runs: in-process (local) or Ray Data (ray; see the ray section).")
-    batch_size: int = Field(8192, ge=1, description="Captions per batch handed to the matcher.")
     metadata: str = Field(
         DEFAULT_METADATA,
         description="Metadata entries: a text file (one entry per line) or a JSON list of strings such as MetaCLIP's metadata.json.",

@@ -17,3 +17,6 @@ class InputError(ClipmillError):
         self.file, self.field, self.reason = str(file), field, reason
         where = f"{self.file}: field '{field}'" if field else self.file
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the driver
+        return type(self), (self.file, self.reason, self.field)

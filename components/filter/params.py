@@ -5,7 +5,6 @@ import re
 
 from pydantic import Field, field_validator
 
-from components.common.engine import Engine
 from components.common.params import Section
 
 # Captions that are nothing but web boilerplate: a file name, a camera name, a UI string or a placeholder.
@@ -21,8 +20,6 @@ DEFAULT_BOILERPLATE = [
 
 
 class FilterParams(Section):
-    engine: Engine = Field("local", description="Where the per-sample rules run: in-process (local) or Ray Data (ray; see the ray section).")
-    batch_size: int = Field(4096, ge=1, description="Rows per batch handed to the rule function.")
     min_words: int | None = Field(3, ge=1, description="Drop captions with fewer whitespace-separated words (DataComp: more than 2); null: off.")
     min_chars: int | None = Field(6, ge=1, description="Drop captions shorter than this many characters after stripping (DataComp: more than 5); null: off.")
     min_image_side: int | None = Field(200, ge=1, description="Drop images whose original shorter side is below this many pixels (DataComp: 200); null: off.")

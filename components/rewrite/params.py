@@ -5,7 +5,6 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from components.common.engine import Engine
 from components.common.params import Section
 
 
@@ -100,7 +99,6 @@ class RewriteParams(Section):
         "rules", description="rules: offline deterministic paraphrases (not a language model); openai: an "
                              "OpenAI-compatible chat-completions server; transformers: a local model directory.")
     rewrites_per_caption: int = Field(4, ge=1, description="Rewrites asked for each caption (LaCLIP: 4).")
-    engine: Engine = Field("local", description="Where rewriting runs: in-process (local) or Ray Data (ray; see the ray section).")
     batch_size: int = Field(256, ge=1, description="Captions per batch handed to the backend.")
     seed_offset: int = Field(0, ge=0, description="Added to project.seed for example selection and sampling.")
     temperature: float = Field(0.9, gt=0, description="Sampling temperature (LaCLIP: 0.9).")

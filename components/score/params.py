@@ -5,7 +5,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from components.common.engine import Engine
 from components.common.params import Section
 from components.train.params import TrainParams
 
@@ -13,7 +12,6 @@ BOOTSTRAP = "bootstrap"
 
 
 class ScoreParams(Section):
-    engine: Engine = Field("local", description="Where scoring runs: in-process (local) or Ray Data actors (ray; see the ray section).")
     batch_size: int = Field(64, ge=1, description="Image-caption pairs per forward pass.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device of the scorer; auto: cuda when available.")
     scorer: str = Field(

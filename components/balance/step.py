@@ -1,0 +1,91 @@
+"""MetaCLIP balancing as a pool step: matches per shard, entry counts over the whole pool, draws per shard.
+
+Map: the metadata entries each caption matches (Aho-Corasick, MetaCLIP's spacing). Partial: count_e per shard.
+Combine: count_e over the pool. Decide: keep with probability 1 - prod(1 - t / max(count_e, t)), drawn from
+(seed, uid). An incremental run re-decides earlier shards from their stored matches, never re-matching them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from components.common.hashing import file_sha256
+from components.common.io import write_parquet
+from components.common.steps import PoolStep, decisions
+
+from .balancing import NO_MATCH_REASON, SUBSAMPLED_REASON, keep_probabilities, tail_share, uid_uniform
+from .matching import EntryMatcher, read_metadata
+from .params import BalanceParams
+
+
+class BalanceStep(PoolStep):
+    name = "balance"
+    section = "balance"
+    columns = {"matched_entries": pa.list_(pa.string()), "keep_probability": pa.float64()}
+    map_columns = {"matched_entries": pa.list_(pa.string())}
+    reasons = (NO_MATCH_REASON, SUBSAMPLED_REASON)
+    needs = ("caption",)
+
+    def __init__(self, params: BalanceParams, context):
+        super().__init__(params, context)
+        self.matcher = EntryMatcher(read_metadata(params.metadata))
+
+    @classmethod
+    def fingerprint(cls, params, context, phase="apply"):
+        if phase == "decide":
+            return super().fingerprint({"t": params.t, "seed": context.seed}, context, phase)
+        # The matches depend on the metadata's content only (not on t or the seed).
+        return super().fingerprint({"metadata": file_sha256(params.metadata)}, context, phase)
+
+    @classmethod
+    def check_params(cls, params: BalanceParams, context) -> None:
+        read_metadata(params.metadata)
+
+    def map(self, batch: pd.DataFrame) -> pd.DataFrame:
+        matched = self.matcher(batch[["uid", "caption"]])
+        return pd.DataFrame({"uid": matched["uid"].to_numpy(), "matched_entries": matched["matched_entries"].map(list)})
+
+    def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
+        counts = mapped["matched_entries"].explode().dropna().value_counts()
+        return pd.DataFrame({"entry": counts.index.astype(str), "count": counts.to_numpy(np.int64)})
+
+    @classmethod
+    def combine(cls, params: BalanceParams, partials: Iterable[pd.DataFrame],
+                mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
+        table = pd.concat(list(partials), ignore_index=True)
+        counts = table.groupby("entry", sort=True)["count"].sum()
+        return {"counts": pd.DataFrame({"entry": counts.index.astype(str), "count": counts.to_numpy(np.int64)})}
+
+    def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
+        counts = state["counts"].set_index("entry")["count"]
+        matched = mapped["matched_entries"].map(list)
+        probability, _ = keep_probabilities(matched, self.params.t, counts)
+        has_match = matched.map(len).to_numpy() > 0
+        keep = has_match & (uid_uniform(mapped["uid"], self.context.seed) < probability)
+        reason = np.where(keep, None, np.where(has_match, SUBSAMPLED_REASON, NO_MATCH_REASON))
+        return decisions(mapped["uid"], reason, matched_entries=matched, keep_probability=probability)
+
+    @classmethod
+    def summarize(cls, params: BalanceParams, decided, out_dir: str) -> dict:
+        """Also writes ``entry_counts.parquet`` (entry, count_before, count_after) beside the step's outputs."""
+        before = pd.read_parquet(Path(out_dir) / "state" / "counts.parquet").set_index("entry")["count"]
+        after = pd.Series(0, index=before.index, dtype=np.int64)
+        expected = 0.0
+        for table in decided():
+            kept = table.loc[table["keep"].astype(bool), "matched_entries"].explode().dropna().value_counts()
+            after = after.add(kept, fill_value=0).astype(np.int64)
+            expected += float(table["keep_probability"].sum())
+        order = before.sort_values(ascending=False, kind="stable").index
+        entry_counts = pd.DataFrame({"entry": order.astype(str), "count_before": before[order].to_numpy(np.int64),
+                                     "count_after": after.reindex(order, fill_value=0).to_numpy(np.int64)})
+        write_parquet(entry_counts, Path(out_dir) / "entry_counts.parquet")
+        is_tail = entry_counts.set_index("entry")["count_before"] < params.t
+        return {"t": params.t, "metadata_entries": len(read_metadata(params.metadata)),
+                "matched_entries": int(len(entry_counts)), "head_entries": int((~is_tail).sum()),
+                "tail_share": tail_share(entry_counts.set_index("entry")["count_before"], is_tail),
+                "tail_share_after": tail_share(entry_counts.set_index("entry")["count_after"], is_tail),
+                "expected_kept": expected}

@@ -1,0 +1,221 @@
+"""The curation, declared, and where its work lies.
+
+The ordered list of steps (``STEPS``; see ``components.common.steps`` for the contract) is read by the curate
+stage, reshard, the funnel, the curation report and the boundary validation. Adding a step is one module with a
+``Step`` class, one entry in ``STEPS`` and its params section.
+
+Where curation keeps its work: one file per download shard per step, each with a completion marker.
+
+Under the curation directory (``data/curate``):
+- ``units/<unit>.parquet``: the successful downloads of download shard ``<unit>`` (uid, shard, key, caption,
+  sizes, sha256); ``units/<unit>.done`` holds the content fingerprint of those rows.
+- ``steps/<step>/<unit>.parquet``: the step's decision (uid, keep, reason) and the columns it adds, one row per
+  sample that reached the step; ``steps/<step>/<unit>.done``: its fingerprint and counts.
+- Pool steps also keep ``steps/<step>/map/<unit>.parquet`` (the per-sample work), ``steps/<step>/partial/
+  <unit>.parquet`` (a small statistic) and ``steps/<step>/state.json`` (+ ``state/<key>.parquet``).
+- ``steps/<step>/summary.json`` and ``summary.json``: the funnel counts.
+
+A file counts only when its ``.done`` marker exists and holds the expected fingerprint; data files are written
+atomically before their marker, so a killed run leaves nothing that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+from .hashing import hash_obj
+from .io import atomic_path, read_json, write_json, write_parquet
+from .steps import Step
+
+# name -> the step class, as module:Class (imported only when curation runs).
+STEPS: dict[str, str] = {
+    "rules": "components.filter.step:RulesStep",
+    "dedup": "components.filter.step:DedupStep",
+    "score": "components.score.step:ScoreStep",
+    "balance": "components.balance.step:BalanceStep",
+    "rewrite": "components.rewrite.step:RewriteStep",
+}
+STEP_NAMES = tuple(STEPS)
+
+
+@lru_cache(maxsize=None)
+def step_class(name: str) -> type[Step]:
+    module, _, cls = STEPS[name].partition(":")
+    step = getattr(importlib.import_module(module), cls)
+    if step.name != name:
+        raise TypeError(f"{STEPS[name]} declares name {step.name!r}, listed as {name!r}")
+    return step
+
+
+def step_classes(names: list[str] | tuple[str, ...] = STEP_NAMES) -> list[type[Step]]:
+    return [step_class(n) for n in names]
+
+
+def step_params(step: type[Step], params) -> object:
+    """The params section of ``step`` in the loaded params.yaml."""
+    return getattr(params, step.section)
+
+
+UNITS_DIR = "units"
+STEPS_DIR = "steps"
+# Manifest columns a unit carries: what the steps may read (a step's ``needs``).
+UNIT_COLUMNS = ["uid", "shard", "key", "caption", "original_width", "original_height", "sha256"]
+MANIFEST_BATCH_ROWS = 65536
+
+
+def unit_name(shard: str) -> str:
+    """'00012.tar' (or a path to it) -> '00012'."""
+    name = Path(str(shard)).name
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def unit_path(curate_dir: Path, unit: str) -> Path:
+    return curate_dir / UNITS_DIR / f"{unit}.parquet"
+
+
+def step_dir(curate_dir: Path, step: str) -> Path:
+    return curate_dir / STEPS_DIR / step
+
+
+def output_path(curate_dir: Path, step: str, unit: str, phase: str = "apply") -> Path:
+    """Where ``step`` keeps ``unit``'s output of ``phase`` (apply/decide: the decision; map; partial)."""
+    base = step_dir(curate_dir, step)
+    return base / f"{unit}.parquet" if phase in ("apply", "decide") else base / phase / f"{unit}.parquet"
+
+
+def marker_path(data_path: Path) -> Path:
+    return data_path.with_suffix(".done")
+
+
+def read_marker(data_path: Path) -> dict | None:
+    marker = marker_path(data_path)
+    if not marker.is_file() or not data_path.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_output(table: pd.DataFrame | pa.Table, data_path: Path, marker: dict) -> None:
+    """The data file, then its marker (both atomic): the marker exists only beside a complete file."""
+    marker_path(data_path).unlink(missing_ok=True)
+    if isinstance(table, pa.Table):
+        with atomic_path(data_path) as tmp:
+            pq.write_table(table, tmp)
+    else:
+        write_parquet(table, data_path)
+    write_json(marker, marker_path(data_path))
+
+
+def rows_fingerprint(table: pd.DataFrame) -> str:
+    """Content fingerprint of a table's rows (column names, order and values)."""
+    hashed = pd.util.hash_pandas_object(table, index=False).to_numpy()
+    return hashlib.sha256(json.dumps(list(map(str, table.columns))).encode() + hashed.tobytes()).hexdigest()
+
+
+def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
+    """Write the successful downloads of each download shard to ``units/<unit>.parquet``; returns the units.
+
+    The manifest is streamed in batches; a unit whose rows are unchanged keeps its file and marker, so the
+    steps downstream of it find their work done.
+    """
+    try:
+        source = pq.ParquetFile(manifest_path)
+    except FileNotFoundError:
+        raise InputError(manifest_path, "no such file (run the download stage first)") from None
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(manifest_path, f"not a readable parquet file ({e})") from None
+    needed = UNIT_COLUMNS + ["status"]
+    for column in needed:
+        if column not in source.schema_arrow.names:
+            raise InputError(manifest_path, "missing column", field=column)
+    pending: dict[str, list[pd.DataFrame]] = {}
+    for batch in source.iter_batches(batch_size=MANIFEST_BATCH_ROWS, columns=needed):
+        frame = batch.to_pandas()
+        frame = frame[frame["status"] == "success"].drop(columns="status")
+        missing = frame["shard"].isna() | frame["key"].isna()
+        if missing.any():
+            raise InputError(manifest_path, f"a successful download has no shard or key "
+                                            f"(uid {frame['uid'][missing].iloc[0]!r})", field="shard")
+        for shard, rows in frame.groupby("shard", sort=False):
+            pending.setdefault(unit_name(shard), []).append(rows)
+    units = sorted(pending)
+    seen: set = set()
+    for unit in units:
+        rows = pd.concat(pending.pop(unit), ignore_index=True)
+        duplicated = rows["uid"][rows["uid"].duplicated() | rows["uid"].isin(seen)]
+        if len(duplicated):
+            raise InputError(manifest_path, f"uid {duplicated.iloc[0]!r} appears more than once", field="uid")
+        seen.update(rows["uid"])
+        path = unit_path(curate_dir, unit)
+        fingerprint = rows_fingerprint(rows)
+        marker = read_marker(path)
+        if marker is None or marker.get("fingerprint") != fingerprint:
+            write_output(rows, path, {"fingerprint": fingerprint, "rows": int(len(rows))})
+    stale = {p.stem for p in (curate_dir / UNITS_DIR).glob("*.parquet")} - set(units) if (curate_dir / UNITS_DIR).is_dir() else set()
+    for unit in stale:  # shards that no longer exist in the download
+        unit_path(curate_dir, unit).unlink(missing_ok=True)
+        marker_path(unit_path(curate_dir, unit)).unlink(missing_ok=True)
+    return units
+
+
+def units_of(curate_dir: Path) -> list[str]:
+    """The units of a finished split (each with its marker), sorted."""
+    return sorted(p.stem for p in (curate_dir / UNITS_DIR).glob("*.done")) if (curate_dir / UNITS_DIR).is_dir() else []
+
+
+def unit_fingerprint(curate_dir: Path, unit: str) -> str:
+    marker = read_marker(unit_path(curate_dir, unit))
+    if marker is None:
+        raise InputError(unit_path(curate_dir, unit), "no finished unit (run the curate stage first)")
+    return marker["fingerprint"]
+
+
+def save_state(curate_dir: Path, step: str, state: dict) -> str:
+    """Store a pool step's combined state (frames as parquet, the rest as JSON); returns its hash."""
+    base = step_dir(curate_dir, step)
+    plain, frames = {}, {}
+    for key, value in state.items():
+        (frames if isinstance(value, pd.DataFrame) else plain)[key] = value
+    digest = hash_obj({"plain": plain, "frames": {k: rows_fingerprint(v) for k, v in frames.items()}})
+    for key, frame in frames.items():
+        write_parquet(frame, base / "state" / f"{key}.parquet")
+    write_json({"hash": digest, "state": plain, "frames": sorted(frames)}, base / "state.json")
+    return digest
+
+
+def load_state(curate_dir: Path, step: str) -> tuple[dict, str]:
+    base = step_dir(curate_dir, step)
+    stored = read_json(base / "state.json", missing="no combined state (run the curate stage first)")
+    state: dict[str, Any] = dict(stored["state"])
+    for key in stored["frames"]:
+        state[key] = pd.read_parquet(base / "state" / f"{key}.parquet")
+    return state, stored["hash"]
+
+
+def read_step(curate_dir: str | os.PathLike, step: str, columns: list[str] | None = None,
+              units: list[str] | None = None) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(unit, decision table) of every finished unit of ``step``, in unit order; ``columns`` to read only some."""
+    curate_dir = Path(curate_dir)
+    for unit in units if units is not None else units_of(curate_dir):
+        path = output_path(curate_dir, step, unit)
+        if read_marker(path) is None:
+            raise InputError(path, f"missing: step {step!r} has not finished shard {unit} (run the curate stage)")
+        yield unit, pq.read_table(path, columns=columns).to_pandas()
+
+
+def read_step_table(curate_dir: str | os.PathLike, step: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every unit's decision table of ``step`` concatenated (for reports and checks of small crawls)."""
+    frames = [table for _, table in read_step(curate_dir, step, columns)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or ["uid", "keep", "reason"])

@@ -1,0 +1,137 @@
+"""The curation step contract: every curation step is a small unit over a batch of samples.
+
+A step has a ``name`` (its funnel stage and output folder), the ``section`` of params.yaml that configures it,
+the ``columns`` it adds (later steps and the curated samples' metadata see them; ``extra_columns`` stay in the
+step's own table), and the drop ``reasons`` it may give. It is built once per worker from its params and
+the ``StepContext``, and then handed the samples of one download shard at a time: the shard's manifest rows
+that every earlier step kept, with the columns those steps added.
+
+- A per-sample ``Step`` implements ``apply(batch)``: one row per input sample with ``uid``, ``keep``,
+  ``reason`` (None when kept) and its ``columns``.
+- A ``PoolStep`` needs the whole pool for its decision (duplicates, a top-fraction threshold, MetaCLIP
+  counts), so it runs in three phases: ``map`` per shard (the per-sample work, e.g. scores or matches, and a
+  small ``partial`` statistic), one ``combine`` of every shard's partial into a small ``state``, and a
+  per-shard ``decide`` from the stored map output and the state. The expensive map output is never
+  recomputed when only the state changes (new shards join the pool).
+
+The ordered list of steps lives in ``components/curate/plan.py``; the executor, reshard, the funnel, the
+report and the boundary validation all read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+
+from .hashing import hash_obj
+
+DECISION_COLUMNS = ["uid", "keep", "reason"]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step may need besides its own params section: stage-level inputs and settings."""
+
+    shards_dir: str                       # the download shards (images are read from them by shard and key)
+    seed: int = 0                         # project.seed
+    tracking_uri: str | None = None       # MLflow, for scorers named by a models:/ or runs:/ URI
+    inputs: dict[str, str] = field(default_factory=dict)  # extra named inputs (e.g. bootstrap_model)
+
+
+class Step:
+    """A per-sample curation step (see the module docstring)."""
+
+    name: ClassVar[str]
+    section: ClassVar[str]
+    columns: ClassVar[dict[str, pa.DataType]] = {}          # carried to later steps and into curated samples
+    extra_columns: ClassVar[dict[str, pa.DataType]] = {}    # kept in the step's own table only (bookkeeping)
+    reasons: ClassVar[tuple[str, ...]] = ()
+    # Manifest columns the step reads (besides uid and the columns of earlier steps).
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: Any, context: StepContext):
+        self.params = params
+        self.context = context
+
+    @classmethod
+    def fingerprint(cls, params: Any, context: StepContext, phase: str = "apply") -> str:
+        """What the step's output depends on besides its input rows: its params section (a step whose output
+        depends on the seed or on other inputs of ``context`` adds them)."""
+        dump = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
+        return hash_obj({"step": cls.name, "phase": phase, "params": dump})
+
+    @classmethod
+    def resources(cls, params: Any) -> dict:
+        """What one task of the step asks a Ray cluster for."""
+        return {"num_cpus": 1}
+
+    @classmethod
+    def check_params(cls, params: Any, context: StepContext) -> None:
+        """Raise a ConfigError/InputError before any work starts when the step cannot run (default: nothing)."""
+
+    def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
+        raise NotImplementedError
+
+    @classmethod
+    def summarize(cls, params: Any, decided: Callable[[], Iterator[pd.DataFrame]], out_dir: str) -> dict:
+        """Extra summary fields (and extra files under ``out_dir``) from the step's decided tables."""
+        return {}
+
+
+class PoolStep(Step):
+    """A two-phase step: per-shard ``map`` + ``partial``, one ``combine``, per-shard ``decide``."""
+
+    # Columns of the map output beside uid (a superset of what decide needs; the step's ``columns`` come from it).
+    map_columns: ClassVar[dict[str, pa.DataType]] = {}
+
+    def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Both phases on one batch as if it were the whole pool (for tests and tiny inputs)."""
+        mapped = self.map(batch)
+        state = type(self).combine(self.params, [self.partial(mapped)], lambda: iter([mapped]))
+        return self.decide(mapped, state)
+
+    def map(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Per-sample work: ``uid`` + ``map_columns``, one row per input row."""
+        raise NotImplementedError
+
+    def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
+        """A small statistic of one shard's map output."""
+        raise NotImplementedError
+
+    @classmethod
+    def combine(cls, params: Any, partials: Iterable[pd.DataFrame],
+                mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
+        """Every shard's partial in (and, for a second pass, a way to stream the map outputs); the JSON state out."""
+        raise NotImplementedError
+
+    def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
+        """``uid``, ``keep``, ``reason`` and the step's ``columns`` for one shard's map output."""
+        raise NotImplementedError
+
+
+def decisions(uids: Iterable, reasons: Iterable, **columns: Any) -> pd.DataFrame:
+    """A step's output frame: uid, keep (reason is None), reason, then ``columns``."""
+    reason = pd.Series(list(reasons), dtype=object)
+    reason = reason.where(reason.notna(), None)
+    return pd.DataFrame({"uid": pd.Series(list(uids), dtype=object), "keep": reason.isna().to_numpy(),
+                         "reason": reason.to_numpy(), **{k: (list(v) if not hasattr(v, "to_numpy") else v.to_numpy())
+                                                         for k, v in columns.items()}})
+
+
+def check_output(step: type[Step], out: pd.DataFrame, batch: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """The step kept its promise: one row per input uid, in order, with the decision and its columns."""
+    missing = [c for c in (*DECISION_COLUMNS, *columns) if c not in out.columns]
+    if missing:
+        raise TypeError(f"curation step {step.name!r} returned no column(s) {missing}")
+    if len(out) != len(batch) or not (out["uid"].to_numpy() == batch["uid"].to_numpy()).all():
+        raise TypeError(f"curation step {step.name!r} must return one row per input sample, in order "
+                        f"(got {len(out)} rows for {len(batch)})")
+    silent = ~out["keep"].astype(bool) & out["reason"].isna()
+    if silent.any():
+        raise TypeError(f"curation step {step.name!r} dropped uid {out['uid'][silent].iloc[0]!r} without a reason")
+    unknown = set(out["reason"].dropna().astype(str)) - set(step.reasons)
+    if step.reasons and any(not any(r == known or r.startswith(known + ":") for known in step.reasons) for r in unknown):
+        raise TypeError(f"curation step {step.name!r} gave undeclared reason(s) {sorted(unknown)[:3]}")
+    return out.reset_index(drop=True)

@@ -1,0 +1,226 @@
+"""Running one phase of one step over many download shards: in this process, on a local process pool, or as
+Ray tasks. The same ``run_task`` does the work everywhere.
+
+A task finds its input (the shard's manifest rows that every earlier step kept, with their columns), reuses
+the rows of an earlier output of the same step params (a step's per-sample work is a pure function of the
+sample, so only samples new to the step are computed), and writes its output and then its completion marker.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from components.common.curation import load_state, output_path, read_marker, step_class, unit_path, write_output
+from components.common.errors import ConfigError
+from components.common.log import get_logger, progress_disabled
+from components.common.params import RayParams
+from components.common.steps import PoolStep, Step, StepContext, check_output
+
+log = get_logger("curate")
+
+
+@dataclass(frozen=True)
+class UnitTask:
+    """One phase (apply | map | decide) of one step on one download shard (unit)."""
+
+    curate_dir: str
+    step: str
+    params: Any
+    context: StepContext
+    unit: str
+    phase: str
+    fingerprint: str                                   # what the finished output's marker must hold
+    upstream: tuple[tuple[str, tuple[str, ...]], ...]  # (step, its columns) of every earlier step, in order
+    state_hash: str | None = None                      # decide: the combined state it reads
+
+    @property
+    def output(self) -> Path:
+        return output_path(Path(self.curate_dir), self.step, self.unit, self.phase)
+
+    def done(self) -> bool:
+        marker = read_marker(self.output)
+        return marker is not None and marker.get("fingerprint") == self.fingerprint
+
+
+_BUILT: dict[tuple, Step] = {}
+_STATES: dict[tuple, dict] = {}
+
+
+def _step(task: UnitTask) -> Step:
+    """The step object of ``task``, built once per process and params."""
+    cls = step_class(task.step)
+    key = (task.step, cls.fingerprint(task.params, task.context, "build"))
+    if key not in _BUILT:
+        _BUILT[key] = cls(task.params, task.context)
+    return _BUILT[key]
+
+
+def _state(task: UnitTask) -> dict:
+    """A pool step's combined state, loaded once per process and state."""
+    key = (task.curate_dir, task.step, task.state_hash)
+    if key not in _STATES:
+        _STATES.clear()
+        state, stored_hash = load_state(Path(task.curate_dir), task.step)
+        if stored_hash != task.state_hash:
+            raise RuntimeError(f"{task.step}: the stored state changed under a running task")
+        _STATES[key] = state
+    return _STATES[key]
+
+
+def step_input(curate_dir: Path, unit: str, needs: tuple[str, ...],
+               upstream: tuple[tuple[str, tuple[str, ...]], ...]) -> pd.DataFrame:
+    """The unit's rows that every earlier step kept: uid, the manifest columns ``needs`` and earlier columns."""
+    rows = pd.read_parquet(unit_path(curate_dir, unit), columns=["uid", *[c for c in needs if c != "uid"]])
+    for name, columns in upstream:
+        decided = pd.read_parquet(output_path(curate_dir, name, unit), columns=["uid", "keep", *columns])
+        kept = decided[decided["keep"].astype(bool)].set_index("uid")
+        rows = rows[rows["uid"].isin(kept.index)].reset_index(drop=True)
+        for column in columns:
+            rows[column] = kept[column].reindex(rows["uid"]).to_numpy()
+    return rows
+
+
+def _reuse(task: UnitTask, batch: pd.DataFrame, compute, params_fp: str) -> pd.DataFrame:
+    """``compute`` on the samples of ``batch`` that an earlier output with the same params does not hold."""
+    marker = read_marker(task.output)
+    if marker is None or marker.get("params") != params_fp or batch.empty:
+        return compute(batch)
+    previous = pd.read_parquet(task.output)
+    previous = previous[previous["uid"].isin(batch["uid"])]
+    new = batch[~batch["uid"].isin(previous["uid"])].reset_index(drop=True)
+    parts = [previous] + ([compute(new)] if len(new) else [])
+    merged = pd.concat(parts, ignore_index=True).set_index("uid").reindex(batch["uid"]).reset_index()
+    return merged
+
+
+def _counts(out: pd.DataFrame) -> dict:
+    dropped = out.loc[~out["keep"].astype(bool), "reason"].astype(str).value_counts().sort_index()
+    return {"input": int(len(out)), "kept": int(out["keep"].astype(bool).sum()),
+            "dropped": {str(k): int(v) for k, v in dropped.items()}}
+
+
+def run_task(task: UnitTask) -> dict:
+    """Do ``task`` unless its output is already finished; returns the output's marker."""
+    marker = read_marker(task.output)
+    if marker is not None and marker.get("fingerprint") == task.fingerprint:
+        return marker
+    started = time.perf_counter()
+    step = _step(task)
+    cls = type(step)
+    curate_dir = Path(task.curate_dir)
+    params_fp = cls.fingerprint(task.params, task.context, task.phase)
+    if task.phase == "decide":
+        assert isinstance(step, PoolStep)
+        mapped = pd.read_parquet(output_path(curate_dir, task.step, task.unit, "map"))
+        out = check_output(cls, step.decide(mapped, _state(task)), mapped, [*cls.columns, *cls.extra_columns])
+        counts = _counts(out)
+    else:
+        batch = step_input(curate_dir, task.unit, cls.needs, task.upstream)
+        if task.phase == "map":
+            assert isinstance(step, PoolStep)
+            out = _reuse(task, batch, step.map, params_fp)
+            if len(out) != len(batch) or list(out["uid"]) != list(batch["uid"]):
+                raise TypeError(f"curation step {cls.name!r}: map must return one row per input sample, in order")
+            partial = step.partial(out)
+            write_output(partial, output_path(curate_dir, task.step, task.unit, "partial"),
+                         {"fingerprint": task.fingerprint})
+            counts = {"input": int(len(out))}
+        else:
+            out = check_output(cls, _reuse(task, batch, step.apply, params_fp), batch, [*cls.columns, *cls.extra_columns])
+            counts = _counts(out)
+    marker = {"fingerprint": task.fingerprint, "params": params_fp, "seconds": time.perf_counter() - started,
+              **counts}
+    write_output(out, task.output, marker)
+    return marker
+
+
+class Executor:
+    """Runs tasks in this process (``workers`` 0 or 1), on one local process pool kept for every phase, or as
+    Ray tasks; the same ``run_task`` everywhere."""
+
+    def __init__(self, kind: str, workers: int, ray_params: RayParams):
+        self.kind, self.workers, self.ray_params = kind, workers, ray_params
+        self._stack = ExitStack()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "Executor":
+        if self.kind == "ray":
+            from components.common.engine import ray_session
+
+            self._stack.enter_context(ray_session(self.ray_params))
+        elif self.workers > 1:
+            # spawn: the workers start clean (no forked torch or Ray state); each builds a step once.
+            self._pool = self._stack.enter_context(ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=get_context("spawn"), initializer=_worker_threads,
+                initargs=(self.workers,)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _local(self, tasks: list[UnitTask], bar: tqdm) -> None:
+        if self._pool is None:
+            for task in tasks:
+                run_task(task)
+                bar.update(1)
+            return
+        pending = {self._pool.submit(run_task, task) for task in tasks}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # re-raises a worker's error here, with its message
+                    bar.update(1)
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _ray(self, tasks: list[UnitTask], resources: dict, bar: tqdm) -> None:
+        import ray
+
+        available = ray.cluster_resources()
+        for resource, amount in resources.items():
+            have = available.get("GPU" if resource == "num_gpus" else "CPU", 0)
+            if amount > have:
+                raise ConfigError(f"curate: a task needs {resource}={amount:g} but the Ray cluster has {have:g}")
+        remote = ray.remote(**resources)(run_task)
+        pending = [remote.remote(task) for task in tasks]
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            ray.get(finished)
+            bar.update(len(finished))
+
+    def run(self, tasks: list[UnitTask], resources: dict | None = None) -> int:
+        """Run the unfinished ``tasks`` (all of one step and phase); returns how many ran."""
+        todo = [t for t in tasks if not t.done()]
+        if not tasks:
+            return 0
+        label = f"{tasks[0].step}:{tasks[0].phase}"
+        if not todo:
+            log.info("%s: all %d shards finished earlier", label, len(tasks))
+            return 0
+        started = time.perf_counter()
+        with tqdm(total=len(todo), desc=label, unit="shard", disable=progress_disabled()) as bar:
+            if self.kind == "ray":
+                self._ray(todo, resources or {"num_cpus": 1}, bar)
+            else:
+                self._local(todo, bar)
+        log.info("%s: %d of %d shards in %.1f s (%d finished earlier)", label, len(todo), len(tasks),
+                 time.perf_counter() - started, len(tasks) - len(todo))
+        return len(todo)
+
+
+def _worker_threads(workers: int) -> None:
+    """Each pool worker gets its share of the cores for torch and BLAS (set before they are imported)."""
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, share)

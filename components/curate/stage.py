@@ -1,0 +1,164 @@
+"""The curate stage: the declared steps (``plan.py``) over every download shard, step by step.
+
+For each step in order: a per-sample step runs on every shard; a pool step maps every shard, combines the
+partials into its state, and decides every shard. Each output is written once per shard with a completion
+marker, so a rerun skips finished shards and a killed run resumes; shards whose input is unchanged are never
+recomputed, and a step's per-sample work is reused for samples it has seen with the same params.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from components.common.curation import (STEPS_DIR, UNITS_DIR, output_path, read_marker, read_step, save_state,
+                                        split_manifest, step_classes, step_dir, step_params, unit_fingerprint)
+from components.common.errors import ClipmillError
+from components.common.funnel import funnel_metrics
+from components.common.hashing import hash_obj
+from components.common.io import write_json
+from components.common.log import get_logger
+from components.common.steps import PoolStep, Step, StepContext
+from components.common.tracking import stage_run, tracking_uri
+
+from .executor import Executor, UnitTask
+
+log = get_logger("curate")
+
+
+def _fingerprints(step: type[Step], params, context: StepContext, phase: str, inputs: dict[str, str],
+                  state_hash: str | None = None) -> dict[str, str]:
+    """Fingerprints of ``phase``'s outputs per unit, from its inputs' fingerprints (and the state it reads)."""
+    step_fp = step.fingerprint(params, context, phase)
+    return {unit: hash_obj([step_fp, fp, state_hash]) for unit, fp in inputs.items()}
+
+
+def _tasks(curate_dir: Path, step: type[Step], params, context: StepContext, phase: str,
+           fingerprints: dict[str, str], upstream: tuple, state_hash: str | None = None) -> list[UnitTask]:
+    return [UnitTask(str(curate_dir), step.name, params, context, unit, phase, fp, upstream, state_hash)
+            for unit, fp in fingerprints.items()]
+
+
+def _frames(curate_dir: Path, step: str, phase: str, units: list[str]) -> Iterator[pd.DataFrame]:
+    for unit in units:
+        yield pd.read_parquet(output_path(curate_dir, step, unit, phase))
+
+
+def step_summary(curate_dir: Path, step: type[Step], params, units: list[str]) -> dict:
+    """The step's funnel counts over every shard (from the markers) plus the step's own summary fields."""
+    markers = [read_marker(output_path(curate_dir, step.name, unit)) for unit in units]
+    dropped: dict[str, int] = {}
+    for marker in markers:
+        for reason, n in marker["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
+    summary = {"step": step.name, "section": step.section, "input": sum(m["input"] for m in markers),
+               "kept": sum(m["kept"] for m in markers), "dropped": dict(sorted(dropped.items())),
+               "shards": len(units), "seconds": sum(m["seconds"] for m in markers)}
+    if summary["kept"] + sum(dropped.values()) != summary["input"]:
+        raise AssertionError(f"curation step {step.name} does not add up: {summary}")
+    extra = step.summarize(params, lambda: (t for _, t in read_step(curate_dir, step.name, units=units)),
+                           str(step_dir(curate_dir, step.name)))
+    return {**summary, **extra}
+
+
+def _remove_stale(curate_dir: Path, names: list[str], units: list[str]) -> None:
+    """Outputs of steps no longer listed, and of shards no longer in the download, go."""
+    steps_root = curate_dir / STEPS_DIR
+    if not steps_root.is_dir():
+        return
+    for folder in steps_root.iterdir():
+        if folder.is_dir() and folder.name not in names:
+            shutil.rmtree(folder)
+    keep = set(units)
+    for path in steps_root.rglob("*.parquet"):
+        if path.parent.name not in ("state",) and path.stem not in keep:
+            path.unlink()
+            path.with_suffix(".done").unlink(missing_ok=True)
+
+
+def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
+              executor: Executor) -> list[dict]:
+    """Every step over every unit, in order; returns the per-step summaries."""
+    fingerprints = {unit: unit_fingerprint(curate_dir, unit) for unit in units}
+    upstream: tuple = ()
+    summaries = []
+    for step in steps:
+        section = step_params(step, params)
+        resources = step.resources(section)
+        started = time.perf_counter()
+        if issubclass(step, PoolStep):
+            mapped = _fingerprints(step, section, context, "map", fingerprints)
+            executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream), resources)
+            state = step.combine(section, _frames(curate_dir, step.name, "partial", units),
+                                 lambda: _frames(curate_dir, step.name, "map", units))
+            state_hash = save_state(curate_dir, step.name, state)
+            fingerprints = _fingerprints(step, section, context, "decide", mapped, state_hash)
+            executor.run(_tasks(curate_dir, step, section, context, "decide", fingerprints, upstream, state_hash))
+        else:
+            fingerprints = _fingerprints(step, section, context, "apply", fingerprints)
+            executor.run(_tasks(curate_dir, step, section, context, "apply", fingerprints, upstream), resources)
+        summary = step_summary(curate_dir, step, section, units)
+        summary["wall_seconds"] = time.perf_counter() - started
+        write_json(summary, step_dir(curate_dir, step.name) / "summary.json")
+        log.info("%s: kept %d of %d (%s)", step.name, summary["kept"], summary["input"],
+                 ", ".join(f"{k}={v}" for k, v in summary["dropped"].items()) or "nothing dropped")
+        summaries.append(summary)
+        upstream = upstream + ((step.name, tuple(step.columns)),)
+    for before, after in zip(summaries, summaries[1:]):
+        if after["input"] != before["kept"]:
+            raise AssertionError(f"curation funnel does not add up: {before['step']} kept {before['kept']}, "
+                                 f"{after['step']} got {after['input']}")
+    return summaries
+
+
+def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_dir: str | os.PathLike, params,
+           inputs: dict[str, str] | None = None) -> dict:
+    """The download manifest and shards in; ``out_dir`` (see ``layout.py``) and ``out_dir/summary.json`` out.
+
+    ``params`` is the whole params.yaml (each step reads its own section; ``curate`` says which steps run and
+    where); ``inputs`` are extra named inputs of steps (``bootstrap_model``). Returns the summary.
+    """
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    names = params.curate.steps
+    steps = step_classes(names)
+    context = StepContext(shards_dir=str(Path(shards_dir).absolute()), seed=params.project.seed,
+                          tracking_uri=tracking_uri(params.tracking),
+                          inputs={k: str(Path(v).absolute()) if k != "manifest" else str(v)
+                                  for k, v in (inputs or {}).items()})
+    for step in steps:  # a step that cannot run fails here, before any work
+        step.check_params(step_params(step, params), context)
+    sections = {"curate": params.curate.model_dump(mode="json"),
+                **{s.section: step_params(s, params).model_dump(mode="json") for s in steps}}
+    with stage_run("curate", params.tracking, sections, [manifest_path]) as run:
+        started = time.perf_counter()
+        units = split_manifest(manifest_path, out_dir)
+        if not units:
+            raise ClipmillError(f"{manifest_path}: no successful downloads to curate")
+        _remove_stale(out_dir, list(names), units)
+        with Executor(params.curate.executor, params.curate.workers, params.ray) as executor:
+            summaries = run_steps(out_dir, steps, params, context, units, executor)
+        samples = sum(read_marker(out_dir / UNITS_DIR / f"{u}.parquet")["rows"] for u in units)
+        summary = {"shards": len(units), "samples": samples, "steps": summaries,
+                   "kept": summaries[-1]["kept"] if summaries else samples,
+                   "wall_seconds": time.perf_counter() - started}
+        write_json(summary, out_dir / "summary.json")
+        if run is not None:
+            import mlflow
+
+            metrics = {"samples_in": samples, "samples_out": summary["kept"], "shards": len(units),
+                       "wall_seconds": summary["wall_seconds"]}
+            for s in summaries:
+                metrics.update({f"{s['step']}.{k}": v for k, v in funnel_metrics(s).items()
+                                if k not in ("samples_in", "samples_out")})
+                metrics.update({f"{s['step']}.{k}": v for k, v in s.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                and k not in ("input", "kept")})
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifact(str(out_dir / "summary.json"))
+    log.info("curate: %d samples in %d shards -> %d kept (%s) in %.1f s", samples, len(units), summary["kept"],
+             " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), summary["wall_seconds"])
+    return summary

@@ -1,0 +1,118 @@
+"""The CLIP-score filter as a pool step: scores per shard, one pool-wide threshold, keep decisions per shard.
+
+Map: the cosine of each sample's image and caption embeddings (images read from the download shards by shard
+and key). Partial: counts of the scores' high 16 key bits. Combine: the exact DataComp top-fraction threshold
+(a radix select: the bucket counts, then the scores of the one bucket that holds the rank) and/or the absolute
+minimum. Decide: keep ``clip_score >= threshold``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from components.common.errors import ConfigError, InputError
+from components.common.io import read_json
+from components.common.model import LOCAL_DIR_PREFIX
+from components.common.shards import ShardReader, shard_file_name
+from components.common.steps import PoolStep, decisions
+
+from .params import BOOTSTRAP, ScoreParams
+from .scoring import (LOW_SCORE_REASON, clip_scores, key_buckets, load_scorer, resolve_device, sortable_keys,
+                      top_fraction_score)
+
+THRESHOLD_KEYS = ("top_fraction", "min_score")
+
+
+def scorer_source(params: ScoreParams, bootstrap_model: str | None) -> str:
+    return f"{LOCAL_DIR_PREFIX}{bootstrap_model}" if params.scorer == BOOTSTRAP else params.scorer
+
+
+class ScoreStep(PoolStep):
+    name = "score"
+    section = "score"
+    columns = {"clip_score": pa.float32()}
+    map_columns = {"clip_score": pa.float32()}
+    reasons = (LOW_SCORE_REASON,)
+    needs = ("shard", "key", "caption")
+
+    def __init__(self, params: ScoreParams, context):
+        super().__init__(params, context)
+        self.clip = load_scorer(scorer_source(params, context.inputs.get("bootstrap_model")),
+                                resolve_device(params.device), params.checkpoint, context.tracking_uri)
+        self.shards = ShardReader(context.shards_dir)
+
+    @classmethod
+    def fingerprint(cls, params, context, phase="apply"):
+        dump = params.model_dump(mode="json")
+        # The scores do not depend on the threshold, and the decisions depend on nothing else.
+        part = {k: dump[k] for k in THRESHOLD_KEYS} if phase == "decide" else \
+            {k: v for k, v in dump.items() if k not in THRESHOLD_KEYS and k != "bootstrap"}
+        if phase != "decide" and params.scorer == BOOTSTRAP:
+            part["bootstrap_model"] = context.inputs.get("bootstrap_model")
+        return super().fingerprint(part, context, phase)
+
+    @classmethod
+    def resources(cls, params: ScoreParams) -> dict:
+        return {"num_cpus": 1, **({"num_gpus": 1} if params.device == "cuda" else {})}
+
+    @classmethod
+    def check_params(cls, params: ScoreParams, context) -> None:
+        resolve_device(params.device)
+        source = scorer_source(params, context.inputs.get("bootstrap_model"))
+        if params.scorer == BOOTSTRAP and not Path(context.inputs.get("bootstrap_model") or "").is_dir():
+            raise InputError(context.inputs.get("bootstrap_model"), "no bootstrap scorer export here "
+                                                                    "(run the score_bootstrap stage first)")
+        is_uri = source.startswith((LOCAL_DIR_PREFIX, "models:/", "runs:/")) or Path(source).is_dir()
+        if not is_uri and params.checkpoint is None:
+            raise ConfigError(f"score.scorer: '{source}' is a model config, so score.checkpoint must name its "
+                              "weights (a randomly initialised scorer would filter at random)")
+
+    def map(self, batch: pd.DataFrame) -> pd.DataFrame:
+        images = [self.shards.read(shard_file_name(shard), key, "jpg")
+                  for shard, key in zip(batch["shard"], batch["key"])]
+        scores = clip_scores(self.clip, images, batch["caption"].fillna("").astype(str).tolist(),
+                             self.params.batch_size) if len(batch) else np.zeros(0, np.float32)
+        return pd.DataFrame({"uid": batch["uid"].to_numpy(), "clip_score": scores.astype(np.float32)})
+
+    def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
+        buckets, counts = key_buckets(mapped["clip_score"].to_numpy(np.float32))
+        return pd.DataFrame({"bucket": buckets.astype(np.int64), "count": counts.astype(np.int64)})
+
+    @classmethod
+    def combine(cls, params: ScoreParams, partials: Iterable[pd.DataFrame],
+                mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
+        top = None
+        if params.top_fraction is not None:
+            counts = pd.concat(list(partials), ignore_index=True).groupby("bucket")["count"].sum()
+
+            def scores_in_bucket(bucket: int) -> np.ndarray:
+                parts = []
+                for table in mapped():
+                    scores = table["clip_score"].to_numpy(np.float32)
+                    parts.append(scores[(sortable_keys(scores) >> 16) == bucket])
+                return np.concatenate(parts)
+
+            top = top_fraction_score(counts.index.to_numpy(), counts.to_numpy(), params.top_fraction,
+                                     scores_in_bucket)
+        thresholds = [t for t in (top, params.min_score) if t is not None]
+        return {"threshold": max(thresholds) if thresholds else None}
+
+    def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
+        scores = mapped["clip_score"].to_numpy(np.float32)
+        threshold = state["threshold"]
+        keep = scores >= threshold if threshold is not None else np.ones(len(scores), dtype=bool)
+        return decisions(mapped["uid"], np.where(keep, None, LOW_SCORE_REASON), clip_score=mapped["clip_score"])
+
+    @classmethod
+    def summarize(cls, params: ScoreParams, decided, out_dir: str) -> dict:
+        total, n = 0.0, 0
+        for table in decided():
+            total += float(table["clip_score"].astype(np.float64).sum())
+            n += len(table)
+        threshold = read_json(Path(out_dir) / "state.json")["state"]["threshold"]
+        return {"scorer": params.scorer, "threshold": threshold, "top_fraction": params.top_fraction,
+                "min_score": params.min_score, "mean_clip_score": total / n if n else None}
