@@ -62,9 +62,21 @@ def test_appended_lists_download_after_the_base_list_with_counts_that_add_up(cra
 
     params = DownloadParams(urls=str(crawl / "crawl" / "urls.parquet"), timeout=2, retries=1,
                             number_sample_per_shard=50, processes_count=1, thread_count=8, image_size=32)
-    summary = download(params, params.urls, tmp_path / "out", tracking=TrackingParams(enabled=False),
-                       ray_params=RayParams(), demo_server=DemoServerParams(slow_seconds=3.0), additions=additions)
+    run = dict(tracking=TrackingParams(enabled=False), ray_params=RayParams(),
+               demo_server=DemoServerParams(slow_seconds=3.0))
+    base_only = download(params, params.urls, tmp_path / "out", **run)
+    assert (base_only["lists_fetched"], base_only["lists_reused"]) == (1, 0)
+    base_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards" / "crawl").iterdir()}
+    base_manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+
+    summary = download(params, params.urls, tmp_path / "out", additions=additions, **run)
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    # the base list is not fetched again: its shards are untouched and its rows are the same
+    assert (summary["lists_fetched"], summary["lists_reused"]) == (2, 1)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards" / "crawl").iterdir()} == base_files
+    pd.testing.assert_frame_equal(manifest[manifest["url_list"] == "crawl"].reset_index(drop=True), base_manifest)
+    assert manifest.loc[manifest["status"] == "success", "shard"].str.split("/").str[0].drop_duplicates().tolist() \
+        == ["crawl", first.id]
     assert summary["urls"] == len(manifest) == 123 and summary["urls_listed"] == 128 and summary["duplicates"] == 5
     assert sum(summary["by_status"].values()) == summary["urls"]
     per_list = manifest.groupby("url_list")["status"].apply(lambda s: int((s == "success").sum())).to_dict()

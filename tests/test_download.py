@@ -93,7 +93,7 @@ def _tar_uids(tar_path: Path) -> list[str]:
 
 
 def test_every_shard_adds_up_and_each_success_is_in_exactly_one_shard(downloaded):
-    shards = downloaded["out"] / "shards"
+    shards = downloaded["out"] / "shards" / "crawl"
     manifest = downloaded["manifest"]
     assert sorted(p.name for p in shards.glob("*.tar")) == [f"0000{i}.tar" for i in range(3)]
     assert not (shards / "_tmp").exists()
@@ -160,7 +160,7 @@ def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, 
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180
-        while not list((out / "shards").glob("*_stats.json")):
+        while not list((out / "shards" / "crawl").glob("*_stats.json")):
             assert proc.poll() is None, "the stage ended before its first shard was finished"
             assert time.monotonic() < deadline, "no shard finished in time"
             time.sleep(0.05)
@@ -168,7 +168,7 @@ def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "manifest.parquet").exists() and not (out / "summary.json").exists()
-    finished = sorted((out / "shards").glob("*_stats.json"))
+    finished = sorted((out / "shards" / "crawl").glob("*_stats.json"))
     assert 1 <= len(finished) < 3
     tar = finished[0].with_name(finished[0].name.replace("_stats.json", ".tar"))
     with open(tar, "r+b") as fh:  # a finished shard damaged afterwards: must be noticed and downloaded again
@@ -177,9 +177,9 @@ def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, 
     summary = _run(downloaded["params"], out)
     assert summary["resumed_shards"] == len(finished) - 1 and summary["repaired_shards"] == 1
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), downloaded["manifest"])
-    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(
-        p.name for p in (downloaded["out"] / "shards").iterdir())
-    assert not list(out.glob(".*"))  # no leftover img2dataset input or temporary files
+    assert sorted(p.name for p in (out / "shards" / "crawl").iterdir()) == sorted(
+        p.name for p in (downloaded["out"] / "shards" / "crawl").iterdir())
+    assert not list(out.rglob(".*"))  # no leftover img2dataset input or temporary files
 
 
 def test_private_and_non_http_urls_are_refused_and_counted(tmp_path):
@@ -194,7 +194,7 @@ def test_private_and_non_http_urls_are_refused_and_counted(tmp_path):
     assert summary["by_status"] == {"success": 0, "failed_to_download": 0, "failed_to_resize": 0, "refused": 9}
     assert summary["by_reason"] == {"private_host": 6, "unsupported_scheme": 2, "invalid_url": 1}
     assert list(manifest["url"]) == urls and manifest["shard"].isna().all()
-    assert not list((tmp_path / "out" / "shards").glob("*.tar"))
+    assert not list((tmp_path / "out" / "shards").rglob("*.tar"))
 
 
 def test_host_checks():
@@ -279,14 +279,20 @@ def test_output_dir_of_a_different_run_is_refused(downloaded, tmp_path):
     out = downloaded["out"]
     with pytest.raises(InputError) as err:
         _run(downloaded["params"].model_copy(update={"image_size": 48}), out)
-    assert err.value.file == str(out)
+    assert err.value.file == str(out / "lists" / "crawl")
     assert "download.image_size: 32 -> 48" in err.value.reason and "--overwrite" in err.value.reason
-    assert (out / "manifest.parquet").exists()  # the refused run left the directory as it was
+    assert (out / "lists" / "crawl" / "manifest.parquet").exists()  # the refused run left the list as it was
+
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"not part of a download output \(notes.txt\)"):
+        _run(downloaded["params"], tmp_path / "mixed")
+    assert (tmp_path / "mixed" / "notes.txt").read_text() == "mine"
 
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "notes.txt").write_text("mine")
-    run_info = {"urls": "u.parquet", "urls_sha256": "0" * 64, "params": {}}
+    run_info = {"list": "crawl", "urls": "u.parquet", "urls_sha256": "0" * 64, "earlier": [], "params": {}}
     with pytest.raises(InputError, match="no run.json"):
         claim_output_dir(stray, run_info, overwrite=False)
     assert claim_output_dir(stray, run_info, overwrite=True) is False
@@ -296,7 +302,7 @@ def test_output_dir_of_a_different_run_is_refused(downloaded, tmp_path):
 
 def test_damaged_shards_are_detected(downloaded, tmp_path):
     shards = tmp_path / "shards"
-    shutil.copytree(downloaded["out"] / "shards", shards)
+    shutil.copytree(downloaded["out"] / "shards" / "crawl", shards)
     assert len(read_shard(shards, 0)) == 70
 
     tar = shards / "00000.tar"

@@ -15,8 +15,10 @@ from .errors import InputError
 
 
 def shard_file_name(shard: str) -> str:
-    """The tar file name a manifest's ``shard`` value names: '00000', '00000.tar' or a path all give '00000.tar'."""
-    name = Path(str(shard)).name
+    """The tar file a manifest's ``shard`` value names, relative to the shards directory: '00000' and '00000.tar'
+    give '00000.tar', 'crawl/00000.tar' (a URL list's own folder) stays as it is, an absolute path gives its name."""
+    path = Path(str(shard))
+    name = path.name if path.is_absolute() else path.as_posix()
     return name if name.endswith(".tar") else f"{name}.tar"
 
 

@@ -1,12 +1,16 @@
-"""The download stage: URL list -> img2dataset webdataset shards -> checked shards -> manifest and summary.
+"""The download stage: every URL list of the crawl -> img2dataset webdataset shards -> manifest and summary.
 
-Output directory (``out``):
-- ``run.json``: what this directory is a download of (URL list hash + the download params that shape the result);
-  a rerun with the same fingerprint resumes, any other run is refused unless ``overwrite``.
-- ``requests.parquet``: the checked URL list as downloaded (uid, url, caption, passthrough columns) with the
-  refusal reason of each URL that was not fetched; reused on resume so shard assignment never changes.
-- ``shards/``: img2dataset's ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json`` per shard.
-- ``manifest.parquet``, ``summary.json``: written last, atomically; their presence means the run finished.
+Each URL list (the base list ``crawl`` and every appended one) downloads into a place of its own, once: a later
+run that finds a list finished (same list content, same earlier lists, same download params) does not fetch
+it again, so appending a list costs only its own download. Output directory (``out``):
+- ``lists/<list>/run.json``: what the list's download is (its fingerprint); a rerun with the same fingerprint
+  resumes or skips it, a different one is refused unless ``overwrite`` (then the list is downloaded again);
+- ``lists/<list>/requests.parquet``: the checked list as downloaded (uid, url, caption, passthrough columns) with
+  the refusal reason of each URL that was not fetched; reused on resume so shard assignment never changes;
+- ``shards/<list>/``: img2dataset's ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json`` per shard;
+- ``lists/<list>/manifest.parquet``, ``lists/<list>/summary.json``: written last; the list is finished;
+- ``manifest.parquet``, ``summary.json``: every list's manifest in crawl order and the totals, written last.
+A manifest row's ``shard`` names its tar relative to ``shards/`` (``crawl/00000.tar``).
 """
 from __future__ import annotations
 
@@ -17,14 +21,16 @@ import signal
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from components.common.errors import ClipmillError, InputError
 from components.common.hashing import file_sha256
-from components.common.io import read_json, write_json, write_parquet
+from components.common.io import atomic_path, read_json, write_json, write_parquet
 from components.common.log import get_logger
 from components.common.params import RayParams, TrackingParams
 from components.common.tracking import stage_run
@@ -33,9 +39,8 @@ from components.demo_corpus.params import DemoServerParams
 from .params import DownloadParams
 from .reasons import error_reason
 from .safety import INVALID_URL, PRIVATE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
-from .shards import finished_shards, read_shard, shard_files
 from .additions import Crawl, read_crawl
-from .url_list import UrlList
+from .shards import finished_shards, read_shard, shard_files
 
 log = get_logger("download")
 
@@ -52,11 +57,17 @@ REFUSAL_MESSAGES = {
 _IMG2DATASET_INPUT = ".img2dataset_urls.parquet"
 
 
+LISTS_DIR = "lists"
+SHARDS_DIR = "shards"
+OUTPUTS = (LISTS_DIR, SHARDS_DIR, "manifest.parquet", "summary.json")
+
+
 def _describe_differences(previous: dict, current: dict) -> list[str]:
     out = []
     if previous.get("urls_sha256") != current["urls_sha256"]:
-        out.append(f"the crawl's URL lists differ (was {previous.get('urls')} + {previous.get('additions', 0)} "
-                   "appended)")
+        out.append(f"the URL list {current['list']} differs (was {previous.get('urls')})")
+    if previous.get("earlier") != current["earlier"]:
+        out.append("the lists before it in the crawl differ")
     before, now = previous.get("params", {}), current["params"]
     for key in sorted(set(before) | set(now)):
         if before.get(key) != now.get(key):
@@ -64,28 +75,49 @@ def _describe_differences(previous: dict, current: dict) -> list[str]:
     return out
 
 
-def claim_output_dir(out: Path, run_info: dict, overwrite: bool) -> bool:
-    """Make ``out`` this run's directory; returns True when it resumes an earlier run with the same fingerprint.
+def claim_output_root(out: Path, overwrite: bool) -> None:
+    """``out`` must be empty or a download output (only ``lists/``, ``shards/`` and the manifest and summary);
+    anything else is an ``InputError`` naming it, unless ``overwrite`` (then it is removed)."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS and not p.name.startswith("."))
+    if not foreign:
+        return
+    if not overwrite:
+        raise InputError(out, f"holds files that are not part of a download output ({', '.join(foreign[:5])}); "
+                              "pass --overwrite to replace them")
+    for name in foreign:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def claim_output_dir(out: Path, run_info: dict, overwrite: bool, shards_dir: Path | None = None) -> bool:
+    """Make ``out`` (one list's directory) this run's; returns True when it resumes an earlier run with the same
+    fingerprint.
 
     A directory holding another run's data (or files without ``run.json``) is an ``InputError`` naming the
-    directory and what differs, unless ``overwrite`` (then it is removed first).
+    directory and what differs, unless ``overwrite`` (then it and the list's ``shards_dir`` are removed first).
     """
     run_file = out / "run.json"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
     resuming = out.is_dir() and any(out.iterdir())
     if resuming:
+        problem = None
         if not run_file.is_file():
-            raise InputError(out, "holds files but no run.json, so it is not a download output; "
-                                  "pass --overwrite to replace it")
-        try:
-            previous = read_json(run_file)
-        except ValueError as e:
-            raise InputError(run_file, f"not valid JSON ({e}); pass --overwrite to replace the directory") from None
-        differences = _describe_differences(previous, run_info)
-        if differences:
-            raise InputError(out, f"holds a different download run ({'; '.join(differences)}); "
-                                  "pass --overwrite to replace it")
+            problem = "holds files but no run.json, so it is not a download output"
+        else:
+            try:
+                differences = _describe_differences(read_json(run_file), run_info)
+            except ClipmillError as e:
+                differences = [str(e)]
+            if differences:
+                problem = f"holds a different download run ({'; '.join(differences)})"
+        if problem and not overwrite:
+            raise InputError(out, f"{problem}; pass --overwrite to replace it")
+        if problem:
+            shutil.rmtree(out)
+            if shards_dir is not None and shards_dir.exists():
+                shutil.rmtree(shards_dir)
+            resuming = False
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("manifest.parquet", "summary.json"):
         (out / stale).unlink(missing_ok=True)
@@ -101,12 +133,11 @@ def _demo_base_url(urls: pd.Series) -> str | None:
     return DEMO_BASE_URL if urls.str.startswith(prefix, na=False).any() else None
 
 
-def build_requests(url_list: UrlList, demo_base: str | None, allow_private_hosts: bool) -> pd.DataFrame:
-    """The URL list with a ``refusal`` column: why a URL is not fetched, or None.
+def build_requests(table: pd.DataFrame, demo_base: str | None, allow_private_hosts: bool) -> pd.DataFrame:
+    """A URL list's rows with a ``refusal`` column: why a URL is not fetched, or None.
 
     URLs under the demo base are exempt from the host check: the stage serves them itself.
     """
-    table = url_list.table
     served_locally = table["url"].str.startswith(demo_base.rstrip("/") + "/", na=False) if demo_base else \
         pd.Series(False, index=table.index)
     refusal = pd.Series([None] * len(table), index=table.index, dtype=object)
@@ -116,18 +147,18 @@ def build_requests(url_list: UrlList, demo_base: str | None, allow_private_hosts
 
 
 @contextmanager
-def _fetch_urls(web_dirs: list[Path], requests: pd.DataFrame, demo_base: str | None,
-                demo_server: DemoServerParams) -> Iterator[pd.Series]:
-    """The URLs img2dataset fetches: as listed, or with the demo base swapped for a demo server started here
-    on the ``web/`` directories of the crawl's lists."""
+def _fetch_urls(web_dirs: list[Path], demo_base: str | None,
+                demo_server: DemoServerParams) -> Iterator[Callable[[pd.Series], pd.Series]]:
+    """How listed URLs become the URLs img2dataset fetches: as listed, or with the demo base swapped for a demo
+    server started here on the ``web/`` directories of the crawl's lists."""
     if demo_base is None:
-        yield requests["url"]
+        yield lambda urls: urls
         return
     from components.demo_corpus import serve_web
 
     with serve_web(web_dirs, slow_seconds=demo_server.slow_seconds) as base_url:
         log.info("URL list points at %s: serving %s at %s", demo_base, ", ".join(map(str, web_dirs)), base_url)
-        yield requests["url"].str.replace(demo_base.rstrip("/"), base_url, n=1, regex=False)
+        yield lambda urls: urls.str.replace(demo_base.rstrip("/"), base_url, n=1, regex=False)
 
 
 @contextmanager
@@ -191,15 +222,14 @@ def _remove_shards(shards_dir: Path, bad: dict[int, str]) -> None:
             f.unlink(missing_ok=True)
 
 
-def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, out: Path, params: DownloadParams,
-                    passthrough: list[str]) -> tuple[pd.DataFrame, dict]:
+def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Path, shards_dir: Path,
+                    params: DownloadParams, passthrough: list[str]) -> tuple[pd.DataFrame, dict]:
     """Run img2dataset on the URLs that are not refused and check every shard. Finished shards of an earlier
     run are checked first; a bad shard (truncated, unreadable, counts that do not add up) is deleted and
     downloaded again, at most twice in all.
 
     Returns (per-URL results of all shards, run statistics).
     """
-    shards_dir = out / "shards"
     sent = requests["refusal"].isna()
     shard_ids = range(math.ceil(int(sent.sum()) / params.number_sample_per_shard))
     _, bad = _check_shards(shards_dir, sorted(finished_shards(shards_dir) & set(shard_ids)))
@@ -210,7 +240,7 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, out: Path, pa
              "download_seconds": 0.0}
     if not len(shard_ids):
         return pd.DataFrame(columns=["uid", *RESULT_COLUMNS]), stats
-    input_file = out / _IMG2DATASET_INPUT
+    input_file = list_dir / _IMG2DATASET_INPUT
     columns = ["uid", *passthrough]
     try:
         write_parquet(requests.loc[sent, ["caption", *columns]].assign(url=fetch_urls[sent]), input_file)
@@ -236,11 +266,12 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, out: Path, pa
     return results, stats
 
 
-def build_manifest(requests: pd.DataFrame, results: pd.DataFrame) -> pd.DataFrame:
+def build_manifest(requests: pd.DataFrame, results: pd.DataFrame, list_name: str) -> pd.DataFrame:
     """One row per input uid, in input order: img2dataset's result for fetched URLs, ``refused`` for the rest.
 
-    ``key`` and ``shard`` locate the image of a success (null for every other status); ``url`` and ``caption``
-    are those of the URL list (the demo server's address never leaks into the manifest).
+    ``key`` and ``shard`` locate the image of a success (null for every other status; ``shard`` relative to the
+    shards directory: ``<list_name>/NNNNN.tar``); ``url`` and ``caption`` are those of the URL list (the demo
+    server's address never leaks into the manifest).
     """
     sent = requests.loc[requests["refusal"].isna(), "uid"]
     duplicated = results["uid"][results["uid"].duplicated()]
@@ -261,87 +292,194 @@ def build_manifest(requests: pd.DataFrame, results: pd.DataFrame) -> pd.DataFram
                                               zip(manifest.loc[~refused, "status"], manifest.loc[~refused, "error_message"])]
     failed = manifest["status"] != "success"
     manifest.loc[failed, ["key", "shard"]] = None
+    manifest.loc[~failed, "shard"] = list_name + "/" + manifest.loc[~failed, "shard"].astype(str)
     for column in SIZE_COLUMNS:
         manifest[column] = manifest[column].astype("Int64")
     return manifest[MANIFEST_COLUMNS].reset_index(drop=True)
 
 
-def summarize(manifest: pd.DataFrame, crawl: Crawl, stats: dict, wall_seconds: float) -> dict:
+def summarize(manifest: pd.DataFrame, entry: dict, stats: dict, wall_seconds: float) -> dict:
+    """One list's counts: URLs by status and reason, shards, and this run's download speed."""
     by_status = {s: int(n) for s, n in manifest["status"].value_counts().items()}
-    by_reason = {str(r): int(n) for r, n in Counter(manifest["error_reason"].dropna()).most_common()}
-    successes = by_status.get("success", 0)
     download_seconds = stats["download_seconds"]
-    per_list = manifest.groupby("url_list", sort=False)["status"]
-    lists = [{**entry, "downloaded": int(per_list.get_group(entry["name"]).eq("success").sum())
-              if entry["name"] in per_list.groups else 0} for entry in crawl.lists]
     return {
-        "urls": len(manifest),
-        "urls_listed": len(manifest) + crawl.duplicates,  # duplicates: uids an earlier list had, not fetched again
-        "duplicates": crawl.duplicates,
-        "url_lists": lists,
+        "name": entry["name"], "urls": len(manifest), "duplicates": entry["duplicates"],
         "by_status": {s: by_status.get(s, 0) for s in STATUSES},
-        "by_reason": by_reason,
-        "success_rate": successes / len(manifest),
-        "captions_cleaned": crawl.url_list.captions_cleaned,
-        "captions_missing": crawl.url_list.captions_missing,
-        "shards": stats["shards"],
-        "resumed_shards": stats["resumed_shards"],
-        "repaired_shards": stats["repaired_shards"],
+        "by_reason": {str(r): int(n) for r, n in Counter(manifest["error_reason"].dropna()).most_common()},
+        "captions_cleaned": entry["captions_cleaned"], "captions_missing": entry["captions_missing"],
+        **{k: stats[k] for k in ("shards", "resumed_shards", "repaired_shards", "download_seconds")},
+        "new_successes": stats.get("new_successes", 0), "new_urls": stats.get("new_urls", 0),
         "images_per_s": stats.get("new_successes", 0) / download_seconds if download_seconds else 0.0,
-        "urls_per_s": stats.get("new_urls", 0) / download_seconds if download_seconds else 0.0,
+        "wall_seconds": wall_seconds,
+    }
+
+
+def combine_summaries(crawl: Crawl, lists: list[dict], fetched: list[str], wall_seconds: float) -> dict:
+    """The crawl's counts from its lists' summaries; speed and shard counts of the lists fetched in this run."""
+    this_run = [s for s in lists if s["name"] in fetched]
+    total = {k: sum(s[k] for s in lists) for k in ("urls", "captions_cleaned", "captions_missing", "shards")}
+    by_status = {st: sum(s["by_status"][st] for s in lists) for st in STATUSES}
+    by_reason: Counter = Counter()
+    for s in lists:
+        by_reason.update(s["by_reason"])
+    download_seconds = sum(s["download_seconds"] for s in this_run)
+    new_successes = sum(s["new_successes"] for s in this_run)
+    return {
+        **total,
+        "urls_listed": total["urls"] + crawl.duplicates,  # duplicates: uids an earlier list had, not fetched again
+        "duplicates": crawl.duplicates,
+        "url_lists": [{**entry, "downloaded": s["by_status"]["success"]} for entry, s in zip(crawl.lists, lists)],
+        "lists_fetched": len(this_run), "lists_reused": len(lists) - len(this_run),
+        "by_status": by_status,
+        "by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "success_rate": by_status["success"] / total["urls"] if total["urls"] else 0.0,
+        "resumed_shards": sum(s["resumed_shards"] for s in this_run),
+        "repaired_shards": sum(s["repaired_shards"] for s in this_run),
+        "images_per_s": new_successes / download_seconds if download_seconds else 0.0,
+        "urls_per_s": sum(s["new_urls"] for s in this_run) / download_seconds if download_seconds else 0.0,
         "download_seconds": download_seconds,
         "wall_seconds": wall_seconds,
     }
+
+
+@dataclass(frozen=True, eq=False)
+class ListDownload:
+    """One URL list of the crawl and where its download lives."""
+
+    entry: dict           # the crawl's record of the list (name, path, sha256, counts)
+    table: pd.DataFrame   # its URLs that no earlier list had
+    list_dir: Path
+    shards_dir: Path
+    run_info: dict
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    def finished(self) -> bool:
+        run_file = self.list_dir / "run.json"
+        return ((self.list_dir / "summary.json").is_file() and run_file.is_file()
+                and not _describe_differences(read_json(run_file), self.run_info))
+
+
+def plan_lists(crawl: Crawl, out: Path, params: DownloadParams) -> list[ListDownload]:
+    """Each list of the crawl with its fingerprint: its content, the lists before it, the download params."""
+    plans, earlier = [], []
+    by_list = crawl.url_list.table.groupby("url_list", sort=False)
+    for entry in crawl.lists:
+        name = entry["name"]
+        table = by_list.get_group(name) if name in by_list.groups else crawl.url_list.table.iloc[0:0]
+        run_info = {"list": name, "urls": entry["path"], "urls_sha256": entry["sha256"], "earlier": list(earlier),
+                    "params": params.fingerprint()}
+        plans.append(ListDownload(entry, table.reset_index(drop=True), out / LISTS_DIR / name,
+                                  out / SHARDS_DIR / name, run_info))
+        earlier.append(entry["sha256"])
+    return plans
+
+
+def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], params: DownloadParams,
+                  passthrough: list[str], demo_base: str | None, overwrite: bool) -> dict:
+    """Download one list (resuming its finished shards); writes its manifest and then its summary."""
+    started = time.perf_counter()
+    resuming = claim_output_dir(plan.list_dir, plan.run_info, overwrite, plan.shards_dir)
+    requests_file = plan.list_dir / "requests.parquet"
+    if resuming and requests_file.is_file():
+        requests = pd.read_parquet(requests_file)
+        log.info("%s: resuming the download in %s", plan.name, plan.list_dir)
+    else:
+        requests = build_requests(plan.table, demo_base, params.allow_private_hosts)
+        write_parquet(requests, requests_file)
+    refused = int(requests["refusal"].notna().sum())
+    if refused:
+        log.warning("%s: %d of %d URLs refused: %s", plan.name, refused, len(requests),
+                    dict(Counter(requests["refusal"].dropna())))
+    results, stats = download_shards(requests, fetch(requests["url"]), plan.list_dir, plan.shards_dir, params,
+                                     passthrough)
+    manifest = build_manifest(requests, results, plan.name)
+    summary = summarize(manifest, plan.entry, stats, time.perf_counter() - started)
+    write_parquet(manifest, plan.list_dir / "manifest.parquet")
+    write_json(summary, plan.list_dir / "summary.json")
+    log.info("%s: downloaded %d of %d URLs in %.1f s (%.1f images/s)", plan.name, summary["by_status"]["success"],
+             summary["urls"], summary["wall_seconds"], summary["images_per_s"])
+    return summary
+
+
+def write_crawl_manifest(plans: list[ListDownload], path: Path) -> None:
+    """Every list's manifest, in crawl order, streamed into one parquet file (written atomically)."""
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for plan in plans:
+                table = pq.read_table(plan.list_dir / "manifest.parquet")
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _remove_dropped_lists(out: Path, plans: list[ListDownload]) -> None:
+    """Downloads of lists that are no longer in the crawl go."""
+    names = {p.name for p in plans}
+    for folder in (out / LISTS_DIR, out / SHARDS_DIR):
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            if entry.is_dir() and entry.name not in names:
+                log.info("removing %s: its list is no longer in the crawl", entry)
+                shutil.rmtree(entry)
+
+
+def _log_metrics(summary: dict) -> None:
+    import mlflow
+
+    metrics = {k: summary[k] for k in ("success_rate", "images_per_s", "urls_per_s", "wall_seconds",
+                                        "download_seconds", "captions_cleaned", "captions_missing",
+                                        "shards", "resumed_shards", "repaired_shards", "urls", "lists_fetched",
+                                        "lists_reused")}
+    metrics.update({f"status.{k}": v for k, v in summary["by_status"].items()})
+    metrics.update(samples_in=summary["urls_listed"], samples_out=summary["by_status"]["success"],
+                   duplicates=summary["duplicates"], url_lists=len(summary["url_lists"]))
+    metrics.update({f"reason.{k}": v for k, v in summary["by_reason"].items()})
+    mlflow.log_metrics(metrics)
 
 
 def download(params: DownloadParams, urls: str | Path, out: str | Path, *, tracking: TrackingParams,
              ray_params: RayParams, demo_server: DemoServerParams, additions: str | Path | None = None,
              overwrite: bool = False) -> dict:
     """Download the crawl (the URL list ``urls`` followed by the lists appended under ``additions``) into ``out``
-    (see the module docstring); returns the summary.
+    (see the module docstring): each list not finished before is fetched; returns the crawl's summary.
 
     Every input problem is an ``InputError`` raised before anything is written.
     """
     started = time.perf_counter()
     urls, out = Path(urls), Path(out)
     crawl = read_crawl(urls, additions)
-    url_list = crawl.url_list
-    demo_base = _demo_base_url(url_list.table["url"])
-    run_info = {"urls": str(urls), "additions": len(crawl.lists) - 1, "urls_sha256": crawl.sha256,
-                "params": params.fingerprint()}
-    resuming = claim_output_dir(out, run_info, overwrite)
-    requests_file = out / "requests.parquet"
+    claim_output_root(out, overwrite)
+    plans = plan_lists(crawl, out, params)
+    pending = [p for p in plans if not p.finished()]
+    demo_base = _demo_base_url(crawl.url_list.table["url"])
     inputs = [urls] + ([Path(additions)] if additions is not None else [])
     with stage_run("download", tracking, params, inputs) as run:
-        if resuming and requests_file.is_file():
-            requests = pd.read_parquet(requests_file)
-            log.info("resuming the download in %s", out)
-        else:
-            requests = build_requests(url_list, demo_base, params.allow_private_hosts)
-            write_parquet(requests, requests_file)
-        refused = int(requests["refusal"].notna().sum())
-        if refused:
-            log.warning("%d of %d URLs refused: %s", refused, len(requests),
-                        dict(Counter(requests["refusal"].dropna())))
-        with _fetch_urls(crawl.web_dirs, requests, demo_base, demo_server) as fetch_urls, _ray_session(params, ray_params):
-            results, stats = download_shards(requests, fetch_urls, out, params, url_list.passthrough)
-        manifest = build_manifest(requests, results)
-        summary = summarize(manifest, crawl, stats, time.perf_counter() - started)
-        write_parquet(manifest, out / "manifest.parquet")
+        for stale in ("manifest.parquet", "summary.json"):
+            (out / stale).unlink(missing_ok=True)
+        for plan in plans:
+            if plan.name not in {p.name for p in pending}:
+                log.info("%s: downloaded before (%s), not fetched again", plan.name, plan.list_dir)
+        if pending:
+            with _fetch_urls(crawl.web_dirs, demo_base, demo_server) as fetch, _ray_session(params, ray_params):
+                for plan in pending:
+                    download_list(plan, fetch, params, crawl.url_list.passthrough, demo_base, overwrite)
+        _remove_dropped_lists(out, plans)
+        summary = combine_summaries(crawl, [read_json(p.list_dir / "summary.json") for p in plans],
+                                    [p.name for p in pending], time.perf_counter() - started)
+        write_crawl_manifest(plans, out / "manifest.parquet")
         write_json(summary, out / "summary.json")
-        log.info("downloaded %d of %d URLs (%.1f%%) in %.1f s: %.1f images/s; %s", summary["by_status"]["success"],
-                 summary["urls"], 100 * summary["success_rate"], summary["wall_seconds"], summary["images_per_s"],
-                 summary["by_reason"])
+        log.info("downloaded %d of %d URLs (%.1f%%) in %.1f s; %d list(s) fetched, %d reused; %s",
+                 summary["by_status"]["success"], summary["urls"], 100 * summary["success_rate"],
+                 summary["wall_seconds"], summary["lists_fetched"], summary["lists_reused"], summary["by_reason"])
         if run is not None:
+            _log_metrics(summary)
             import mlflow
 
-            metrics = {k: summary[k] for k in ("success_rate", "images_per_s", "urls_per_s", "wall_seconds",
-                                                "download_seconds", "captions_cleaned", "captions_missing",
-                                                "shards", "resumed_shards", "repaired_shards", "urls")}
-            metrics.update({f"status.{k}": v for k, v in summary["by_status"].items()})
-            metrics.update(samples_in=summary["urls_listed"], samples_out=summary["by_status"]["success"],
-                           duplicates=summary["duplicates"], url_lists=len(summary["url_lists"]))
-            metrics.update({f"reason.{k}": v for k, v in summary["by_reason"].items()})
-            mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(out / "summary.json"))
     return summary
