@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ray head node. Curation stages (engine: ray) and the tune stage connect with ray.address: HOST:6379.
+# Ray head node. The curate stage (curate.executor: ray) and the tune stage connect with ray.address: HOST:6379.
 # The cluster requires Ray's token authentication (RAY_AUTH_MODE=token, the default here): the token is
 # ~/.ray/auth_token (created on first start). Every client and worker needs the same token (copy the file, or
 # set RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token in its environment, e.g. before `clipmill run` or `dvc repro`.
