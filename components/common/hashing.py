@@ -1,13 +1,23 @@
-"""Stable identifiers and content hashes used for lineage."""
+"""Stable identifiers and content hashes used for lineage.
+
+File hashes are cached by (absolute path, size, mtime) in a small SQLite file (``CLIPMILL_HASH_CACHE``, default
+``.clipmill/hash_cache.sqlite`` under the working directory), the way DVC and make trust a file's stat: the
+stages of a run hash each input byte once, however many of them name the same data in their lineage.
+``bytes_hashed()`` counts the bytes this process actually read for hashing.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
 
 _CHUNK = 1 << 20
+HASH_CACHE_ENV = "CLIPMILL_HASH_CACHE"
+_bytes_hashed = 0
+_cache: tuple[int, sqlite3.Connection] | None = None  # (pid, connection): a forked child opens its own
 
 
 def make_uid(url: str, caption: str) -> str:
@@ -38,17 +48,57 @@ def content_hash(paths: Iterable[str | os.PathLike]) -> str:
     """sha256 over the relative names and bytes of every file under ``paths`` (files or directories)."""
     h = hashlib.sha256()
     for rel, f in _files(paths):
-        h.update(rel.encode() + b"\x00")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-        h.update(b"\x00")
+        h.update(rel.encode() + b"\x00" + file_sha256(f).encode() + b"\x00")
     return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def bytes_hashed() -> int:
+    """Bytes read for hashing by this process so far (cache hits read nothing)."""
+    return _bytes_hashed
+
+
+def _hash_cache() -> sqlite3.Connection | None:
+    global _cache
+    if _cache is None or _cache[0] != os.getpid():
+        path = Path(os.environ.get(HASH_CACHE_ENV) or Path(".clipmill") / "hash_cache.sqlite")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            connection.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                               "mtime_ns INTEGER, sha256 TEXT)")
+        except (OSError, sqlite3.Error):
+            return None  # no cache (read-only or busy): hash from the bytes
+        _cache = (os.getpid(), connection)
+    return _cache[1]
+
+
+def _read_sha256(path: str | os.PathLike) -> str:
+    global _bytes_hashed
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
+            _bytes_hashed += len(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, from the cache when the file's size and mtime are those it was hashed at."""
+    key = str(Path(path).absolute())
+    stat = os.stat(path)
+    cache = _hash_cache()
+    try:
+        row = cache.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (key,)).fetchone() \
+            if cache is not None else None
+    except sqlite3.Error:
+        row = None
+    if row is not None and row[0] == stat.st_size and row[1] == stat.st_mtime_ns:
+        return row[2]
+    digest = _read_sha256(path)
+    if cache is not None:
+        try:
+            cache.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                          (key, stat.st_size, stat.st_mtime_ns, digest))
+        except sqlite3.Error:
+            pass
+    return digest
