@@ -1,101 +1,74 @@
-"""The curation tables of a tiny download (tests/curation_fixtures.py), shaped like the curation stages write them.
+"""A real curation directory of a tiny download (tests/curation_fixtures.py), written by the curate stage.
 
-rules.parquet covers every manifest uid (failed downloads as ``download:<reason>``); scores.parquet the uids the
-rules kept (mismatched captions score low); balance.parquet the uids the score kept (one head entry subsampled);
-rewrites.parquet the uids balancing kept. Each table has one row per uid with ``keep`` and ``reason``.
-``make_curated`` adds the curated shards written by the real reshard stage.
+``make_curation`` runs the curate stage (every declared step, params.yaml shrunk to the fixture: tracking off,
+one process, a 20 px image-side floor for the 64 px images, a small balancing t) with a tiny randomly
+initialised scorer; ``make_curated`` adds the curated shards written by the reshard stage.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import torch
 
-from components.common.params import TrackingParams
-from components.common.text import spaced_text
+from clipmill.params import Params, load_params
+from components.common.curation import read_step_table
+from components.common.model import create_clip, export_local_dir
+from components.curate.stage import curate
 from components.reshard.curated import reshard
 from components.reshard.params import ReshardParams
 
-from tests.curation_fixtures import COLORS, SHAPES, make_download
+from tests.curation_fixtures import make_download
 
-ENTRIES = list(COLORS) + SHAPES + [f"{c} {s}" for c in COLORS for s in SHAPES] + ["background"]
-THRESHOLD = 0.2
-HEAD_ENTRY = "circle"
-
-
-def _rule_reason(row) -> str | None:
-    if row.status != "success":
-        return f"download:{row.error_reason}"
-    if len(str(row.caption).split()) < 3:
-        return "min_words"
-    if str(row.caption).startswith("IMG_"):
-        return "boilerplate"
-    if min(row.original_width, row.original_height) < 20:
-        return "min_image_side"
-    if max(row.original_width, row.original_height) / min(row.original_width, row.original_height) > 3:
-        return "max_aspect_ratio"
-    return None
+REPO = Path(__file__).resolve().parents[1]
+BALANCE_T = 5
 
 
-def funnel_table(uids, reasons, **columns) -> pd.DataFrame:
-    reasons = list(reasons)
-    return pd.DataFrame({"uid": list(uids), **columns, "keep": [r is None for r in reasons], "reason": reasons})
+def curation_params(steps: list[str] | None = None) -> Params:
+    """params.yaml shrunk for the fixture download; ``steps``: the curation steps (default: all declared)."""
+    params = load_params(REPO / "params.yaml")
+    params.tracking.enabled = False
+    params.curate.workers = 0
+    params.filter.min_image_side = 20
+    params.balance.t = BALANCE_T
+    if steps is not None:
+        params.curate.steps = list(steps)
+    return params
 
 
-def make_curation(root: Path, n: int = 160, per_shard: int = 50, seed: int = 0) -> dict:
-    """Download fixture + curate tables under ``root``; returns their paths and the tables."""
+def make_curation(root: Path, n: int = 160, per_shard: int = 50, seed: int = 0,
+                  steps: list[str] | None = None) -> dict:
+    """Download fixture, tiny scorer and curation directory under ``root``.
+
+    Returns ``paths`` (manifest, download_summary, shards, scorer, curate), the manifest table, the params and
+    ``tables``: each step's decisions, all shards concatenated."""
     download = make_download(root / "download", n=n, per_shard=per_shard, seed=seed)
-    manifest = download["table"]
-    curate = root / "curate"
-    curate.mkdir(parents=True, exist_ok=True)
-    rules = funnel_table(manifest["uid"], [_rule_reason(r) for r in manifest.itertuples()])
-    survivors = manifest[rules["keep"].to_numpy()]
-    rng = np.random.default_rng(seed)
-    mismatched = np.array([int(url.rsplit("/", 1)[1].split(".")[0]) % 7 == 6 for url in survivors["url"]])
-    clip_score = np.where(mismatched, rng.uniform(-0.05, 0.15, len(survivors)), rng.uniform(0.18, 0.45, len(survivors)))
-    score_keep = clip_score >= THRESHOLD
-    scores = funnel_table(survivors["uid"], [None if k else "low_clip_score" for k in score_keep],
-                          clip_score=clip_score.astype(np.float32), threshold=np.float32(THRESHOLD))
-    kept = survivors[score_keep]
-    matched = [[e for e in ENTRIES if f" {e} " in spaced_text(c)] for c in kept["caption"]]
-    counts = pd.Series([e for m in matched for e in m]).value_counts()
-    # Every other text of a frequent entry is subsampled away, as balancing does to head entries.
-    head_seen = 0
-    reasons = []
-    for entries in matched:
-        reason = None if entries else "no_metadata_match"
-        if HEAD_ENTRY in entries:
-            head_seen += 1
-            reason = "balance_subsampled" if head_seen % 2 == 0 else reason
-        reasons.append(reason)
-    balance = funnel_table(kept["uid"], reasons, matched_entries=matched)
-    after = pd.Series([e for m, r in zip(matched, reasons) if r is None for e in m]).value_counts()
-    entry_counts = pd.DataFrame({"entry": counts.index, "count_before": counts.to_numpy(np.int64),
-                                 "count_after": after.reindex(counts.index, fill_value=0).to_numpy(np.int64)})
-    balanced = balance[balance["keep"]]
-    rewrites = pd.DataFrame({"uid": balanced["uid"],
-                             "rewrites": [[f"a picture of {c}", f"{c}, seen up close"] for c in
-                                          manifest.set_index("uid").loc[balanced["uid"], "caption"]],
-                             "backend": "rules", "model": "rules"})
-    paths = {"manifest": download["manifest"], "shards": download["shards"], "rules": curate / "rules.parquet",
-             "scores": curate / "scores.parquet", "balance": curate / "balance.parquet",
-             "entry_counts": curate / "entry_counts.parquet", "rewrites": curate / "rewrites.parquet"}
-    for name, table in (("rules", rules), ("scores", scores), ("balance", balance), ("entry_counts", entry_counts),
-                        ("rewrites", rewrites)):
-        table.to_parquet(paths[name], index=False)
-    urls = manifest[["uid", "url", "caption"]]
-    paths["urls"] = root / "urls.parquet"
-    urls.to_parquet(paths["urls"], index=False)
-    return {"paths": paths, "manifest": manifest, "rules": rules, "scores": scores, "balance": balance,
-            "entry_counts": entry_counts, "rewrites": rewrites}
+    summary = root / "download" / "summary.json"
+    summary.write_text(json.dumps({"urls": n, "urls_listed": n, "duplicates": 0}))
+    torch.manual_seed(0)
+    scorer = export_local_dir(create_clip("clipmill-tiny"), root / "scorer")
+    params = curation_params(steps)
+    curate_dir = root / "curate"
+    curate(download["manifest"], download["shards"], curate_dir, params,
+           inputs={"bootstrap_model": scorer, "manifest": download["manifest"]})
+    paths = {"manifest": download["manifest"], "download_summary": summary, "shards": download["shards"],
+             "scorer": scorer, "curate": curate_dir}
+    tables = {step: read_step_table(curate_dir, step) for step in params.curate.steps}
+    return {"paths": paths, "manifest": download["table"], "params": params, "steps": list(params.curate.steps),
+            "tables": tables}
+
+
+def run_reshard(curation: dict, out: Path, samples_per_shard: int, steps: list[str] | None = None,
+                seed: int = 0, **paths) -> dict:
+    """The reshard stage on ``curation`` (``paths`` replace its inputs: curate, shards)."""
+    p = {**curation["paths"], **paths}
+    return reshard(p["curate"], p["shards"], out, ReshardParams(samples_per_shard=samples_per_shard), seed,
+                   curation["params"].tracking, steps if steps is not None else curation["steps"])
 
 
 def make_curated(root: Path, n: int, per_shard: int, samples_per_shard: int) -> dict:
     """``make_curation`` plus ``root/curated`` from the reshard stage (``paths["curated"]``)."""
     curation = make_curation(root, n=n, per_shard=per_shard)
-    p = curation["paths"]
-    p["curated"] = root / "curated"
-    reshard(p["manifest"], p["shards"], p["rules"], p["scores"], p["balance"], p["rewrites"], p["curated"],
-            ReshardParams(samples_per_shard=samples_per_shard), 0, TrackingParams(enabled=False))
+    curation["paths"]["curated"] = root / "curated"
+    run_reshard(curation, root / "curated", samples_per_shard)
     return curation

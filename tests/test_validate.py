@@ -34,7 +34,7 @@ def make_manifest(n: int = 200, failures: int = 30, refused: int = 5) -> pd.Data
         "original_width": np.where(ok, 128, np.nan), "original_height": np.where(ok, 96, np.nan),
         "sha256": np.where(ok, "0" * 64, None),
     })
-    return build_manifest(requests, results)
+    return build_manifest(requests, results, "crawl")
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_the_cli_exits_non_zero_with_one_line(tmp_path, capsys, mlflow_uri):
 
 
 def test_boundaries_declare_inputs_and_a_check_builder():
-    assert set(BOUNDARIES) >= {"download", "curate", "rewrites", "curated"}
+    assert set(BOUNDARIES) == {"download", "curate", "curated"}
     for spec in BOUNDARIES.values():
         assert spec.inputs and callable(spec.checks)
     with pytest.raises(ClipmillError):

@@ -89,3 +89,32 @@ class BalanceStep(PoolStep):
                 "tail_share": tail_share(entry_counts.set_index("entry")["count_before"], is_tail),
                 "tail_share_after": tail_share(entry_counts.set_index("entry")["count_after"], is_tail),
                 "expected_kept": expected}
+
+    @staticmethod
+    def head_entry_floor(t: int) -> int:
+        """Fewest texts a head entry may keep: each of its texts is kept with probability >= t / count, so the
+        kept count has mean >= t; four standard deviations (at most sqrt(t)) below it is a failure, not chance."""
+        import math
+
+        return max(0, math.floor(t - 4 * math.sqrt(t)))
+
+    @classmethod
+    def expectations(cls, params: BalanceParams, table: pd.DataFrame, step_dir: str) -> list:
+        """``entry_counts.parquet``: one row per entry, balancing never adds texts; head entries (count >= t)
+        keep at least ``head_entry_floor(t)`` texts."""
+        import great_expectations as gx
+
+        from components.common.io import read_parquet
+
+        counts = read_parquet(Path(step_dir) / "entry_counts.parquet", ["entry", "count_before", "count_after"])
+        head = counts[counts["count_before"] >= params.t].reset_index(drop=True)
+        return [
+            ("entry_counts", counts, [
+                gx.expectations.ExpectColumnValuesToBeUnique(column="entry"),
+                gx.expectations.ExpectColumnPairValuesAToBeGreaterThanB(column_A="count_before",
+                                                                       column_B="count_after", or_equal=True),
+            ]),
+            ("head_entries", head, [gx.expectations.ExpectColumnValuesToBeBetween(
+                column="count_after", min_value=cls.head_entry_floor(params.t),
+                description=f"head entries keep at least {cls.head_entry_floor(params.t)} texts (t = {params.t})")]),
+        ]

@@ -14,7 +14,7 @@ that every earlier step kept, with the columns those steps added.
   per-shard ``decide`` from the stored map output and the state. The expensive map output is never
   recomputed when only the state changes (new shards join the pool).
 
-The ordered list of steps lives in ``components/curate/plan.py``; the executor, reshard, the funnel, the
+The ordered list of steps lives in ``components/common/curation.py``; the executor, reshard, the funnel, the
 report and the boundary validation all read it.
 """
 from __future__ import annotations
@@ -78,6 +78,13 @@ class Step:
     def summarize(cls, params: Any, decided: Callable[[], Iterator[pd.DataFrame]], out_dir: str) -> dict:
         """Extra summary fields (and extra files under ``out_dir``) from the step's decided tables."""
         return {}
+
+    @classmethod
+    def expectations(cls, params: Any, table: pd.DataFrame, step_dir: str) -> list[tuple[str, pd.DataFrame, list]]:
+        """The step's own Great Expectations checks, beside the ones every step's decisions get (unique uids, a
+        declared reason for every drop): ``table`` is its decided table over every shard, ``step_dir`` holds its
+        other files. Returns (table name, frame, [gx expectations]) per checked table; default: none."""
+        return []
 
 
 class PoolStep(Step):

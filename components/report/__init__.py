@@ -1,1 +1,1 @@
-"""The curation report: funnel, score histogram, entry rank-frequency, kept/dropped examples, rewrite examples."""
+"""The curation report: funnel over the listed curation steps, the steps' figures, kept/dropped examples."""

@@ -1,8 +1,10 @@
 """The curation report: ``index.html`` with PNG figures and ``funnel.json`` under the report directory.
 
-It shows the funnel (counts and reasons per stage; they add up, or the report refuses to build), the
-CLIP-score histogram with the threshold, the entry rank-frequency before and after balancing, thumbnails of
-kept and dropped samples with captions and reasons, and captions beside their rewrites.
+It shows the funnel (URL list, download, every listed curation step, curated; the counts add up, or the report
+refuses to build), the boundary validation status, and thumbnails of kept and dropped samples with captions
+and reasons. Sections tied to a step's output show only when a listed step adds that output (found by the
+step's ``columns``): the CLIP-score histogram with the threshold (``clip_score``), the entry rank-frequency
+before and after balancing (``matched_entries``), captions beside their rewrites (``rewrites``).
 """
 from __future__ import annotations
 
@@ -17,11 +19,14 @@ import mlflow
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from components.common.curation import (output_path, read_step_table, step_classes, step_dir, unit_path,
+                                        units_of)
 from components.common.errors import InputError
 from components.common.io import atomic_path, read_json, read_parquet
 from components.common.log import get_logger
 from components.common.params import TrackingParams
 from components.common.shards import ShardReader, shard_file_name
+from components.common.steps import Step
 from components.common.tracking import stage_run
 
 from .funnel import StageCounts, curation_funnel
@@ -29,7 +34,8 @@ from .page import render_page
 from .params import ReportParams
 from .plots import funnel_figure, rank_frequency_figure, save_figure, score_histogram_figure
 
-VALIDATED_BOUNDARIES = ("download", "curate", "rewrites", "curated")
+VALIDATED_BOUNDARIES = ("download", "curate", "curated")
+MANIFEST_COLUMNS = ["uid", "key", "shard", "status", "error_reason", "caption"]
 
 log = get_logger("report")
 
@@ -78,6 +84,7 @@ def pick_dropped(fate: pd.DataFrame, n: int, rng: random.Random) -> pd.DataFrame
 
 
 def example_cards(rows: pd.DataFrame, manifest: pd.DataFrame, reader: ShardReader, px: int) -> list[dict]:
+    """Fate rows (uid, stage, reason) in; cards (uid, caption, stage, reason, thumbnail or None) out."""
     cards = []
     for row in rows.itertuples():
         source = manifest.loc[row.uid]
@@ -89,62 +96,135 @@ def example_cards(rows: pd.DataFrame, manifest: pd.DataFrame, reader: ShardReade
     return cards
 
 
-def build_report(urls_path: str | os.PathLike, manifest_path: str | os.PathLike, shard_dir: str | os.PathLike,
-                 rules_path: str | os.PathLike, scores_path: str | os.PathLike, balance_path: str | os.PathLike,
-                 entry_counts_path: str | os.PathLike, rewrites_path: str | os.PathLike,
-                 rewrites_summary_path: str | os.PathLike, curated_dir: str | os.PathLike,
-                 validation_dir: str | os.PathLike, out_dir: str | os.PathLike, params: ReportParams, seed: int,
-                 balance_t: int | None, tracking: TrackingParams,
-                 additions: str | os.PathLike | None = None) -> list[StageCounts]:
-    """Every curation output and the boundary validation results in; the report directory out (also logged to
-    MLflow). ``additions``: the URL lists appended to the crawl (the funnel starts from all lists). Returns the
-    funnel stages."""
-    from components.download.additions import read_crawl
+def read_manifest(manifest_path: str | os.PathLike) -> pd.DataFrame:
+    """The download manifest's columns the report reads; uids must be unique."""
+    manifest = read_parquet(manifest_path, MANIFEST_COLUMNS)
+    if manifest["uid"].duplicated().any():
+        raise InputError(manifest_path, f"uid {manifest['uid'][manifest['uid'].duplicated()].iloc[0]!r} appears "
+                                        "more than once", field="uid")
+    return manifest
 
-    curated_dir = Path(curated_dir)
-    crawl = read_crawl(urls_path, additions)
-    urls = crawl.url_list.table[["uid"]]
-    manifest = read_parquet(manifest_path, ["uid", "key", "shard", "status", "error_reason", "caption"])
-    stages, fate = curation_funnel(urls, manifest, rules_path, scores_path, balance_path,
-                                   curated_dir / "manifest.parquet", duplicates=crawl.duplicates)
-    scores = read_parquet(scores_path, ["uid", "clip_score", "keep", "threshold"])
-    entry_counts = read_parquet(entry_counts_path, ["entry", "count_before", "count_after"])
-    rewrites = read_parquet(rewrites_path, ["uid", "rewrites"])
+
+def read_duplicates(download_summary_path: str | os.PathLike) -> int:
+    """The download summary's ``duplicates``: URL-list uids an earlier list already had (listed, not fetched)."""
+    summary = read_json(download_summary_path)
+    if not isinstance(summary.get("duplicates"), int):
+        raise InputError(download_summary_path, "missing or not a count", field="duplicates")
+    return summary["duplicates"]
+
+
+def step_with(steps: list[type[Step]], column: str) -> type[Step] | None:
+    """The listed step that adds ``column`` (None when no listed step does)."""
+    return next((step for step in steps if column in step.columns), None)
+
+
+def step_summary(curate_dir: Path, step: type[Step]) -> dict:
+    return read_json(step_dir(curate_dir, step.name) / "summary.json",
+                     missing=f"no summary of step {step.name!r} (run the curate stage first)")
+
+
+def score_section(curate_dir: Path, step: type[Step], bins: int) -> tuple[dict, dict]:
+    """The CLIP-score histogram of ``step``'s samples with its threshold: (page context, figures)."""
+    scores = read_step_table(curate_dir, step.name, ["uid", "clip_score", "keep"])
+    threshold = step_summary(curate_dir, step).get("threshold")
+    figure = score_histogram_figure(scores, threshold, bins)
+    return {"step": step.name, "figure": "score_histogram.png"}, {"score_histogram.png": figure}
+
+
+def balance_section(curate_dir: Path, step: type[Step]) -> tuple[dict, dict]:
+    """The entry rank-frequency before and after ``step`` and its head entries: (page context, figures)."""
+    counts_path = step_dir(curate_dir, step.name) / "entry_counts.parquet"
+    entry_counts = read_parquet(counts_path, ["entry", "count_before", "count_after"])
+    t = step_summary(curate_dir, step).get("t")
+    figure = rank_frequency_figure(entry_counts, t)
+    head = entry_counts.sort_values("count_before", ascending=False, kind="stable").head(15)
+    return ({"step": step.name, "figure": "entry_rank_frequency.png", "head_entries": head.to_dict("records")},
+            {"entry_rank_frequency.png": figure})
+
+
+def rewrite_section(curate_dir: Path, step: type[Step], manifest: pd.DataFrame, n: int,
+                    rng: random.Random) -> tuple[dict, dict]:
+    """``step``'s rewrite counts and ``n`` captions beside their rewrites: (page context, no figures)."""
+    rewrites = read_step_table(curate_dir, step.name, ["uid", "rewrites"])
+    rows = rewrites.iloc[sorted(rng.sample(range(len(rewrites)), min(n, len(rewrites))))]
+    summary = step_summary(curate_dir, step).get("rewrites")
+    if not isinstance(summary, dict):
+        raise InputError(step_dir(curate_dir, step.name) / "summary.json", "missing", field="rewrites")
+    examples = [{"caption": str(manifest.at[uid, "caption"]), "rewrites": [str(r) for r in rewrites_of]}
+                for uid, rewrites_of in zip(rows["uid"], rows["rewrites"])]
+    return {"step": step.name, "summary": summary, "examples": examples}, {}
+
+
+def step_sections(curate_dir: Path, steps: list[str], manifest: pd.DataFrame, params: ReportParams,
+                  rng: random.Random) -> tuple[dict, dict]:
+    """Page context of each step-specific section (None where no listed step adds its column), and figures."""
+    classes = step_classes(steps)
+    builders = {
+        "clip_scores": ("clip_score", lambda s: score_section(curate_dir, s, params.histogram_bins)),
+        "entry_balance": ("matched_entries", lambda s: balance_section(curate_dir, s)),
+        "caption_rewrites": ("rewrites",
+                             lambda s: rewrite_section(curate_dir, s, manifest, params.rewrite_examples, rng)),
+    }
+    context, figures = {}, {}
+    for section, (column, build) in builders.items():
+        step = step_with(classes, column)
+        context[section], section_figures = build(step) if step is not None else (None, {})
+        figures.update(section_figures)
+    return context, figures
+
+
+def curation_files(curate_dir: Path, steps: list[str]) -> list[Path]:
+    """The curation directory's files the funnel reads: every unit and every listed step's decisions."""
+    units = units_of(curate_dir)
+    return [unit_path(curate_dir, u) for u in units] + [output_path(curate_dir, s, u) for s in steps for u in units]
+
+
+def check_adds_up(funnel: list[dict]) -> int:
+    """Total dropped over the funnel; curated + dropped must equal the URL list."""
+    dropped = sum(s["input"] - s["kept"] for s in funnel)
+    if funnel[-1]["kept"] + dropped != funnel[0]["input"]:
+        raise AssertionError(f"funnel does not add up: {funnel}")
+    return dropped
+
+
+def build_report(manifest_path: str | os.PathLike, download_summary_path: str | os.PathLike,
+                 shard_dir: str | os.PathLike, curate_dir: str | os.PathLike, curated_dir: str | os.PathLike,
+                 validation_dir: str | os.PathLike, out_dir: str | os.PathLike, params: ReportParams, seed: int,
+                 tracking: TrackingParams, steps: list[str]) -> list[StageCounts]:
+    """The download manifest and summary, the curation directory (``steps``: the listed steps), the curated
+    shards and the boundary validation results in; the report directory out (also logged to MLflow).
+    Returns the funnel stages."""
+    curate_dir, curated_dir, out_dir = Path(curate_dir), Path(curated_dir), Path(out_dir)
+    manifest = read_manifest(manifest_path)
+    stages, fate = curation_funnel(manifest, curate_dir, steps, curated_dir / "manifest.parquet",
+                                   duplicates=read_duplicates(download_summary_path))
+    funnel = [s.as_dict() for s in stages]
+    total_dropped = check_adds_up(funnel)
     hash_file = curated_dir / "content_hash.txt"
     if not hash_file.is_file():
         raise InputError(hash_file, "no such file (run the reshard stage first)")
-    rewrite_summary = read_json(rewrites_summary_path)
-    manifest = manifest.drop_duplicates("uid").set_index("uid")
+    manifest = manifest.set_index("uid")
     rng = random.Random(seed)
     curated = fate[fate["reason"].isna()]
     kept_rows = curated.loc[sorted(rng.sample(list(curated.index), min(params.examples_per_group, len(curated))))]
     dropped_rows = pick_dropped(fate, params.examples_per_group, rng)
-    rewrite_rows = rewrites.iloc[sorted(rng.sample(range(len(rewrites)), min(params.rewrite_examples, len(rewrites))))]
+    sections, figures = step_sections(curate_dir, steps, manifest, params, rng)
     with ShardReader(shard_dir) as reader:
         kept_cards = example_cards(kept_rows, manifest, reader, params.thumbnail_px)
         dropped_cards = example_cards(dropped_rows, manifest, reader, params.thumbnail_px)
-    funnel = [s.as_dict() for s in stages]
-    context = {
-        "funnel": funnel, "total_dropped": sum(s.input - s.kept for s in stages),
-        "curated_hash": hash_file.read_text().strip(), "thumb_px": params.thumbnail_px,
-        "head_entries": entry_counts.sort_values("count_before", ascending=False).head(15).to_dict("records"),
-        "validation": validation_status(validation_dir), "kept_examples": kept_cards, "dropped_examples": dropped_cards, "rewrite_summary": rewrite_summary,
-        "rewrite_examples": [{"caption": str(manifest.at[uid, "caption"]), "rewrites": list(r)}
-                             for uid, r in zip(rewrite_rows["uid"], rewrite_rows["rewrites"])],
-    }
-    if funnel[-1]["kept"] + context["total_dropped"] != funnel[0]["input"]:
-        raise AssertionError(f"funnel does not add up: {funnel}")
-    out_dir = Path(out_dir)
-    data_paths = [Path(p) for p in (urls_path, *([additions] if additions else []), manifest_path, rules_path, scores_path, balance_path,
-                                    entry_counts_path, rewrites_path, curated_dir / "manifest.parquet")]
+    context = {"funnel": funnel, "total_dropped": total_dropped, "curated_hash": hash_file.read_text().strip(),
+               "thumb_px": params.thumbnail_px, "validation": validation_status(validation_dir),
+               "kept_examples": kept_cards, "dropped_examples": dropped_cards, **sections}
+    data_paths = [Path(manifest_path), Path(download_summary_path), *curation_files(curate_dir, steps),
+                  curated_dir / "manifest.parquet"]
     with stage_run("report", tracking, params, data_paths) as run:
         with atomic_path(out_dir) as tmp:
             tmp.mkdir(parents=True)
             save_figure(funnel_figure(stages), tmp / "funnel.png")
-            save_figure(score_histogram_figure(scores, params.histogram_bins), tmp / "score_histogram.png")
-            save_figure(rank_frequency_figure(entry_counts, balance_t), tmp / "entry_rank_frequency.png")
+            for name, figure in figures.items():
+                save_figure(figure, tmp / name)
             (tmp / "funnel.json").write_text(json.dumps({"stages": funnel, "curated": funnel[-1]["kept"],
-                                                         "dropped": context["total_dropped"]}, indent=2) + "\n")
+                                                         "dropped": total_dropped}, indent=2) + "\n")
             (tmp / "index.html").write_text(render_page(context))
         if run is not None:
             mlflow.log_metrics({f"funnel.{s.stage.replace(' ', '_')}.kept": s.kept for s in stages})

@@ -53,17 +53,23 @@ TEMPLATE = """<!DOCTYPE html>
 {% endfor %}
 </table>
 
+{% if clip_scores %}
 <h2>CLIP-score filter</h2>
-<img class="plot" src="score_histogram.png" alt="CLIP score histogram">
+<p class="meta">Step <code>{{ clip_scores.step }}</code>.</p>
+<img class="plot" src="{{ clip_scores.figure }}" alt="CLIP score histogram">
+{% endif %}
 
+{% if entry_balance %}
 <h2>Balancing</h2>
-<img class="plot" src="entry_rank_frequency.png" alt="entry rank-frequency before and after balancing">
+<p class="meta">Step <code>{{ entry_balance.step }}</code>.</p>
+<img class="plot" src="{{ entry_balance.figure }}" alt="entry rank-frequency before and after balancing">
 <table>
 <tr><th>entry</th><th>texts before</th><th>texts after</th></tr>
-{% for e in head_entries %}
+{% for e in entry_balance.head_entries %}
 <tr><td>{{ e.entry }}</td><td class="num">{{ "{:,}".format(e.count_before) }}</td><td class="num">{{ "{:,}".format(e.count_after) }}</td></tr>
 {% endfor %}
 </table>
+{% endif %}
 
 <h2>Examples</h2>
 <h3>Kept</h3>
@@ -77,21 +83,23 @@ TEMPLATE = """<!DOCTYPE html>
 <span class="reason">{{ x.stage }}: {{ x.reason }}</span><div class="caption">{{ x.caption }}</div></div>
 {% endfor %}</div>
 
+{% if caption_rewrites %}{% set rs = caption_rewrites.summary %}
 <h2>Caption rewrites</h2>
-<p class="meta">Backend <code>{{ rewrite_summary.backend }}</code>, model <code>{{ rewrite_summary.model }}</code>:
-{{ "{:,}".format(rewrite_summary.kept) }} of {{ "{:,}".format(rewrite_summary.slots) }} rewrites kept
-({{ rewrite_summary.rewrites_per_caption }} asked per caption).</p>
+<p class="meta">Step <code>{{ caption_rewrites.step }}</code>: backend <code>{{ rs.backend }}</code>, model <code>{{ rs.model }}</code>:
+{{ "{:,}".format(rs.kept) }} of {{ "{:,}".format(rs.slots) }} rewrites kept
+({{ rs.rewrites_per_caption }} asked per caption).</p>
 <table>
 <tr><th>dropped rewrites: reason</th><th>count</th></tr>
-{% for reason, n in rewrite_summary.dropped.items() %}<tr><td><span class="reason">{{ reason }}</span></td><td class="num">{{ "{:,}".format(n) }}</td></tr>
+{% for reason, n in rs.dropped.items() %}<tr><td><span class="reason">{{ reason }}</span></td><td class="num">{{ "{:,}".format(n) }}</td></tr>
 {% else %}<tr><td colspan="2">none dropped</td></tr>{% endfor %}
 </table>
 <table>
 <tr><th>original caption</th><th>rewrites</th></tr>
-{% for x in rewrite_examples %}
+{% for x in caption_rewrites.examples %}
 <tr><td class="caption">{{ x.caption }}</td><td><ul class="rewrites">{% for r in x.rewrites %}<li>{{ r }}</li>{% else %}<li><em>none kept</em></li>{% endfor %}</ul></td></tr>
 {% endfor %}
 </table>
+{% endif %}
 </body></html>
 """
 

@@ -35,16 +35,16 @@ def funnel_figure(stages: list[StageCounts]) -> Figure:
     return fig
 
 
-def score_histogram_figure(scores: pd.DataFrame, bins: int) -> Figure:
-    """CLIP-score histogram of the scored samples, kept and dropped stacked, with the threshold as a line."""
+def score_histogram_figure(scores: pd.DataFrame, threshold: float | None, bins: int) -> Figure:
+    """CLIP-score histogram of the scored samples (clip_score, keep), kept and dropped stacked, with the
+    threshold (when there is one) as a line."""
     fig, ax = plt.subplots(figsize=(8, 4))
     values = scores["clip_score"].astype(float)
     keep = scores["keep"].astype(bool)
     edges = np.histogram_bin_edges(values, bins=bins) if len(values) else np.linspace(-1, 1, bins + 1)
     ax.hist([values[keep], values[~keep]], bins=edges, stacked=True, color=[KEPT_COLOR, DROPPED_COLOR],
             label=[f"kept ({int(keep.sum()):,})", f"dropped ({int((~keep).sum()):,})"])
-    thresholds = scores["threshold"].dropna().unique() if "threshold" in scores else []
-    for threshold in thresholds:
+    if threshold is not None:
         ax.axvline(float(threshold), color=LINE_COLOR, linestyle="--", label=f"threshold {float(threshold):.3f}")
     ax.set(xlabel="CLIP score (cosine similarity of image and caption)", ylabel="samples",
            title="CLIP-score filter")

@@ -38,9 +38,10 @@ class RewriteStep(Step):
         captions = pd.DataFrame({"uid": batch["uid"].to_numpy(),
                                  "caption": batch["caption"].fillna("").astype(str).to_numpy(),
                                  "matched_entries": [list(e) for e in entries]})
+        # A shard that earlier steps emptied still gets its (empty) table with every column.
         out = pd.concat([self.rewriter(captions.iloc[i:i + self.params.batch_size].reset_index(drop=True))
-                         for i in range(0, len(captions), self.params.batch_size)] or [captions.iloc[0:0]],
-                        ignore_index=True)
+                         for i in range(0, len(captions), self.params.batch_size)]
+                        or [pd.DataFrame({"uid": [], "rewrites": [], "rewrite_dropped": []})], ignore_index=True)
         counts = summarize(out, self.params, model_name(self.params))
         failed = sum(counts["failed_captions"].values())
         if len(out) and failed / len(out) > self.params.openai.max_failed_fraction:
@@ -66,3 +67,15 @@ class RewriteStep(Step):
                     ("captions", "slots", "kept", "captions_with_rewrites")},
                     "dropped": dict(sorted(dropped.items())), "failed_captions": dict(sorted(failed.items()))}
         return {"rewrites": rewrites}
+
+    @classmethod
+    def expectations(cls, params: RewriteParams, table: pd.DataFrame, step_dir: str) -> list:
+        """Every rewrite is a non-empty, non-blank text (one row per rewrite)."""
+        import great_expectations as gx
+
+        texts = table[["uid", "rewrites"]].explode("rewrites").dropna(subset=["rewrites"])
+        texts = texts.rename(columns={"rewrites": "rewrite"}).reset_index(drop=True)
+        return [("rewrite_texts", texts, [
+            gx.expectations.ExpectColumnValueLengthsToBeBetween(column="rewrite", min_value=1),
+            gx.expectations.ExpectColumnValuesToNotMatchRegex(column="rewrite", regex=r"^\s*$"),
+        ])]

@@ -116,3 +116,13 @@ class ScoreStep(PoolStep):
         threshold = read_json(Path(out_dir) / "state.json")["state"]["threshold"]
         return {"scorer": params.scorer, "threshold": threshold, "top_fraction": params.top_fraction,
                 "min_score": params.min_score, "mean_clip_score": total / n if n else None}
+
+    @classmethod
+    def expectations(cls, params: ScoreParams, table: pd.DataFrame, step_dir: str) -> list:
+        """Every scored sample has a clip_score, a cosine within [-1, 1]."""
+        import great_expectations as gx
+
+        return [("clip_scores", table[["uid", "clip_score"]], [
+            gx.expectations.ExpectColumnValuesToNotBeNull(column="clip_score"),
+            gx.expectations.ExpectColumnValuesToBeBetween(column="clip_score", min_value=-1.0, max_value=1.0),
+        ])]

@@ -26,13 +26,7 @@ def _download(paths: dict[str, Path], params) -> list:
 def _curate(paths: dict[str, Path], params) -> list:
     from .suites_curation import curate_checks
 
-    return curate_checks(paths["scores"], paths["balance"], paths["entry-counts"], params.balance.t)
-
-
-def _rewrites(paths: dict[str, Path], params) -> list:
-    from .suites_curation import rewrites_checks
-
-    return rewrites_checks(paths["rewrites"])
+    return curate_checks(paths["curate"], params.curate.steps, params)
 
 
 def _curated(paths: dict[str, Path], params) -> list:
@@ -44,12 +38,8 @@ def _curated(paths: dict[str, Path], params) -> list:
 BOUNDARIES: dict[str, Boundary] = {
     "download": Boundary("the download manifest", {
         "manifest": ("data/download/manifest.parquet", "download manifest (input)")}, _download),
-    "curate": Boundary("scores, balancing and entry counts", {
-        "scores": ("data/curate/scores.parquet", "CLIP scores (input)"),
-        "balance": ("data/curate/balance.parquet", "balancing decisions (input)"),
-        "entry-counts": ("data/curate/entry_counts.parquet", "per-entry counts (input)")}, _curate),
-    "rewrites": Boundary("caption rewrites", {
-        "rewrites": ("data/curate/rewrites.parquet", "caption rewrites (input)")}, _rewrites),
+    "curate": Boundary("every listed curation step's decisions and the steps' own tables", {
+        "curate": ("data/curate", "curation directory: units/, steps/ (input)")}, _curate),
     "curated": Boundary("the curated shards and their manifest", {
         "curated": ("data/curated", "curated shards directory with manifest.parquet (input)")}, _curated),
 }

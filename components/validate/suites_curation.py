@@ -1,22 +1,27 @@
-"""Great Expectations suites for the curation boundaries: ``curate`` (scores, balance, entry counts),
-``rewrites`` and ``curated``.
+"""Great Expectations suites for the curation boundaries: ``curate`` (every listed step's decisions and the
+steps' own tables) and ``curated``.
 
 Each boundary builder reads its stage outputs and returns ``TableCheck``s: a pandas frame, and the suite name and
-expectations it must pass (GX builds a suite only inside an active data context, so the runner makes it). Derived columns make set-level facts checkable row by row (``in_shards``: the curated sample
-is in the shard its manifest row names; ``rewrite``: one row per rewrite).
+expectations it must pass (GX builds a suite only inside an active data context, so the runner makes it). Derived
+columns make set-level facts checkable row by row (``in_shards``: the curated sample is in the shard its manifest
+row names).
 """
 from __future__ import annotations
 
-import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import great_expectations as gx
 import pandas as pd
+from great_expectations.expectations.row_conditions import Column
 
+from components.common.curation import read_step_table, step_classes, step_dir, step_params, units_of
+from components.common.errors import InputError
 from components.common.io import read_parquet
 from components.common.shards import index_shard
+from components.common.steps import DECISION_COLUMNS, Step
 
 
 @dataclass
@@ -39,48 +44,39 @@ def _uid_key(column: str = "uid") -> list:
             gx.expectations.ExpectColumnValuesToBeUnique(column=column)]
 
 
-def head_entry_floor(t: int) -> int:
-    """Fewest texts a head entry may keep: each of its texts is kept with probability >= t / count, so the kept
-    count has mean >= t; four standard deviations (at most sqrt(t)) below it is a failure, not chance."""
-    return max(0, math.floor(t - 4 * math.sqrt(t)))
+def reason_pattern(reasons: tuple[str, ...]) -> str:
+    """A regex matching a declared reason, alone or as ``<reason>:<detail>`` (nothing when none is declared)."""
+    if not reasons:
+        return r"^(?!)"
+    return "^(?:" + "|".join(re.escape(r) for r in reasons) + ")(?::.*)?$"
 
 
-def curate_checks(scores_path: str | os.PathLike, balance_path: str | os.PathLike,
-                  entry_counts_path: str | os.PathLike, t: int) -> list[TableCheck]:
-    """Scores within [-1, 1]; no null or duplicate uids; balanced head entries (count >= t) keep about t texts."""
-    scores = read_parquet(scores_path, ["uid", "clip_score", "keep"])
-    balance = read_parquet(balance_path, ["uid", "keep"])
-    counts = read_parquet(entry_counts_path, ["entry", "count_before", "count_after"])
-    head = counts[counts["count_before"] >= t]
-    return [
-        TableCheck("scores", scores, "curate.scores", _uid_key() + [
-            gx.expectations.ExpectColumnValuesToNotBeNull(column="clip_score"),
-            gx.expectations.ExpectColumnValuesToBeBetween(column="clip_score", min_value=-1.0, max_value=1.0),
-            gx.expectations.ExpectColumnValuesToBeInSet(column="keep", value_set=[True, False]),
-        ]),
-        TableCheck("balance", balance, "curate.balance", _uid_key()),
-        TableCheck("entry_counts", counts, "curate.entry_counts", [
-            gx.expectations.ExpectColumnValuesToBeUnique(column="entry"),
-            gx.expectations.ExpectColumnPairValuesAToBeGreaterThanB(column_A="count_before", column_B="count_after",
-                                                                   or_equal=True),
-        ]),
-        TableCheck("head_entries", head, "curate.head_entries", [
-            gx.expectations.ExpectColumnValuesToBeBetween(column="count_after", min_value=head_entry_floor(t)),
-        ]),
+def decision_expectations(step: type[Step]) -> list:
+    """What every step's decisions must satisfy: unique non-null uids, a boolean keep, and a declared reason for
+    every drop."""
+    return _uid_key() + [
+        gx.expectations.ExpectColumnValuesToBeInSet(column="keep", value_set=[True, False]),
+        gx.expectations.ExpectColumnValuesToNotBeNull(column="reason", description="every drop has a reason",
+                                                      row_condition=Column("keep") == False),  # noqa: E712
+        gx.expectations.ExpectColumnValuesToMatchRegex(column="reason", regex=reason_pattern(step.reasons),
+                                                       description=f"reasons declared by step {step.name!r}"),
     ]
 
 
-def rewrites_checks(rewrites_path: str | os.PathLike) -> list[TableCheck]:
-    """One row per uid without nulls or duplicates; every rewrite a non-empty, non-blank string."""
-    table = read_parquet(rewrites_path, ["uid", "rewrites"])
-    exploded = table.explode("rewrites").dropna(subset=["rewrites"]).rename(columns={"rewrites": "rewrite"})
-    return [
-        TableCheck("rewrites", table[["uid"]], "rewrites.rows", _uid_key()),
-        TableCheck("rewrite_texts", exploded.reset_index(drop=True), "rewrites.texts", [
-            gx.expectations.ExpectColumnValueLengthsToBeBetween(column="rewrite", min_value=1),
-            gx.expectations.ExpectColumnValuesToNotMatchRegex(column="rewrite", regex=r"^\s*$"),
-        ]),
-    ]
+def step_checks(curate_dir: Path, step: type[Step], params) -> list[TableCheck]:
+    """One step's decisions (every shard) against ``decision_expectations``, then the step's own checks."""
+    table = read_step_table(curate_dir, step.name)
+    checks = [TableCheck(step.name, table[DECISION_COLUMNS], f"curate.{step.name}", decision_expectations(step))]
+    own = step.expectations(step_params(step, params), table, str(step_dir(curate_dir, step.name)))
+    return checks + [TableCheck(name, frame, f"curate.{name}", expectations) for name, frame, expectations in own]
+
+
+def curate_checks(curate_dir: str | os.PathLike, steps: list[str], params) -> list[TableCheck]:
+    """The curation directory, the listed steps and the whole params in; every listed step's checks out."""
+    curate_dir = Path(curate_dir)
+    if not units_of(curate_dir):
+        raise InputError(curate_dir / "units", "no curated download shards (run the curate stage first)")
+    return [check for step in step_classes(steps) for check in step_checks(curate_dir, step, params)]
 
 
 def curated_checks(curated_dir: str | os.PathLike) -> list[TableCheck]:
