@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 from .errors import InputError
 from .hashing import hash_obj
 from .io import atomic_path, read_json, write_json, write_parquet
+from .shards import shard_file_name
 from .steps import Step
 
 # name -> the step class, as module:Class (imported only when curation runs).
@@ -74,9 +76,16 @@ MANIFEST_BATCH_ROWS = 65536
 
 
 def unit_name(shard: str) -> str:
-    """'00012.tar' (or a path to it) -> '00012'."""
-    name = Path(str(shard)).name
-    return name[:-4] if name.endswith(".tar") else name
+    """A download shard's unit: its file relative to the shards directory without '.tar' ('crawl/00012')."""
+    name = shard_file_name(shard)
+    return name[:-4]
+
+
+def _units_in(folder: Path, suffix: str) -> set[str]:
+    """Units with a file of ``suffix`` under ``folder`` (units may sit in sub-folders, one per URL list)."""
+    if not folder.is_dir():
+        return set()
+    return {p.relative_to(folder).as_posix()[:-len(suffix)] for p in folder.rglob(f"*{suffix}")}
 
 
 def unit_path(curate_dir: Path, unit: str) -> Path:
@@ -118,9 +127,16 @@ def write_output(table: pd.DataFrame | pa.Table, data_path: Path, marker: dict) 
     write_json(marker, marker_path(data_path))
 
 
+def _hashable(values: pd.Series) -> pd.Series:
+    """List-valued cells (matched entries, rewrites) as JSON text, so that pandas can hash them."""
+    if values.dtype != object or not values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
+        return values
+    return values.map(lambda v: json.dumps(list(v), default=str) if isinstance(v, (list, tuple, np.ndarray)) else v)
+
+
 def rows_fingerprint(table: pd.DataFrame) -> str:
-    """Content fingerprint of a table's rows (column names, order and values)."""
-    hashed = pd.util.hash_pandas_object(table, index=False).to_numpy()
+    """Content fingerprint of a table's rows (column names, order and values; list cells by their items)."""
+    hashed = pd.util.hash_pandas_object(table.apply(_hashable), index=False).to_numpy()
     return hashlib.sha256(json.dumps(list(map(str, table.columns))).encode() + hashed.tobytes()).hexdigest()
 
 
@@ -163,7 +179,7 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
         marker = read_marker(path)
         if marker is None or marker.get("fingerprint") != fingerprint:
             write_output(rows, path, {"fingerprint": fingerprint, "rows": int(len(rows))})
-    stale = {p.stem for p in (curate_dir / UNITS_DIR).glob("*.parquet")} - set(units) if (curate_dir / UNITS_DIR).is_dir() else set()
+    stale = _units_in(curate_dir / UNITS_DIR, ".parquet") - set(units)
     for unit in stale:  # shards that no longer exist in the download
         unit_path(curate_dir, unit).unlink(missing_ok=True)
         marker_path(unit_path(curate_dir, unit)).unlink(missing_ok=True)
@@ -172,7 +188,7 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
 
 def units_of(curate_dir: Path) -> list[str]:
     """The units of a finished split (each with its marker), sorted."""
-    return sorted(p.stem for p in (curate_dir / UNITS_DIR).glob("*.done")) if (curate_dir / UNITS_DIR).is_dir() else []
+    return sorted(_units_in(curate_dir / UNITS_DIR, ".done"))
 
 
 def unit_fingerprint(curate_dir: Path, unit: str) -> str:

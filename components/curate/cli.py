@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 from components.common.curation import STEP_NAMES
-from .stage import curate
 
 HELP = f"curation steps ({' -> '.join(STEP_NAMES)}) per download shard -> data/curate/"
 
@@ -19,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
+    from .stage import curate  # imported when the stage runs: `--help` stays fast
+
     curate(args.manifest, args.shards, args.out, params,
            inputs={"bootstrap_model": args.bootstrap_model, "manifest": args.manifest})
     return 0

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from .corpus import run_demo_corpus
-
 HELP = ("synthetic web crawl -> data/crawl (urls.parquet, web/, ground truth), "
         "data/eval (held-out sets), data/trusted (clean seed shards)")
 
@@ -20,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
+    from .corpus import run_demo_corpus  # imported when the stage runs: `--help` stays fast
+
     run_demo_corpus(params.demo_corpus, params.project.seed, params.tracking, args.crawl_out, args.eval_out,
                     args.trusted_out)
     return 0

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from .stage import download
-
 HELP = "download the URL list with img2dataset -> data/download (shards/, manifest.parquet, summary.json)"
 
 
@@ -22,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
+    from .stage import download  # imported when the stage runs: `--help` stays fast
+
     additions = params.download.additions if args.additions is None else (args.additions or None)
     download(params.download, args.urls or params.download.urls, args.out, tracking=params.tracking,
              ray_params=params.ray, demo_server=params.demo_server, additions=additions, overwrite=args.overwrite)
