@@ -1,10 +1,10 @@
-"""CLIP-scoring throughput: the score stage's batch function next to a bare open_clip inference loop.
+"""CLIP-scoring throughput: the score step's map next to a bare open_clip inference loop.
 
 Both score the same image-caption pairs with the same model (an open_clip ``local-dir`` export) and batch size,
 in the same process, after a warm-up, interleaved batch by batch (alternating which goes first) over
-``--repeats`` passes, so both see the same background load. The stage path reads the images from webdataset
-shards and runs through the engine (local); the bare loop gets the image bytes already in memory and does only
-decode, open_clip preprocessing, ``encode_image``/``encode_text`` and the cosine. Target: ratio >= 0.9.
+``--repeats`` passes, so both see the same background load. The step (built once, as a curation worker builds
+it) reads the images from webdataset shards in its ``map``; the bare loop gets the image bytes already in memory
+and does only decode, open_clip preprocessing, ``encode_image``/``encode_text`` and the cosine. Target: ratio >= 0.9.
 
     python -m benchmarks.score_bench [--model clipmill-tiny] [--images 512] [--batch-size 64] [--device cpu]
 """
@@ -23,10 +23,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from components.common.engine import map_batches
 from components.common.model import create_clip, export_local_dir
 from components.common.shards import ShardReader, shard_file_name
-from components.score.scoring import ClipScorer
+from components.common.steps import StepContext
+from components.score.params import ScoreParams
+from components.score.step import ScoreStep
 from tests.curation_fixtures import make_download
 
 
@@ -62,15 +63,15 @@ def main(argv: list[str] | None = None) -> dict:
         with ShardReader(download["shards"]) as reader:
             images = [reader.read(shard_file_name(shard), key, "jpg") for shard, key in zip(table["shard"], table["key"])]
         captions = table["caption"].tolist()
-        scorer = ClipScorer(f"local-dir:{export}", str(download["shards"]), device=args.device,
-                            batch_size=args.batch_size)
+        step = ScoreStep(ScoreParams(scorer=f"local-dir:{export}", device=args.device, batch_size=args.batch_size),
+                         StepContext(shards_dir=str(download["shards"])))
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}", device=args.device)
         model.eval()
         tokenizer = open_clip.get_tokenizer(f"local-dir:{export}")
         work = table[["uid", "shard", "key", "caption"]]
 
         def run_stage(rows: pd.DataFrame) -> pd.DataFrame:
-            return map_batches(rows, scorer, engine="local", batch_size=args.batch_size, desc="score")
+            return step.map(rows.reset_index(drop=True))
 
         def run_bare(rows: pd.DataFrame) -> np.ndarray:
             return bare_loop(model, preprocess, tokenizer, images[rows.index[0]:rows.index[-1] + 1],

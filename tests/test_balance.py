@@ -1,24 +1,23 @@
-"""MetaCLIP balancing: matching semantics, keep probabilities, tail kept whole, head towards t, records."""
+"""MetaCLIP balancing: matching semantics, keep probabilities, tail kept whole, head towards t, seeded draws."""
 from __future__ import annotations
 
 import json
 import random
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from clipmill.cli import main
-from components.balance.balancing import balance, keep_probabilities
+from components.balance.balancing import keep_probabilities, uid_uniform
 from components.balance.matching import EntryMatcher, read_metadata
 from components.balance.params import DEFAULT_METADATA, BalanceParams
+from components.balance.step import BalanceStep
+from components.common.curation import read_step, read_step_table
 from components.common.errors import InputError
-from components.common.params import RayParams, TrackingParams
+from components.common.steps import StepContext
 from components.common.text import spaced_text
-
-NO_TRACKING = TrackingParams(enabled=False)
+from components.curate.stage import curate
+from tests.test_curate import shrunk_params
 
 
 def metaclip_plain_loop(text: str, entries: list[str]) -> list[int]:
@@ -95,33 +94,43 @@ def test_keep_probabilities_by_hand():
     np.testing.assert_allclose(probability, [2 / 3, 1, 1, 0, 1, 1])
     probability, _ = keep_probabilities(matched, 1)  # p_head = 1/3, p_tail = p_mid = 1/2
     np.testing.assert_allclose(probability, [1 / 3, 1 - (2 / 3) * (1 / 2), 1 / 2, 0, 1 - (2 / 3) * (1 / 2), 1 / 2])
+    # counts over a larger pool (other shards): head 6, tail 2, mid 4; t = 2
+    probability, counts = keep_probabilities(matched, 2, pd.Series({"head": 6, "tail": 2, "mid": 4}))
+    np.testing.assert_allclose(probability, [1 / 3, 1, 1, 0, 1 - (2 / 3) * (1 / 2), 1 / 2])
 
 
-def make_inputs(tmp_path, n_head=3000, n_tails=40, per_tail=6, n_unmatched=50, seed=0):
-    """A manifest and a score table: one head concept, many tail concepts, some texts with no entry."""
+def make_inputs(tmp_path, n_head=3000, n_tails=40, per_tail=6, n_unmatched=50, per_shard=1200, seed=0):
+    """A manifest of successful downloads (``per_shard`` per shard): one head concept, many tail concepts, some
+    texts with no entry; and the metadata file. Returns the uids and captions."""
     rng = np.random.default_rng(seed)
     captions = [f"a red circle {'on white' if rng.random() < 0.5 else 'drawing'}" for _ in range(n_head)]
     captions += [f"a tailshape{k} picture" for k in range(n_tails) for _ in range(per_tail)]
     captions += ["zzz qqq"] * n_unmatched
     uids = [f"{i:032x}" for i in range(len(captions))]
-    pd.DataFrame({"uid": uids, "caption": captions, "status": "success"}).to_parquet(tmp_path / "manifest.parquet")
-    scores = pd.DataFrame({"uid": uids + ["f" * 32], "keep": [True] * len(uids) + [False],
-                           "reason": [None] * len(uids) + ["low_clip_score"]})
-    scores.to_parquet(tmp_path / "scores.parquet")
+    pd.DataFrame({"uid": uids, "shard": [f"{i // per_shard:05d}.tar" for i in range(len(uids))],
+                  "key": [f"{i:09d}" for i in range(len(uids))], "caption": captions, "original_width": 64,
+                  "original_height": 64, "sha256": uids, "status": "success"}).to_parquet(tmp_path / "manifest.parquet")
     metadata = ["red circle"] + [f"tailshape{k}" for k in range(n_tails)]
     (tmp_path / "metadata.txt").write_text("\n".join(metadata) + "\n")
     return uids, captions
 
 
+def run_balance(tmp_path, out: str, t: int, seed: int = 0) -> dict:
+    """The curate stage with the balance step alone over make_inputs' manifest; returns the step's summary."""
+    params = shrunk_params({"curate.steps": ["balance"], "balance.metadata": str(tmp_path / "metadata.txt"),
+                            "balance.t": t, "project.seed": seed})
+    [summary] = curate(tmp_path / "manifest.parquet", tmp_path / "shards", tmp_path / out, params)["steps"]
+    return summary
+
+
 def test_balancing_keeps_tail_and_subsamples_head(tmp_path):
     uids, captions = make_inputs(tmp_path)
-    params = BalanceParams(metadata=str(tmp_path / "metadata.txt"), t=100)
-    summary = balance(tmp_path / "manifest.parquet", tmp_path / "scores.parquet", tmp_path / "out", params, 0,
-                      RayParams(), NO_TRACKING)
-    table = pd.read_parquet(tmp_path / "out" / "balance.parquet")
-    counts = pd.read_parquet(tmp_path / "out" / "entry_counts.parquet").set_index("entry")
-    assert list(table.columns) == ["uid", "matched_entries", "keep", "reason", "keep_probability"]
-    assert table["uid"].tolist() == uids  # the score-dropped uid is not an input of balancing
+    summary = run_balance(tmp_path, "out", t=100)
+    table = read_step_table(tmp_path / "out", "balance")
+    counts = pd.read_parquet(tmp_path / "out" / "steps" / "balance" / "entry_counts.parquet").set_index("entry")
+    assert list(table.columns) == ["uid", "keep", "reason", "matched_entries", "keep_probability"]
+    assert table["uid"].tolist() == uids
+    assert summary["shards"] == 3  # the head's 3000 texts span every shard: counts are pool-wide
 
     tail = table["uid"].isin(uids[3000:3240])
     assert table.loc[tail, "keep"].all() and (table.loc[tail, "keep_probability"] == 1).all()
@@ -131,6 +140,7 @@ def test_balancing_keeps_tail_and_subsamples_head(tmp_path):
     head = table["uid"].isin(uids[:3000])
     np.testing.assert_allclose(table.loc[head, "keep_probability"], 100 / 3000)
     assert set(table.loc[head & ~table["keep"], "reason"]) == {"balance_subsampled"}
+    assert (table["keep"] == (uid_uniform(table["uid"], 0) < table["keep_probability"])).all()
 
     assert counts.loc["red circle", "count_before"] == 3000
     assert counts.loc["tailshape7", "count_before"] == counts.loc["tailshape7", "count_after"] == 6
@@ -146,42 +156,25 @@ def test_balancing_keeps_tail_and_subsamples_head(tmp_path):
     assert summary["tail_share"] == pytest.approx(240 / 3240)
     assert summary["tail_share_after"] > 0.6
     assert summary["expected_kept"] == pytest.approx(expected)
-    assert json.loads((tmp_path / "out" / "balance_summary.json").read_text()) == summary
+    assert json.loads((tmp_path / "out" / "steps" / "balance" / "summary.json").read_text()) == summary
+
+
+def test_per_shard_decisions_equal_one_pass_over_the_pool(tmp_path):
+    """The step's phases over 3 shards decide as its apply over the whole pool at once."""
+    make_inputs(tmp_path, n_head=500, n_tails=3, per_shard=200)
+    run_balance(tmp_path, "out", t=50)
+    step = BalanceStep(BalanceParams(metadata=str(tmp_path / "metadata.txt"), t=50), StepContext(shards_dir="."))
+    pool = step.apply(pd.read_parquet(tmp_path / "manifest.parquet")[["uid", "caption"]])
+    shards = pd.concat([table for _, table in read_step(tmp_path / "out", "balance")], ignore_index=True)
+    shards["matched_entries"] = shards["matched_entries"].map(list)
+    pd.testing.assert_frame_equal(shards, pool)
 
 
 def test_balancing_is_seeded(tmp_path):
     make_inputs(tmp_path, n_head=500, n_tails=2)
-    params = BalanceParams(metadata=str(tmp_path / "metadata.txt"), t=50)
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        balance(tmp_path / "manifest.parquet", tmp_path / "scores.parquet", tmp_path / name, params, seed,
-                RayParams(), NO_TRACKING)
-        runs[name] = pd.read_parquet(tmp_path / name / "balance.parquet")["keep"]
+        run_balance(tmp_path, name, t=50, seed=seed)
+        runs[name] = read_step_table(tmp_path / name, "balance")["keep"]
     assert runs["a"].equals(runs["b"])
     assert not runs["a"].equals(runs["c"])
-
-
-def test_uids_missing_from_manifest_are_an_input_error(tmp_path):
-    make_inputs(tmp_path, n_head=20, n_tails=1)
-    pd.DataFrame({"uid": ["e" * 32], "keep": [True], "reason": [None]}).to_parquet(tmp_path / "scores.parquet")
-    with pytest.raises(InputError, match="manifest.parquet: field 'uid': 1 uids kept in .* not in the manifest"):
-        balance(tmp_path / "manifest.parquet", tmp_path / "scores.parquet", tmp_path / "out",
-                BalanceParams(metadata=str(tmp_path / "metadata.txt")), 0, RayParams(), NO_TRACKING)
-
-
-def test_cli_records_an_mlflow_run(tmp_path, mlflow_uri, default_params):
-    make_inputs(tmp_path, n_head=300, n_tails=5)
-    params = default_params.model_dump(mode="json")
-    params["balance"].update(metadata=str(tmp_path / "metadata.txt"), t=30)
-    params["tracking"]["tracking_uri"] = mlflow_uri
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    rc = main(["stage", "balance", "--params", str(tmp_path / "params.yaml"), "--manifest",
-               str(tmp_path / "manifest.parquet"), "--scores", str(tmp_path / "scores.parquet"),
-               "--out-dir", str(tmp_path / "out")])
-    assert rc == 0
-    mlflow.set_tracking_uri(mlflow_uri)
-    (run,) = mlflow.search_runs(experiment_names=[params["tracking"]["experiment"]], output_format="list")
-    assert run.data.tags["clipmill.stage"] == "balance"
-    assert run.data.metrics["tail_share"] == pytest.approx(30 / 330)
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"balance_summary.json", "entry_counts.png"} <= artifacts

@@ -1,28 +1,26 @@
-"""Rule filter: reasons, precedence, switches, duplicate images, bad input, MLflow record and CLI."""
+"""Rule filter steps: rule reasons and precedence, switches, boilerplate patterns, pool-wide dedup, bad input."""
 from __future__ import annotations
 
-import json
 import re
 
-import mlflow
 import pandas as pd
 import pytest
-import yaml
 
-from clipmill.cli import main
+from components.common.curation import read_step_table
 from components.common.errors import InputError
-from components.common.params import RayParams, TrackingParams
+from components.common.steps import StepContext
 from components.filter.params import FilterParams
-from components.filter.rules import filter_manifest, rule_reasons
+from components.filter.rules import rule_reasons
+from components.filter.step import DedupStep, RulesStep
 from tests.curation_fixtures import make_download
+from tests.test_curate import run_curate, shrunk_params
 
-SMALL = dict(min_image_side=32, max_aspect_ratio=3.0)
+FILTER_STEPS = {"curate.steps": ["rules", "dedup"], "filter.min_image_side": 32, "filter.max_aspect_ratio": 3.0}
+CONTEXT = StepContext(shards_dir=".")
 
 
 def expected_reason(i: int) -> str | None:
-    """The reason the fixture's sample i must get, by the fixture's injection rules and the check order."""
-    if i % 15 == 14:
-        return "download:http_404"
+    """The rule the fixture's successful sample i fails first, by the fixture's injection rules and the check order."""
     if i % 19 == 5:
         return "min_words"
     if i % 17 == 3:
@@ -34,71 +32,69 @@ def expected_reason(i: int) -> str | None:
     return None
 
 
-@pytest.fixture
-def download(tmp_path):
-    return make_download(tmp_path / "download", n=120)
-
-
-def run_filter(download, tmp_path, **overrides):
-    params = FilterParams(**{**SMALL, **overrides})
-    summary = filter_manifest(download["manifest"], tmp_path, params, RayParams(), TrackingParams(enabled=False))
-    return pd.read_parquet(tmp_path / "rules.parquet"), summary
+@pytest.fixture(scope="module")
+def download(tmp_path_factory):
+    # 30 per shard: sample 30 copies sample 28's image across a shard boundary.
+    return make_download(tmp_path_factory.mktemp("download"), n=120, per_shard=30)
 
 
 def test_reasons_and_counts_add_up(download, tmp_path):
-    rules, summary = run_filter(download, tmp_path)
+    summary = run_curate(download, tmp_path, shrunk_params(FILTER_STEPS))
+    rules, dedup = read_step_table(tmp_path, "rules"), read_step_table(tmp_path, "dedup")
     manifest = download["table"]
+    successes = manifest[manifest["status"] == "success"]
     assert list(rules.columns) == ["uid", "keep", "reason"]
-    assert rules["uid"].tolist() == manifest["uid"].tolist()
+    assert rules["uid"].tolist() == successes["uid"].tolist()  # failed downloads never reach a step
     assert (rules["keep"] == rules["reason"].isna()).all()
+    assert rules["reason"].tolist() == [expected_reason(i) for i in successes.index]
 
-    expected = [expected_reason(i) for i in range(len(manifest))]
-    # The fixture copies the previous written image into every sample with i % 31 == 30.
-    got = rules["reason"].where(rules["reason"] != "duplicate_image", None).tolist()
-    assert got == expected
-
-    duplicates = rules[rules["reason"] == "duplicate_image"]
-    assert len(duplicates) == 3  # i = 30, 61, 92 each repeat a kept image
+    assert dedup["uid"].tolist() == rules.loc[rules["keep"], "uid"].tolist()
+    duplicates = dedup[~dedup["keep"]]
+    assert set(duplicates["reason"]) == {"duplicate_image"}
+    assert len(duplicates) == 3  # i = 30, 61, 92 each repeat an image the rules kept
     for uid in duplicates["uid"]:
         sha = manifest.loc[manifest["uid"] == uid, "sha256"].item()
         twins = manifest[manifest["sha256"] == sha]
-        kept_twin = rules[rules["uid"].isin(twins["uid"]) & rules["keep"]]
-        assert kept_twin["uid"].tolist() == [min(twins["uid"])]
+        assert dedup.loc[dedup["uid"].isin(twins["uid"]) & dedup["keep"], "uid"].tolist() == [min(twins["uid"])]
+    sample_30 = manifest.loc[30, "uid"], manifest.loc[28, "uid"]
+    assert dedup["uid"].isin(sample_30).sum() == 2 and dedup.loc[dedup["uid"].isin(sample_30), "keep"].sum() == 1
 
-    assert summary["input"] == 120
-    assert summary["kept"] + sum(summary["dropped"].values()) == 120
-    assert summary["dropped"]["download:http_404"] == 8
-    assert summary["dropped"]["duplicate_image"] == 3
-    assert summary == json.loads((tmp_path / "rules_summary.json").read_text())
+    rules_summary, dedup_summary = summary["steps"]
+    assert rules_summary["input"] == 112 and rules_summary["shards"] == 4
+    assert rules_summary["kept"] + sum(rules_summary["dropped"].values()) == 112
+    assert dedup_summary["input"] == rules_summary["kept"]
+    assert dedup_summary["dropped"] == {"duplicate_image": 3}
+    assert summary["kept"] == dedup_summary["kept"] == dedup["keep"].sum()
 
 
 def test_each_rule_can_be_switched_off(download, tmp_path):
-    rules, summary = run_filter(download, tmp_path, min_words=None, min_chars=None, min_image_side=None,
-                                max_aspect_ratio=None, boilerplate_patterns=[], dedup_images=False)
-    assert set(summary["dropped"]) == {"download:http_404"}
-    assert summary["kept"] == 112
+    off = {**FILTER_STEPS, "filter.min_words": None, "filter.min_chars": None, "filter.min_image_side": None,
+           "filter.max_aspect_ratio": None, "filter.boilerplate_patterns": [], "filter.dedup_images": False}
+    summary = run_curate(download, tmp_path, shrunk_params(off))
+    assert [(s["input"], s["kept"], s["dropped"]) for s in summary["steps"]] == [(112, 112, {}), (112, 112, {})]
 
 
 def test_rule_precedence_and_boilerplate_defaults():
     batch = pd.DataFrame({
         "uid": list("abcdefgh"),
-        "status": ["success"] * 7 + ["failed_to_download"],
-        "error_reason": [None] * 7 + [None],
         "caption": ["a red circle on white", "IMG_0042 a red circle", "Click to enlarge this photo",
                     "photo.JPG", "red circle", "a blue square shape", "  a wide   banner  ", None],
-        "original_width": [300, 300, 300, 300, 300, 100, 1000, None],
-        "original_height": [300, 300, 300, 300, 300, 300, 200, None],
+        "original_width": [300, 300, 300, 300, 300, 100, 1000, 300],
+        "original_height": [300, 300, 300, 300, 300, 300, 200, 300],
     })
-    reasons = rule_reasons(batch, FilterParams(min_words=3, min_chars=6, min_image_side=200)).set_index("uid")["reason"]
-    assert reasons.to_dict() == {
+    reasons = rule_reasons(batch, FilterParams(min_words=3, min_chars=6, min_image_side=200))
+    assert dict(zip(batch["uid"], reasons)) == {
         "a": None, "b": None, "c": "boilerplate", "d": "min_words",
-        "e": "min_words", "f": "min_image_side", "g": "max_aspect_ratio",
-        "h": "download:unknown",
+        "e": "min_words", "f": "min_image_side", "g": "max_aspect_ratio", "h": "min_words",
     }
-    one_word = rule_reasons(batch, FilterParams(min_words=1, min_chars=1)).set_index("uid")["reason"]
-    assert one_word["d"] == "boilerplate"  # a bare file name
-    no_patterns = rule_reasons(batch, FilterParams(boilerplate_patterns=[], min_words=1)).set_index("uid")["reason"]
-    assert no_patterns["c"] is None and no_patterns["d"] is None
+    one_word = rule_reasons(batch, FilterParams(min_words=1, min_chars=1))
+    assert one_word[3] == "boilerplate"  # a bare file name
+    no_patterns = rule_reasons(batch, FilterParams(boilerplate_patterns=[], min_words=1))
+    assert no_patterns[2] is None and no_patterns[3] is None
+
+    decided = RulesStep(FilterParams(min_words=3, min_chars=6, min_image_side=200), CONTEXT).apply(batch)
+    assert list(decided.columns) == ["uid", "keep", "reason"]
+    assert decided["reason"].tolist() == list(reasons) and decided["keep"].tolist() == [r is None for r in reasons]
 
 
 @pytest.mark.parametrize("caption", ["untitled-1.png", "DSC00042.JPG", "Screenshot_000042.png", "download (3).jpg",
@@ -119,37 +115,41 @@ def test_bad_patterns_are_config_errors():
         FilterParams(boilerplate_patterns=["(unclosed"])
 
 
-def test_bad_manifest_names_file_and_field(download, tmp_path):
+def test_duplicates_are_found_across_shards_and_the_smallest_uid_wins():
+    step = DedupStep(FilterParams(), CONTEXT)
+    shards = [pd.DataFrame({"uid": ["u2", "u3", "u4"], "sha256": ["x", "y", "z"]}),
+              pd.DataFrame({"uid": ["u1", "u5", "u6"], "sha256": ["x", "y", "y"]})]
+    mapped = [step.map(batch) for batch in shards]
+    state = DedupStep.combine(step.params, [step.partial(m) for m in mapped], lambda: iter(mapped))
+    decided = pd.concat([step.decide(m, state) for m in mapped], ignore_index=True)
+    assert decided.set_index("uid")["reason"].to_dict() == {
+        "u2": "duplicate_image", "u3": None, "u4": None, "u1": None, "u5": "duplicate_image", "u6": "duplicate_image"}
+    pd.testing.assert_frame_equal(decided, step.apply(pd.concat(shards, ignore_index=True)))
+    keep_all = DedupStep(FilterParams(dedup_images=False), CONTEXT)
+    assert keep_all.apply(pd.concat(shards, ignore_index=True))["keep"].all()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_manifest_names_file_and_field(download, tmp_path, workers):
     table = download["table"]
-    table.drop(columns=["sha256"]).to_parquet(tmp_path / "no_sha.parquet", index=False)
+    params = shrunk_params({**FILTER_STEPS, "curate.workers": workers})
+
+    def curate_manifest(name: str, manifest: pd.DataFrame) -> None:
+        manifest.to_parquet(tmp_path / name, index=False)
+        run_curate({**download, "manifest": tmp_path / name}, tmp_path / name.replace(".parquet", ""), params)
+
     with pytest.raises(InputError, match=r"no_sha\.parquet: field 'sha256': missing column"):
-        filter_manifest(tmp_path / "no_sha.parquet", tmp_path / "out",
-                        FilterParams(), RayParams(), TrackingParams(enabled=False))
-    pd.concat([table, table.head(1)]).to_parquet(tmp_path / "dup.parquet", index=False)
-    with pytest.raises(InputError, match="field 'uid'.*more than once"):
-        filter_manifest(tmp_path / "dup.parquet", tmp_path / "out",
-                        FilterParams(), RayParams(), TrackingParams(enabled=False))
+        curate_manifest("no_sha.parquet", table.drop(columns=["sha256"]))
+    with pytest.raises(InputError, match="dup.parquet: field 'uid': .* more than once"):
+        curate_manifest("dup.parquet", pd.concat([table, table.head(1)]))
+    assert not (tmp_path / "no_sha").exists() and not (tmp_path / "dup").exists()
+
+    # Raised by a step (in a worker process when workers > 1), still naming the manifest.
     broken = table.copy()
     broken.loc[0, "original_width"] = None
-    broken.to_parquet(tmp_path / "no_width.parquet", index=False)
-    with pytest.raises(InputError, match="field 'original_width'"):
-        filter_manifest(tmp_path / "no_width.parquet", tmp_path / "out",
-                        FilterParams(), RayParams(), TrackingParams(enabled=False))
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_records_an_mlflow_run(download, tmp_path, mlflow_uri, default_params):
-    params = default_params.model_dump(mode="json")
-    params["filter"].update(SMALL)
-    params["tracking"]["tracking_uri"] = mlflow_uri
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "curate"
-    rc = main(["stage", "filter", "--params", str(tmp_path / "params.yaml"), "--manifest", str(download["manifest"]),
-               "--out-dir", str(out)])
-    assert rc == 0
-    summary = json.loads((out / "rules_summary.json").read_text())
-    mlflow.set_tracking_uri(mlflow_uri)
-    runs = mlflow.search_runs(experiment_names=[params["tracking"]["experiment"]], output_format="list")
-    assert [r.data.tags["clipmill.stage"] for r in runs] == ["filter"]
-    assert runs[0].data.metrics["kept"] == summary["kept"]
-    assert runs[0].data.metrics["dropped.download.http_404"] == 8
+    with pytest.raises(InputError, match=r"no_width\.parquet: field 'original_width': missing for successful"):
+        curate_manifest("no_width.parquet", broken)
+    broken = table.copy()
+    broken.loc[1, "sha256"] = None
+    with pytest.raises(InputError, match=r"no_hash\.parquet: field 'sha256': missing for successful"):
+        curate_manifest("no_hash.parquet", broken)

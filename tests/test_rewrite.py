@@ -1,25 +1,24 @@
-"""Caption rewriting: the rules backend, the faithfulness guard, the stage's table, counts and errors."""
+"""Caption rewriting: the rules backend, the faithfulness guard, prompts, the step's table, counts and errors."""
 from __future__ import annotations
 
-import json
-
-import mlflow
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipmill.cli import main as clipmill_main
-from components.common.errors import InputError
+from components.common.curation import output_path, read_step_table
+from components.common.errors import ClipmillError
 from components.common.hashing import make_uid
-from components.common.params import RayParams, TrackingParams
+from components.common.steps import StepContext
 from components.common.text import missing_entries, spaced_text
+from components.curate.stage import curate
 from components.rewrite.backends import Generated
-from components.rewrite.captions import rewrite_captions
 from components.rewrite.guard import guard_rewrites
-from components.rewrite.params import RewriteParams
+from components.rewrite.params import OpenAIBackendParams, RewriteParams
 from components.rewrite.prompt import build_prompt
 from components.rewrite.rules import RulesBackend
+from components.rewrite.step import RewriteStep
+from tests.test_curate import shrunk_params
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "star", "heart"]
@@ -39,17 +38,6 @@ def captions(n: int) -> pd.DataFrame:
         rows.append({"uid": make_uid(f"http://x/{i}", caption), "caption": caption,
                      "matched_entries": [e for e in ENTRIES if f" {e} " in spaced]})
     return pd.DataFrame(rows)
-
-
-def write_inputs(tmp_path, table: pd.DataFrame, dropped: int = 5) -> tuple:
-    """balance.parquet (the first ``dropped`` rows subsampled away) and a manifest with the captions."""
-    keep = [i >= dropped for i in range(len(table))]
-    balance = pd.DataFrame({"uid": table["uid"], "matched_entries": table["matched_entries"], "keep": keep,
-                            "reason": [None if k else "balance_subsampled" for k in keep]})
-    manifest = pd.DataFrame({"uid": table["uid"], "caption": table["caption"], "status": "success"})
-    balance.to_parquet(tmp_path / "balance.parquet", index=False)
-    manifest.to_parquet(tmp_path / "manifest.parquet", index=False)
-    return tmp_path / "balance.parquet", tmp_path / "manifest.parquet"
 
 
 def test_rules_backend_is_deterministic_and_keeps_the_matched_entries():
@@ -119,68 +107,73 @@ def test_prompt_has_three_examples_chosen_per_caption():
     assert prompts[0].text().endswith("\na red circle =>")
 
 
-def test_stage_writes_one_row_per_kept_caption_and_counts_add_up(tmp_path, mlflow_uri):
+def write_inputs(tmp_path, table: pd.DataFrame, unmatched: int = 5, per_shard: int = 50) -> None:
+    """A manifest of successful downloads (``per_shard`` per shard) with the captions, the first ``unmatched`` of
+    them replaced by captions that match no metadata entry; and the metadata file (ENTRIES)."""
+    captions = ["zzz qqq number %d" % i if i < unmatched else c for i, c in enumerate(table["caption"])]
+    n = len(table)
+    pd.DataFrame({"uid": table["uid"], "shard": [f"{i // per_shard:05d}.tar" for i in range(n)],
+                  "key": [f"{i:09d}" for i in range(n)], "caption": captions, "original_width": 64,
+                  "original_height": 64, "sha256": table["uid"], "status": "success"}).to_parquet(
+        tmp_path / "manifest.parquet", index=False)
+    (tmp_path / "metadata.txt").write_text("\n".join(ENTRIES) + "\n")
+
+
+def test_the_step_writes_one_row_per_kept_caption_and_counts_add_up(tmp_path):
     table = captions(120)
-    balance_path, manifest_path = write_inputs(tmp_path, table, dropped=5)
-    out, summary_path = tmp_path / "curate" / "rewrites.parquet", tmp_path / "curate" / "rewrites_summary.json"
-    params = RewriteParams(batch_size=32)
-    summary = rewrite_captions(balance_path, manifest_path, out, summary_path, params, 0, RayParams(),
-                               TrackingParams(tracking_uri=mlflow_uri))
-    schema = pq.read_schema(out)
-    assert schema.names == ["uid", "rewrites", "backend", "model"]
-    assert pa.types.is_list(schema.field("rewrites").type) and schema.field("rewrites").type.value_type == pa.string()
-    rewrites = pd.read_parquet(out)
-    assert sorted(rewrites["uid"]) == sorted(table["uid"][5:])
-    assert set(rewrites["backend"]) == {"rules"} and set(rewrites["model"]) == {"rules"}
-    assert summary == json.loads(summary_path.read_text())
-    assert summary["captions"] == 115 and summary["slots"] == 115 * 4
-    assert summary["kept"] + sum(summary["dropped"].values()) == summary["slots"]
-    assert summary["kept"] == rewrites["rewrites"].map(len).sum()
-    by_uid = table.set_index("uid")
+    write_inputs(tmp_path, table, unmatched=5)
+    params = shrunk_params({"curate.steps": ["balance", "rewrite"], "balance.metadata": str(tmp_path / "metadata.txt"),
+                            "balance.t": 1000, "rewrite.batch_size": 32})
+    summary = curate(tmp_path / "manifest.parquet", tmp_path / "shards", tmp_path / "curate", params)
+    balance, rewrites = read_step_table(tmp_path / "curate", "balance"), read_step_table(tmp_path / "curate", "rewrite")
+    assert balance["keep"].sum() == 115 and set(balance.loc[~balance["keep"], "reason"]) == {"no_metadata_match"}
+
+    schema = pq.read_schema(output_path(tmp_path / "curate", "rewrite", "00000"))
+    assert schema.names == ["uid", "keep", "reason", "rewrites", "rewrite_dropped"]
+    for column in ("rewrites", "rewrite_dropped"):
+        assert pa.types.is_list(schema.field(column).type) and schema.field(column).type.value_type == pa.string()
+    assert rewrites["uid"].tolist() == balance.loc[balance["keep"], "uid"].tolist()
+    assert rewrites["keep"].all() and rewrites["reason"].isna().all()
+
+    step = summary["steps"][-1]
+    assert step["input"] == step["kept"] == 115 and step["shards"] == 3
+    counts = step["rewrites"]
+    assert (counts["backend"], counts["model"]) == ("rules", "rules")
+    assert counts["captions"] == 115 and counts["slots"] == 115 * 4
+    assert counts["kept"] + sum(counts["dropped"].values()) == counts["slots"]
+    assert counts["kept"] == rewrites["rewrites"].map(len).sum()
+    assert sum(map(len, rewrites["rewrite_dropped"])) == sum(counts["dropped"].values())
+    entries = balance.set_index("uid")["matched_entries"]
     for uid, texts in zip(rewrites["uid"], rewrites["rewrites"]):
         assert all(isinstance(t, str) and t.strip() for t in texts)
-        assert all(not missing_entries(by_uid.at[uid, "matched_entries"], t) for t in texts)
-    runs = mlflow.search_runs(experiment_names=["clipmill"])
-    assert len(runs) == 1 and runs["metrics.kept"].iloc[0] == summary["kept"]
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs["run_id"].iloc[0])}
-    assert {"rewrites_summary.json", "rewrite_examples.json"} <= artifacts
+        assert all(not missing_entries(list(entries[uid]), t) for t in texts)
 
 
-def test_missing_column_is_one_clear_error(tmp_path):
-    table = captions(10)
-    balance_path, manifest_path = write_inputs(tmp_path, table)
-    pd.read_parquet(balance_path).drop(columns="matched_entries").to_parquet(balance_path, index=False)
-    with pytest.raises(InputError, match="field 'matched_entries': missing column"):
-        rewrite_captions(balance_path, manifest_path, tmp_path / "r.parquet", tmp_path / "s.json", RewriteParams(), 0,
-                         RayParams(), TrackingParams(enabled=False))
-    assert not (tmp_path / "r.parquet").exists()
+class HalfFailing:
+    """A backend whose every other caption gets no answer."""
+
+    def __init__(self, params, seed):
+        pass
+
+    def generate(self, uids, captions, entries):
+        return [Generated(error="backend:http_500") if i % 2 else Generated([f"{c}, rewritten"])
+                for i, c in enumerate(captions)]
 
 
-def test_cli_reports_kept_uid_missing_from_manifest(tmp_path, capsys, monkeypatch):
-    table = captions(10)
-    balance_path, manifest_path = write_inputs(tmp_path, table, dropped=0)
-    pd.read_parquet(manifest_path).iloc[1:].to_parquet(manifest_path, index=False)
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text("tracking:\n  enabled: false\n")
-    out = tmp_path / "rewrites.parquet"
-    rc = clipmill_main(["stage", "rewrite", "--params", str(params_file), "--balance", str(balance_path),
-                        "--manifest", str(manifest_path), "--out", str(out), "--summary", str(tmp_path / "s.json")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1
-    assert "manifest.parquet: field 'uid': 1 uids kept by balancing have no row" in err[0]
-    assert not out.exists()
+def test_a_shard_with_too_many_failed_captions_raises(monkeypatch):
+    monkeypatch.setattr("components.rewrite.captions.make_backend", HalfFailing)
+    batch = captions(10)
+    lenient = RewriteParams(rewrites_per_caption=2, openai=OpenAIBackendParams(max_failed_fraction=0.5))
+    out = RewriteStep(lenient, StepContext(shards_dir=".")).apply(batch)
+    assert out["keep"].all() and out["rewrites"].map(len).tolist() == [1, 0] * 5
+    assert out["rewrite_dropped"].map(list).tolist() == [["not_generated"], ["backend:http_500"] * 2] * 5
+
+    strict = RewriteParams(rewrites_per_caption=2, openai=OpenAIBackendParams(max_failed_fraction=0.4))
+    with pytest.raises(ClipmillError, match="5 of 10 captions of a shard got no answer"):
+        RewriteStep(strict, StepContext(shards_dir=".")).apply(batch)
 
 
-def test_ray_engine_writes_the_same_table_as_local(tmp_path):
-    table = captions(60)
-    balance_path, manifest_path = write_inputs(tmp_path, table, dropped=0)
-    outputs = {}
-    for engine in ("local", "ray"):
-        out = tmp_path / f"{engine}.parquet"
-        # batch_size 16: several batches, spread over Ray actors.
-        rewrite_captions(balance_path, manifest_path, out, tmp_path / f"{engine}.json",
-                         RewriteParams(engine=engine, batch_size=16), 0, RayParams(num_cpus=1),
-                         TrackingParams(enabled=False))
-        outputs[engine] = pd.read_parquet(out)
-    pd.testing.assert_frame_equal(outputs["local"], outputs["ray"])
-    assert json.loads((tmp_path / "local.json").read_text()) == json.loads((tmp_path / "ray.json").read_text())
+def test_an_empty_shard_gets_an_empty_table():
+    batch = captions(3).iloc[0:0]
+    out = RewriteStep(RewriteParams(), StepContext(shards_dir=".")).apply(batch)
+    assert out.empty and list(out.columns) == ["uid", "keep", "reason", "rewrites", "rewrite_dropped"]

@@ -15,10 +15,12 @@ import pytest
 
 from components.common.errors import ClipmillError
 from components.common.hashing import make_uid
-from components.common.params import RayParams, TrackingParams
-from components.rewrite.captions import rewrite_captions
+from components.common.steps import StepContext
+from components.rewrite.backends import model_name
+from components.rewrite.captions import summarize
 from components.rewrite.openai_backend import OpenAIBackend
 from components.rewrite.params import OpenAIBackendParams, RewriteParams
+from components.rewrite.step import RewriteStep
 
 # Choice i of an answer: a faithful paraphrase, except the last one, which drops the caption's words.
 VARIANTS = ["a picture of {c}", "an image showing {c}", "{c}, seen from the front", "a photo of {c} in daylight",
@@ -116,19 +118,20 @@ def make_params(server: ChatServer, tmp_path, **openai) -> RewriteParams:
     return RewriteParams(backend="openai", rewrites_per_caption=4, openai=OpenAIBackendParams(**settings))
 
 
-def write_inputs(tmp_path, n: int) -> tuple:
+def write_inputs(tmp_path, n: int) -> None:
+    """The rewrite step's input for one shard: uid, caption and the entries balancing matched."""
     captions = [f"a {c} circle number {i}" for i, c in zip(range(n), ["red", "blue", "green"] * n)]
     uids = [make_uid(f"http://x/{i}", c) for i, c in enumerate(captions)]
     entries = [[c.split()[1], "circle"] for c in captions]
-    pd.DataFrame({"uid": uids, "matched_entries": entries, "keep": True, "reason": None}).to_parquet(
-        tmp_path / "balance.parquet", index=False)
-    pd.DataFrame({"uid": uids, "caption": captions}).to_parquet(tmp_path / "manifest.parquet", index=False)
-    return tmp_path / "balance.parquet", tmp_path / "manifest.parquet"
+    pd.DataFrame({"uid": uids, "caption": captions, "matched_entries": entries}).to_parquet(
+        tmp_path / "batch.parquet", index=False)
 
 
-def run_stage(tmp_path, params: RewriteParams, tracking: TrackingParams | None = None) -> dict:
-    return rewrite_captions(tmp_path / "balance.parquet", tmp_path / "manifest.parquet", tmp_path / "rewrites.parquet",
-                            tmp_path / "summary.json", params, 0, RayParams(), tracking or TrackingParams(enabled=False))
+def run_stage(tmp_path, params: RewriteParams) -> dict:
+    """The rewrite step (built afresh, as in a new worker) over the written shard: rewrites.parquet and its counts."""
+    out = RewriteStep(params, StepContext(shards_dir=str(tmp_path))).apply(pd.read_parquet(tmp_path / "batch.parquet"))
+    out.to_parquet(tmp_path / "rewrites.parquet", index=False)
+    return summarize(out, params, model_name(params))
 
 
 def test_requests_follow_the_protocol_and_the_guard_drops_unfaithful_choices(server, tmp_path, monkeypatch):
@@ -144,7 +147,7 @@ def test_requests_follow_the_protocol_and_the_guard_drops_unfaithful_choices(ser
     assert roles == ["system"] + ["user", "assistant"] * 3 + ["user"]
     assert server.headers_seen[0]["Authorization"] == "Bearer sk-local"
     rewrites = pd.read_parquet(tmp_path / "rewrites.parquet")
-    assert set(rewrites["model"]) == {"tiny-chat"} and set(rewrites["backend"]) == {"openai"}
+    assert (summary["model"], summary["backend"]) == ("tiny-chat", "openai")
     first = rewrites.set_index("uid")["rewrites"].iloc[0].tolist()
     assert first[0].startswith("a picture of a ") and len(first) == 4
     assert summary["kept"] + sum(summary["dropped"].values()) == summary["slots"] == 24
@@ -183,7 +186,7 @@ def test_a_request_that_keeps_failing_is_recorded_and_a_dead_server_stops_the_st
 
     (tmp_path / "rewrites.parquet").unlink()
     strict = make_params(server, tmp_path / "fresh", max_retries=1, max_failed_fraction=0.0)
-    with pytest.raises(ClipmillError, match="1 of 4 captions got no answer"):
+    with pytest.raises(ClipmillError, match="1 of 4 captions of a shard got no answer"):
         run_stage(tmp_path, strict)
     assert not (tmp_path / "rewrites.parquet").exists()
 
@@ -201,16 +204,16 @@ def test_a_client_error_stops_at_once_without_retries(server, tmp_path):
     assert len(sent) == len(set(sent)) and len(sent) <= 2  # no retry; at most the request already picked up
 
 
-def test_a_rerun_is_answered_from_the_cache_with_zero_requests(server, tmp_path, mlflow_uri):
+def test_a_rerun_is_answered_from_the_cache_with_zero_requests(server, tmp_path):
     write_inputs(tmp_path, 10)
     params = make_params(server, tmp_path, concurrency=2)
     server.delay = 0.02
-    first = run_stage(tmp_path, params, TrackingParams(tracking_uri=mlflow_uri))
+    first = run_stage(tmp_path, params)
     table = pd.read_parquet(tmp_path / "rewrites.parquet")
     assert len(server.requests) == 10
     assert 1 <= server.max_in_flight <= 2
     server.requests.clear()
-    second = run_stage(tmp_path, params, TrackingParams(tracking_uri=mlflow_uri))
+    second = run_stage(tmp_path, params)
     assert server.requests == []
     assert second == first
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "rewrites.parquet"), table)

@@ -6,11 +6,13 @@ import pytest
 
 from components.common.errors import ConfigError
 from components.common.hashing import make_uid
-from components.common.params import RayParams, TrackingParams
-from components.rewrite.captions import rewrite_captions
+from components.common.steps import StepContext
+from components.rewrite.backends import model_name
+from components.rewrite.captions import summarize
 from components.rewrite.local_model import LocalModelBackend
 from components.rewrite.params import RewriteParams, TransformersBackendParams
 from components.rewrite.prompt import build_prompt
+from components.rewrite.step import RewriteStep
 
 CAPTIONS = [f"a {c} {s} on a plain background" for c in ("red", "blue", "green") for s in ("circle", "square")]
 
@@ -40,12 +42,10 @@ def make_params(model_dir, **overrides) -> RewriteParams:
                          transformers=TransformersBackendParams(model_dir=str(model_dir), batch_size=4), **overrides)
 
 
-def write_inputs(tmp_path) -> None:
+def step_input() -> pd.DataFrame:
+    """The rewrite step's input for one shard: uid, caption and the entries balancing matched (the color)."""
     uids = [make_uid(f"http://x/{i}", c) for i, c in enumerate(CAPTIONS)]
-    entries = [[c.split()[1]] for c in CAPTIONS]
-    pd.DataFrame({"uid": uids, "matched_entries": entries, "keep": True, "reason": None}).to_parquet(
-        tmp_path / "balance.parquet", index=False)
-    pd.DataFrame({"uid": uids, "caption": CAPTIONS}).to_parquet(tmp_path / "manifest.parquet", index=False)
+    return pd.DataFrame({"uid": uids, "caption": CAPTIONS, "matched_entries": [[c.split()[1]] for c in CAPTIONS]})
 
 
 def test_batched_generation_gives_k_sampled_rewrites_per_caption(model_dir):
@@ -71,18 +71,17 @@ def test_prompt_form_follows_the_tokenizer(model_dir):
     assert chat.startswith("<system> Rewrite") and chat.endswith(f"<user> {CAPTIONS[0]}\n<assistant>")
 
 
-def test_stage_runs_the_local_model_and_the_guard_counts_add_up(model_dir, tmp_path):
-    write_inputs(tmp_path)
-    summary = rewrite_captions(tmp_path / "balance.parquet", tmp_path / "manifest.parquet",
-                               tmp_path / "rewrites.parquet", tmp_path / "summary.json", make_params(model_dir), 0,
-                               RayParams(), TrackingParams(enabled=False))
-    table = pd.read_parquet(tmp_path / "rewrites.parquet")
-    assert len(table) == len(CAPTIONS) and set(table["model"]) == {str(model_dir)}
+def test_the_step_runs_the_local_model_and_the_guard_counts_add_up(model_dir):
+    batch = step_input()
+    params = make_params(model_dir)
+    table = RewriteStep(params, StepContext(shards_dir=".")).apply(batch)
+    summary = summarize(table, params, model_name(params))
+    assert len(table) == len(CAPTIONS) and summary["model"] == str(model_dir)
     assert summary["slots"] == 3 * len(CAPTIONS)
     assert summary["kept"] + sum(summary["dropped"].values()) == summary["slots"]
     # Random weights rarely say the caption's color: the guard drops those rewrites as lost_entry.
     assert summary["dropped"].get("lost_entry", 0) > 0
-    caption_of = pd.read_parquet(tmp_path / "manifest.parquet").set_index("uid")["caption"]
+    caption_of = batch.set_index("uid")["caption"]
     for uid, rewrites in zip(table["uid"], table["rewrites"]):
         assert all(caption_of[uid].split()[1] in r.split() for r in rewrites)
 

@@ -1,4 +1,4 @@
-"""CLIP-score filter: thresholds, equality with bare open_clip, scorer sources, records and CLI."""
+"""CLIP-score step: thresholds (the exact pool-wide top fraction), equality with bare open_clip, scorer sources."""
 from __future__ import annotations
 
 import io
@@ -11,19 +11,18 @@ import open_clip
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from clipmill.cli import main
+from components.common.curation import read_step_table
 from components.common.errors import ClipmillError, ConfigError, InputError
 from components.common.model import create_clip, export_local_dir
-from components.common.params import RayParams, TrackingParams
-from components.score.params import ScoreParams
 from components.common.shards import shard_file_name
-from components.score.scoring import score_survivors, score_threshold
+from components.common.steps import StepContext
+from components.score.params import ScoreParams
+from components.score.scoring import key_buckets, score_threshold, sortable_keys, top_fraction_score
+from components.score.step import ScoreStep
 from tests.curation_fixtures import make_download
-
-NO_TRACKING = TrackingParams(enabled=False)
+from tests.test_curate import run_curate, shrunk_params
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +33,12 @@ def tiny_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def download(tmp_path_factory):
-    root = tmp_path_factory.mktemp("download")
-    found = make_download(root, n=60, per_shard=25)
-    table = found["table"]
-    ok = table["status"] == "success"
-    rules = pd.DataFrame({"uid": table["uid"], "keep": ok, "reason": np.where(ok, None, "download:http_404")})
-    rules.to_parquet(root / "rules.parquet", index=False)
-    return {**found, "rules": root / "rules.parquet", "kept": table[ok]}
+    return make_download(tmp_path_factory.mktemp("download"), n=60, per_shard=25)
+
+
+def score_only(**score) -> dict:
+    """Params changes that run the score step alone (every successful download is scored)."""
+    return {"curate.steps": ["score"], **{f"score.{k}": v for k, v in score.items()}}
 
 
 def bare_open_clip_scores(export_dir, images: list[bytes], captions: list[str]) -> np.ndarray:
@@ -86,54 +84,94 @@ def test_absolute_threshold_and_both():
     assert score_threshold(scores, None, None) is None
 
 
+def test_sortable_keys_order_like_the_scores():
+    scores = np.array([-1.0, -0.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 0.5, 1.0], dtype=np.float32)
+    keys = sortable_keys(scores)
+    assert (np.diff(keys.astype(np.int64)) >= 0).all()
+    assert (np.argsort(keys, kind="stable") == np.argsort(scores, kind="stable")).all()
+
+
+def random_pools():
+    """(scores, top fraction, shard sizes): float32 cosines with ties, negatives, one score, f = 1, empty shards."""
+    rng = np.random.default_rng(0)
+    ties = rng.choice(np.array([-0.3, 0.1, 0.1000001, 0.25, 0.5], dtype=np.float32), 997)
+    yield ties, 0.3, [500, 0, 497]
+    for n, f in [(1, 0.3), (1, 1.0), (2, 0.5), (1000, 1.0), (1000, 0.001), (4099, 0.7), (20000, 0.3)]:
+        scores = rng.uniform(-1, 1, n).astype(np.float32)
+        cuts = np.sort(rng.integers(0, n + 1, 3))
+        yield scores, f, np.diff([0, *cuts, n]).tolist()
+    dense = (rng.normal(0.2, 1e-4, 30000)).astype(np.float32)  # many scores in one high-16-bit bucket
+    yield dense, 0.3, [10000, 10000, 10000]
+
+
+@pytest.mark.parametrize("scores, top_fraction, sizes", list(random_pools()))
+def test_the_radix_top_fraction_is_the_exact_sorted_rank(scores, top_fraction, sizes, tiny_export):
+    n = len(scores)
+    expected = np.sort(scores)[::-1][min(int(np.floor(n * top_fraction)), n - 1)]
+    shards = np.split(scores, np.cumsum(sizes)[:-1])
+
+    buckets, counts = zip(*(key_buckets(s) for s in shards))
+    buckets, counts = np.concatenate(buckets), np.concatenate(counts)
+    total = pd.Series(counts).groupby(buckets).sum()
+    in_bucket = lambda b: np.concatenate([s[(sortable_keys(s) >> 16) == b] for s in shards])  # noqa: E731
+    assert top_fraction_score(total.index.to_numpy(), total.to_numpy(), top_fraction, in_bucket) == expected
+
+    # The step's own partial and combine over the same shards.
+    step = ScoreStep(ScoreParams(scorer=f"local-dir:{tiny_export}", top_fraction=top_fraction, device="cpu"),
+                     StepContext(shards_dir="."))
+    mapped = [pd.DataFrame({"uid": [f"u{i}" for i in range(len(s))], "clip_score": s}) for s in shards]
+    state = ScoreStep.combine(step.params, [step.partial(m) for m in mapped], lambda: iter(mapped))
+    assert state["threshold"] == expected
+    kept = sum(int(step.decide(m, state)["keep"].sum()) for m in mapped)
+    assert kept == (scores >= expected).sum() >= min(int(np.floor(n * top_fraction)) + 1, n)
+
+
 def test_scores_equal_bare_open_clip_cosine(download, tiny_export, tmp_path):
-    params = ScoreParams(scorer=f"local-dir:{tiny_export}", top_fraction=0.5, batch_size=16, device="cpu")
-    summary = score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path, params,
-                              RayParams(), NO_TRACKING)
-    scores = pd.read_parquet(tmp_path / "scores.parquet")
-    kept = download["kept"]
-    assert list(scores.columns) == ["uid", "clip_score", "keep", "reason", "threshold"]
+    params = shrunk_params(score_only(scorer=f"local-dir:{tiny_export}", top_fraction=0.5, batch_size=16))
+    summary = run_curate(download, tmp_path, params)
+    scores = read_step_table(tmp_path, "score")
+    kept = download["table"][download["table"]["status"] == "success"]
+    assert list(scores.columns) == ["uid", "keep", "reason", "clip_score"]
     assert scores["uid"].tolist() == kept["uid"].tolist()
 
     reference = bare_open_clip_scores(tiny_export, read_images(download, kept), kept["caption"].tolist())
     np.testing.assert_allclose(scores["clip_score"], reference, atol=1e-5)
 
     n = len(scores)
-    threshold = np.sort(reference)[::-1][n // 2]
-    assert scores["threshold"].iloc[0] == pytest.approx(threshold, abs=1e-5)
-    assert scores["keep"].sum() == (scores["clip_score"] >= scores["threshold"]).sum() >= n // 2 + 1
+    threshold = np.sort(scores["clip_score"].to_numpy())[::-1][n // 2]
+    assert threshold == pytest.approx(np.sort(reference)[::-1][n // 2], abs=1e-5)
+    [step] = summary["steps"]
+    assert step["threshold"] == threshold
+    assert scores["keep"].sum() == (scores["clip_score"] >= threshold).sum() >= n // 2 + 1
     assert set(scores.loc[~scores["keep"], "reason"]) == {"low_clip_score"}
     assert scores.loc[scores["keep"], "reason"].isna().all()
-    assert summary["input"] == n and summary["kept"] + summary["dropped"]["low_clip_score"] == n
-    assert json.loads((tmp_path / "scores_summary.json").read_text())["threshold"] == pytest.approx(threshold, abs=1e-5)
+    assert step["input"] == n and step["kept"] + step["dropped"]["low_clip_score"] == n and step["shards"] == 3
+    assert json.loads((tmp_path / "steps" / "score" / "summary.json").read_text()) == step
 
 
 def test_config_name_with_checkpoint_equals_export(download, tiny_export, tmp_path):
-    params = ScoreParams(scorer="clipmill-tiny", checkpoint=str(tiny_export / "open_clip_model.safetensors"),
-                         top_fraction=None, min_score=0.0, device="cpu")
-    score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path / "a", params,
-                    RayParams(), NO_TRACKING)
-    params = ScoreParams(scorer="bootstrap", top_fraction=None, min_score=0.0, device="cpu")
-    score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path / "b", params,
-                    RayParams(), NO_TRACKING, bootstrap_model=tiny_export)
-    a, b = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in "ab")
+    params = shrunk_params(score_only(scorer="clipmill-tiny", top_fraction=None, min_score=0.0,
+                                      checkpoint=str(tiny_export / "open_clip_model.safetensors")))
+    run_curate(download, tmp_path / "a", params)
+    run_curate(download, tmp_path / "b", shrunk_params(score_only(scorer="bootstrap", top_fraction=None,
+                                                                  min_score=0.0)), tiny_export)
+    a, b = (read_step_table(tmp_path / d, "score") for d in "ab")
     np.testing.assert_allclose(a["clip_score"], b["clip_score"], atol=1e-6)
     assert (a["keep"] == (a["clip_score"] >= 0.0)).all()
 
 
-def test_config_name_without_checkpoint_is_a_config_error(download, tmp_path):
+def test_config_name_without_checkpoint_is_a_config_error_before_any_work(download, tmp_path):
     with pytest.raises(ConfigError, match="score.checkpoint must name its weights"):
-        score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path,
-                        ScoreParams(scorer="clipmill-tiny"), RayParams(), NO_TRACKING)
+        run_curate(download, tmp_path / "out", shrunk_params({"score.scorer": "clipmill-tiny"}))
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="checkpoint is only used"):
         ScoreParams(scorer="bootstrap", checkpoint="weights.safetensors")
 
 
 def test_missing_bootstrap_model_names_the_path(download, tmp_path):
-    with pytest.raises(InputError, match="absent/model: model source does not exist"):
-        score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path, ScoreParams(),
-                        RayParams(), NO_TRACKING, bootstrap_model=tmp_path / "absent" / "model")
-    assert not (tmp_path / "scores.parquet").exists()
+    with pytest.raises(InputError, match="absent/model: no bootstrap scorer export here"):
+        run_curate(download, tmp_path / "out", shrunk_params(), tmp_path / "absent" / "model")
+    assert not (tmp_path / "out").exists()
 
 
 class _ExportHolder(mlflow.pyfunc.PythonModel):
@@ -142,11 +180,11 @@ class _ExportHolder(mlflow.pyfunc.PythonModel):
 
 
 def test_registry_uri_absent_is_a_clear_error_and_present_resolves(download, tiny_export, tmp_path, mlflow_uri):
-    champion = ScoreParams(scorer="models:/clipmill@champion", top_fraction=None, device="cpu")
+    champion = shrunk_params({**score_only(scorer="models:/clipmill@champion", top_fraction=None),
+                              "tracking.tracking_uri": mlflow_uri})
     with pytest.raises(ClipmillError, match="models:/clipmill@champion"):
-        score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path / "absent", champion,
-                        RayParams(), TrackingParams(tracking_uri=mlflow_uri))
-    assert not (tmp_path / "absent").exists()
+        run_curate(download, tmp_path / "absent", champion)
+    assert not list((tmp_path / "absent").rglob("score/*.done"))
 
     mlflow.set_tracking_uri(mlflow_uri)
     with mlflow.start_run():
@@ -155,30 +193,10 @@ def test_registry_uri_absent_is_a_clear_error_and_present_resolves(download, tin
     version = mlflow.register_model(info.model_uri, "clipmill")
     mlflow.MlflowClient().set_registered_model_alias("clipmill", "champion", version.version)
 
-    score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path / "registry", champion,
-                    RayParams(), TrackingParams(tracking_uri=mlflow_uri, enabled=False))
-    params = ScoreParams(scorer=f"local-dir:{tiny_export}", top_fraction=None, device="cpu")
-    score_survivors(download["manifest"], download["rules"], download["shards"], tmp_path / "local", params,
-                    RayParams(), NO_TRACKING)
-    registry, local = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("registry", "local"))
+    run_curate(download, tmp_path / "registry", champion)
+    run_curate(download, tmp_path / "local", shrunk_params(score_only(scorer=f"local-dir:{tiny_export}",
+                                                                      top_fraction=None)))
+    registry, local = (read_step_table(tmp_path / d, "score") for d in ("registry", "local"))
     np.testing.assert_allclose(registry["clip_score"], local["clip_score"], atol=1e-6)
-    assert registry["keep"].all() and registry["threshold"].isna().all()
-
-
-def test_cli_bootstrap_scorer_records_histogram(download, tiny_export, tmp_path, mlflow_uri, default_params):
-    params = default_params.model_dump(mode="json")
-    params["score"].update(scorer="bootstrap", top_fraction=0.8, device="cpu")
-    params["tracking"]["tracking_uri"] = mlflow_uri
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    rc = main(["stage", "score", "--params", str(tmp_path / "params.yaml"), "--manifest", str(download["manifest"]),
-               "--rules", str(download["rules"]), "--shards", str(download["shards"]),
-               "--bootstrap-model", str(tiny_export), "--out-dir", str(tmp_path / "out")])
-    assert rc == 0
-    summary = json.loads((tmp_path / "out" / "scores_summary.json").read_text())
-    mlflow.set_tracking_uri(mlflow_uri)
-    (run,) = mlflow.search_runs(experiment_names=[params["tracking"]["experiment"]], output_format="list")
-    assert run.data.tags["clipmill.stage"] == "score"
-    assert run.data.metrics["kept"] == summary["kept"]
-    assert run.data.metrics["images_per_s"] > 0
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"scores_summary.json", "score_histogram.png"} <= artifacts
+    assert registry["keep"].all()
+    assert json.loads((tmp_path / "registry" / "steps" / "score" / "summary.json").read_text())["threshold"] is None

@@ -1,5 +1,5 @@
 """The real servers of infra/, started on loopback with the project's own scripts: a flow through an MLflow
-tracking server and a Prefect server, and a curation stage on a Ray cluster started with `ray start --head`."""
+tracking server and a Prefect server, and the curate stage on a Ray cluster started with `ray start --head`."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 from mlflow import MlflowClient
 
+from components.common.curation import read_step_table
 from tests.conftest import REPO
 from tests.curation_fixtures import make_download
 from tests.registry_fixtures import free_port, prefect_filter, running_server
@@ -75,7 +76,7 @@ def _ray_ready(address: str, deadline: float) -> None:
         time.sleep(2)
 
 
-def test_the_rule_filter_on_a_ray_cluster_address_equals_local(tmp_path, default_params):
+def test_the_curate_stage_on_a_ray_cluster_address_equals_local(tmp_path, default_params):
     download = make_download(tmp_path / "download", n=120)
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -86,20 +87,25 @@ def test_the_rule_filter_on_a_ray_cluster_address_equals_local(tmp_path, default
     try:
         _ray_ready(address, time.monotonic() + 180)
         outs = {}
-        for engine, ray_address in (("local", None), ("ray", address)):
+        for executor, ray_address in (("local", None), ("ray", address)):
             params = default_params.model_dump(mode="json")
-            params["filter"].update(engine=engine, batch_size=40, min_image_side=32)
+            params["curate"].update(steps=["rules", "dedup"], executor=executor, workers=0)
+            params["filter"].update(min_image_side=32)
             params["ray"]["address"] = ray_address
             params["tracking"]["enabled"] = False
-            (tmp_path / f"{engine}.yaml").write_text(yaml.safe_dump(params))
-            # in its own process, as dvc runs it: no Ray client state stays in the test process
-            done = subprocess.run([str(BIN / "clipmill"), "stage", "filter", "--params", str(tmp_path / f"{engine}.yaml"),
-                                   "--manifest", str(download["manifest"]), "--out-dir", str(tmp_path / engine)],
-                                  capture_output=True, text=True, timeout=600, env=RAY_ENV)
+            (tmp_path / f"{executor}.yaml").write_text(yaml.safe_dump(params))
+            # in its own process and with relative paths, as dvc runs it: no Ray client state stays in the test
+            # process, and the cluster's workers (another working directory) still find the curation directory
+            done = subprocess.run([str(BIN / "clipmill"), "stage", "curate", "--params", f"{executor}.yaml",
+                                   "--manifest", "download/manifest.parquet", "--shards", "download/shards",
+                                   "--out", f"{executor}/curate"],
+                                  capture_output=True, text=True, timeout=600, env=RAY_ENV, cwd=tmp_path)
             assert done.returncode == 0, done.stderr[-3000:]
-            outs[engine] = pd.read_parquet(tmp_path / engine / "rules.parquet")
-        pd.testing.assert_frame_equal(outs["local"], outs["ray"])
-        assert (~outs["ray"]["keep"]).sum() > 0
+            outs[executor] = {step: read_step_table(tmp_path / executor / "curate", step)
+                              for step in ("rules", "dedup")}
+        for step, local in outs["local"].items():
+            pd.testing.assert_frame_equal(local, outs["ray"][step], obj=step)
+        assert (~outs["ray"]["rules"]["keep"]).sum() > 0 and (~outs["ray"]["dedup"]["keep"]).sum() == 3
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:

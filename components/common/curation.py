@@ -129,7 +129,8 @@ def write_output(table: pd.DataFrame | pa.Table, data_path: Path, marker: dict) 
 
 def _hashable(values: pd.Series) -> pd.Series:
     """List-valued cells (matched entries, rewrites) as JSON text, so that pandas can hash them."""
-    if values.dtype != object or not values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
+    first = values.dropna().iloc[:1] if values.dtype == object else ()
+    if not len(first) or not isinstance(first.iloc[0], (list, tuple, np.ndarray)):  # a column holds one kind
         return values
     return values.map(lambda v: json.dumps(list(v), default=str) if isinstance(v, (list, tuple, np.ndarray)) else v)
 

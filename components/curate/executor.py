@@ -11,7 +11,7 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,10 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from components.common.curation import load_state, output_path, read_marker, step_class, unit_path, write_output
+from components.common.curation import (load_state, output_path, read_marker, rows_fingerprint, step_class, unit_path,
+                                        write_output)
 from components.common.errors import ConfigError
+from components.common.hashing import hash_obj
 from components.common.log import get_logger, progress_disabled
 from components.common.params import RayParams
 from components.common.steps import PoolStep, Step, StepContext, check_output
@@ -39,7 +41,8 @@ class UnitTask:
     unit: str
     phase: str
     fingerprint: str                                   # what the finished output's marker must hold
-    upstream: tuple[tuple[str, tuple[str, ...]], ...]  # (step, its columns) of every earlier step, in order
+    # (step, its columns, the fingerprint of the per-sample work that made them) of every earlier step, in order
+    upstream: tuple[tuple[str, tuple[str, ...], str | None], ...]
     state_hash: str | None = None                      # decide: the combined state it reads
 
     @property
@@ -48,20 +51,21 @@ class UnitTask:
 
     def done(self) -> bool:
         marker = read_marker(self.output)
-        return marker is not None and marker.get("fingerprint") == self.fingerprint
+        return (marker is not None and marker.get("fingerprint") == self.fingerprint
+                and (self.phase == "map" or "content" in marker))
 
 
-_BUILT: dict[tuple, Step] = {}
+_BUILT: dict[str, tuple[str, Step]] = {}
 _STATES: dict[tuple, dict] = {}
 
 
 def _step(task: UnitTask) -> Step:
-    """The step object of ``task``, built once per process and params."""
-    cls = step_class(task.step)
-    key = (task.step, cls.fingerprint(task.params, task.context, "build"))
-    if key not in _BUILT:
-        _BUILT[key] = cls(task.params, task.context)
-    return _BUILT[key]
+    """The step object of ``task``, built once per process for its params and context (one per step kept)."""
+    params = task.params.model_dump(mode="json") if hasattr(task.params, "model_dump") else task.params
+    key = hash_obj({"params": params, "context": asdict(task.context)})
+    if task.step not in _BUILT or _BUILT[task.step][0] != key:
+        _BUILT[task.step] = (key, step_class(task.step)(task.params, task.context))
+    return _BUILT[task.step][1]
 
 
 def _state(task: UnitTask) -> dict:
@@ -77,10 +81,10 @@ def _state(task: UnitTask) -> dict:
 
 
 def step_input(curate_dir: Path, unit: str, needs: tuple[str, ...],
-               upstream: tuple[tuple[str, tuple[str, ...]], ...]) -> pd.DataFrame:
+               upstream: tuple[tuple[str, tuple[str, ...], str | None], ...]) -> pd.DataFrame:
     """The unit's rows that every earlier step kept: uid, the manifest columns ``needs`` and earlier columns."""
     rows = pd.read_parquet(unit_path(curate_dir, unit), columns=["uid", *[c for c in needs if c != "uid"]])
-    for name, columns in upstream:
+    for name, columns, _ in upstream:
         decided = pd.read_parquet(output_path(curate_dir, name, unit), columns=["uid", "keep", *columns])
         kept = decided[decided["keep"].astype(bool)].set_index("uid")
         rows = rows[rows["uid"].isin(kept.index)].reset_index(drop=True)
@@ -109,15 +113,20 @@ def _counts(out: pd.DataFrame) -> dict:
 
 
 def run_task(task: UnitTask) -> dict:
-    """Do ``task`` unless its output is already finished; returns the output's marker."""
-    marker = read_marker(task.output)
-    if marker is not None and marker.get("fingerprint") == task.fingerprint:
-        return marker
+    """Do ``task`` unless its output is already finished; returns the output's marker.
+
+    The marker of a decision (apply, decide) also holds ``content``, the fingerprint of what later steps read
+    from it (uid, keep, the step's columns): they redo a shard only when that changed.
+    """
+    if task.done():
+        return read_marker(task.output)
+    step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
     started = time.perf_counter()
-    step = _step(task)
     cls = type(step)
     curate_dir = Path(task.curate_dir)
-    params_fp = cls.fingerprint(task.params, task.context, task.phase)
+    # A sample's earlier output is reused only under the same params and the same per-sample work upstream (the
+    # columns the step reads: rewrite's matched entries change with balance's metadata).
+    params_fp = hash_obj([cls.fingerprint(task.params, task.context, task.phase), [fp for *_, fp in task.upstream]])
     if task.phase == "decide":
         assert isinstance(step, PoolStep)
         mapped = pd.read_parquet(output_path(curate_dir, task.step, task.unit, "map"))
@@ -137,6 +146,8 @@ def run_task(task: UnitTask) -> dict:
         else:
             out = check_output(cls, _reuse(task, batch, step.apply, params_fp), batch, [*cls.columns, *cls.extra_columns])
             counts = _counts(out)
+    if task.phase != "map":
+        counts["content"] = rows_fingerprint(out[["uid", "keep", *cls.columns]])
     marker = {"fingerprint": task.fingerprint, "params": params_fp, "seconds": time.perf_counter() - started,
               **counts}
     write_output(out, task.output, marker)

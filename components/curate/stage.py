@@ -1,4 +1,4 @@
-"""The curate stage: the declared steps (``plan.py``) over every download shard, step by step.
+"""The curate stage: the declared steps (``components/common/curation.py``) over every download shard, step by step.
 
 For each step in order: a per-sample step runs on every shard; a pool step maps every shard, combines the
 partials into its state, and decides every shard. Each output is written once per shard with a completion
@@ -70,20 +70,23 @@ def _remove_stale(curate_dir: Path, names: list[str], units: list[str]) -> None:
     steps_root = curate_dir / STEPS_DIR
     if not steps_root.is_dir():
         return
+    keep = set(units)
     for folder in steps_root.iterdir():
         if folder.is_dir() and folder.name not in names:
             shutil.rmtree(folder)
-    keep = set(units)
-    for path in steps_root.rglob("*.parquet"):
-        if path.parent.name not in ("state",) and path.stem not in keep:
-            path.unlink()
-            path.with_suffix(".done").unlink(missing_ok=True)
+            continue
+        for marker in folder.rglob("*.done"):  # every unit output has a marker; state and summaries do not
+            parts = marker.relative_to(folder).with_suffix("").parts
+            unit = "/".join(parts[1:] if parts[0] in ("map", "partial") else parts)
+            if unit not in keep:
+                marker.unlink()
+                marker.with_suffix(".parquet").unlink(missing_ok=True)
 
 
 def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
               executor: Executor) -> list[dict]:
     """Every step over every unit, in order; returns the per-step summaries."""
-    fingerprints = {unit: unit_fingerprint(curate_dir, unit) for unit in units}
+    inputs = {unit: unit_fingerprint(curate_dir, unit) for unit in units}  # of each step's input rows, per unit
     upstream: tuple = ()
     summaries = []
     for step in steps:
@@ -91,23 +94,28 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
         resources = step.resources(section)
         started = time.perf_counter()
         if issubclass(step, PoolStep):
-            mapped = _fingerprints(step, section, context, "map", fingerprints)
+            mapped = _fingerprints(step, section, context, "map", inputs)
             executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream), resources)
             state = step.combine(section, _frames(curate_dir, step.name, "partial", units),
                                  lambda: _frames(curate_dir, step.name, "map", units))
             state_hash = save_state(curate_dir, step.name, state)
-            fingerprints = _fingerprints(step, section, context, "decide", mapped, state_hash)
-            executor.run(_tasks(curate_dir, step, section, context, "decide", fingerprints, upstream, state_hash))
+            decided = _fingerprints(step, section, context, "decide", mapped, state_hash)
+            executor.run(_tasks(curate_dir, step, section, context, "decide", decided, upstream, state_hash))
         else:
-            fingerprints = _fingerprints(step, section, context, "apply", fingerprints)
-            executor.run(_tasks(curate_dir, step, section, context, "apply", fingerprints, upstream), resources)
+            applied = _fingerprints(step, section, context, "apply", inputs)
+            executor.run(_tasks(curate_dir, step, section, context, "apply", applied, upstream), resources)
+        # The next step's input follows from this one's and from what this one decided, so a shard whose decisions
+        # did not change (a new shard moved the pool state, not them) is not redone downstream.
+        inputs = {unit: hash_obj([fp, read_marker(output_path(curate_dir, step.name, unit))["content"]])
+                  for unit, fp in inputs.items()}
         summary = step_summary(curate_dir, step, section, units)
         summary["wall_seconds"] = time.perf_counter() - started
         write_json(summary, step_dir(curate_dir, step.name) / "summary.json")
         log.info("%s: kept %d of %d (%s)", step.name, summary["kept"], summary["input"],
                  ", ".join(f"{k}={v}" for k, v in summary["dropped"].items()) or "nothing dropped")
         summaries.append(summary)
-        upstream = upstream + ((step.name, tuple(step.columns)),)
+        made_by = step.fingerprint(section, context, "map" if issubclass(step, PoolStep) else "apply")
+        upstream = upstream + ((step.name, tuple(step.columns), made_by if step.columns else None),)
     for before, after in zip(summaries, summaries[1:]):
         if after["input"] != before["kept"]:
             raise AssertionError(f"curation funnel does not add up: {before['step']} kept {before['kept']}, "
@@ -117,18 +125,21 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
 
 def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_dir: str | os.PathLike, params,
            inputs: dict[str, str] | None = None) -> dict:
-    """The download manifest and shards in; ``out_dir`` (see ``layout.py``) and ``out_dir/summary.json`` out.
+    """The download manifest and shards in; ``out_dir`` (laid out as ``components/common/curation.py`` says) and
+    ``out_dir/summary.json`` out.
 
     ``params`` is the whole params.yaml (each step reads its own section; ``curate`` says which steps run and
-    where); ``inputs`` are extra named inputs of steps (``bootstrap_model``). Returns the summary.
+    where); ``inputs`` are extra named inputs of steps (``bootstrap_model``; ``manifest``, the path that errors
+    name, defaults to ``manifest_path``). Returns the summary.
     """
-    manifest_path, out_dir = Path(manifest_path), Path(out_dir)
+    # Absolute: tasks may run in another working directory (the workers of a Ray cluster).
+    manifest_path, out_dir = Path(manifest_path), Path(out_dir).absolute()
     names = params.curate.steps
     steps = step_classes(names)
     context = StepContext(shards_dir=str(Path(shards_dir).absolute()), seed=params.project.seed,
                           tracking_uri=tracking_uri(params.tracking),
                           inputs={k: str(Path(v).absolute()) if k != "manifest" else str(v)
-                                  for k, v in (inputs or {}).items()})
+                                  for k, v in {"manifest": manifest_path, **(inputs or {})}.items()})
     for step in steps:  # a step that cannot run fails here, before any work
         step.check_params(step_params(step, params), context)
     sections = {"curate": params.curate.model_dump(mode="json"),

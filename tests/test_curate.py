@@ -1,0 +1,310 @@
+"""The curate stage: the declared steps over every download shard; funnel, reruns, executors, resume, increments.
+
+One download (6 shards) and one tiny scorer are shared by the module; the reference run curates them in this
+process with the repo's params.yaml shrunk, and the other tests compare against its tables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from clipmill.cli import main
+from clipmill.params import Params, load_params, parse_params
+from components.common.curation import STEP_NAMES, read_step, read_step_table, step_class
+from components.common.errors import ConfigError, InputError
+from components.common.hashing import make_uid
+from components.common.model import create_clip, export_local_dir
+from components.common.params import section_at
+from components.curate.stage import curate
+from tests.conftest import REPO
+from tests.curation_fixtures import make_download
+
+
+def shrunk_params(changes: dict | None = None) -> Params:
+    """The repo's params.yaml, shrunk for the test fixtures (no MLflow, in this process, small images, small t);
+    ``changes`` maps dotted keys (``curate.steps``) to values."""
+    params = load_params(REPO / "params.yaml")
+    defaults = {"tracking.enabled": False, "curate.workers": 0, "filter.min_image_side": 32, "score.device": "cpu",
+                "balance.t": 5}
+    for key, value in {**defaults, **(changes or {})}.items():
+        section, _, field = key.rpartition(".")
+        setattr(section_at(params, section), field, value)
+    return params
+
+
+def run_curate(download: dict, out: Path, params: Params, scorer: Path | None = None) -> dict:
+    """The curate stage over a make_download output, as the CLI calls it."""
+    inputs = {"bootstrap_model": scorer} if scorer is not None else {}
+    return curate(download["manifest"], download["shards"], out, params, inputs)
+
+
+def step_tables(out: Path, steps=STEP_NAMES) -> dict[str, pd.DataFrame]:
+    return {step: read_step_table(out, step) for step in steps}
+
+
+def assert_same_tables(got: dict[str, pd.DataFrame], expected: dict[str, pd.DataFrame]) -> None:
+    assert list(got) == list(expected)
+    for name, table in expected.items():
+        pd.testing.assert_frame_equal(got[name], table, obj=name)
+
+
+def shard_outputs(out: Path, under: str = ".") -> dict[str, tuple[int, bytes]]:
+    """(mtime_ns, bytes) of every per-shard output and of its completion marker under ``out/under``, by path."""
+    files = [f for marker in (out / under).rglob("*.done") for f in (marker, marker.with_suffix(".parquet"))]
+    return {f.relative_to(out).as_posix(): (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(files)}
+
+
+def counts_only(summary: dict) -> dict:
+    """A stage summary without its timings."""
+    return {k: counts_only(v) if isinstance(v, dict) else [counts_only(s) for s in v] if isinstance(v, list) else v
+            for k, v in summary.items() if k not in ("seconds", "wall_seconds")}
+
+
+@pytest.fixture(scope="module")
+def download(tmp_path_factory) -> dict:
+    return make_download(tmp_path_factory.mktemp("download"), n=300, per_shard=50)
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return export_local_dir(create_clip("clipmill-tiny"), tmp_path_factory.mktemp("scorer") / "model")
+
+
+@pytest.fixture(scope="module")
+def reference(download, scorer, tmp_path_factory) -> dict:
+    """Every step, in this process, from scratch."""
+    out = tmp_path_factory.mktemp("reference") / "curate"
+    summary = run_curate(download, out, shrunk_params(), scorer)
+    return {"out": out, "summary": summary, "tables": step_tables(out)}
+
+
+def copy_of(reference: dict, tmp_path: Path) -> Path:
+    out = tmp_path / "curate"
+    shutil.copytree(reference["out"], out)
+    return out
+
+
+def test_counts_add_up_along_the_funnel_and_every_drop_has_a_declared_reason(download, reference):
+    summary, tables = reference["summary"], reference["tables"]
+    successes = download["table"][download["table"]["status"] == "success"]
+    assert summary["shards"] == 6 and summary["samples"] == len(successes) == 280
+    assert summary == json.loads((reference["out"] / "summary.json").read_text())
+    assert tables["rules"]["uid"].tolist() == successes["uid"].tolist()
+
+    arriving = summary["samples"]
+    for step in summary["steps"]:
+        table = tables[step["step"]]
+        assert step["input"] == arriving == len(table)
+        assert step["kept"] + sum(step["dropped"].values()) == step["input"] and step["shards"] == 6
+        assert table["keep"].sum() == step["kept"]
+        assert table.loc[~table["keep"], "reason"].value_counts().to_dict() == step["dropped"]
+        assert table.loc[table["keep"], "reason"].isna().all()
+        declared = step_class(step["step"]).reasons
+        assert all(r in declared or r.split(":")[0] in declared for r in step["dropped"]), step
+        assert json.loads((reference["out"] / "steps" / step["step"] / "summary.json").read_text()) == step
+        arriving = step["kept"]
+    assert summary["kept"] == arriving > 0
+    for name in ("rules", "dedup", "score", "balance"):  # every filtering step has something to do on this fixture
+        assert (~tables[name]["keep"]).any(), name
+
+    # Every sample either reaches the end or is dropped by exactly one step, with its reason.
+    dropped = pd.concat([t.loc[~t["keep"], "uid"] for t in tables.values()])
+    assert not dropped.duplicated().any()
+    assert sorted([*dropped, *tables["rewrite"]["uid"]]) == sorted(successes["uid"])
+
+
+def test_a_rerun_skips_every_finished_shard(download, scorer, reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    before = shard_outputs(out)
+    assert len(before) == 2 * 6 * (1 + 2 + 3 * 3)  # units; rules and rewrite; map, partial and decision of 3 pool steps
+    summary = run_curate(download, out, shrunk_params(), scorer)
+    assert shard_outputs(out) == before
+    assert counts_only(summary) == counts_only(reference["summary"])
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("executor", ["process_pool", "ray"])
+def test_a_process_pool_and_ray_give_the_same_tables(executor, download, scorer, reference, tmp_path, request):
+    if executor == "ray":
+        request.getfixturevalue("local_ray")
+        params = shrunk_params({"curate.executor": "ray"})
+    else:
+        params = shrunk_params({"curate.workers": 2})
+    summary = run_curate(download, tmp_path / "curate", params, scorer)
+    assert_same_tables(step_tables(tmp_path / "curate"), reference["tables"])
+    assert counts_only(summary) == counts_only(reference["summary"])
+
+
+def write_params(path: Path, params: Params) -> Path:
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
+def cli_args(params_file: Path, download: dict, scorer: Path, out: Path) -> list[str]:
+    return ["stage", "curate", "--params", str(params_file), "--manifest", str(download["manifest"]),
+            "--shards", str(download["shards"]), "--bootstrap-model", str(scorer), "--out", str(out)]
+
+
+def test_a_killed_run_resumes_to_the_same_outputs(download, scorer, reference, tmp_path):
+    params_file = write_params(tmp_path / "params.yaml", shrunk_params())
+    out = tmp_path / "curate"
+    args = cli_args(params_file, download, scorer, out)
+    with open(tmp_path / "killed.log", "wb") as log:
+        run = subprocess.Popen([sys.executable, "-m", "clipmill.cli", *args], cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        # Killed once the scorer has finished a shard or two: earlier steps are complete, score is half done.
+        while not list((out / "steps" / "score" / "map").glob("*.done")):
+            assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.02)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert run.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (out / "summary.json").exists()
+    assert 0 < len(list((out / "steps" / "score" / "map").glob("*.done"))) < 6
+
+    assert main(args) == 0
+    assert_same_tables(step_tables(out), reference["tables"])
+    assert counts_only(json.loads((out / "summary.json").read_text())) == counts_only(reference["summary"])
+
+
+def test_a_new_shard_is_curated_incrementally(download, scorer, reference, tmp_path):
+    """Shards 0-4 first, then the download grows by shard 5: the result equals the from-scratch reference."""
+    table = download["table"]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for tar in sorted(download["shards"].glob("*.tar"))[:5]:
+        shutil.copy(tar, shards)
+    first = {"manifest": tmp_path / "first.parquet", "shards": shards}
+    table[table["shard"] != "00005.tar"].to_parquet(first["manifest"], index=False)
+    out = tmp_path / "curate"
+    run_curate(first, out, shrunk_params(), scorer)
+    scored = shard_outputs(out, "steps/score/map")
+    assert len(scored) == 2 * 5
+
+    shutil.copy(download["shards"] / "00005.tar", shards)
+    grown = {"manifest": tmp_path / "grown.parquet", "shards": shards}
+    table.to_parquet(grown["manifest"], index=False)
+    summary = run_curate(grown, out, shrunk_params(), scorer)
+
+    # The scores of the first shards were neither recomputed nor rewritten; the new shard has its own.
+    now = shard_outputs(out, "steps/score/map")
+    assert {k: v for k, v in now.items() if k in scored} == scored
+    assert set(now) - set(scored) == {"steps/score/map/00005.parquet", "steps/score/map/00005.done"}
+    assert_same_tables(step_tables(out), reference["tables"])
+    assert counts_only(summary) == counts_only(reference["summary"])
+    entry_counts = "steps/balance/entry_counts.parquet"
+    pd.testing.assert_frame_equal(pd.read_parquet(out / entry_counts), pd.read_parquet(reference["out"] / entry_counts))
+
+
+def test_steps_left_out_keep_what_they_would_drop(download, scorer, reference, tmp_path):
+    out = copy_of(reference, tmp_path)
+    earlier = shard_outputs(out, "steps/score")
+    summary = run_curate(download, out, shrunk_params({"curate.steps": ["rules", "dedup", "score", "rewrite"]}),
+                         scorer)
+    assert not (out / "steps" / "balance").exists()
+    assert [s["step"] for s in summary["steps"]] == ["rules", "dedup", "score", "rewrite"]
+    assert shard_outputs(out, "steps/score") == earlier  # the steps before the change were not redone
+
+    score, rewrite = reference["tables"]["score"], read_step_table(out, "rewrite")
+    assert rewrite["uid"].tolist() == score.loc[score["keep"], "uid"].tolist()
+    assert rewrite["keep"].all() and summary["kept"] == len(rewrite)
+    # Without balance no caption has matched entries: the guard has none to lose.
+    counts = summary["steps"][-1]["rewrites"]
+    assert counts["captions"] == len(rewrite) and "lost_entry" not in counts["dropped"]
+    assert counts["kept"] == rewrite["rewrites"].map(len).sum() > 0
+
+
+def test_a_changed_step_redoes_what_depends_on_it(download, scorer, reference, tmp_path):
+    """Other metadata: balance matches again, and rewrite (whose paraphrases keep the matched entries) rewrites again
+    ("background" is no longer matched, so the rules backend may say "backdrop")."""
+    (tmp_path / "shapes.txt").write_text("circle\nsquare\ntriangle\n")
+    params = shrunk_params({"balance.metadata": str(tmp_path / "shapes.txt")})
+    out = copy_of(reference, tmp_path)
+    earlier = shard_outputs(out, "steps/score")
+    run_curate(download, out, params, scorer)
+    run_curate(download, tmp_path / "scratch", params, scorer)
+    assert shard_outputs(out, "steps/score") == earlier
+    assert_same_tables(step_tables(out), step_tables(tmp_path / "scratch"))
+    matched = read_step_table(out, "balance")["matched_entries"].map(list)
+    assert matched.map(lambda m: set(m) <= {"circle", "square", "triangle"}).all()
+    assert read_step_table(out, "rewrite")["rewrites"].map(lambda r: any("backdrop" in t for t in r)).any()
+
+
+def test_a_shard_emptied_by_an_early_step_passes_every_later_step(download, scorer, reference, tmp_path):
+    table = download["table"].copy()
+    blank = table["shard"] == "00001.tar"
+    table.loc[blank, "caption"] = "blank"  # one word: the rules drop the whole shard
+    table.loc[blank, "uid"] = [make_uid(url, "blank") for url in table.loc[blank, "url"]]
+    emptied = {"manifest": tmp_path / "emptied.parquet", "shards": download["shards"]}
+    table.to_parquet(emptied["manifest"], index=False)
+    out = copy_of(reference, tmp_path)
+    summary = run_curate(emptied, out, shrunk_params(), scorer)
+
+    assert set(dict(read_step(out, "rules", units=["00001"]))["00001"]["reason"]) == {"min_words"}
+    for step in STEP_NAMES[1:]:
+        assert dict(read_step(out, step, units=["00001"]))["00001"].empty, step
+    kept = read_step_table(out, "rewrite")
+    assert summary["kept"] == len(kept) > 0
+    assert not set(kept["uid"]) & set(table.loc[blank, "uid"])
+
+
+def test_a_manifest_missing_a_column_is_one_input_error(download, scorer, tmp_path, capsys):
+    download["table"].drop(columns=["caption"]).to_parquet(tmp_path / "no_caption.parquet", index=False)
+    broken = {**download, "manifest": tmp_path / "no_caption.parquet"}
+    with pytest.raises(InputError, match=r"no_caption\.parquet: field 'caption': missing column"):
+        run_curate(broken, tmp_path / "curate", shrunk_params(), scorer)
+    assert not (tmp_path / "curate").exists()
+
+    params_file = write_params(tmp_path / "params.yaml", shrunk_params())
+    assert main(cli_args(params_file, broken, scorer, tmp_path / "curate")) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("no_caption.parquet: field 'caption': missing column")
+
+
+def test_unknown_or_misordered_steps_are_config_errors():
+    with pytest.raises(ConfigError, match=r"curate\.steps.*unknown step\(s\) \['sharpen'\]"):
+        parse_params({"curate": {"steps": ["rules", "sharpen"]}})
+    with pytest.raises(ConfigError, match=r"curate\.steps.*declared order"):
+        parse_params({"curate": {"steps": ["score", "rules"]}})
+    assert parse_params({"curate": {"steps": ["rules", "balance"]}}).curate.steps == ["rules", "balance"]
+
+
+def test_the_cli_records_one_mlflow_run_with_per_step_metrics(download, scorer, reference, tmp_path, mlflow_uri):
+    out = copy_of(reference, tmp_path)
+    params = shrunk_params({"tracking.enabled": True, "tracking.tracking_uri": mlflow_uri})
+    assert main(cli_args(write_params(tmp_path / "params.yaml", params), download, scorer, out)) == 0
+    mlflow.set_tracking_uri(mlflow_uri)
+    [run] = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+    assert run.data.tags["clipmill.stage"] == "curate"
+    metrics, steps = run.data.metrics, {s["step"]: s for s in reference["summary"]["steps"]}
+    assert metrics["samples_in"] == 280 and metrics["samples_out"] == reference["summary"]["kept"]
+    assert metrics["score.kept"] == steps["score"]["kept"]
+    assert metrics["score.dropped.low_clip_score"] == steps["score"]["dropped"]["low_clip_score"]
+    assert metrics["rules.dropped.min_words"] == steps["rules"]["dropped"]["min_words"]
+    assert metrics["balance.tail_share"] == pytest.approx(steps["balance"]["tail_share"])
+    assert run.data.params["curate.steps"] == str(list(STEP_NAMES)) and run.data.params["balance.t"] == "5"
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)] == ["summary.json"]
