@@ -120,7 +120,7 @@ def test_duplicates_are_found_across_shards_and_the_smallest_uid_wins():
     shards = [pd.DataFrame({"uid": ["u2", "u3", "u4"], "sha256": ["x", "y", "z"]}),
               pd.DataFrame({"uid": ["u1", "u5", "u6"], "sha256": ["x", "y", "y"]})]
     mapped = [step.map(batch) for batch in shards]
-    state = DedupStep.combine(step.params, [step.partial(m) for m in mapped], lambda: iter(mapped))
+    state = DedupStep.combine(step.params, lambda: (step.partial(m) for m in mapped), lambda: iter(mapped))
     decided = pd.concat([step.decide(m, state) for m in mapped], ignore_index=True)
     assert decided.set_index("uid")["reason"].to_dict() == {
         "u2": "duplicate_image", "u3": None, "u4": None, "u1": None, "u5": "duplicate_image", "u6": "duplicate_image"}

@@ -120,7 +120,7 @@ def test_the_radix_top_fraction_is_the_exact_sorted_rank(scores, top_fraction, s
     step = ScoreStep(ScoreParams(scorer=f"local-dir:{tiny_export}", top_fraction=top_fraction, device="cpu"),
                      StepContext(shards_dir="."))
     mapped = [pd.DataFrame({"uid": [f"u{i}" for i in range(len(s))], "clip_score": s}) for s in shards]
-    state = ScoreStep.combine(step.params, [step.partial(m) for m in mapped], lambda: iter(mapped))
+    state = ScoreStep.combine(step.params, lambda: (step.partial(m) for m in mapped), lambda: iter(mapped))
     assert state["threshold"] == expected
     kept = sum(int(step.decide(m, state)["keep"].sum()) for m in mapped)
     assert kept == (scores >= expected).sum() >= min(int(np.floor(n * top_fraction)) + 1, n)

@@ -7,7 +7,7 @@ Combine: count_e over the pool. Decide: keep with probability 1 - prod(1 - t / m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -54,10 +54,12 @@ class BalanceStep(PoolStep):
         return pd.DataFrame({"entry": counts.index.astype(str), "count": counts.to_numpy(np.int64)})
 
     @classmethod
-    def combine(cls, params: BalanceParams, partials: Iterable[pd.DataFrame],
+    def combine(cls, params: BalanceParams, partials: Callable[[], Iterator[pd.DataFrame]],
                 mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
-        table = pd.concat(list(partials), ignore_index=True)
-        counts = table.groupby("entry", sort=True)["count"].sum()
+        counts = pd.Series(dtype=np.int64)  # a running sum: at most one count per metadata entry in memory
+        for partial in partials():
+            counts = counts.add(partial.set_index("entry")["count"], fill_value=0)
+        counts = counts.sort_index().astype(np.int64)
         return {"counts": pd.DataFrame({"entry": counts.index.astype(str), "count": counts.to_numpy(np.int64)})}
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:

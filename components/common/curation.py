@@ -141,11 +141,27 @@ def rows_fingerprint(table: pd.DataFrame) -> str:
     return hashlib.sha256(json.dumps(list(map(str, table.columns))).encode() + hashed.tobytes()).hexdigest()
 
 
+def _write_unit(manifest_path: Path, curate_dir: Path, unit: str, parts: list[pd.DataFrame], more: bool) -> None:
+    """One unit's rows, unless the unit holds them already (``more``: rows of the unit written earlier in this
+    split come first: a shard whose rows were not contiguous in the manifest)."""
+    path = unit_path(curate_dir, unit)
+    rows = pd.concat(([pd.read_parquet(path)] if more else []) + parts, ignore_index=True)
+    duplicated = rows["uid"][rows["uid"].duplicated()]
+    if len(duplicated):
+        raise InputError(manifest_path, f"uid {duplicated.iloc[0]!r} appears more than once", field="uid")
+    fingerprint = rows_fingerprint(rows)
+    marker = read_marker(path)
+    if marker is None or marker.get("fingerprint") != fingerprint:
+        write_output(rows, path, {"fingerprint": fingerprint, "rows": int(len(rows))})
+
+
 def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
     """Write the successful downloads of each download shard to ``units/<unit>.parquet``; returns the units.
 
-    The manifest is streamed in batches; a unit whose rows are unchanged keeps its file and marker, so the
-    steps downstream of it find their work done.
+    The manifest is streamed in batches and a unit is written as soon as its shard's rows end (the download
+    writes each shard's rows together), so the split holds one shard at a time. A unit whose rows are unchanged
+    keeps its file and marker, so the steps downstream of it find their work done. (The download stage and its
+    validation guarantee unique uids across the manifest; a repeat within a shard is refused here.)
     """
     try:
         source = pq.ParquetFile(manifest_path)
@@ -157,7 +173,9 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
     for column in needed:
         if column not in source.schema_arrow.names:
             raise InputError(manifest_path, "missing column", field=column)
-    pending: dict[str, list[pd.DataFrame]] = {}
+    written: set[str] = set()
+    current: str | None = None
+    buffered: list[pd.DataFrame] = []
     for batch in source.iter_batches(batch_size=MANIFEST_BATCH_ROWS, columns=needed):
         frame = batch.to_pandas()
         frame = frame[frame["status"] == "success"].drop(columns="status")
@@ -166,20 +184,17 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
             raise InputError(manifest_path, f"a successful download has no shard or key "
                                             f"(uid {frame['uid'][missing].iloc[0]!r})", field="shard")
         for shard, rows in frame.groupby("shard", sort=False):
-            pending.setdefault(unit_name(shard), []).append(rows)
-    units = sorted(pending)
-    seen: set = set()
-    for unit in units:
-        rows = pd.concat(pending.pop(unit), ignore_index=True)
-        duplicated = rows["uid"][rows["uid"].duplicated() | rows["uid"].isin(seen)]
-        if len(duplicated):
-            raise InputError(manifest_path, f"uid {duplicated.iloc[0]!r} appears more than once", field="uid")
-        seen.update(rows["uid"])
-        path = unit_path(curate_dir, unit)
-        fingerprint = rows_fingerprint(rows)
-        marker = read_marker(path)
-        if marker is None or marker.get("fingerprint") != fingerprint:
-            write_output(rows, path, {"fingerprint": fingerprint, "rows": int(len(rows))})
+            unit = unit_name(shard)
+            if unit != current and current is not None:  # a shard's rows are contiguous: it is complete
+                _write_unit(manifest_path, curate_dir, current, buffered, current in written)
+                written.add(current)
+                buffered = []
+            current = unit
+            buffered.append(rows)
+    if current is not None:
+        _write_unit(manifest_path, curate_dir, current, buffered, current in written)
+        written.add(current)
+    units = sorted(written)
     stale = _units_in(curate_dir / UNITS_DIR, ".parquet") - set(units)
     for unit in stale:  # shards that no longer exist in the download
         unit_path(curate_dir, unit).unlink(missing_ok=True)

@@ -96,7 +96,8 @@ class PoolStep(Step):
     def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Both phases on one batch as if it were the whole pool (for tests and tiny inputs)."""
         mapped = self.map(batch)
-        state = type(self).combine(self.params, [self.partial(mapped)], lambda: iter([mapped]))
+        partial = self.partial(mapped)
+        state = type(self).combine(self.params, lambda: iter([partial]), lambda: iter([mapped]))
         return self.decide(mapped, state)
 
     def map(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -108,9 +109,10 @@ class PoolStep(Step):
         raise NotImplementedError
 
     @classmethod
-    def combine(cls, params: Any, partials: Iterable[pd.DataFrame],
+    def combine(cls, params: Any, partials: Callable[[], Iterator[pd.DataFrame]],
                 mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
-        """Every shard's partial in (and, for a second pass, a way to stream the map outputs); the JSON state out."""
+        """Every shard's partial in (``partials()`` streams them, one shard at a time, as often as needed; and
+        ``mapped()`` the map outputs, for a second pass); the state out (JSON values and small frames)."""
         raise NotImplementedError
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:

@@ -96,7 +96,7 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
         if issubclass(step, PoolStep):
             mapped = _fingerprints(step, section, context, "map", inputs)
             executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream), resources)
-            state = step.combine(section, _frames(curate_dir, step.name, "partial", units),
+            state = step.combine(section, lambda: _frames(curate_dir, step.name, "partial", units),
                                  lambda: _frames(curate_dir, step.name, "map", units))
             state_hash = save_state(curate_dir, step.name, state)
             decided = _fingerprints(step, section, context, "decide", mapped, state_hash)

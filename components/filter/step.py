@@ -1,8 +1,9 @@
 """The rule filter as curation steps: ``rules`` (per sample) and ``dedup`` (exact-duplicate images, pool-wide)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -12,6 +13,7 @@ from components.common.steps import PoolStep, Step, decisions
 from .rules import RULE_REASONS, rule_reasons
 
 DUPLICATE_REASON = "duplicate_image"
+COMBINE_BUCKETS = 8  # the dedup combine works through the pool's image hashes in this many parts
 
 
 class RulesStep(Step):
@@ -41,6 +43,7 @@ class DedupStep(PoolStep):
     reasons = (DUPLICATE_REASON,)
     needs = ("sha256",)
     map_columns = {"sha256": pa.string()}
+    _winners: tuple[dict, pd.Series] | None = None
 
     @classmethod
     def fingerprint(cls, params, context, phase="apply"):
@@ -53,22 +56,37 @@ class DedupStep(PoolStep):
         return batch[["uid", "sha256"]].reset_index(drop=True)
 
     def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
-        grouped = mapped.groupby("sha256", sort=True)["uid"]
-        return pd.DataFrame({"sha256": grouped.min().index, "uid": grouped.min().to_numpy(),
-                             "count": grouped.size().to_numpy()})
+        """Per sha256 of the shard: the smallest uid, how many samples have it, and its combine bucket."""
+        ordered = mapped.sort_values(["sha256", "uid"], kind="stable")
+        first = ordered.drop_duplicates("sha256")
+        counts = ordered["sha256"].value_counts()
+        return pd.DataFrame({"sha256": first["sha256"].to_numpy(), "uid": first["uid"].to_numpy(),
+                             "count": counts.reindex(first["sha256"]).to_numpy(np.int64),
+                             "bucket": (pd.util.hash_array(first["sha256"].to_numpy(object)) % COMBINE_BUCKETS)
+                             .astype(np.int64)})
 
     @classmethod
-    def combine(cls, params, partials: Iterable[pd.DataFrame], mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
+    def combine(cls, params, partials: Callable[[], Iterator[pd.DataFrame]],
+                mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
+        """The winner of every sha256 seen more than once, one hash bucket at a time (the driver holds a
+        1/COMBINE_BUCKETS share of the pool's distinct images, not all of them)."""
         if not params.dedup_images:
             return {}
-        table = pd.concat(list(partials), ignore_index=True)
-        grouped = table.groupby("sha256", sort=True).agg(uid=("uid", "min"), count=("count", "sum"))
-        winners = grouped[grouped["count"] > 1].reset_index()[["sha256", "uid"]]
-        return {"winners": winners}
+        winners = []
+        for bucket in range(COMBINE_BUCKETS):
+            table = pd.concat([p[p["bucket"] == bucket] for p in partials()], ignore_index=True)
+            table = table.sort_values(["sha256", "uid"], kind="stable")
+            counts = table.groupby("sha256", sort=False)["count"].sum()
+            first = table.drop_duplicates("sha256").set_index("sha256")["uid"]
+            repeated = counts.index[counts.to_numpy() > 1]
+            winners.append(pd.DataFrame({"sha256": repeated, "uid": first.reindex(repeated).to_numpy()}))
+        return {"winners": pd.concat(winners, ignore_index=True).sort_values("sha256", ignore_index=True)}
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
         if "winners" not in state:
             return decisions(mapped["uid"], [None] * len(mapped))
-        winner = state["winners"].set_index("sha256")["uid"].reindex(mapped["sha256"]).to_numpy()
+        if self._winners is None or self._winners[0] is not state:  # indexed once per state and process
+            self._winners = (state, state["winners"].set_index("sha256")["uid"])
+        winner = self._winners[1].reindex(mapped["sha256"]).to_numpy()
         duplicate = pd.notna(winner) & (winner != mapped["uid"].to_numpy())
         return decisions(mapped["uid"], [DUPLICATE_REASON if d else None for d in duplicate])

@@ -8,7 +8,7 @@ minimum. Decide: keep ``clip_score >= threshold``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -83,11 +83,14 @@ class ScoreStep(PoolStep):
         return pd.DataFrame({"bucket": buckets.astype(np.int64), "count": counts.astype(np.int64)})
 
     @classmethod
-    def combine(cls, params: ScoreParams, partials: Iterable[pd.DataFrame],
+    def combine(cls, params: ScoreParams, partials: Callable[[], Iterator[pd.DataFrame]],
                 mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
         top = None
         if params.top_fraction is not None:
-            counts = pd.concat(list(partials), ignore_index=True).groupby("bucket")["count"].sum()
+            counts = np.zeros(1 << 16, dtype=np.int64)  # a running sum over the shards' bucket counts
+            for partial in partials():
+                np.add.at(counts, partial["bucket"].to_numpy(np.int64), partial["count"].to_numpy(np.int64))
+            buckets = np.flatnonzero(counts)
 
             def scores_in_bucket(bucket: int) -> np.ndarray:
                 parts = []
@@ -96,8 +99,7 @@ class ScoreStep(PoolStep):
                     parts.append(scores[(sortable_keys(scores) >> 16) == bucket])
                 return np.concatenate(parts)
 
-            top = top_fraction_score(counts.index.to_numpy(), counts.to_numpy(), params.top_fraction,
-                                     scores_in_bucket)
+            top = top_fraction_score(buckets, counts[buckets], params.top_fraction, scores_in_bucket)
         thresholds = [t for t in (top, params.min_score) if t is not None]
         return {"threshold": max(thresholds) if thresholds else None}
 
