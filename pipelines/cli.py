@@ -8,8 +8,12 @@ from .dag import FLOW_TARGETS
 
 
 def _run(args: argparse.Namespace, params) -> int:
+    import os
     import sys
 
+    # Without PREFECT_API_URL the flow starts a temporary local server; its first start on a new machine
+    # creates and migrates the database, which takes longer than Prefect's default 20 s wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from .flows import StageFailed, pipeline
 
     flow_name = "full" if args.flow == "demo" else args.flow
