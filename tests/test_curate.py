@@ -307,4 +307,8 @@ def test_the_cli_records_one_mlflow_run_with_per_step_metrics(download, scorer, 
     assert metrics["rules.dropped.min_words"] == steps["rules"]["dropped"]["min_words"]
     assert metrics["balance.tail_share"] == pytest.approx(steps["balance"]["tail_share"])
     assert run.data.params["curate.steps"] == str(list(STEP_NAMES)) and run.data.params["balance.t"] == "5"
-    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)] == ["summary.json"]
+    assert [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)] == ["summary.json", "timings.json"]
+    timings = json.loads((out / "timings.json").read_text())  # the run's seconds, beside the outputs
+    assert set(timings["steps"]) == set(STEP_NAMES)
+    assert metrics["wall_seconds"] == pytest.approx(timings["wall_seconds"])
+    assert "seconds" not in (out / "summary.json").read_text()  # the outputs do not time the run

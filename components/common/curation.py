@@ -72,7 +72,6 @@ UNITS_DIR = "units"
 STEPS_DIR = "steps"
 # Manifest columns a unit carries: what the steps may read (a step's ``needs``).
 UNIT_COLUMNS = ["uid", "shard", "key", "caption", "original_width", "original_height", "sha256"]
-MANIFEST_BATCH_ROWS = 65536
 
 
 def unit_name(shard: str) -> str:
@@ -158,13 +157,13 @@ def _write_unit(manifest_path: Path, curate_dir: Path, unit: str, parts: list[pd
 def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
     """Write the successful downloads of each download shard to ``units/<unit>.parquet``; returns the units.
 
-    The manifest is streamed in batches and a unit is written as soon as its shard's rows end (the download
+    The manifest is read one row group at a time and a unit is written as soon as its shard's rows end (the download
     writes each shard's rows together), so the split holds one shard at a time. A unit whose rows are unchanged
     keeps its file and marker, so the steps downstream of it find their work done. (The download stage and its
     validation guarantee unique uids across the manifest; a repeat within a shard is refused here.)
     """
     try:
-        source = pq.ParquetFile(manifest_path)
+        source = pq.ParquetFile(manifest_path, pre_buffer=False)
     except FileNotFoundError:
         raise InputError(manifest_path, "no such file (run the download stage first)") from None
     except (OSError, pa.ArrowException) as e:
@@ -176,8 +175,8 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
     written: set[str] = set()
     current: str | None = None
     buffered: list[pd.DataFrame] = []
-    for batch in source.iter_batches(batch_size=MANIFEST_BATCH_ROWS, columns=needed):
-        frame = batch.to_pandas()
+    for group in range(source.num_row_groups):  # one row group at a time (the download writes small ones)
+        frame = source.read_row_group(group, columns=needed, use_threads=False).to_pandas()
         frame = frame[frame["status"] == "success"].drop(columns="status")
         missing = frame["shard"].isna() | frame["key"].isna()
         if missing.any():

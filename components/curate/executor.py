@@ -113,13 +113,14 @@ def _counts(out: pd.DataFrame) -> dict:
 
 
 def run_task(task: UnitTask) -> dict:
-    """Do ``task`` unless its output is already finished; returns the output's marker.
+    """Do ``task`` unless its output is already finished; returns the output's marker with the ``seconds`` the work
+    took (0 when it was finished before; seconds are not stored in the marker: outputs do not time a run).
 
     The marker of a decision (apply, decide) also holds ``content``, the fingerprint of what later steps read
     from it (uid, keep, the step's columns): they redo a shard only when that changed.
     """
     if task.done():
-        return read_marker(task.output)
+        return {**read_marker(task.output), "seconds": 0.0}
     step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
     started = time.perf_counter()
     cls = type(step)
@@ -148,10 +149,9 @@ def run_task(task: UnitTask) -> dict:
             counts = _counts(out)
     if task.phase != "map":
         counts["content"] = rows_fingerprint(out[["uid", "keep", *cls.columns]])
-    marker = {"fingerprint": task.fingerprint, "params": params_fp, "seconds": time.perf_counter() - started,
-              **counts}
+    marker = {"fingerprint": task.fingerprint, "params": params_fp, **counts}
     write_output(out, task.output, marker)
-    return marker
+    return {**marker, "seconds": time.perf_counter() - started}
 
 
 class Executor:
@@ -178,24 +178,26 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _local(self, tasks: list[UnitTask], bar: tqdm) -> None:
+    def _local(self, tasks: list[UnitTask], bar: tqdm) -> float:
+        seconds = 0.0
         if self._pool is None:
             for task in tasks:
-                run_task(task)
+                seconds += run_task(task)["seconds"]
                 bar.update(1)
-            return
+            return seconds
         pending = {self._pool.submit(run_task, task) for task in tasks}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    future.result()  # re-raises a worker's error here, with its message
+                    seconds += future.result()["seconds"]  # re-raises a worker's error here, with its message
                     bar.update(1)
+            return seconds
         finally:
             for future in pending:
                 future.cancel()
 
-    def _ray(self, tasks: list[UnitTask], resources: dict, bar: tqdm) -> None:
+    def _ray(self, tasks: list[UnitTask], resources: dict, bar: tqdm) -> float:
         import ray
 
         available = ray.cluster_resources()
@@ -205,29 +207,33 @@ class Executor:
                 raise ConfigError(f"curate: a task needs {resource}={amount:g} but the Ray cluster has {have:g}")
         remote = ray.remote(**resources)(run_task)
         pending = [remote.remote(task) for task in tasks]
+        seconds = 0.0
         while pending:
             finished, pending = ray.wait(pending, num_returns=1)
-            ray.get(finished)
+            seconds += sum(result["seconds"] for result in ray.get(finished))
             bar.update(len(finished))
+        return seconds
 
-    def run(self, tasks: list[UnitTask], resources: dict | None = None) -> int:
-        """Run the unfinished ``tasks`` (all of one step and phase); returns how many ran."""
+    def run(self, tasks: list[UnitTask], resources: dict | None = None) -> dict:
+        """Run the unfinished ``tasks`` (all of one step and phase); returns how many ran, the seconds their work
+        took (summed over the tasks) and the phase's wall seconds."""
         todo = [t for t in tasks if not t.done()]
-        if not tasks:
-            return 0
-        label = f"{tasks[0].step}:{tasks[0].phase}"
+        timing = {"shards": len(tasks), "ran": len(todo), "task_seconds": 0.0, "wall_seconds": 0.0}
         if not todo:
-            log.info("%s: all %d shards finished earlier", label, len(tasks))
-            return 0
+            if tasks:
+                log.info("%s:%s: all %d shards finished earlier", tasks[0].step, tasks[0].phase, len(tasks))
+            return timing
+        label = f"{tasks[0].step}:{tasks[0].phase}"
         started = time.perf_counter()
         with tqdm(total=len(todo), desc=label, unit="shard", disable=progress_disabled()) as bar:
             if self.kind == "ray":
-                self._ray(todo, resources or {"num_cpus": 1}, bar)
+                timing["task_seconds"] = self._ray(todo, resources or {"num_cpus": 1}, bar)
             else:
-                self._local(todo, bar)
+                timing["task_seconds"] = self._local(todo, bar)
+        timing["wall_seconds"] = time.perf_counter() - started
         log.info("%s: %d of %d shards in %.1f s (%d finished earlier)", label, len(todo), len(tasks),
-                 time.perf_counter() - started, len(tasks) - len(todo))
-        return len(todo)
+                 timing["wall_seconds"], len(tasks) - len(todo))
+        return timing
 
 
 def _worker_threads(workers: int) -> None:

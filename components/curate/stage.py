@@ -29,6 +29,10 @@ from .executor import Executor, UnitTask
 
 log = get_logger("curate")
 
+# Seconds of this run (split, each step, each phase): beside the outputs, not in them, since the outputs must
+# not depend on how long a run took (dvc.yaml does not track it; MLflow records it).
+TIMINGS_FILE = "timings.json"
+
 
 def _fingerprints(step: type[Step], params, context: StepContext, phase: str, inputs: dict[str, str],
                   state_hash: str | None = None) -> dict[str, str]:
@@ -57,7 +61,7 @@ def step_summary(curate_dir: Path, step: type[Step], params, units: list[str]) -
             dropped[reason] = dropped.get(reason, 0) + n
     summary = {"step": step.name, "section": step.section, "input": sum(m["input"] for m in markers),
                "kept": sum(m["kept"] for m in markers), "dropped": dict(sorted(dropped.items())),
-               "shards": len(units), "seconds": sum(m["seconds"] for m in markers)}
+               "shards": len(units)}
     if summary["kept"] + sum(dropped.values()) != summary["input"]:
         raise AssertionError(f"curation step {step.name} does not add up: {summary}")
     extra = step.summarize(params, lambda: (t for _, t in read_step(curate_dir, step.name, units=units)),
@@ -84,8 +88,9 @@ def _remove_stale(curate_dir: Path, names: list[str], units: list[str]) -> None:
 
 
 def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
-              executor: Executor) -> list[dict]:
-    """Every step over every unit, in order; returns the per-step summaries."""
+              executor: Executor, timings: dict) -> list[dict]:
+    """Every step over every unit, in order; returns the per-step summaries and fills ``timings`` (per step: its
+    wall seconds and, per phase, the shards that ran and their seconds)."""
     inputs = {unit: unit_fingerprint(curate_dir, unit) for unit in units}  # of each step's input rows, per unit
     upstream: tuple = ()
     summaries = []
@@ -94,22 +99,26 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
         resources = step.resources(section)
         started = time.perf_counter()
         if issubclass(step, PoolStep):
+            phases = {}
             mapped = _fingerprints(step, section, context, "map", inputs)
-            executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream), resources)
+            phases["map"] = executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream),
+                                         resources)
             state = step.combine(section, lambda: _frames(curate_dir, step.name, "partial", units),
                                  lambda: _frames(curate_dir, step.name, "map", units))
             state_hash = save_state(curate_dir, step.name, state)
             decided = _fingerprints(step, section, context, "decide", mapped, state_hash)
-            executor.run(_tasks(curate_dir, step, section, context, "decide", decided, upstream, state_hash))
+            phases["decide"] = executor.run(_tasks(curate_dir, step, section, context, "decide", decided, upstream,
+                                                   state_hash))
         else:
             applied = _fingerprints(step, section, context, "apply", inputs)
-            executor.run(_tasks(curate_dir, step, section, context, "apply", applied, upstream), resources)
+            phases = {"apply": executor.run(_tasks(curate_dir, step, section, context, "apply", applied, upstream),
+                                            resources)}
         # The next step's input follows from this one's and from what this one decided, so a shard whose decisions
         # did not change (a new shard moved the pool state, not them) is not redone downstream.
         inputs = {unit: hash_obj([fp, read_marker(output_path(curate_dir, step.name, unit))["content"]])
                   for unit, fp in inputs.items()}
         summary = step_summary(curate_dir, step, section, units)
-        summary["wall_seconds"] = time.perf_counter() - started
+        timings["steps"][step.name] = {"wall_seconds": time.perf_counter() - started, "phases": phases}
         write_json(summary, step_dir(curate_dir, step.name) / "summary.json")
         log.info("%s: kept %d of %d (%s)", step.name, summary["kept"], summary["input"],
                  ", ".join(f"{k}={v}" for k, v in summary["dropped"].items()) or "nothing dropped")
@@ -128,10 +137,15 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     """The download manifest and shards in; ``out_dir`` (laid out as ``components/common/curation.py`` says) and
     ``out_dir/summary.json`` out.
 
-    ``params`` is the whole params.yaml (each step reads its own section; ``curate`` says which steps run and
+    ``out_dir/timings.json`` holds this run's seconds. ``params`` is the whole params.yaml (each step reads its own section; ``curate`` says which steps run and
     where); ``inputs`` are extra named inputs of steps (``bootstrap_model``; ``manifest``, the path that errors
     name, defaults to ``manifest_path``). Returns the summary.
     """
+    import pyarrow as pa
+
+    # The driver streams many small tables: the system allocator gives freed memory back, so its peak stays flat
+    # as the crawl grows (Arrow's default pool keeps what it once held).
+    pa.set_memory_pool(pa.system_memory_pool())
     # Absolute: tasks may run in another working directory (the workers of a Ray cluster).
     manifest_path, out_dir = Path(manifest_path), Path(out_dir).absolute()
     names = params.curate.steps
@@ -147,21 +161,27 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     with stage_run("curate", params.tracking, sections, [manifest_path]) as run:
         started = time.perf_counter()
         units = split_manifest(manifest_path, out_dir)
+        timings: dict = {"split_seconds": time.perf_counter() - started, "steps": {}}
         if not units:
             raise ClipmillError(f"{manifest_path}: no successful downloads to curate")
         _remove_stale(out_dir, list(names), units)
         with Executor(params.curate.executor, params.curate.workers, params.ray) as executor:
-            summaries = run_steps(out_dir, steps, params, context, units, executor)
+            summaries = run_steps(out_dir, steps, params, context, units, executor, timings)
         samples = sum(read_marker(out_dir / UNITS_DIR / f"{u}.parquet")["rows"] for u in units)
         summary = {"shards": len(units), "samples": samples, "steps": summaries,
-                   "kept": summaries[-1]["kept"] if summaries else samples,
-                   "wall_seconds": time.perf_counter() - started}
+                   "kept": summaries[-1]["kept"] if summaries else samples}
+        timings["wall_seconds"] = time.perf_counter() - started
         write_json(summary, out_dir / "summary.json")
+        write_json(timings, out_dir / TIMINGS_FILE)
         if run is not None:
             import mlflow
 
             metrics = {"samples_in": samples, "samples_out": summary["kept"], "shards": len(units),
-                       "wall_seconds": summary["wall_seconds"]}
+                       "wall_seconds": timings["wall_seconds"], "split_seconds": timings["split_seconds"]}
+            for name, t in timings["steps"].items():
+                metrics[f"{name}.wall_seconds"] = t["wall_seconds"]
+                metrics.update({f"{name}.{phase}.{k}": v for phase, p in t["phases"].items()
+                                for k, v in p.items() if k in ("ran", "task_seconds")})
             for s in summaries:
                 metrics.update({f"{s['step']}.{k}": v for k, v in funnel_metrics(s).items()
                                 if k not in ("samples_in", "samples_out")})
@@ -170,6 +190,7 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
                                 and k not in ("input", "kept")})
             mlflow.log_metrics(metrics)
             mlflow.log_artifact(str(out_dir / "summary.json"))
+            mlflow.log_artifact(str(out_dir / TIMINGS_FILE))
     log.info("curate: %d samples in %d shards -> %d kept (%s) in %.1f s", samples, len(units), summary["kept"],
-             " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), summary["wall_seconds"])
+             " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), timings["wall_seconds"])
     return summary

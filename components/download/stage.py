@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common.errors import ClipmillError, InputError
@@ -55,6 +56,7 @@ REFUSAL_MESSAGES = {
     INVALID_URL: "not a valid URL",
 }
 _IMG2DATASET_INPUT = ".img2dataset_urls.parquet"
+MANIFEST_ROW_GROUP = 16384  # rows per row group of the crawl's manifest
 
 
 LISTS_DIR = "lists"
@@ -405,15 +407,18 @@ def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], p
 
 
 def write_crawl_manifest(plans: list[ListDownload], path: Path) -> None:
-    """Every list's manifest, in crawl order, streamed into one parquet file (written atomically)."""
+    """Every list's manifest, in crawl order, streamed into one parquet file (written atomically) in row groups of
+    ``MANIFEST_ROW_GROUP`` rows, so that readers can take it one small piece at a time."""
     with atomic_path(path) as tmp:
         writer = None
         try:
             for plan in plans:
-                table = pq.read_table(plan.list_dir / "manifest.parquet")
+                source = pq.ParquetFile(plan.list_dir / "manifest.parquet")
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
+                    writer = pq.ParquetWriter(tmp, source.schema_arrow)
+                for batch in source.iter_batches(batch_size=MANIFEST_ROW_GROUP):
+                    writer.write_table(pa.Table.from_batches([batch]).cast(writer.schema),
+                                       row_group_size=MANIFEST_ROW_GROUP)
         finally:
             if writer is not None:
                 writer.close()
