@@ -9,9 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import download_bench, match_bench, score_bench, train_bench
+from . import curate_bench, download_bench, match_bench, score_bench, train_bench
 
-BENCHES = {"match": match_bench, "score": score_bench, "train": train_bench, "download": download_bench}
+BENCHES = {"match": match_bench, "score": score_bench, "train": train_bench, "download": download_bench,
+           "curate": curate_bench}
 
 
 def main() -> int:

@@ -1,0 +1,129 @@
+"""Increments, not recomputation: a weekly run that appends new URLs against the first run, on the demo crawl.
+
+Run 1 downloads and curates the demo crawl (``--pairs`` URLs). Run 2 appends a new batch of the synthetic crawl
+(``--new-fraction`` of that, same sites and defect rates) and runs download + curate again in the same output
+directories: only the new list is fetched, only the new shards are ruled, scored, matched and rewritten, and
+the pool steps recombine their partials. A third, from-scratch curation of run 2's download checks that the
+increment gives exactly the same kept uids, scores and entry counts. Each stage runs as its own process
+(`clipmill stage ...`, interpreter start included), as `dvc repro` runs it.
+
+    python -m benchmarks.incremental_bench [--pairs 4000] [--new-fraction 0.25] [--out reports/bench/incremental.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _clipmill(*args: str, params: Path, cwd: Path) -> float:
+    """Seconds of one `clipmill` command in its own process."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "clipmill.cli", *args[:2], "--params", str(params), *args[2:]],
+                   cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def _run(work: Path, params: Path, curate_out: str, download: bool = True) -> dict:
+    seconds = {}
+    if download:
+        seconds["download"] = _clipmill("stage", "download", "--urls", "crawl/urls.parquet", "--additions",
+                                        "additions", "--out", "download", "--overwrite", params=params, cwd=work)
+    seconds["curate"] = _clipmill("stage", "curate", "--manifest", "download/manifest.parquet", "--shards",
+                                  "download/shards", "--bootstrap-model", "scorer", "--out", curate_out,
+                                  params=params, cwd=work)
+    return seconds
+
+
+def _tables(curate_dir: Path) -> dict[str, pd.DataFrame]:
+    from components.common.curation import read_step_table
+
+    summary = json.loads((curate_dir / "summary.json").read_text())
+    out = {}
+    for step in (s["step"] for s in summary["steps"]):
+        table = read_step_table(curate_dir, step)
+        out[step] = table.drop(columns=[c for c in ("rewrite_dropped",) if c in table]).sort_values("uid") \
+            .reset_index(drop=True).astype(str)
+    counts = curate_dir / "steps" / "balance" / "entry_counts.parquet"
+    if counts.exists():
+        out["entry_counts"] = pd.read_parquet(counts).sort_values("entry").reset_index(drop=True)
+    return out
+
+
+def _prepare(work: Path, pairs: int, new_pairs: int) -> Path:
+    import torch
+
+    from clipmill.params import load_params
+    from components.common.model import create_clip, export_local_dir
+    from components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
+
+    params = load_params(REPO / "params.yaml")
+    corpus = params.demo_corpus.model_copy(update={"num_pairs": pairs, "zeroshot_per_class": 1, "retrieval_size": 1,
+                                                   "trusted_size": 1})
+    generate_demo_corpus(corpus, params.project.seed, work / "crawl", work / "eval", work / "trusted")
+    generate_crawl_batch(corpus, params.project.seed, 1, new_pairs, work / "batch1")
+    torch.manual_seed(0)
+    export_local_dir(create_clip(params.score.bootstrap.model), work / "scorer")
+    (work / "additions").mkdir()
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["tracking"] = {"enabled": False}
+    data["balance"]["metadata"] = str(REPO / data["balance"]["metadata"])
+    (work / "params.yaml").write_text(yaml.safe_dump(data))
+    return work / "params.yaml"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=4000, help="URLs of the first run's crawl")
+    parser.add_argument("--new-fraction", type=float, default=0.25, help="new URLs appended for run 2, as a fraction")
+    parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--out", default="reports/bench/incremental.json", help="results JSON")
+    args = parser.parse_args(argv)
+    from components.download.additions import append_url_list
+
+    with tempfile.TemporaryDirectory(prefix="clipmill-incremental-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        new_pairs = int(round(args.pairs * args.new_fraction))
+        params = _prepare(work, args.pairs, new_pairs)
+        first = _run(work, params, "curate")
+        append_url_list(work / "batch1" / "urls.parquet", work / "additions",
+                        now=dt.datetime(2026, 12, 7, 3, 0, tzinfo=dt.timezone.utc))
+        second = _run(work, params, "curate")
+        scratch = _run(work, params, "curate_scratch", download=False)
+        incremental, from_scratch = _tables(work / "curate"), _tables(work / "curate_scratch")
+        equal = {name: bool(incremental[name].equals(from_scratch[name])) for name in from_scratch}
+        summary = json.loads((work / "curate" / "summary.json").read_text())
+        download = json.loads((work / "download" / "summary.json").read_text())
+        result = {
+            "pairs": args.pairs, "new_pairs": new_pairs, "first_s": first, "second_s": second,
+            "scratch_curate_s": scratch["curate"],
+            "ratio_total": sum(second.values()) / sum(first.values()),
+            "ratio_download": second["download"] / first["download"],
+            "ratio_curate": second["curate"] / first["curate"],
+            "ratio_curate_vs_scratch": second["curate"] / scratch["curate"],
+            "equal_to_from_scratch": equal, "lists_fetched": download["lists_fetched"],
+            "lists_reused": download["lists_reused"], "shards": summary["shards"], "kept": summary["kept"],
+        }
+    print(f"run 1 ({args.pairs} URLs): download {first['download']:.1f} s, curate {first['curate']:.1f} s")
+    print(f"run 2 (+{new_pairs} URLs): download {second['download']:.1f} s, curate {second['curate']:.1f} s "
+          f"-> ratio {result['ratio_total']:.3f} of run 1 (download {result['ratio_download']:.3f}, curate "
+          f"{result['ratio_curate']:.3f}); from-scratch curate {scratch['curate']:.1f} s")
+    print("increment equals from-scratch: " + ", ".join(f"{k}={v}" for k, v in equal.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
