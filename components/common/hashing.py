@@ -1,6 +1,6 @@
 """Stable identifiers and content hashes used for lineage.
 
-File hashes are cached by (absolute path, size, mtime) in a small SQLite file (``CLIPMILL_HASH_CACHE``, default
+File hashes are cached by (device and inode, size, mtime) in a small SQLite file (``CLIPMILL_HASH_CACHE``, default
 ``.clipmill/hash_cache.sqlite`` under the working directory), the way DVC and make trust a file's stat: the
 stages of a run hash each input byte once, however many of them name the same data in their lineage.
 ``bytes_hashed()`` counts the bytes this process actually read for hashing.
@@ -64,7 +64,7 @@ def _hash_cache() -> sqlite3.Connection | None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            connection.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+            connection.execute("CREATE TABLE IF NOT EXISTS file_hashes (inode TEXT PRIMARY KEY, size INTEGER, "
                                "mtime_ns INTEGER, sha256 TEXT)")
         except (OSError, sqlite3.Error):
             return None  # no cache (read-only or busy): hash from the bytes
@@ -84,11 +84,11 @@ def _read_sha256(path: str | os.PathLike) -> str:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, from the cache when the file's size and mtime are those it was hashed at."""
-    key = str(Path(path).absolute())
     stat = os.stat(path)
+    key = f"{stat.st_dev}:{stat.st_ino}"
     cache = _hash_cache()
     try:
-        row = cache.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?", (key,)).fetchone() \
+        row = cache.execute("SELECT size, mtime_ns, sha256 FROM file_hashes WHERE inode = ?", (key,)).fetchone() \
             if cache is not None else None
     except sqlite3.Error:
         row = None
@@ -97,7 +97,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     digest = _read_sha256(path)
     if cache is not None:
         try:
-            cache.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+            cache.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
                           (key, stat.st_size, stat.st_mtime_ns, digest))
         except sqlite3.Error:
             pass
