@@ -153,3 +153,17 @@ def test_bad_manifest_names_file_and_field(download, tmp_path, workers):
     broken.loc[1, "sha256"] = None
     with pytest.raises(InputError, match=r"no_hash\.parquet: field 'sha256': missing for successful"):
         curate_manifest("no_hash.parquet", broken)
+
+
+def test_spam_step_drops_page_text_and_keyword_stuffing_and_keeps_honest_captions(default_params):
+    from components.common.steps import StepContext
+    from components.filter.spam import SpamStep
+
+    honest = "a red circle on a white background - free download"  # two spam words: boilerplate, not stuffing
+    stuffed = "a red circle buy cheap png clipart 4k"
+    long_text = "a red circle. " + " ".join(["our gallery is updated every day"] * 10)
+    batch = pd.DataFrame({"uid": ["a", "b", "c"], "caption": [honest, stuffed, long_text]})
+    out = SpamStep(default_params.filter, StepContext(shards_dir=".")).apply(batch)
+    assert list(out["reason"]) == [None, "keyword_stuffing", "caption_too_long"]
+    off = default_params.filter.model_copy(update={"max_caption_words": None, "max_spam_words": None})
+    assert SpamStep(off, StepContext(shards_dir=".")).apply(batch)["keep"].all()

@@ -42,6 +42,7 @@ from .steps import Step
 # name -> the step class, as module:Class (imported only when curation runs).
 STEPS: dict[str, str] = {
     "rules": "components.filter.step:RulesStep",
+    "spam": "components.filter.spam:SpamStep",
     "dedup": "components.filter.step:DedupStep",
     "score": "components.score.step:ScoreStep",
     "balance": "components.balance.step:BalanceStep",

@@ -18,6 +18,13 @@ DEFAULT_BOILERPLATE = [
     r"|high resolution|(picture|figure|image|photo) \d+|image via \w+)\s*[.!]*\s*$",
 ]
 
+# Terms that web pages stuff into alt text for shops and search engines, not for describing the image.
+DEFAULT_SPAM_WORDS = [
+    "buy", "cheap", "best", "sale", "deals", "discount", "free", "download", "online", "shop", "top", "trending",
+    "hd", "4k", "8k", "wallpaper", "wallpapers", "png", "jpg", "svg", "vector", "clipart", "printable",
+    "aesthetic", "ideas", "2022", "2023", "2024", "2025",
+]
+
 
 class FilterParams(Section):
     min_words: int | None = Field(3, ge=1, description="Drop captions with fewer whitespace-separated words (DataComp: more than 2); null: off.")
@@ -28,6 +35,12 @@ class FilterParams(Section):
         default_factory=lambda: list(DEFAULT_BOILERPLATE),
         description="Python regexes searched in the caption; a match drops the sample as boilerplate. Empty list: off.",
     )
+    max_caption_words: int | None = Field(60, ge=1, description="Step spam: drop captions of more words than this (page text, not a description); null: off.")
+    spam_words: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_SPAM_WORDS),
+        description="Step spam: shop and search-engine terms; a caption holding max_spam_words of them is keyword stuffing.",
+    )
+    max_spam_words: int | None = Field(4, ge=1, description="Step spam: drop captions with at least this many spam_words (counted with repeats); null: off.")
     dedup_images: bool = Field(True, description="Drop exact-duplicate images (same sha256), keeping the one with the smallest uid.")
 
     @field_validator("boilerplate_patterns")
