@@ -27,6 +27,7 @@ from components.common.errors import ConfigError, InputError
 from components.common.hashing import make_uid
 from components.common.model import create_clip, export_local_dir
 from components.common.params import section_at
+from components.common.steps import PoolStep
 from components.curate.stage import curate
 from tests.conftest import REPO
 from tests.curation_fixtures import make_download
@@ -129,7 +130,9 @@ def test_counts_add_up_along_the_funnel_and_every_drop_has_a_declared_reason(dow
 def test_a_rerun_skips_every_finished_shard(download, scorer, reference, tmp_path):
     out = copy_of(reference, tmp_path)
     before = shard_outputs(out)
-    assert len(before) == 2 * 6 * (1 + 2 + 3 * 3)  # units; rules and rewrite; map, partial and decision of 3 pool steps
+    pool = sum(issubclass(step_class(name), PoolStep) for name in STEP_NAMES)
+    # a file and its marker per shard: the unit, per-sample steps' decisions, pool steps' map, partial and decision
+    assert len(before) == 2 * 6 * (1 + (len(STEP_NAMES) - pool) + 3 * pool)
     summary = run_curate(download, out, shrunk_params(), scorer)
     assert shard_outputs(out) == before
     assert counts_only(summary) == counts_only(reference["summary"])
@@ -236,6 +239,18 @@ def test_steps_left_out_keep_what_they_would_drop(download, scorer, reference, t
     counts = summary["steps"][-1]["rewrites"]
     assert counts["captions"] == len(rewrite) and "lost_entry" not in counts["dropped"]
     assert counts["kept"] == rewrite["rewrites"].map(len).sum() > 0
+
+
+def test_a_step_added_to_the_list_reuses_the_later_steps_per_sample_work(download, scorer, reference, tmp_path):
+    out = tmp_path / "curate"
+    without = [name for name in STEP_NAMES if name != "spam"]
+    run_curate(download, out, shrunk_params({"curate.steps": without}), scorer)
+    scored = shard_outputs(out, "steps/score")
+    run_curate(download, out, shrunk_params(), scorer)
+    # spam drops nothing in this crawl: what reaches dedup, score and the rest is unchanged, so none of it is redone
+    assert (~read_step_table(out, "spam")["keep"]).sum() == 0
+    assert shard_outputs(out, "steps/score") == scored
+    assert_same_tables(step_tables(out), reference["tables"])
 
 
 def test_a_changed_step_redoes_what_depends_on_it(download, scorer, reference, tmp_path):

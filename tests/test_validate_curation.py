@@ -13,7 +13,7 @@ from components.validate.stage import ValidationFailed, validate
 from components.validate.suites_curation import curate_checks, curated_checks
 from tests.curation_tables import make_curated
 
-CURATE_TABLES = ["rules", "dedup", "score", "clip_scores", "balance", "entry_counts", "head_entries", "rewrite",
+CURATE_TABLES = ["rules", "spam", "dedup", "score", "clip_scores", "balance", "entry_counts", "head_entries", "rewrite",
                  "rewrite_texts"]
 
 

@@ -52,7 +52,7 @@ class UnitTask:
     def done(self) -> bool:
         marker = read_marker(self.output)
         return (marker is not None and marker.get("fingerprint") == self.fingerprint
-                and (self.phase == "map" or "content" in marker))
+                and (self.phase == "map" or "kept_uids" in marker))
 
 
 _BUILT: dict[str, tuple[str, Step]] = {}
@@ -116,8 +116,8 @@ def run_task(task: UnitTask) -> dict:
     """Do ``task`` unless its output is already finished; returns the output's marker with the ``seconds`` the work
     took (0 when it was finished before; seconds are not stored in the marker: outputs do not time a run).
 
-    The marker of a decision (apply, decide) also holds ``content``, the fingerprint of what later steps read
-    from it (uid, keep, the step's columns): they redo a shard only when that changed.
+    The marker of a decision (apply, decide) also holds fingerprints of what later steps read from it: ``kept``
+    (the uids it kept) and ``kept_columns`` (its columns on those uids; None for a step without columns).
     """
     if task.done():
         return {**read_marker(task.output), "seconds": 0.0}
@@ -127,7 +127,8 @@ def run_task(task: UnitTask) -> dict:
     curate_dir = Path(task.curate_dir)
     # A sample's earlier output is reused only under the same params and the same per-sample work upstream (the
     # columns the step reads: rewrite's matched entries change with balance's metadata).
-    params_fp = hash_obj([cls.fingerprint(task.params, task.context, task.phase), [fp for *_, fp in task.upstream]])
+    params_fp = hash_obj([cls.fingerprint(task.params, task.context, task.phase),
+                          [fp for *_, fp in task.upstream if fp is not None]])
     if task.phase == "decide":
         assert isinstance(step, PoolStep)
         mapped = pd.read_parquet(output_path(curate_dir, task.step, task.unit, "map"))
@@ -148,7 +149,10 @@ def run_task(task: UnitTask) -> dict:
             out = check_output(cls, _reuse(task, batch, step.apply, params_fp), batch, [*cls.columns, *cls.extra_columns])
             counts = _counts(out)
     if task.phase != "map":
-        counts["content"] = rows_fingerprint(out[["uid", "keep", *cls.columns]])
+        kept = out[out["keep"].astype(bool)]
+        counts["kept_uids"] = rows_fingerprint(kept[["uid"]].reset_index(drop=True))
+        counts["kept_columns"] = (rows_fingerprint(kept[["uid", *cls.columns]].reset_index(drop=True))
+                                  if cls.columns else None)
     marker = {"fingerprint": task.fingerprint, "params": params_fp, **counts}
     write_output(out, task.output, marker)
     return {**marker, "seconds": time.perf_counter() - started}

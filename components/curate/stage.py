@@ -91,7 +91,9 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
               executor: Executor, timings: dict) -> list[dict]:
     """Every step over every unit, in order; returns the per-step summaries and fills ``timings`` (per step: its
     wall seconds and, per phase, the shards that ran and their seconds)."""
-    inputs = {unit: unit_fingerprint(curate_dir, unit) for unit in units}  # of each step's input rows, per unit
+    unit_fps = {unit: unit_fingerprint(curate_dir, unit) for unit in units}
+    inputs = dict(unit_fps)  # fingerprints of each step's input rows, per unit
+    columns_made: dict[str, list] = {unit: [] for unit in units}  # per unit: the columns earlier steps added
     upstream: tuple = ()
     summaries = []
     for step in steps:
@@ -113,10 +115,14 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
             applied = _fingerprints(step, section, context, "apply", inputs)
             phases = {"apply": executor.run(_tasks(curate_dir, step, section, context, "apply", applied, upstream),
                                             resources)}
-        # The next step's input follows from this one's and from what this one decided, so a shard whose decisions
-        # did not change (a new shard moved the pool state, not them) is not redone downstream.
-        inputs = {unit: hash_obj([fp, read_marker(output_path(curate_dir, step.name, unit))["content"]])
-                  for unit, fp in inputs.items()}
+        # The next step's input is the shard's rows that every step so far kept, with the columns they added: its
+        # fingerprint follows from those alone, so a shard whose survivors did not change (a new shard moved a pool
+        # state, not them; a step that drops nothing here was added or left out) is not redone downstream.
+        for unit in units:
+            marker = read_marker(output_path(curate_dir, step.name, unit))
+            if marker["kept_columns"] is not None:
+                columns_made[unit].append(marker["kept_columns"])
+            inputs[unit] = hash_obj([unit_fps[unit], marker["kept_uids"], columns_made[unit]])
         summary = step_summary(curate_dir, step, section, units)
         timings["steps"][step.name] = {"wall_seconds": time.perf_counter() - started, "phases": phases}
         write_json(summary, step_dir(curate_dir, step.name) / "summary.json")

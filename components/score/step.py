@@ -41,9 +41,16 @@ class ScoreStep(PoolStep):
 
     def __init__(self, params: ScoreParams, context):
         super().__init__(params, context)
-        self.clip = load_scorer(scorer_source(params, context.inputs.get("bootstrap_model")),
-                                resolve_device(params.device), params.checkpoint, context.tracking_uri)
+        self._clip = None  # loaded on the first map: deciding from stored scores needs no model
         self.shards = ShardReader(context.shards_dir)
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            self._clip = load_scorer(scorer_source(self.params, self.context.inputs.get("bootstrap_model")),
+                                     resolve_device(self.params.device), self.params.checkpoint,
+                                     self.context.tracking_uri)
+        return self._clip
 
     @classmethod
     def fingerprint(cls, params, context, phase="apply"):
