@@ -19,7 +19,7 @@ from components.common.model import create_clip, export_local_dir
 from components.common.shards import shard_file_name
 from components.common.steps import StepContext
 from components.score.params import ScoreParams
-from components.score.scoring import key_buckets, score_threshold, sortable_keys, top_fraction_score
+from components.score.scoring import key_buckets, sortable_keys, top_fraction_score
 from components.score.step import ScoreStep
 from tests.curation_fixtures import make_download
 from tests.test_curate import run_curate, shrunk_params
@@ -63,25 +63,33 @@ def read_images(download, rows: pd.DataFrame) -> list[bytes]:
     return out
 
 
+def step_threshold(scores: np.ndarray, top_fraction: float | None, min_score: float | None) -> float | None:
+    """The score step's threshold over one shard holding ``scores``."""
+    params = ScoreParams(top_fraction=top_fraction, min_score=min_score)
+    step = ScoreStep(params, StepContext(shards_dir="."))
+    mapped = pd.DataFrame({"uid": [str(i) for i in range(len(scores))], "clip_score": scores})
+    return ScoreStep.combine(params, lambda: iter([step.partial(mapped)]), lambda: iter([mapped]))["threshold"]
+
+
 def test_top_fraction_threshold_keeps_ties():
     scores = np.array([0.1, 0.8, 0.9, 0.8, 0.8, 0.3], dtype=np.float32)
     # n = 6, f = 0.34: rank floor(2.04) = 2 of [0.9, 0.8, 0.8, 0.8, 0.3, 0.1] -> 0.8; all three 0.8 kept
-    assert score_threshold(scores, 0.34, None) == pytest.approx(0.8)
-    assert (scores >= score_threshold(scores, 0.34, None)).sum() == 4
-    assert score_threshold(scores, 0.1, None) == pytest.approx(0.9)  # rank 0: the best score only
-    assert score_threshold(scores, 0.5, None) == pytest.approx(0.8)  # rank 3, still a tie
-    assert score_threshold(scores, 0.7, None) == pytest.approx(0.3)  # rank 4
-    assert score_threshold(scores, 1.0, None) == pytest.approx(0.1)  # rank n: keep everything
-    assert score_threshold(np.array([], dtype=np.float32), 0.5, None) is None
+    assert step_threshold(scores, 0.34, None) == pytest.approx(0.8)
+    assert (scores >= step_threshold(scores, 0.34, None)).sum() == 4
+    assert step_threshold(scores, 0.1, None) == pytest.approx(0.9)  # rank 0: the best score only
+    assert step_threshold(scores, 0.5, None) == pytest.approx(0.8)  # rank 3, still a tie
+    assert step_threshold(scores, 0.7, None) == pytest.approx(0.3)  # rank 4
+    assert step_threshold(scores, 1.0, None) == pytest.approx(0.1)  # rank n: keep everything
+    assert step_threshold(np.array([], dtype=np.float32), 0.5, None) is None
 
 
 def test_absolute_threshold_and_both():
     scores = np.array([0.1, 0.24, 0.25, 0.3], dtype=np.float32)
-    assert score_threshold(scores, None, 0.25) == 0.25
+    assert step_threshold(scores, None, 0.25) == 0.25
     assert (scores >= 0.25).sum() == 2
-    assert score_threshold(scores, 0.75, 0.2) == pytest.approx(0.2)  # rank 3 -> 0.1, below the absolute 0.2
-    assert score_threshold(scores, 0.25, 0.2) == pytest.approx(0.25)  # rank 1 -> 0.25 > 0.2
-    assert score_threshold(scores, None, None) is None
+    assert step_threshold(scores, 0.75, 0.2) == pytest.approx(0.2)  # rank 3 -> 0.1, below the absolute 0.2
+    assert step_threshold(scores, 0.25, 0.2) == pytest.approx(0.25)  # rank 1 -> 0.25 > 0.2
+    assert step_threshold(scores, None, None) is None
 
 
 def test_sortable_keys_order_like_the_scores():

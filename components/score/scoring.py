@@ -36,21 +36,6 @@ def clip_scores(clip: ClipModel, images: list[bytes], captions: list[str], batch
     return (image_emb * text_emb).sum(dim=-1).numpy().astype(np.float32)
 
 
-def score_threshold(scores: np.ndarray, top_fraction: float | None, min_score: float | None) -> float | None:
-    """The keep threshold (keep ``score >= threshold``): DataComp top fraction and/or absolute; None when both off.
-
-    Top fraction f over n scores (as DataComp's baselines): the score at 0-based rank floor(n*f) of the scores
-    sorted descending, the lowest score when floor(n*f) = n; every score tied with the threshold is kept.
-    """
-    thresholds = []
-    if top_fraction is not None and len(scores):
-        ranked = np.sort(scores)[::-1]
-        thresholds.append(float(ranked[min(int(np.floor(len(scores) * top_fraction)), len(scores) - 1)]))
-    if min_score is not None:
-        thresholds.append(float(min_score))
-    return max(thresholds) if thresholds else None
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
