@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> dict:
         table = table[table["status"] == "success"].sort_values(["shard", "key"]).reset_index(drop=True)
         with ShardReader(download["shards"]) as reader:
             images = [reader.read(shard_file_name(shard), key, "jpg") for shard, key in zip(table["shard"], table["key"])]
-        captions = table["caption"].tolist()
         step = ScoreStep(ScoreParams(scorer=f"local-dir:{export}", device=args.device, batch_size=args.batch_size),
                          StepContext(shards_dir=str(download["shards"])))
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}", device=args.device)

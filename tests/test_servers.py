@@ -77,7 +77,7 @@ def _ray_ready(address: str, deadline: float) -> None:
 
 
 def test_the_curate_stage_on_a_ray_cluster_address_equals_local(tmp_path, default_params):
-    download = make_download(tmp_path / "download", n=120)
+    make_download(tmp_path / "download", n=120)
     port = free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = Path(f"/tmp/ray-{port}")  # short: Ray's unix socket paths have a length limit

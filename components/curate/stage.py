@@ -52,9 +52,9 @@ def _frames(curate_dir: Path, step: str, phase: str, units: list[str]) -> Iterat
         yield pd.read_parquet(output_path(curate_dir, step, unit, phase))
 
 
-def step_summary(curate_dir: Path, step: type[Step], params, units: list[str]) -> dict:
-    """The step's funnel counts over every shard (from the markers) plus the step's own summary fields."""
-    markers = [read_marker(output_path(curate_dir, step.name, unit)) for unit in units]
+def step_summary(curate_dir: Path, step: type[Step], params, units: list[str], markers: list[dict]) -> dict:
+    """The step's funnel counts over every shard (from its decision ``markers``, in unit order) plus the step's
+    own summary fields."""
     dropped: dict[str, int] = {}
     for marker in markers:
         for reason, n in marker["dropped"].items():
@@ -118,12 +118,12 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
         # The next step's input is the shard's rows that every step so far kept, with the columns they added: its
         # fingerprint follows from those alone, so a shard whose survivors did not change (a new shard moved a pool
         # state, not them; a step that drops nothing here was added or left out) is not redone downstream.
-        for unit in units:
-            marker = read_marker(output_path(curate_dir, step.name, unit))
+        markers = [read_marker(output_path(curate_dir, step.name, unit)) for unit in units]
+        for unit, marker in zip(units, markers):
             if marker["kept_columns"] is not None:
                 columns_made[unit].append(marker["kept_columns"])
             inputs[unit] = hash_obj([unit_fps[unit], marker["kept_uids"], columns_made[unit]])
-        summary = step_summary(curate_dir, step, section, units)
+        summary = step_summary(curate_dir, step, section, units, markers)
         timings["steps"][step.name] = {"wall_seconds": time.perf_counter() - started, "phases": phases}
         write_json(summary, step_dir(curate_dir, step.name) / "summary.json")
         log.info("%s: kept %d of %d (%s)", step.name, summary["kept"], summary["input"],

@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common.errors import ClipmillError, InputError
-from components.common.hashing import file_sha256
 from components.common.io import atomic_path, read_json, write_json, write_parquet
 from components.common.log import get_logger
 from components.common.params import RayParams, TrackingParams
