@@ -6,7 +6,6 @@ Combine: count_e over the pool. Decide: keep with probability 1 - prod(1 - t / m
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -14,8 +13,8 @@ import pandas as pd
 import pyarrow as pa
 
 from components.common.hashing import file_sha256
-from components.common.io import write_parquet
 from components.common.steps import PoolStep, decisions
+from components.common.storage import location, read_frame, write_table
 
 from .balancing import NO_MATCH_REASON, SUBSAMPLED_REASON, keep_probabilities, tail_share, uid_uniform
 from .matching import EntryMatcher, read_metadata
@@ -74,7 +73,7 @@ class BalanceStep(PoolStep):
     @classmethod
     def summarize(cls, params: BalanceParams, decided, out_dir: str) -> dict:
         """Also writes ``entry_counts.parquet`` (entry, count_before, count_after) beside the step's outputs."""
-        before = pd.read_parquet(Path(out_dir) / "state" / "counts.parquet").set_index("entry")["count"]
+        before = read_frame(location(out_dir) / "state" / "counts.parquet").set_index("entry")["count"]
         after = pd.Series(0, index=before.index, dtype=np.int64)
         expected = 0.0
         for table in decided():
@@ -84,7 +83,7 @@ class BalanceStep(PoolStep):
         order = before.sort_values(ascending=False, kind="stable").index
         entry_counts = pd.DataFrame({"entry": order.astype(str), "count_before": before[order].to_numpy(np.int64),
                                      "count_after": after.reindex(order, fill_value=0).to_numpy(np.int64)})
-        write_parquet(entry_counts, Path(out_dir) / "entry_counts.parquet")
+        write_table(entry_counts, location(out_dir) / "entry_counts.parquet")
         is_tail = entry_counts.set_index("entry")["count_before"] < params.t
         return {"t": params.t, "metadata_entries": len(read_metadata(params.metadata)),
                 "matched_entries": int(len(entry_counts)), "head_entries": int((~is_tail).sum()),
@@ -106,9 +105,8 @@ class BalanceStep(PoolStep):
         keep at least ``head_entry_floor(t)`` texts."""
         import great_expectations as gx
 
-        from components.common.io import read_parquet
 
-        counts = read_parquet(Path(step_dir) / "entry_counts.parquet", ["entry", "count_before", "count_after"])
+        counts = read_frame(location(step_dir) / "entry_counts.parquet", ["entry", "count_before", "count_after"])
         head = counts[counts["count_before"] >= params.t].reset_index(drop=True)
         return [
             ("entry_counts", counts, [

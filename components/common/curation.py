@@ -17,6 +17,9 @@ Under the curation directory (``data/curate``):
 
 A file counts only when its ``.done`` marker exists and holds the expected fingerprint; data files are written
 atomically before their marker, so a killed run leaves nothing that looks complete.
+
+The curation directory and the download shards may be local paths or object-storage URLs (``s3://…``; see
+``components.common.storage``): the same layout, read and written the same way.
 """
 from __future__ import annotations
 
@@ -35,15 +38,17 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .hashing import hash_obj
-from .io import atomic_path, read_json, write_json, write_parquet
 from .shards import shard_file_name
+from .storage import location, open_input, read_frame, read_json, read_table, relative, remove, write_json, write_table
 from .steps import Step
 
 # name -> the step class, as module:Class (imported only when curation runs).
 STEPS: dict[str, str] = {
     "rules": "components.filter.step:RulesStep",
     "spam": "components.filter.spam:SpamStep",
+    "langid": "components.filter.langid:LangIdStep",
     "dedup": "components.filter.step:DedupStep",
+    "neardup": "components.filter.neardup:NearDupStep",
     "score": "components.score.step:ScoreStep",
     "balance": "components.balance.step:BalanceStep",
     "rewrite": "components.rewrite.step:RewriteStep",
@@ -85,15 +90,20 @@ def _units_in(folder: Path, suffix: str) -> set[str]:
     """Units with a file of ``suffix`` under ``folder`` (units may sit in sub-folders, one per URL list)."""
     if not folder.is_dir():
         return set()
-    return {p.relative_to(folder).as_posix()[:-len(suffix)] for p in folder.rglob(f"*{suffix}")}
+    return {relative(p, folder)[:-len(suffix)] for p in folder.rglob(f"*{suffix}")}
 
 
-def unit_path(curate_dir: Path, unit: str) -> Path:
-    return curate_dir / UNITS_DIR / f"{unit}.parquet"
+def _root(curate_dir: str | os.PathLike) -> Path:
+    """The curation directory as a path object (a ``Path`` or a ``UPath`` is used as it is)."""
+    return curate_dir if isinstance(curate_dir, Path) or hasattr(curate_dir, "protocol") else location(curate_dir)
 
 
-def step_dir(curate_dir: Path, step: str) -> Path:
-    return curate_dir / STEPS_DIR / step
+def unit_path(curate_dir: str | os.PathLike, unit: str) -> Path:
+    return _root(curate_dir) / UNITS_DIR / f"{unit}.parquet"
+
+
+def step_dir(curate_dir: str | os.PathLike, step: str) -> Path:
+    return _root(curate_dir) / STEPS_DIR / step
 
 
 def output_path(curate_dir: Path, step: str, unit: str, phase: str = "apply") -> Path:
@@ -118,12 +128,8 @@ def read_marker(data_path: Path) -> dict | None:
 
 def write_output(table: pd.DataFrame | pa.Table, data_path: Path, marker: dict) -> None:
     """The data file, then its marker (both atomic): the marker exists only beside a complete file."""
-    marker_path(data_path).unlink(missing_ok=True)
-    if isinstance(table, pa.Table):
-        with atomic_path(data_path) as tmp:
-            pq.write_table(table, tmp)
-    else:
-        write_parquet(table, data_path)
+    remove(marker_path(data_path))
+    write_table(table, data_path)
     write_json(marker, marker_path(data_path))
 
 
@@ -145,7 +151,7 @@ def _write_unit(manifest_path: Path, curate_dir: Path, unit: str, parts: list[pd
     """One unit's rows, unless the unit holds them already (``more``: rows of the unit written earlier in this
     split come first: a shard whose rows were not contiguous in the manifest)."""
     path = unit_path(curate_dir, unit)
-    rows = pd.concat(([pd.read_parquet(path)] if more else []) + parts, ignore_index=True)
+    rows = pd.concat(([read_frame(path)] if more else []) + parts, ignore_index=True)
     duplicated = rows["uid"][rows["uid"].duplicated()]
     if len(duplicated):
         raise InputError(manifest_path, f"uid {duplicated.iloc[0]!r} appears more than once", field="uid")
@@ -163,8 +169,9 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
     keeps its file and marker, so the steps downstream of it find their work done. (The download stage and its
     validation guarantee unique uids across the manifest; a repeat within a shard is refused here.)
     """
+    manifest = location(manifest_path)
     try:
-        source = pq.ParquetFile(manifest_path, pre_buffer=False)
+        source = pq.ParquetFile(open_input(manifest), pre_buffer=False)
     except FileNotFoundError:
         raise InputError(manifest_path, "no such file (run the download stage first)") from None
     except (OSError, pa.ArrowException) as e:
@@ -197,14 +204,14 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
     units = sorted(written)
     stale = _units_in(curate_dir / UNITS_DIR, ".parquet") - set(units)
     for unit in stale:  # shards that no longer exist in the download
-        unit_path(curate_dir, unit).unlink(missing_ok=True)
-        marker_path(unit_path(curate_dir, unit)).unlink(missing_ok=True)
+        remove(unit_path(curate_dir, unit))
+        remove(marker_path(unit_path(curate_dir, unit)))
     return units
 
 
-def units_of(curate_dir: Path) -> list[str]:
+def units_of(curate_dir: str | os.PathLike) -> list[str]:
     """The units of a finished split (each with its marker), sorted."""
-    return sorted(_units_in(curate_dir / UNITS_DIR, ".done"))
+    return sorted(_units_in(_root(curate_dir) / UNITS_DIR, ".done"))
 
 
 def unit_fingerprint(curate_dir: Path, unit: str) -> str:
@@ -222,7 +229,7 @@ def save_state(curate_dir: Path, step: str, state: dict) -> str:
         (frames if isinstance(value, pd.DataFrame) else plain)[key] = value
     digest = hash_obj({"plain": plain, "frames": {k: rows_fingerprint(v) for k, v in frames.items()}})
     for key, frame in frames.items():
-        write_parquet(frame, base / "state" / f"{key}.parquet")
+        write_table(frame, base / "state" / f"{key}.parquet")
     write_json({"hash": digest, "state": plain, "frames": sorted(frames)}, base / "state.json")
     return digest
 
@@ -232,19 +239,19 @@ def load_state(curate_dir: Path, step: str) -> tuple[dict, str]:
     stored = read_json(base / "state.json", missing="no combined state (run the curate stage first)")
     state: dict[str, Any] = dict(stored["state"])
     for key in stored["frames"]:
-        state[key] = pd.read_parquet(base / "state" / f"{key}.parquet")
+        state[key] = read_frame(base / "state" / f"{key}.parquet")
     return state, stored["hash"]
 
 
 def read_step(curate_dir: str | os.PathLike, step: str, columns: list[str] | None = None,
               units: list[str] | None = None) -> Iterator[tuple[str, pd.DataFrame]]:
     """(unit, decision table) of every finished unit of ``step``, in unit order; ``columns`` to read only some."""
-    curate_dir = Path(curate_dir)
+    curate_dir = _root(curate_dir)
     for unit in units if units is not None else units_of(curate_dir):
         path = output_path(curate_dir, step, unit)
         if read_marker(path) is None:
             raise InputError(path, f"missing: step {step!r} has not finished shard {unit} (run the curate stage)")
-        yield unit, pq.read_table(path, columns=columns).to_pandas()
+        yield unit, read_table(path, columns).to_pandas()
 
 
 def read_step_table(curate_dir: str | os.PathLike, step: str, columns: list[str] | None = None) -> pd.DataFrame:

@@ -44,11 +44,40 @@ def _files(paths: Iterable[str | os.PathLike]) -> list[tuple[str, Path]]:
     return sorted(out)
 
 
-def content_hash(paths: Iterable[str | os.PathLike]) -> str:
-    """sha256 over the relative names and bytes of every file under ``paths`` (files or directories)."""
+def _object_digests(url: str, read: bool = False) -> list[tuple[str, str]]:
+    """(relative name, the store's checksum) of every object at or below ``url``: an object store keeps a
+    checksum (S3's ETag) of every object, so nothing is read to hash it. ``read``: the sha256 of each object's
+    bytes instead (what ``content_hash`` gives for the same files on a local disk)."""
+    from .storage import location, open_input
+
+    target = location(url)
+    fs, root = target.fs, target.path.rstrip("/")
+    found = fs.find(root, detail=True)
+    name = root.rsplit("/", 1)[-1]
+    out = []
+    for key, info in sorted(found.items()):
+        rel = name if key == root else f"{name}/{key[len(root) + 1:]}"
+        if read:
+            with open_input(f"{target.protocol}://{key}") as fh:
+                digest = _stream_sha256(fh)
+        else:
+            digest = info.get("ETag") or info.get("checksum") or f"{info.get('size')}:{info.get('LastModified')}"
+        out.append((rel, str(digest).strip('"')))
+    return out
+
+
+def content_hash(paths: Iterable[str | os.PathLike], read_objects: bool = False) -> str:
+    """sha256 over the relative names and bytes of every file under ``paths`` (files or directories; on object
+    storage, over the objects' names and the store's checksums, or their bytes with ``read_objects``)."""
+    from .storage import is_url
+
+    paths = list(paths)
+    entries = [(rel, file_sha256(f)) for rel, f in _files(p for p in paths if not is_url(p))]
+    for url in (p for p in paths if is_url(p)):
+        entries += _object_digests(str(url), read_objects)
     h = hashlib.sha256()
-    for rel, f in _files(paths):
-        h.update(rel.encode() + b"\x00" + file_sha256(f).encode() + b"\x00")
+    for rel, digest in sorted(entries):
+        h.update(rel.encode() + b"\x00" + digest.encode() + b"\x00")
     return h.hexdigest()
 
 
@@ -72,14 +101,18 @@ def _hash_cache() -> sqlite3.Connection | None:
     return _cache[1]
 
 
-def _read_sha256(path: str | os.PathLike) -> str:
+def _stream_sha256(fh) -> str:
     global _bytes_hashed
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-            _bytes_hashed += len(chunk)
+    while chunk := fh.read(_CHUNK):
+        h.update(chunk)
+        _bytes_hashed += len(chunk)
     return h.hexdigest()
+
+
+def _read_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as fh:
+        return _stream_sha256(fh)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import InputError
+from .storage import location, open_input
 
 
 def shard_file_name(shard: str) -> str:
@@ -29,11 +30,11 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), field
 
 
-def index_shard(path: str | os.PathLike) -> dict[str, dict[str, tuple[int, int]]]:
+def index_shard(path) -> dict[str, dict[str, tuple[int, int]]]:
     """key -> field -> (byte offset, size) of every regular member of the tar at ``path``."""
     index: dict[str, dict[str, tuple[int, int]]] = {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open_input(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for member in tar:
                 if member.isfile():
                     key, field = split_member_name(member.name)
@@ -52,7 +53,7 @@ class ShardReader:
     """
 
     def __init__(self, shard_dir: str | os.PathLike, max_open: int = 64):
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir = location(shard_dir)  # a local folder or an object-storage URL
         self.max_open = max_open
         self._index: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
         self._files: OrderedDict[str, BinaryIO] = OrderedDict()
@@ -74,7 +75,7 @@ class ShardReader:
         else:
             if len(self._files) >= self.max_open:
                 self._files.popitem(last=False)[1].close()
-            self._files[shard] = open(path, "rb")
+            self._files[shard] = open_input(path)
         return self._files[shard]
 
     def read(self, shard: str, key: str, field: str) -> bytes:

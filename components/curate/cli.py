@@ -9,12 +9,12 @@ HELP = f"curation steps ({' -> '.join(STEP_NAMES)}) per download shard -> data/c
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", default="data/download/manifest.parquet", help="download manifest (input)")
-    parser.add_argument("--shards", default="data/download/shards", help="download shards, for images (input)")
+    parser.add_argument("--manifest", default="data/download/manifest.parquet", help="download manifest (input; a path or an object-storage URL such as s3://…)")
+    parser.add_argument("--shards", default="data/download/shards", help="download shards, for images (input; path or URL)")
     parser.add_argument("--bootstrap-model", default="data/scorer/model",
                         help="local-dir export of the bootstrap filtering network (when score.scorer is 'bootstrap')")
     parser.add_argument("--out", default="data/curate",
-                        help="curation directory: per-shard outputs of every step, summary.json (output)")
+                        help="curation directory: per-shard outputs of every step, summary.json (output; path or URL)")
 
 
 def run(args: argparse.Namespace, params) -> int:

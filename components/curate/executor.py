@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from components.common.curation import (load_state, output_path, read_marker, rows_fingerprint, step_class, unit_path,
                                         write_output)
-from components.common.errors import ConfigError
 from components.common.hashing import hash_obj
 from components.common.log import get_logger, progress_disabled
 from components.common.params import RayParams
 from components.common.steps import PoolStep, Step, StepContext, check_output
+from components.common.storage import location, read_frame
 
 log = get_logger("curate")
 
@@ -47,7 +47,7 @@ class UnitTask:
 
     @property
     def output(self) -> Path:
-        return output_path(Path(self.curate_dir), self.step, self.unit, self.phase)
+        return output_path(self.curate_dir, self.step, self.unit, self.phase)
 
     def done(self) -> bool:
         marker = read_marker(self.output)
@@ -73,19 +73,19 @@ def _state(task: UnitTask) -> dict:
     key = (task.curate_dir, task.step, task.state_hash)
     if key not in _STATES:
         _STATES.clear()
-        state, stored_hash = load_state(Path(task.curate_dir), task.step)
+        state, stored_hash = load_state(location(task.curate_dir), task.step)
         if stored_hash != task.state_hash:
             raise RuntimeError(f"{task.step}: the stored state changed under a running task")
         _STATES[key] = state
     return _STATES[key]
 
 
-def step_input(curate_dir: Path, unit: str, needs: tuple[str, ...],
+def step_input(curate_dir, unit: str, needs: tuple[str, ...],
                upstream: tuple[tuple[str, tuple[str, ...], str | None], ...]) -> pd.DataFrame:
     """The unit's rows that every earlier step kept: uid, the manifest columns ``needs`` and earlier columns."""
-    rows = pd.read_parquet(unit_path(curate_dir, unit), columns=["uid", *[c for c in needs if c != "uid"]])
+    rows = read_frame(unit_path(curate_dir, unit), columns=["uid", *[c for c in needs if c != "uid"]])
     for name, columns, _ in upstream:
-        decided = pd.read_parquet(output_path(curate_dir, name, unit), columns=["uid", "keep", *columns])
+        decided = read_frame(output_path(curate_dir, name, unit), columns=["uid", "keep", *columns])
         kept = decided[decided["keep"].astype(bool)].set_index("uid")
         rows = rows[rows["uid"].isin(kept.index)].reset_index(drop=True)
         for column in columns:
@@ -98,7 +98,7 @@ def _reuse(task: UnitTask, batch: pd.DataFrame, compute, params_fp: str) -> pd.D
     marker = read_marker(task.output)
     if marker is None or marker.get("params") != params_fp or batch.empty:
         return compute(batch)
-    previous = pd.read_parquet(task.output)
+    previous = read_frame(task.output)
     previous = previous[previous["uid"].isin(batch["uid"])]
     new = batch[~batch["uid"].isin(previous["uid"])].reset_index(drop=True)
     parts = [previous] + ([compute(new)] if len(new) else [])
@@ -124,14 +124,14 @@ def run_task(task: UnitTask) -> dict:
     step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
     started = time.perf_counter()
     cls = type(step)
-    curate_dir = Path(task.curate_dir)
+    curate_dir = location(task.curate_dir)
     # A sample's earlier output is reused only under the same params and the same per-sample work upstream (the
     # columns the step reads: rewrite's matched entries change with balance's metadata).
     params_fp = hash_obj([cls.fingerprint(task.params, task.context, task.phase),
                           [fp for *_, fp in task.upstream if fp is not None]])
     if task.phase == "decide":
         assert isinstance(step, PoolStep)
-        mapped = pd.read_parquet(output_path(curate_dir, task.step, task.unit, "map"))
+        mapped = read_frame(output_path(curate_dir, task.step, task.unit, "map"))
         out = check_output(cls, step.decide(mapped, _state(task)), mapped, [*cls.columns, *cls.extra_columns])
         counts = _counts(out)
     else:
@@ -204,12 +204,10 @@ class Executor:
     def _ray(self, tasks: list[UnitTask], resources: dict, bar: tqdm) -> float:
         import ray
 
-        available = ray.cluster_resources()
-        for resource, amount in resources.items():
-            have = available.get("GPU" if resource == "num_gpus" else "CPU", 0)
-            if amount > have:
-                raise ConfigError(f"curate: a task needs {resource}={amount:g} but the Ray cluster has {have:g}")
-        remote = ray.remote(**resources)(run_task)
+        from components.common.engine import ray_options
+
+        options = ray_options(resources, ray.cluster_resources(), f"curate: step {tasks[0].step}")
+        remote = ray.remote(**options)(run_task)
         pending = [remote.remote(task) for task in tasks]
         seconds = 0.0
         while pending:

@@ -8,7 +8,6 @@ recomputed, and a step's per-sample work is reused for samples it has seen with 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +19,7 @@ from components.common.curation import (STEPS_DIR, UNITS_DIR, output_path, read_
 from components.common.errors import ClipmillError
 from components.common.funnel import funnel_metrics
 from components.common.hashing import hash_obj
-from components.common.io import write_json
+from components.common.storage import location, read_frame, relative, remove, remove_tree, write_json
 from components.common.log import get_logger
 from components.common.steps import PoolStep, Step, StepContext
 from components.common.tracking import stage_run, tracking_uri
@@ -49,7 +48,7 @@ def _tasks(curate_dir: Path, step: type[Step], params, context: StepContext, pha
 
 def _frames(curate_dir: Path, step: str, phase: str, units: list[str]) -> Iterator[pd.DataFrame]:
     for unit in units:
-        yield pd.read_parquet(output_path(curate_dir, step, unit, phase))
+        yield read_frame(output_path(curate_dir, step, unit, phase))
 
 
 def step_summary(curate_dir: Path, step: type[Step], params, units: list[str], markers: list[dict]) -> dict:
@@ -77,14 +76,14 @@ def _remove_stale(curate_dir: Path, names: list[str], units: list[str]) -> None:
     keep = set(units)
     for folder in steps_root.iterdir():
         if folder.is_dir() and folder.name not in names:
-            shutil.rmtree(folder)
+            remove_tree(folder)
             continue
         for marker in folder.rglob("*.done"):  # every unit output has a marker; state and summaries do not
-            parts = marker.relative_to(folder).with_suffix("").parts
+            parts = relative(marker, folder)[:-len(".done")].split("/")
             unit = "/".join(parts[1:] if parts[0] in ("map", "partial") else parts)
             if unit not in keep:
-                marker.unlink()
-                marker.with_suffix(".parquet").unlink(missing_ok=True)
+                remove(marker)
+                remove(marker.with_suffix(".parquet"))
 
 
 def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
@@ -153,12 +152,12 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     # as the crawl grows (Arrow's default pool keeps what it once held).
     pa.set_memory_pool(pa.system_memory_pool())
     # Absolute: tasks may run in another working directory (the workers of a Ray cluster).
-    manifest_path, out_dir = Path(manifest_path), Path(out_dir).absolute()
+    manifest_path, out_dir = location(manifest_path), location(out_dir)
     names = params.curate.steps
     steps = step_classes(names)
-    context = StepContext(shards_dir=str(Path(shards_dir).absolute()), seed=params.project.seed,
+    context = StepContext(shards_dir=str(location(shards_dir)), seed=params.project.seed,
                           tracking_uri=tracking_uri(params.tracking),
-                          inputs={k: str(Path(v).absolute()) if k != "manifest" else str(v)
+                          inputs={k: str(location(v)) if k != "manifest" else str(v)
                                   for k, v in {"manifest": manifest_path, **(inputs or {})}.items()})
     for step in steps:  # a step that cannot run fails here, before any work
         step.check_params(step_params(step, params), context)
@@ -195,8 +194,8 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
                                 if isinstance(v, (int, float)) and not isinstance(v, bool)
                                 and k not in ("input", "kept")})
             mlflow.log_metrics(metrics)
-            mlflow.log_artifact(str(out_dir / "summary.json"))
-            mlflow.log_artifact(str(out_dir / TIMINGS_FILE))
+            mlflow.log_dict(summary, "summary.json")
+            mlflow.log_dict(timings, TIMINGS_FILE)
     log.info("curate: %d samples in %d shards -> %d kept (%s) in %.1f s", samples, len(units), summary["kept"],
              " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), timings["wall_seconds"])
     return summary

@@ -7,9 +7,9 @@ HELP = "curated training shards (kept by every curation step in curate.steps, sh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--curate", default="data/curate", help="curation directory: units/, steps/ (input)")
-    parser.add_argument("--shards", default="data/download/shards", help="download shards directory (input)")
-    parser.add_argument("--out", default="data/curated", help="curated shards, manifest, content hash (output)")
+    parser.add_argument("--curate", default="data/curate", help="curation directory: units/, steps/ (input; path or URL)")
+    parser.add_argument("--shards", default="data/download/shards", help="download shards directory (input; path or URL)")
+    parser.add_argument("--out", default="data/curated", help="curated shards, manifest, content hash (output; path or URL)")
 
 
 def run(args: argparse.Namespace, params) -> int:

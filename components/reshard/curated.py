@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,12 @@ from tqdm import tqdm
 from components.common.curation import output_path, read_step, step_classes, unit_path, units_of
 from components.common.errors import InputError
 from components.common.hashing import content_hash, file_sha256
-from components.common.io import atomic_path, read_parquet
+from components.common.io import atomic_path
 from components.common.log import get_logger, progress_disabled
 from components.common.params import TrackingParams
 from components.common.shards import ShardReader, shard_file_name
 from components.common.steps import Step
+from components.common.storage import is_url, location, publish_dir, read_parquet
 from components.common.tracking import stage_run
 
 from .params import ReshardParams
@@ -79,7 +81,7 @@ def unit_samples(curate_dir: Path, unit: str, steps: list[type[Step]]) -> pd.Dat
 
 def curated_samples(curate_dir: str | os.PathLike, steps: list[str]) -> pd.DataFrame:
     """Every shard's curated samples (``unit_samples``), sorted by uid."""
-    curate_dir = Path(curate_dir)
+    curate_dir = location(curate_dir)
     units = units_of(curate_dir)
     if not units:
         raise InputError(curate_dir / "units", "no curated download shards (run the curate stage first)")
@@ -161,14 +163,20 @@ def reshard(curate_dir: str | os.PathLike, shard_dir: str | os.PathLike, out_dir
     The curated samples are the uids kept by every listed step. Returns the summary: samples, shards, samples
     per shard, seed, steps, bytes, per-shard sha256 and the content hash.
     """
-    curate_dir, shard_dir, out_dir = Path(curate_dir), Path(shard_dir), Path(out_dir)
+    curate_dir, shard_dir = location(curate_dir), location(shard_dir)
+    if is_url(out_dir):  # object storage: built in a local staging folder, then published (summary.json last)
+        with tempfile.TemporaryDirectory(prefix="clipmill-reshard-") as staging:
+            summary = reshard(curate_dir, shard_dir, Path(staging) / "out", params, seed, tracking, steps)
+            publish_dir(Path(staging) / "out", out_dir, last="summary.json")
+        return summary
+    out_dir = Path(out_dir)
     samples = curated_samples(curate_dir, steps)
     columns = [c for step in step_classes(steps) for c in step.columns]
     order = shuffled_order(samples.index, seed)
     size = params.samples_per_shard
     with stage_run("reshard", tracking, params, input_files(curate_dir, steps)) as run:
         started = time.perf_counter()
-        with atomic_path(out_dir) as tmp:
+        with atomic_path(out_dir, owner="reshard") as tmp:
             (tmp / "shards").mkdir(parents=True)
             manifest, total_bytes = write_shards(samples, order, columns, shard_dir, tmp / "shards", size)
             manifest.to_parquet(tmp / "manifest.parquet", index=False)
@@ -186,7 +194,7 @@ def reshard(curate_dir: str | os.PathLike, shard_dir: str | os.PathLike, out_dir
             mlflow.log_metrics({"samples": summary["samples"], "shards": summary["shards"], "bytes": total_bytes,
                                 "samples_in": summary["samples"], "samples_out": summary["samples"]})
             mlflow.set_tag("clipmill.curated_hash", summary["content_hash"])
-            mlflow.log_artifact(str(out_dir / "summary.json"))
+            mlflow.log_dict(summary, "summary.json")
     log.info("reshard: %d samples in %d shards (%.1f MB) in %.1f s (%.0f samples/s); content hash %s",
              summary["samples"], summary["shards"], total_bytes / 1e6, elapsed, len(order) / max(elapsed, 1e-9),
              summary["content_hash"][:12])
