@@ -99,3 +99,65 @@ def test_a_bad_list_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InputError, match="caption|url"):
         append_url_list(tmp_path / "bad.parquet", tmp_path / "additions")
     assert not (tmp_path / "additions").exists()
+
+
+def _list(path, uids, urls=None, **columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    urls = urls or [f"http://img.test/{u}.jpg" for u in uids]
+    pd.DataFrame({"uid": uids, "url": urls, "caption": [f"caption {u}" for u in uids], **columns}).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("case, field, reason", [
+    ("url_list_column", "url_list", "reserved for the list each URL comes from"),
+    ("bad_uid", "uid", "not made of letters, digits"),
+    ("collides_with_base", "uid", "already in the crawl with another url or caption"),
+    ("collides_with_addition", "uid", "already in the crawl with another url or caption"),
+    ("passthrough_type", "site", "differs from"),
+])
+def test_new_urls_that_fail_the_crawl_checks_are_refused_before_anything_is_copied(tmp_path, case, field, reason):
+    base = _list(tmp_path / "crawl" / "urls.parquet", ["a1", "a2"], site=["x", "y"])
+    additions = tmp_path / "additions"
+    append_url_list(_list(tmp_path / "week1" / "urls.parquet", ["b1"], site=["z"]), additions, crawl_urls=base,
+                    now=dt.datetime(2026, 11, 2, tzinfo=dt.timezone.utc))
+    before = sorted(p.name for p in additions.iterdir())
+    new = tmp_path / "week2" / "urls.parquet"
+    if case == "url_list_column":
+        _list(new, ["c1"], url_list=["crawl"])
+    elif case == "bad_uid":
+        _list(new, ["c1", "../c2", "c.3"])
+    elif case == "collides_with_base":
+        _list(new, ["c1", "a2"], urls=["http://img.test/c1.jpg", "http://other.test/a2.jpg"])
+    elif case == "collides_with_addition":
+        _list(new, ["b1"], urls=["http://other.test/b1.jpg"])
+    elif case == "passthrough_type":
+        _list(new, ["c1"], site=[3])
+    with pytest.raises(InputError) as err:
+        append_url_list(new, additions, crawl_urls=base)
+    assert err.value.file == str(new) and err.value.field == field and reason in err.value.reason
+    assert sorted(p.name for p in additions.iterdir()) == before  # nothing copied
+
+
+def test_new_urls_repeating_crawl_pairs_are_appended_as_duplicates(tmp_path):
+    base = _list(tmp_path / "crawl" / "urls.parquet", ["a1", "a2"])
+    again = _list(tmp_path / "week1" / "urls.parquet", ["a2", "c1"])
+    addition = append_url_list(again, tmp_path / "additions", crawl_urls=base)
+    crawl = read_crawl(base, tmp_path / "additions")
+    assert [e["duplicates"] for e in crawl.lists] == [0, 1] and addition.path.is_dir()
+
+
+def test_a_symlink_in_the_web_directory_of_new_urls_is_refused_not_followed(crawl, tmp_path):
+    import shutil
+
+    batch = tmp_path / "batch"
+    shutil.copytree(crawl / "batch1", batch)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    link = next((batch / "web").rglob("*.jpg"), None) or next(p for p in (batch / "web").rglob("*") if p.is_file()
+                                                                and p.name != "routes.json")
+    link.unlink()
+    link.symlink_to(secret)
+    with pytest.raises(InputError, match="symbolic link") as err:
+        append_url_list(batch / "urls.parquet", tmp_path / "additions")
+    assert err.value.file == str(link)
+    assert not (tmp_path / "additions").exists() or not any((tmp_path / "additions").iterdir())

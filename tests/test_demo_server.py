@@ -204,3 +204,41 @@ def test_demo_server_command_serves_until_interrupted(corpus, tmp_path):
             proc.kill()
             proc.wait()
         stderr.close()
+
+
+def _web(tmp_path: Path, routes: dict) -> Path:
+    web = tmp_path / "web"
+    (web / "img").mkdir(parents=True, exist_ok=True)
+    (web / "img" / "a.jpg").write_bytes(b"inside")
+    (web / "routes.json").write_text(json.dumps({"format": 1, "routes": routes}))
+    return web
+
+
+@pytest.mark.parametrize("route, problem", [
+    ({"behaviour": "ok", "file": "../secret.txt", "content_type": "text/plain"}, "is not a file name inside"),
+    ({"behaviour": "ok", "file": "/etc/hostname", "content_type": "text/plain"}, "is not a file name inside"),
+    ({"behaviour": "ok", "file": "img/link.jpg", "content_type": "image/jpeg"}, "is not a file name inside"),
+    ({"behaviour": "redirect", "target": "http://169.254.169.254/latest/meta-data/"}, "is not a path on this server"),
+    ({"behaviour": "redirect", "target": "//evil.test/x"}, "is not a path on this server"),
+])
+def test_routes_reading_outside_web_or_redirecting_off_server_are_refused_at_start(tmp_path, route, problem):
+    (tmp_path / "secret.txt").write_text("private key")
+    web = _web(tmp_path, {"/x": route})
+    (web / "img" / "link.jpg").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(InputError, match=problem) as err:
+        with serve_web(web):
+            pass
+    assert err.value.field == "routes" and err.value.file == str(web / "routes.json")
+
+
+def test_a_file_swapped_for_a_link_out_of_web_after_start_is_not_served(tmp_path):
+    (tmp_path / "secret.txt").write_text("private key")
+    web = _web(tmp_path, {"/a": {"behaviour": "ok", "file": "img/a.jpg", "content_type": "image/jpeg"}})
+    with serve_web(web) as base_url:
+        with urllib.request.urlopen(base_url + "/a", timeout=PATIENT) as r:
+            assert r.read() == b"inside"
+        (web / "img" / "a.jpg").unlink()
+        (web / "img" / "a.jpg").symlink_to(tmp_path / "secret.txt")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base_url + "/a", timeout=PATIENT)
+        assert err.value.code == 404

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from components.common.errors import InputError
+from components.common.io import OUTPUT_MARKER
 from components.common.params import RayParams, TrackingParams
 from components.demo_corpus import load_ground_truth
 from components.demo_corpus.corpus import generate_demo_corpus
@@ -30,6 +31,7 @@ from components.download.stage import MANIFEST_COLUMNS, claim_output_dir, downlo
 from components.download.url_list import read_url_list
 
 from .conftest import REPO
+from .object_store import s3  # noqa: F401 (a fixture)
 
 FAULTS = ["not_found", "transient_5xx", "slow", "truncated", "html_as_image", "redirect", "robots_noai"]
 EXPECTED = {  # demo server behaviour -> (status, error_reason)
@@ -179,7 +181,8 @@ def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, 
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), downloaded["manifest"])
     assert sorted(p.name for p in (out / "shards" / "crawl").iterdir()) == sorted(
         p.name for p in (downloaded["out"] / "shards" / "crawl").iterdir())
-    assert not list(out.rglob(".*"))  # no leftover img2dataset input or temporary files
+    # no leftover img2dataset input or temporary files (the output's own marker aside)
+    assert [p.name for p in out.rglob(".*")] == [OUTPUT_MARKER]
 
 
 def test_private_and_non_http_urls_are_refused_and_counted(tmp_path):
@@ -223,7 +226,12 @@ def _write(tmp_path: Path, df: pd.DataFrame) -> Path:
     ("duplicate_pair", "uid", "computed from url + caption"),
     ("null_uid", "uid", "null uid"),
     ("reserved_column", "status", "reserved"),
+    ("url_list_column", "url_list", "reserved for the list each URL comes from"),
     ("missing_file", None, "no such file"),
+    ("uid_traversal", "uid", "not made of letters, digits"),
+    ("uid_dot", "uid", "not made of letters, digits"),
+    ("uid_empty", "uid", "not made of letters, digits"),
+    ("uid_too_long", "uid", "1 to 128 characters"),
 ])
 def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, case, field, reason):
     good = pd.DataFrame({"uid": ["a", "b"], "url": ["http://x.test/1.jpg", "http://x.test/2.jpg"], "caption": ["c", "d"]})
@@ -244,6 +252,11 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, case, fie
         _write(tmp_path, good.assign(uid=["a", None]))
     elif case == "reserved_column":
         _write(tmp_path, good.assign(status=["x", "y"]))
+    elif case == "url_list_column":
+        _write(tmp_path, good.assign(url_list=["x", "y"]))
+    elif case.startswith("uid_"):
+        bad = {"uid_traversal": "../x", "uid_dot": "a.b", "uid_empty": "", "uid_too_long": "u" * 129}[case]
+        _write(tmp_path, good.assign(uid=["a", bad]))
     with pytest.raises(InputError) as err:
         _run(DownloadParams(urls=str(path), **PARAMS), tmp_path / "out")
     assert err.value.field == field and reason in err.value.reason
@@ -342,3 +355,39 @@ def test_damaged_shards_are_detected(downloaded, tmp_path):
 ])
 def test_error_messages_are_normalised(status, message, reason):
     assert error_reason(status, message) == reason
+
+
+def test_an_80mb_caption_is_cut_at_ingestion_and_whitespace_collapsed(tmp_path):
+    huge = "click to " + " " * 20000 + "#" + "x" * (80 * 2**20)
+    table = pa.table({"url": ["http://x.test/1.jpg", "http://x.test/2.jpg", "http://x.test/3.jpg"],
+                      "caption": ["  a\tred\n\ncircle  ", huge, "é" * 5000]})
+    pq.write_table(table, tmp_path / "urls.parquet")
+    url_list = read_url_list(tmp_path / "urls.parquet", max_caption_chars=4096)
+    captions = list(url_list.table["caption"])
+    assert captions[0] == "a red circle" and captions[1] == "click to" and captions[2] == "é" * 4096
+    assert url_list.captions_truncated == 2 and url_list.captions_cleaned == 0
+
+
+def test_the_same_url_with_two_captions_is_counted_in_the_summary(tmp_path):
+    urls = ["http://10.0.0.1/a.jpg", "http://10.0.0.1/a.jpg", "http://10.0.0.1/b.jpg"]
+    pd.DataFrame({"url": urls, "caption": ["a cat", "a dog", "a cat"]}).to_parquet(tmp_path / "urls.parquet")
+    summary = _run(DownloadParams(urls=str(tmp_path / "urls.parquet"), **PARAMS), tmp_path / "out")
+    assert summary["duplicate_urls"] == 1 and summary["urls"] == 3 and summary["captions_truncated"] == 0
+
+
+def test_a_download_into_object_storage_publishes_each_list_once(crawl, downloaded, s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the local staging folder (.clipmill/staging) lives under the working directory
+    params = DownloadParams(urls=str(crawl / "urls.parquet"), **PARAMS)
+    summary = _run(params, "s3://crawl/download")
+    assert summary["lists_fetched"] == 1 and summary["by_status"] == downloaded["summary"]["by_status"]
+    manifest = pd.read_parquet("s3://crawl/download/manifest.parquet")
+    expected = downloaded["manifest"]
+    assert manifest["uid"].tolist() == expected["uid"].tolist()
+    assert manifest["status"].tolist() == expected["status"].tolist()
+    shards = {p.rsplit("/", 1)[-1] for p in s3.find("crawl/download/shards") if p.endswith(".tar")}
+    assert shards == {Path(s).name for s in expected["shard"].dropna()}
+    assert json.loads(s3.cat("crawl/download/summary.json"))["by_status"] == summary["by_status"]
+    # The shards left the staging folder; a second run finds the list finished on the store and fetches nothing.
+    assert not list((tmp_path / ".clipmill" / "staging").rglob("*.tar"))
+    again = _run(params, "s3://crawl/download")
+    assert again["lists_fetched"] == 0 and again["by_status"] == summary["by_status"]

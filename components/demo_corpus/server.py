@@ -5,6 +5,11 @@ Each URL path in ``web/routes.json`` has a behaviour: ``ok`` (200 with the file'
 ``slow`` (answers only after ``slow_seconds``), ``truncated`` (announces the full Content-Length, sends part
 of the body, closes), ``html_as_image`` (an HTML page labelled image/jpeg), ``redirect`` (302 to the real
 path) and ``robots_noai`` (200 with ``X-Robots-Tag: noai``). Unknown paths are 404.
+
+The server reads nothing outside its web/ directories: a route's ``file`` must name a file inside the route's
+directory (symbolic links resolved), and a redirect ``target`` is a path on the same server (``/...``); a
+routes file that breaks either is an ``InputError`` at start, and a file that has become a link out since is
+answered 404.
 """
 from __future__ import annotations
 
@@ -38,12 +43,37 @@ def load_routes(web_dir: str | os.PathLike) -> dict[str, dict]:
     return doc["routes"]
 
 
+def _inside(root: Path, name: object) -> Path | None:
+    """``root / name`` when it resolves to a path inside ``root`` (symbolic links followed), else None."""
+    if not isinstance(name, str) or not name:
+        return None
+    base = root.resolve()
+    path = (base / name).resolve()
+    return path if path.is_relative_to(base) and path != base else None
+
+
+def _check_route(web_dir: Path, path: str, route: object) -> None:
+    """A route reads only inside ``web_dir`` and redirects only to a path of the same server."""
+    where = Path(web_dir) / ROUTES_FILE
+    if not isinstance(route, dict):
+        raise InputError(where, f"URL path {path!r}: a route is an object", field="routes")
+    if "file" in route and _inside(Path(web_dir), route["file"]) is None:
+        raise InputError(where, f"URL path {path!r}: file {str(route['file'])[:200]!r} is not a file name inside "
+                                f"{web_dir}", field="routes")
+    if route.get("behaviour") == "redirect":
+        target = route.get("target")
+        if not isinstance(target, str) or not target.startswith("/") or target.startswith("//"):
+            raise InputError(where, f"URL path {path!r}: redirect target {str(target)[:200]!r} is not a path on "
+                                    "this server (/...)", field="routes")
+
+
 def merge_routes(web_dirs: list[Path]) -> dict[str, dict]:
     """The routes of several web/ directories (a crawl and its appended batches); each route remembers its
     directory (``root``). A URL path two directories both answer is an ``InputError``."""
     merged: dict[str, dict] = {}
     for web_dir in web_dirs:
         for path, route in load_routes(web_dir).items():
+            _check_route(Path(web_dir), path, route)
             if path in merged:
                 raise InputError(Path(web_dir) / ROUTES_FILE, f"URL path {path!r} is also served from "
                                                               f"{merged[path]['root']}", field="routes")
@@ -98,10 +128,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _file(self, route: dict) -> bytes:
-        return (Path(route["root"]) / route["file"]).read_bytes()
+        return _inside(Path(route["root"]), route["file"]).read_bytes()
 
     def _respond(self, path: str, route: dict | None) -> None:
         behaviour = route["behaviour"] if route else "not_found"
+        if "file" in (route or {}) and _inside(Path(route["root"]), route["file"]) is None:
+            behaviour = "not_found"  # a file replaced by a link out of web/ since the server started
         if behaviour == "not_found":
             self._send(404, b"<html><body><h1>404 Not Found</h1></body></html>\n", "text/html")
         elif behaviour == "redirect":

@@ -25,7 +25,7 @@ from components.common.hashing import file_sha256, hash_obj
 from components.common.io import atomic_path, read_json, write_json
 from components.common.log import get_logger
 
-from .url_list import UrlList, read_url_list
+from .url_list import CRAWL_COLUMN, DEFAULT_MAX_CAPTION_CHARS, UrlList, read_url_list
 
 log = get_logger("download")
 
@@ -80,7 +80,7 @@ class Crawl:
 
     url_list: UrlList
     web_dirs: list[Path]
-    lists: list[dict]  # name, path, sha256, urls (listed), duplicates (uids an earlier list already had)
+    lists: list[dict]  # name, path, sha256, urls (listed), duplicates (uids an earlier list already had), counts
     sha256: str  # of all lists, in order
 
     @property
@@ -88,15 +88,32 @@ class Crawl:
         return sum(entry["duplicates"] for entry in self.lists)
 
 
-def read_crawl(urls: str | os.PathLike, additions_dir: str | os.PathLike | None = None) -> Crawl:
-    """The base list followed by the appended ones. A uid an earlier list already holds is not fetched again
-    (counted as a duplicate of its list); a passthrough column must have one type across the lists."""
-    urls = Path(urls)
+def _repeated_uids(path: Path, table: pd.DataFrame, tables: list[pd.DataFrame], seen: set) -> pd.Series:
+    """Rows whose uid an earlier list has: the same (url, caption) again, else an ``InputError`` (a collision)."""
+    repeated = table["uid"].isin(seen)
+    if repeated.any():
+        earlier = pd.concat(tables).set_index("uid").loc[table.loc[repeated, "uid"]]
+        again = table.loc[repeated]
+        differs = (earlier["url"].to_numpy() != again["url"].to_numpy()) | \
+                  (earlier["caption"].to_numpy() != again["caption"].to_numpy())
+        if differs.any():
+            uid = again["uid"].iloc[differs.argmax()]
+            raise InputError(path, f"{int(differs.sum())} uid(s) already in the crawl with another url or caption, "
+                                   f"e.g. {uid!r} (in list {earlier.loc[uid, CRAWL_COLUMN]})", field="uid")
+    return repeated
+
+
+def read_crawl(urls: str | os.PathLike | None, additions_dir: str | os.PathLike | None = None, *,
+               max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, extra: list[tuple[str, Path]] = ()) -> Crawl:
+    """The base list followed by the appended ones (and ``extra`` lists, to check a list before it is appended).
+    A uid an earlier list already holds with the same url and caption is not fetched again (counted as a
+    duplicate of its list); with another url or caption it is an ``InputError`` naming the later list. A
+    passthrough column must have one type across the lists. ``urls`` None: the appended lists alone."""
     additions = list_additions(additions_dir)
-    parts = [(BASE_LIST, urls)] + [(a.id, a.urls) for a in additions]
-    tables, lists, passthrough, dtypes, seen = [], [], [], {}, set()
+    parts = ([(BASE_LIST, Path(urls))] if urls is not None else []) + [(a.id, a.urls) for a in additions] + list(extra)
+    tables, lists, passthrough, dtypes, seen, seen_urls = [], [], [], {}, set(), set()
     for name, path in parts:
-        part = read_url_list(path)
+        part = read_url_list(path, max_caption_chars)
         for column in part.passthrough:
             dtype = part.table[column].dtype
             if column in dtypes and dtypes[column] != dtype:
@@ -106,22 +123,28 @@ def read_crawl(urls: str | os.PathLike, additions_dir: str | os.PathLike | None 
                 dtypes[column] = dtype
                 passthrough.append(column)
         table = part.table
-        repeated = table["uid"].isin(seen)
+        repeated = _repeated_uids(path, table, tables, seen)
         seen.update(table["uid"])
+        kept = table.loc[~repeated]
+        duplicate_urls = part.duplicate_urls + int(kept["url"].drop_duplicates().isin(seen_urls).sum())
+        seen_urls.update(kept["url"])
         lists.append({"name": name, "path": str(path), "sha256": file_sha256(path), "urls": len(table),
                       "duplicates": int(repeated.sum()), "captions_cleaned": part.captions_cleaned,
-                      "captions_missing": part.captions_missing})
+                      "captions_missing": part.captions_missing, "captions_truncated": part.captions_truncated,
+                      "duplicate_urls": duplicate_urls})
         if repeated.any():
             log.warning("%s: %d URL(s) already in an earlier list of the crawl are not fetched again", path,
                         int(repeated.sum()))
-        tables.append(table.loc[~repeated].assign(url_list=name))
-    if "url_list" in dtypes:
-        raise InputError(parts[0][1], "column name is reserved for the list each URL comes from; rename it",
-                         field="url_list")
+        if duplicate_urls:
+            log.warning("%s: %d URL(s) repeat an earlier URL of the crawl with another caption or uid", path,
+                        duplicate_urls)
+        tables.append(kept.assign(**{CRAWL_COLUMN: name}))
     table = pd.concat(tables, ignore_index=True)
-    combined = UrlList(table, [*passthrough, "url_list"], sum(e["captions_cleaned"] for e in lists),
-                       sum(e["captions_missing"] for e in lists))
-    web_dirs = [d for d in [urls.parent / WEB_DIR] + [a.web for a in additions]
+    combined = UrlList(table, [*passthrough, CRAWL_COLUMN], sum(e["captions_cleaned"] for e in lists),
+                       sum(e["captions_missing"] for e in lists), sum(e["captions_truncated"] for e in lists),
+                       sum(e["duplicate_urls"] for e in lists))
+    base_web = [Path(urls).parent / WEB_DIR] if urls is not None else []
+    web_dirs = [d for d in base_web + [a.web for a in additions]
                 if d is not None and (d / "routes.json").is_file()]
     digest = lists[0]["sha256"] if len(lists) == 1 else hash_obj([e["sha256"] for e in lists])
     return Crawl(combined, web_dirs, lists, digest)
@@ -135,12 +158,27 @@ class AlreadyAppended(InputError):
         super().__init__(source, f"this URL list was appended to the crawl before (as {addition_id})")
 
 
+def _check_plain_tree(web: Path) -> None:
+    """A web/ directory to copy holds plain files and directories only: a symbolic link is an ``InputError``."""
+    if web.is_symlink():
+        raise InputError(web, "is a symbolic link: an appended list's web/ directory is copied, never followed")
+    for folder, dirs, files in os.walk(web):
+        for name in dirs + files:
+            if (Path(folder) / name).is_symlink():
+                raise InputError(Path(folder) / name, "is a symbolic link: an appended list's web/ directory must "
+                                                      "hold plain files only")
+
+
 def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike, *,
-                    now: dt.datetime | None = None) -> Addition:
+                    now: dt.datetime | None = None, crawl_urls: str | os.PathLike | None = None) -> Addition:
     """Check ``source`` (a URL list) and append it to the crawl as a new directory of ``additions_dir``.
 
-    A list whose content was appended before is refused (``AlreadyAppended``). The ``web/`` directory beside a list of demo URLs
-    comes along (the demo server answers from it).
+    Before anything is copied, the list is checked on its own (``read_url_list``) and as the last list of the
+    crawl (the base list ``crawl_urls`` when given, and every list appended before): a uid the crawl holds with
+    another url or caption, a passthrough column of another type, a reserved column are each one ``InputError``
+    naming ``source``. A list whose content was appended before is refused (``AlreadyAppended``). The ``web/``
+    directory beside a list of demo URLs comes along (the demo server answers from it); it must hold no
+    symbolic links.
     """
     from components.demo_corpus import DEMO_BASE_URL
 
@@ -148,21 +186,28 @@ def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike,
     checked = read_url_list(source)  # every problem is one InputError before anything is written
     sha = file_sha256(source)
     root = Path(additions_dir)
+    if root.is_dir():
+        for earlier in root.iterdir():
+            record = earlier / SOURCE_FILE
+            if record.is_file() and read_json(record).get("sha256") == sha:
+                raise AlreadyAppended(source, earlier.name)
+        read_crawl(crawl_urls, root, extra=[("new", source)])
+    elif crawl_urls is not None:
+        read_crawl(crawl_urls, None, extra=[("new", source)])
+    demo = checked.table["url"].str.startswith(DEMO_BASE_URL + "/", na=False).any()
+    web = source.parent / WEB_DIR
+    copy_web = demo and (web / "routes.json").is_file()
+    if copy_web:
+        _check_plain_tree(web)
     root.mkdir(parents=True, exist_ok=True)
-    for earlier in root.iterdir():
-        record = earlier / SOURCE_FILE
-        if record.is_file() and read_json(record).get("sha256") == sha:
-            raise AlreadyAppended(source, earlier.name)
     now = now or dt.datetime.now(dt.timezone.utc)
     addition_id = f"{now:%Y%m%dT%H%M%SZ}-{sha[:8]}"
     addition = Addition(addition_id, root / addition_id)
-    demo = checked.table["url"].str.startswith(DEMO_BASE_URL + "/", na=False).any()
-    web = source.parent / WEB_DIR
     with atomic_path(addition.path) as tmp:
         tmp.mkdir()
         shutil.copyfile(source, tmp / URLS_FILE)
-        if demo and (web / "routes.json").is_file():
-            shutil.copytree(web, tmp / WEB_DIR)
+        if copy_web:
+            shutil.copytree(web, tmp / WEB_DIR, symlinks=True)  # checked: none; a link made since is not followed
         write_json({"source": str(source.resolve()), "sha256": sha, "urls": len(checked.table),
                     "appended_at": now.isoformat(timespec="seconds")}, tmp / SOURCE_FILE)
     log.info("appended %s (%d URLs) to the crawl as %s", source, len(checked.table), addition.path)

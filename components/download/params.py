@@ -27,8 +27,10 @@ class DownloadParams(Section):
     thread_count: int = Field(16, ge=1, description="Download threads per process.")
     distributor: Literal["multiprocessing", "ray"] = Field(
         "multiprocessing", description="img2dataset distributor; 'ray' runs shards as Ray tasks (see the ray: section).")
-    timeout: int = Field(10, ge=1, description="Seconds before one HTTP request is abandoned.")
-    retries: int = Field(2, ge=0, description="Extra attempts per URL after a failed request.")
+    timeout: int = Field(10, ge=1, description="Seconds one URL's request may take in all (connect, redirects, "
+                                               "headers and body), not per read.")
+    retries: int = Field(2, ge=0, description="Extra attempts per URL after an answer that may change (5xx, 408, "
+                                              "429, timeout, broken connection); a 4xx or a refusal is final.")
     max_shard_retry: int = Field(1, ge=0, description="How often img2dataset retries a shard whose worker crashed.")
     user_agent_token: str | None = Field(
         "clipmill", description="Token added to the User-Agent; X-Robots-Tag directives addressed to it apply too.")
@@ -37,6 +39,15 @@ class DownloadParams(Section):
         description="X-Robots-Tag directives that make a URL opt out of training (empty list: ignore the header).")
     allow_private_hosts: bool = Field(
         False, description="Download from loopback, private, link-local, reserved and cloud-metadata addresses.")
+    max_redirects: int = Field(5, ge=0, le=30, description="Redirects followed per URL, each hop checked again.")
+    max_body_bytes: int = Field(
+        32 * 2**20, ge=1024, description="Largest response body, in bytes, as sent and after Content-Encoding.")
+    max_image_area: int = Field(
+        40_000_000, ge=64, description="Largest image, in pixels (width x height, read from the header before "
+                                       "decoding); larger ones fail as image_too_large.")
+    max_caption_chars: int = Field(
+        4096, ge=16, description="Captions are cut to this many characters when the URL list is read (counted "
+                                 "as captions_truncated).")
 
     def fingerprint(self) -> dict:
         """The settings that decide what a run produces (see NOT_FINGERPRINTED)."""

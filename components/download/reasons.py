@@ -1,9 +1,29 @@
-"""img2dataset's free-text error messages, normalised into a few reason categories that can be counted."""
+"""img2dataset's free-text error messages, normalised into a few reason categories that can be counted.
+
+The stage's own fetch (``fetch.py``) writes its errors as ``<reason>: <detail>`` with a reason of
+``FETCH_REASONS``; messages of img2dataset's fetch (earlier runs) are matched by their wording.
+"""
 from __future__ import annotations
 
 import re
 
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
+_TAGGED = re.compile(r"([a-z0-9_]+): ")
+
+# Reasons of the stage's fetch, each written as the message's first word.
+FETCH_REASONS = frozenset({
+    "private_host",         # a redirect led to (or the host came to resolve to) a non-public address
+    "unsupported_scheme",   # a redirect to a scheme other than http(s)
+    "invalid_url",          # a redirect to a malformed URL
+    "unresolvable_host",    # the host name does not resolve
+    "too_many_redirects",   # more than download.max_redirects hops, or a loop
+    "robots_optout",        # X-Robots-Tag opts the URL out (for every agent or for download.user_agent_token)
+    "body_too_large",       # more than download.max_body_bytes, announced or sent (after Content-Encoding)
+    "unsupported_encoding",  # a Content-Encoding other than gzip, deflate (br when a decoder is installed)
+    "timeout",              # no complete answer within download.timeout seconds (the whole request, redirects included)
+    "truncated",            # the connection closed before the announced body (or the compressed stream) ended
+    "connection_refused", "connection_reset", "tls", "download_error",
+})
 
 # (category, substrings of the error message), checked in order; the first match wins.
 _DOWNLOAD_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -46,6 +66,9 @@ def error_reason(status: str, message: str | None) -> str | None:
     if status == "success":
         return None
     message = message or ""
+    tagged = _TAGGED.match(message)
+    if status == "failed_to_download" and tagged and tagged.group(1) in FETCH_REASONS:
+        return tagged.group(1)
     if status == "failed_to_resize":
         return _match(message, _RESIZE_PATTERNS) or "resize_error"
     http = _HTTP_STATUS.search(message)

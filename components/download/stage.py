@@ -24,21 +24,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common.errors import ClipmillError, InputError
-from components.common.io import atomic_path, read_json, write_json, write_parquet
+from components.common.io import atomic_path, check_replaceable, mark_output, read_json, write_json, write_parquet
 from components.common.log import get_logger
 from components.common.params import RayParams, TrackingParams
 from components.common.tracking import stage_run
 from components.demo_corpus.params import DemoServerParams
 
+from .fetch import FetchPolicy
 from .params import DownloadParams
 from .reasons import error_reason
-from .safety import INVALID_URL, PRIVATE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
+from .safety import INVALID_URL, PRIVATE_HOST, UNRESOLVABLE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
 from .additions import Crawl, read_crawl
 from .shards import finished_shards, read_shard, shard_files
 
@@ -53,11 +55,13 @@ REFUSAL_MESSAGES = {
     PRIVATE_HOST: "host is or resolves to a loopback, private, link-local, reserved or metadata address",
     UNSUPPORTED_SCHEME: "only http and https URLs are downloaded",
     INVALID_URL: "not a valid URL",
+    UNRESOLVABLE_HOST: "the host name does not resolve",
 }
 _IMG2DATASET_INPUT = ".img2dataset_urls.parquet"
 MANIFEST_ROW_GROUP = 16384  # rows per row group of the crawl's manifest
 
 
+DOWNLOAD_OWNER = "download"  # the output marker's owner (``components.common.io``)
 LISTS_DIR = "lists"
 SHARDS_DIR = "shards"
 OUTPUTS = (LISTS_DIR, SHARDS_DIR, "manifest.parquet", "summary.json")
@@ -87,6 +91,7 @@ def claim_output_root(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise InputError(out, f"holds files that are not part of a download output ({', '.join(foreign[:5])}); "
                               "pass --overwrite to replace them")
+    check_replaceable(out, DOWNLOAD_OWNER)  # --overwrite never empties a checkout, an inbox or another output
     for name in foreign:
         path = out / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -147,19 +152,31 @@ def build_requests(table: pd.DataFrame, demo_base: str | None, allow_private_hos
     return table.assign(refusal=refusal)
 
 
+def fetch_policy(params: DownloadParams, trusted_origins: frozenset = frozenset()) -> FetchPolicy:
+    """How each URL is fetched (``fetch.py``); ``trusted_origins``: the demo server started here, if any."""
+    token = (params.user_agent_token or "").strip().lower() or None
+    return FetchPolicy(timeout=params.timeout, max_body_bytes=params.max_body_bytes,
+                       max_redirects=params.max_redirects, allow_private_hosts=params.allow_private_hosts,
+                       trusted_origins=trusted_origins, user_agent_token=token,
+                       disallowed_directives=frozenset(d.strip().lower() for d in params.disallowed_header_directives))
+
+
 @contextmanager
-def _fetch_urls(web_dirs: list[Path], demo_base: str | None,
-                demo_server: DemoServerParams) -> Iterator[Callable[[pd.Series], pd.Series]]:
+def _fetch_urls(web_dirs: list[Path], demo_base: str | None, demo_server: DemoServerParams
+                ) -> Iterator[tuple[Callable[[pd.Series], pd.Series], frozenset]]:
     """How listed URLs become the URLs img2dataset fetches: as listed, or with the demo base swapped for a demo
-    server started here on the ``web/`` directories of the crawl's lists."""
+    server started here on the ``web/`` directories of the crawl's lists. Also yields the (address, port) of
+    that server: the one private origin the fetch may connect to."""
     if demo_base is None:
-        yield lambda urls: urls
+        yield (lambda urls: urls), frozenset()
         return
     from components.demo_corpus import serve_web
 
     with serve_web(web_dirs, slow_seconds=demo_server.slow_seconds) as base_url:
         log.info("URL list points at %s: serving %s at %s", demo_base, ", ".join(map(str, web_dirs)), base_url)
-        yield lambda urls: urls.str.replace(demo_base.rstrip("/"), base_url, n=1, regex=False)
+        origin = urlsplit(base_url)
+        yield (lambda urls: urls.str.replace(demo_base.rstrip("/"), base_url, n=1, regex=False),
+               frozenset({(origin.hostname, origin.port)}))
 
 
 @contextmanager
@@ -179,25 +196,33 @@ def _ray_session(params: DownloadParams, ray_params: RayParams) -> Iterator[None
             ray.shutdown()
 
 
-def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str]) -> None:
-    """One img2dataset run over ``url_list`` (parquet: url, caption, extra columns), resuming finished shards."""
+def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str],
+                    policy: FetchPolicy | None = None) -> None:
+    """One img2dataset run over ``url_list`` (parquet: url, caption, extra columns), resuming finished shards,
+    fetching with ``fetch.fetch`` under ``policy`` and decoding with ``decode.decode_image``."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # inherited by the workers: no network check at import
+    # OpenCV's own pixel limit, for formats whose header PIL cannot read (inherited by the workers)
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(params.max_image_area)
     import img2dataset
+
+    from .workers import patched_img2dataset
 
     previous_handler = signal.getsignal(signal.SIGINT)
     try:
-        img2dataset.download(
-            url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
-            save_additional_columns=extra_columns, output_folder=str(shards_dir), output_format="webdataset",
-            image_size=params.image_size, resize_mode=params.resize_mode,
-            resize_only_if_bigger=params.resize_only_if_bigger, encode_quality=params.encode_quality,
-            number_sample_per_shard=params.number_sample_per_shard, processes_count=params.processes_count,
-            thread_count=params.thread_count, distributor=params.distributor, timeout=params.timeout,
-            retries=params.retries, max_shard_retry=params.max_shard_retry,
-            user_agent_token=params.user_agent_token,
-            disallowed_header_directives=list(params.disallowed_header_directives),
-            compute_hash="sha256", incremental_mode="incremental", extract_exif=False, enable_wandb=False,
-        )
+        with patched_img2dataset(policy or fetch_policy(params)):
+            img2dataset.download(
+                url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
+                save_additional_columns=extra_columns, output_folder=str(shards_dir), output_format="webdataset",
+                image_size=params.image_size, resize_mode=params.resize_mode,
+                resize_only_if_bigger=params.resize_only_if_bigger, encode_quality=params.encode_quality,
+                number_sample_per_shard=params.number_sample_per_shard, processes_count=params.processes_count,
+                thread_count=params.thread_count, distributor=params.distributor, timeout=params.timeout,
+                retries=params.retries, max_shard_retry=params.max_shard_retry,
+                user_agent_token=params.user_agent_token,
+                disallowed_header_directives=list(params.disallowed_header_directives),
+                max_image_area=params.max_image_area,
+                compute_hash="sha256", incremental_mode="incremental", extract_exif=False, enable_wandb=False,
+            )
     except SystemExit:
         # img2dataset's SIGINT handler calls sys.exit(0): an interrupted download must not look like a success
         raise KeyboardInterrupt from None
@@ -224,7 +249,8 @@ def _remove_shards(shards_dir: Path, bad: dict[int, str]) -> None:
 
 
 def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Path, shards_dir: Path,
-                    params: DownloadParams, passthrough: list[str]) -> tuple[pd.DataFrame, dict]:
+                    params: DownloadParams, passthrough: list[str],
+                    policy: FetchPolicy | None = None) -> tuple[pd.DataFrame, dict]:
     """Run img2dataset on the URLs that are not refused and check every shard. Finished shards of an earlier
     run are checked first; a bad shard (truncated, unreadable, counts that do not add up) is deleted and
     downloaded again, at most twice in all.
@@ -247,7 +273,7 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
         write_parquet(requests.loc[sent, ["caption", *columns]].assign(url=fetch_urls[sent]), input_file)
         for attempt in range(2):
             started = time.perf_counter()
-            run_img2dataset(input_file, shards_dir, params, columns)
+            run_img2dataset(input_file, shards_dir, params, columns, policy)
             stats["download_seconds"] += time.perf_counter() - started
             good, bad = _check_shards(shards_dir, shard_ids)
             if not bad:
@@ -308,6 +334,7 @@ def summarize(manifest: pd.DataFrame, entry: dict, stats: dict, wall_seconds: fl
         "by_status": {s: by_status.get(s, 0) for s in STATUSES},
         "by_reason": {str(r): int(n) for r, n in Counter(manifest["error_reason"].dropna()).most_common()},
         "captions_cleaned": entry["captions_cleaned"], "captions_missing": entry["captions_missing"],
+        "captions_truncated": entry.get("captions_truncated", 0), "duplicate_urls": entry.get("duplicate_urls", 0),
         **{k: stats[k] for k in ("shards", "resumed_shards", "repaired_shards", "download_seconds")},
         "new_successes": stats.get("new_successes", 0), "new_urls": stats.get("new_urls", 0),
         "images_per_s": stats.get("new_successes", 0) / download_seconds if download_seconds else 0.0,
@@ -329,6 +356,8 @@ def combine_summaries(crawl: Crawl, lists: list[dict], fetched: list[str], wall_
         **total,
         "urls_listed": total["urls"] + crawl.duplicates,  # duplicates: uids an earlier list had, not fetched again
         "duplicates": crawl.duplicates,
+        "captions_truncated": crawl.url_list.captions_truncated,  # cut to download.max_caption_chars
+        "duplicate_urls": crawl.url_list.duplicate_urls,  # URLs listed again with another caption or uid (fetched)
         "url_lists": [{**entry, "downloaded": s["by_status"]["success"]} for entry, s in zip(crawl.lists, lists)],
         "lists_fetched": len(this_run), "lists_reused": len(lists) - len(this_run),
         "by_status": by_status,
@@ -379,7 +408,8 @@ def plan_lists(crawl: Crawl, out: Path, params: DownloadParams) -> list[ListDown
 
 
 def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], params: DownloadParams,
-                  passthrough: list[str], demo_base: str | None, overwrite: bool) -> dict:
+                  passthrough: list[str], demo_base: str | None, overwrite: bool,
+                  policy: FetchPolicy | None = None) -> dict:
     """Download one list (resuming its finished shards); writes its manifest and then its summary."""
     started = time.perf_counter()
     resuming = claim_output_dir(plan.list_dir, plan.run_info, overwrite, plan.shards_dir)
@@ -395,7 +425,7 @@ def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], p
         log.warning("%s: %d of %d URLs refused: %s", plan.name, refused, len(requests),
                     dict(Counter(requests["refusal"].dropna())))
     results, stats = download_shards(requests, fetch(requests["url"]), plan.list_dir, plan.shards_dir, params,
-                                     passthrough)
+                                     passthrough, policy)
     manifest = build_manifest(requests, results, plan.name)
     summary = summarize(manifest, plan.entry, stats, time.perf_counter() - started)
     write_parquet(manifest, plan.list_dir / "manifest.parquet")
@@ -438,6 +468,7 @@ def _log_metrics(summary: dict) -> None:
 
     metrics = {k: summary[k] for k in ("success_rate", "images_per_s", "urls_per_s", "wall_seconds",
                                         "download_seconds", "captions_cleaned", "captions_missing",
+                                        "captions_truncated", "duplicate_urls",
                                         "shards", "resumed_shards", "repaired_shards", "urls", "lists_fetched",
                                         "lists_reused")}
     metrics.update({f"status.{k}": v for k, v in summary["by_status"].items()})
@@ -445,6 +476,50 @@ def _log_metrics(summary: dict) -> None:
                    duplicates=summary["duplicates"], url_lists=len(summary["url_lists"]))
     metrics.update({f"reason.{k}": v for k, v in summary["by_reason"].items()})
     mlflow.log_metrics(metrics)
+
+
+# What a list's folder holds besides its shards: copied from object storage to the staging folder, so that the
+# local stage sees which lists are finished without fetching their shards.
+LIST_RECORDS = ("run.json", "summary.json", "manifest.parquet")
+
+
+def _download_to_store(params: DownloadParams, urls: str | Path, out: str, **kwargs) -> dict:
+    """``download`` into object storage: lists finished on the store are reused from their records; the others are
+    downloaded into a local staging folder (``.clipmill/staging/``, kept, so a killed run resumes there) and
+    published, shards first and each list's ``summary.json`` last; then the crawl's manifest and summary."""
+    from components.common.hashing import hash_obj
+    from components.common.storage import location, publish_dir, remove_tree
+
+    store = location(out)
+    staging = Path(".clipmill") / "staging" / f"download-{hash_obj(str(store))[:16]}"
+    for summary_file in (store / LISTS_DIR).glob("*/summary.json") if (store / LISTS_DIR).is_dir() else ():
+        name = summary_file.parent.name
+        local = staging / LISTS_DIR / name
+        if not (local / "summary.json").is_file() or (local / "run.json").read_bytes() != \
+                (store / LISTS_DIR / name / "run.json").read_bytes():
+            remove_tree(local)
+            local.mkdir(parents=True)
+            for record in LIST_RECORDS:
+                (local / record).write_bytes((store / LISTS_DIR / name / record).read_bytes())
+            (staging / SHARDS_DIR / name).mkdir(parents=True, exist_ok=True)
+    summary = download(params, urls, staging, **kwargs)
+    names = [entry["name"] for entry in summary["url_lists"]]
+    for name in names:
+        stored = store / LISTS_DIR / name / "run.json"
+        if stored.is_file() and stored.read_bytes() == (staging / LISTS_DIR / name / "run.json").read_bytes():
+            continue  # published before
+        remove_tree(store / LISTS_DIR / name)
+        publish_dir(staging / SHARDS_DIR / name, store / SHARDS_DIR / name)
+        publish_dir(staging / LISTS_DIR / name, store / LISTS_DIR / name, last="summary.json")
+        remove_tree(staging / SHARDS_DIR / name)  # the store holds them now; the records stay for the next run
+        (staging / SHARDS_DIR / name).mkdir(parents=True)
+    for folder in (LISTS_DIR, SHARDS_DIR):  # lists no longer in the crawl
+        for entry in (store / folder).iterdir() if (store / folder).is_dir() else ():
+            if entry.name not in names:
+                remove_tree(entry)
+    for name in ("manifest.parquet", "summary.json"):
+        store.fs.put_file(str(staging / name), f"{store.path}/{name}")
+    return summary
 
 
 def download(params: DownloadParams, urls: str | Path, out: str | Path, *, tracking: TrackingParams,
@@ -455,9 +530,14 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
 
     Every input problem is an ``InputError`` raised before anything is written.
     """
+    from components.common.storage import is_url
+
+    if is_url(out):
+        return _download_to_store(params, urls, str(out), tracking=tracking, ray_params=ray_params,
+                                  demo_server=demo_server, additions=additions, overwrite=overwrite)
     started = time.perf_counter()
     urls, out = Path(urls), Path(out)
-    crawl = read_crawl(urls, additions)
+    crawl = read_crawl(urls, additions, max_caption_chars=params.max_caption_chars)
     claim_output_root(out, overwrite)
     plans = plan_lists(crawl, out, params)
     pending = [p for p in plans if not p.finished()]
@@ -470,14 +550,17 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
             if plan.name not in {p.name for p in pending}:
                 log.info("%s: downloaded before (%s), not fetched again", plan.name, plan.list_dir)
         if pending:
-            with _fetch_urls(crawl.web_dirs, demo_base, demo_server) as fetch, _ray_session(params, ray_params):
+            with _fetch_urls(crawl.web_dirs, demo_base, demo_server) as (fetch, trusted), \
+                    _ray_session(params, ray_params):
                 for plan in pending:
-                    download_list(plan, fetch, params, crawl.url_list.passthrough, demo_base, overwrite)
+                    download_list(plan, fetch, params, crawl.url_list.passthrough, demo_base, overwrite,
+                                  fetch_policy(params, trusted))
         _remove_dropped_lists(out, plans)
         summary = combine_summaries(crawl, [read_json(p.list_dir / "summary.json") for p in plans],
                                     [p.name for p in pending], time.perf_counter() - started)
         write_crawl_manifest(plans, out / "manifest.parquet")
         write_json(summary, out / "summary.json")
+        mark_output(out, DOWNLOAD_OWNER)
         log.info("downloaded %d of %d URLs (%.1f%%) in %.1f s; %d list(s) fetched, %d reused; %s",
                  summary["by_status"]["success"], summary["urls"], 100 * summary["success_rate"],
                  summary["wall_seconds"], summary["lists_fetched"], summary["lists_reused"], summary["by_reason"])

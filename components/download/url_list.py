@@ -1,11 +1,24 @@
-"""Reading and checking the URL list before anything is downloaded or written."""
+"""Reading and checking the URL list before anything is downloaded or written.
+
+- ``uid`` (given or computed) matches ``UID_PATTERN``: it becomes a tar member name, so no dots, slashes or
+  empty names; a bad one is one ``InputError`` naming the file, the field and the first bad rows.
+- Captions are decoded as UTF-8 (invalid sequences become U+FFFD, counted as ``captions_cleaned``), cut to
+  ``max_caption_chars`` characters (counted as ``captions_truncated``: an 80 MB caption is never held whole,
+  only its first ``4 * max_caption_chars`` bytes are decoded), and their whitespace is collapsed to single spaces
+  (leading and trailing whitespace removed).
+- A URL that an earlier row already has (with another caption or uid) is kept, each row its own sample, and
+  counted as ``duplicate_urls``.
+"""
 from __future__ import annotations
 
+import codecs
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.common.errors import InputError
@@ -14,6 +27,10 @@ from components.common.hashing import make_uid
 # Output columns of img2dataset: an input column with one of these names would be overwritten.
 RESERVED_COLUMNS = frozenset({"key", "caption", "url", "width", "height", "original_width", "original_height",
                               "status", "error_message", "exif", "md5", "sha256", "sha512"})
+CRAWL_COLUMN = "url_list"  # added by the crawl: the list each URL comes from
+UID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+UID_RULE = "letters, digits, '_' and '-' only, 1 to 128 characters"
+DEFAULT_MAX_CAPTION_CHARS = 4096
 
 
 @dataclass
@@ -24,6 +41,8 @@ class UrlList:
     passthrough: list[str]
     captions_cleaned: int
     captions_missing: int
+    captions_truncated: int = 0
+    duplicate_urls: int = 0
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -40,21 +59,41 @@ def _rows(mask: pd.Series, limit: int = 5) -> str:
     return ", ".join(rows) + more
 
 
-def _clean_captions(column: pa.ChunkedArray) -> tuple[list[str], int, int]:
-    """Decode captions (text or binary) as UTF-8; invalid sequences become U+FFFD. Returns (captions, cleaned, missing)."""
+def _decode(value: bytes, final: bool) -> tuple[str, bool]:
+    """(text, whether invalid UTF-8 was replaced); a cut ``value`` (not ``final``) may end inside a character."""
+    try:
+        return codecs.getincrementaldecoder("utf-8")("strict").decode(value, final), False
+    except UnicodeDecodeError:
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(value, final), True
+
+
+def _clean_captions(column: pa.ChunkedArray, max_chars: int) -> tuple[list[str], int, int, int]:
+    """Decode captions (text or binary) as UTF-8 (invalid sequences become U+FFFD), cut them to ``max_chars``
+    characters and collapse their whitespace. Returns (captions, cleaned, missing, truncated)."""
     raw = column.cast(pa.binary()) if _is_text(column.type) else column
-    captions, cleaned, missing = [], 0, 0
-    for value in raw.to_pylist():
+    max_bytes = 4 * max_chars  # holds at least max_chars whole characters
+    lengths = pc.binary_length(raw).to_pylist()
+    captions, cleaned, missing, truncated = [], 0, 0, 0
+    for value, length in zip(pc.binary_slice(raw, 0, max_bytes).to_pylist(), lengths):
         if value is None:
             missing += 1
             captions.append("")
             continue
-        try:
-            captions.append(value.decode("utf-8"))
-        except UnicodeDecodeError:
-            cleaned += 1
-            captions.append(value.decode("utf-8", errors="replace"))
-    return captions, cleaned, missing
+        text, replaced = _decode(value, final=length <= max_bytes)
+        cleaned += replaced
+        if len(text) > max_chars or length > max_bytes:
+            truncated += 1
+            text = text[:max_chars]
+        captions.append(" ".join(text.split()))
+    return captions, cleaned, missing, truncated
+
+
+def _check_uids(path: Path, uids: pd.Series) -> None:
+    bad = ~uids.map(lambda u: isinstance(u, str) and UID_PATTERN.fullmatch(u) is not None)
+    if bad.any():
+        example = uids[bad].iloc[0]
+        raise InputError(path, f"{int(bad.sum())} uid(s) not made of {UID_RULE} (a uid names files in the "
+                               f"shards), e.g. {str(example)[:80]!r} (rows {_rows(bad)})", field="uid")
 
 
 def _is_json_scalar(t: pa.DataType) -> bool:
@@ -62,12 +101,13 @@ def _is_json_scalar(t: pa.DataType) -> bool:
             or pa.types.is_null(t))
 
 
-def read_url_list(path: str | Path) -> UrlList:
-    """Read and check a URL list; every problem is one ``InputError`` naming the file, field and reason.
+def read_url_list(path: str | Path, max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> UrlList:
+    """Read and check a URL list (see the module docstring); every problem is one ``InputError`` naming the file,
+    field and reason.
 
     Captions that are not valid UTF-8 are kept, decoded with replacement characters and counted;
     missing captions become empty strings and are counted. A missing ``uid`` column is computed with
-    ``make_uid(url, caption)``.
+    ``make_uid(url, caption)`` (of the cleaned caption).
     """
     path = Path(path)
     if not path.is_file():
@@ -89,13 +129,15 @@ def read_url_list(path: str | Path) -> UrlList:
 
     passthrough = [c for c in schema.names if c not in ("url", "caption", "uid")]
     for name in passthrough:
+        if name == CRAWL_COLUMN:
+            raise InputError(path, "column name is reserved for the list each URL comes from; rename it", field=name)
         if name in RESERVED_COLUMNS:
             raise InputError(path, "column name is reserved for the download results; rename it", field=name)
         if not _is_json_scalar(schema.field(name).type):
             raise InputError(path, f"passthrough columns must be text, numbers or booleans, got {schema.field(name).type}",
                              field=name)
 
-    captions, cleaned, missing = _clean_captions(table.column("caption"))
+    captions, cleaned, missing, truncated = _clean_captions(table.column("caption"), max_caption_chars)
     df = pd.DataFrame({"url": table.column("url").to_pylist(), "caption": captions})
     if "uid" in schema.names:
         if not _is_text(schema.field("uid").type):
@@ -104,6 +146,7 @@ def read_url_list(path: str | Path) -> UrlList:
         null = df["uid"].isna()
         if null.any():
             raise InputError(path, f"{int(null.sum())} null uid(s) (rows {_rows(null)})", field="uid")
+        _check_uids(path, df["uid"])
         origin = ""
     else:
         df.insert(0, "uid", [make_uid(u or "", c) for u, c in zip(df["url"], df["caption"])])
@@ -115,4 +158,4 @@ def read_url_list(path: str | Path) -> UrlList:
                                f"(rows {_rows(df['uid'] == first)})", field="uid")
     for name in passthrough:
         df[name] = table.column(name).to_pandas()
-    return UrlList(df, passthrough, cleaned, missing)
+    return UrlList(df, passthrough, cleaned, missing, truncated, int(df["url"].duplicated().sum()))

@@ -1,0 +1,99 @@
+"""img2dataset's downloader and resizer with the stage's fetch (``fetch.py``) and decode (``decode.py``).
+
+img2dataset still shards, resizes, writes and distributes; ``patched_img2dataset`` makes ``img2dataset.download``
+build these two classes in place of its own. Both are picklable (the multiprocessing distributor spawns its
+workers, which import this module).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import io
+from contextlib import contextmanager
+from typing import Iterator
+
+import albumentations as A
+import cv2
+import img2dataset.downloader as i2d_downloader
+from img2dataset.resizer import Resizer, ResizeMode, SuppressStdoutStderr
+
+from .decode import DecodeError, decode_image
+from .fetch import FetchPolicy, fetch_with_retry
+
+i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` attribute is a function
+
+
+class SafeDownloader(i2d_downloader.Downloader):
+    """img2dataset's downloader, fetching with ``fetch.fetch_with_retry`` under ``policy``."""
+
+    def __init__(self, *args, policy: FetchPolicy, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.policy = policy
+
+    def download_shard(self, row) -> None:
+        original = i2d_downloader.download_image_with_retry  # looked up by name for each URL of the shard
+        i2d_downloader.download_image_with_retry = self._download_image_with_retry
+        try:
+            super().download_shard(row)
+        finally:
+            i2d_downloader.download_image_with_retry = original
+
+    def _download_image_with_retry(self, row, timeout, retries, user_agent_token, disallowed_header_directives):
+        key, url = row
+        body, error, _ = fetch_with_retry(url, self.policy, retries)
+        return key, (io.BytesIO(body) if body is not None else None), error
+
+
+class SafeResizer(Resizer):
+    """img2dataset's resizer over ``decode.decode_image`` (size checked on the header, 16-bit, palette, EXIF).
+
+    Supports what the stage uses: every resize mode, re-encoding always, no blurring.
+    """
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        try:
+            with SuppressStdoutStderr():
+                cv2.setNumThreads(1)
+                img_stream.seek(0)
+                img = decode_image(img_stream.read(), self.max_image_area)
+                return self._resize(img)
+        except DecodeError as err:
+            return None, None, None, None, None, str(err)
+        except Exception as err:  # pylint: disable=broad-except  (img2dataset's contract: the error as text)
+            return None, None, None, None, None, str(err)
+
+    def _resize(self, img):
+        original_height, original_width = img.shape[:2]
+        if min(original_height, original_width) < self.min_image_size:
+            return None, None, None, None, None, "image too small"
+        if max(original_height, original_width) / min(original_height, original_width) > self.max_aspect_ratio:
+            return None, None, None, None, None, "aspect ratio too large"
+        if self.resize_mode in (ResizeMode.keep_ratio, ResizeMode.center_crop):
+            downscale = min(original_width, original_height) > self.image_size
+            if not self.resize_only_if_bigger or downscale:
+                interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
+                img = A.SmallestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
+                if self.resize_mode == ResizeMode.center_crop:
+                    img = A.CenterCrop(height=self.image_size, width=self.image_size)(image=img)["image"]
+        elif self.resize_mode in (ResizeMode.border, ResizeMode.keep_ratio_largest):
+            downscale = max(original_width, original_height) > self.image_size
+            if not self.resize_only_if_bigger or downscale:
+                interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
+                img = A.LongestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
+                if self.resize_mode == ResizeMode.border:
+                    img = A.PadIfNeeded(min_height=self.image_size, min_width=self.image_size,
+                                        border_mode=cv2.BORDER_CONSTANT, value=[255, 255, 255], p=1.0)(image=img)["image"]
+        height, width = img.shape[:2]
+        encoded = cv2.imencode(f".{self.encode_format}", img, params=self.encode_params)[1].tobytes()
+        return encoded, width, height, original_width, original_height, None
+
+
+@contextmanager
+def patched_img2dataset(policy: FetchPolicy) -> Iterator[None]:
+    """Within the block, ``img2dataset.download`` builds a ``SafeDownloader`` (with ``policy``) and a ``SafeResizer``."""
+    saved = i2d_main.Downloader, i2d_main.Resizer
+    i2d_main.Downloader, i2d_main.Resizer = functools.partial(SafeDownloader, policy=policy), SafeResizer
+    try:
+        yield
+    finally:
+        i2d_main.Downloader, i2d_main.Resizer = saved
