@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params) if getattr(args, "params", None) else None
+        if getattr(args, "needs_params", False):  # a stage: its tracking store must work before its work starts
+            from components.common.tracking import check_tracking
+
+            check_tracking(params.tracking)
         rc = args.handler(args, params)
     except ClipmillError as e:
         print(f"clipmill: error: {e}", file=sys.stderr)

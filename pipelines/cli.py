@@ -6,25 +6,57 @@ from pathlib import Path
 
 from .dag import FLOW_TARGETS
 
+TERMINATED_EXIT = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM reached `clipmill run` (a BaseException, so that no `except Exception` swallows it)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
 
 def _run(args: argparse.Namespace, params) -> int:
     import os
+    import signal
     import sys
+
+    from clipmill.params import load_params
+    from components.common.tracking import check_tracking
+
+    from .runlock import RUN_LOCKED_EXIT, RunLocked, run_lock
 
     # Without PREFECT_API_URL the flow starts a temporary local server; its first start on a new machine
     # creates and migrates the database, which takes longer than Prefect's default 20 s wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from .flows import StageFailed, pipeline
-
     flow_name = "full" if args.flow == "demo" else args.flow
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
+    check_tracking(load_params(Path(args.root) / "params.yaml").tracking)  # the flow's params: one line, no server
+    # SIGTERM unwinds the run like Ctrl-C: the flow terminates its stage's process group and closes its runs, and
+    # the normal exit stops the temporary Prefect server (Prefect re-raises SIGTERM through this handler).
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        pipeline(flow_name=flow_name, root=str(Path(args.root).resolve()), stages=stages,
-                 new_urls=str(Path(args.new_urls).resolve()) if args.new_urls else None, continual=args.continual,
-                 commit=args.commit, push=args.push)
-    except StageFailed as e:
+        with run_lock(args.root, f"clipmill run {args.flow}"):  # before any server starts: a refusal is immediate
+            from .flows import StageFailed, pipeline, terminate_stages
+
+            try:
+                pipeline(flow_name=flow_name, root=str(Path(args.root).resolve()), stages=stages,
+                         new_urls=str(Path(args.new_urls).resolve()) if args.new_urls else None,
+                         continual=args.continual, commit=args.commit, push=args.push)
+            except StageFailed as e:
+                print(f"clipmill: error: {e}", file=sys.stderr)
+                return 1
+            finally:
+                terminate_stages()
+    except RunLocked as e:
         print(f"clipmill: error: {e}", file=sys.stderr)
-        return 1
+        return RUN_LOCKED_EXIT
+    except Terminated:
+        print("clipmill: terminated (SIGTERM): the running stage was stopped", file=sys.stderr)
+        return TERMINATED_EXIT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     root = Path(args.root)
     summary = root / params.project.reports_dir / "run_summary.md"
     if summary.exists():

@@ -56,7 +56,9 @@ def append_new_urls(root: Path, params, source: str | os.PathLike) -> list[str]:
     ids = []
     for path in lists:
         try:
-            addition = append_url_list(path, root / params.download.additions)
+            # checked against the whole crawl: the base list (when it is in the work tree) and every addition
+            addition = append_url_list(path, root / params.download.additions,
+                                       crawl_urls=base if (base := root / params.download.urls).is_file() else None)
         except AlreadyAppended as e:
             if not source.is_dir():
                 raise
@@ -93,16 +95,13 @@ def write_champion_warm_start(root: Path, params) -> WarmStart:
     """``warm_start.yaml`` naming the champion of ``register.model_name`` as a fixed version (from scratch when
     there is no champion yet)."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     from components.common.tracking import tracking_uri
+    from components.register.registry import CHAMPION, alias_version
 
     name, uri = params.register.model_name, tracking_uri(params.tracking)
     client = MlflowClient(uri)
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        champion = None
+    champion = alias_version(client, name, CHAMPION)  # a registry error stops the run: it is not "no champion"
     if champion is None:
         warm = WarmStart(reason=f"continual run: no models:/{name}@champion yet, so from scratch")
     else:

@@ -3,11 +3,17 @@
 Each Prefect task runs one stage with ``dvc repro --single-item <stage>``: DVC decides whether the stage's
 inputs changed (unchanged stages are skipped) and records the result in dvc.lock, exactly as ``dvc repro``
 would. The flow opens one MLflow parent run; every stage run is its child (``CLIPMILL_PARENT_RUN_ID``).
+
+One run per checkout (``runlock``). Each stage's ``dvc repro`` runs in its own process group, which is terminated
+when the flow is (SIGTERM, Ctrl-C, a crash), so no stage runs on unobserved. The steps after the stages (child
+runs, commit, push, summary, closing the parent run) are isolated from one another: one failing neither skips the
+next nor leaves the parent run RUNNING, and the run then fails naming every failed step.
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,19 +27,51 @@ from prefect.tasks import exponential_backoff
 from components.common.errors import ClipmillError
 from components.common.io import write_text
 from components.common.params import TrackingParams
-from components.common.tracking import (DVC_STAGE_ENV, DVC_STAGE_TAG, PARENT_RUN_ENV, lineage_tags, tracking_uri,
-                                        use_experiment)
+from components.common.tracking import (DVC_STAGE_ENV, DVC_STAGE_TAG, PARENT_RUN_ENV, check_tracking, lineage_tags,
+                                        tracking_uri, use_experiment)
 
 from .dag import FLOW_TARGETS, load_dag, select
+from .runlock import run_lock
 
 _EXITED = re.compile(r"exited with (\d+)")
 USER_ERROR_EXIT = 2  # a ClipmillError (bad input, bad params): retrying cannot help
+# DVC's answers when another DVC process holds the repository or an output: a concurrent run, not a transient fault.
+_DVC_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by")
+TERMINATE_GRACE_S = 10.0  # SIGTERM to a stage's process group, then SIGKILL after this long
+_live: set[subprocess.Popen] = set()  # the `dvc repro` processes of running stages
 
 
 class StageFailed(RuntimeError):
     def __init__(self, stage: str, returncode: int, tail: str):
         self.stage, self.returncode = stage, returncode
-        super().__init__(f"stage '{stage}' failed (exit {returncode}):\n{tail}")
+        self.busy = any(marker in tail for marker in _DVC_BUSY)
+        note = "\n(another DVC process holds the repository: a concurrent run; not retried)" if self.busy else ""
+        super().__init__(f"stage '{stage}' failed (exit {returncode}):\n{tail}{note}")
+
+
+def terminate_group(proc: subprocess.Popen, grace_s: float = TERMINATE_GRACE_S) -> None:
+    """SIGTERM the process group led by ``proc``, SIGKILL what is left after ``grace_s``."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; its group may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+
+
+def terminate_stages() -> None:
+    """Terminate every stage process group still running (the flow is ending abnormally)."""
+    for proc in list(_live):
+        terminate_group(proc)
+        _live.discard(proc)
 
 
 @dataclass
@@ -59,7 +97,7 @@ def _stage_env(stage: str, parent_run_id: str | None, uri: str) -> dict[str, str
 
 def _retry_transient(task_, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
-    return not (isinstance(exc, StageFailed) and exc.returncode == USER_ERROR_EXIT)
+    return not (isinstance(exc, StageFailed) and (exc.returncode == USER_ERROR_EXIT or exc.busy))
 
 
 @task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
@@ -70,17 +108,25 @@ def run_stage(stage: str, root: str, env: tuple[str | None, str]) -> StageResult
     ``env`` is (MLflow parent run id, tracking URI) for the stage's own MLflow run."""
     logger = get_run_logger()
     start = time.perf_counter()
+    # Its own process group (session): terminating the flow terminates DVC and the stage command it runs.
     proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=root, env=_stage_env(stage, *env), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, start_new_session=True)
+    _live.add(proc)
     tail: deque[str] = deque(maxlen=40)
     skipped = False
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail.append(line)
-        skipped |= "didn't change, skipping" in line
-        logger.info("[%s] %s", stage, line)
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            skipped |= "didn't change, skipping" in line
+            logger.info("[%s] %s", stage, line)
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            logger.warning("[%s] the flow is ending: terminating the stage (process group %d)", stage, proc.pid)
+            terminate_group(proc)
+        _live.discard(proc)
     seconds = time.perf_counter() - start
     if rc != 0:
         # DVC exits 255 for any failed command; the stage's own exit code is in its message.
@@ -150,91 +196,146 @@ def _mlflow_run_link(uri: str, parent_run_id: str, experiment_id: str) -> str | 
 
 @flow(name="clipmill", flow_run_name="{flow_name}", log_prints=True)
 def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None = None, new_urls: str | None = None,
-             continual: bool | None = None, commit: bool = False, push: bool = False) -> list[dict]:
+             continual: bool | None = None, commit: bool = False, push: bool = False,
+             lock_wait_s: float = 0.0) -> list[dict]:
     """Run the stages of ``flow_name`` (or the explicit ``stages``) in dvc.yaml order, under one MLflow parent run.
 
     ``new_urls``: a URL list appended to the crawl first. ``continual``: True warm-starts training from the current
     champion, False trains from scratch, None keeps warm_start.yaml as committed. ``commit``: commit the run's
     data version (dvc.lock, warm_start.yaml, crawl additions) to git; ``push``: ``dvc push`` its data.
+    ``lock_wait_s``: how long to wait for another run of this checkout to finish (0: refuse at once).
     """
-    import mlflow
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
-    from prefect.runtime import flow_run
-
     from clipmill.params import load_params
 
-    from . import continual as cont
-
-    logger = get_run_logger()
     root_path = Path(root).resolve()
     dag = load_dag(root_path)
     if flow_name not in FLOW_TARGETS and not stages:
         raise ClipmillError(f"unknown flow '{flow_name}' (flows: {', '.join(FLOW_TARGETS)})")
     order = stages or select(dag, FLOW_TARGETS[flow_name])
     params = load_params(root_path / "params.yaml")
+    check_tracking(params.tracking)
+    with run_lock(root_path, f"flow {flow_name}", wait_s=lock_wait_s):
+        cwd = os.getcwd()
+        os.chdir(root_path)  # relative tracking URIs and dvc.lock resolve against the project root
+        try:
+            results = _run_flow(flow_name, root_path, params, order, new_urls, continual, commit, push)
+        finally:
+            os.chdir(cwd)
+    return [asdict(r) for r in results]
+
+
+def _run_flow(flow_name: str, root_path: Path, params, order: list[str], new_urls: str | None,
+              continual: bool | None, commit: bool, push: bool) -> list[StageResult]:
+    import mlflow
+    from prefect.artifacts import create_link_artifact
+    from prefect.runtime import flow_run
+
+    from . import continual as cont
+
+    logger = get_run_logger()
     tracking: TrackingParams = params.tracking
     start = time.perf_counter()
     results: list[StageResult] = []
-    cwd = os.getcwd()
-    os.chdir(root_path)  # relative tracking URIs and dvc.lock resolve against the project root
+    added = cont.append_new_urls(root_path, params, new_urls) if new_urls else []
+    warm = None
+    if continual is True:
+        warm = cont.write_champion_warm_start(root_path, params)
+    elif continual is False:
+        warm = cont.write_scratch_warm_start(root_path)
+    uri = tracking_uri(tracking)
+    parent_id = None
+    if tracking.enabled:
+        use_experiment(tracking)
+        tags = {"clipmill.flow": flow_name, "prefect.flow_run_id": str(flow_run.id or ""),
+                "clipmill.new_urls": ",".join(added) or "none",
+                "clipmill.warm_start": (warm.init_from or "none") if warm else "as committed",
+                **lineage_tags(params)}
+        parent = mlflow.start_run(run_name=f"pipeline:{flow_name}", tags=tags)
+        parent_id = parent.info.run_id
+        link = _mlflow_run_link(uri, parent_id, parent.info.experiment_id)
+        if link:
+            create_link_artifact(link, link_text=f"MLflow parent run {parent_id}",
+                                 key=f"clipmill-{flow_name.replace('_', '-')}-mlflow",
+                                 description="The MLflow parent run of this flow run (one child run per stage)")
+    env = (parent_id, uri)
+    logger.info("flow %s: %d stages: %s", flow_name, len(order), " -> ".join(order))
+    status = "FAILED"
     try:
-        added = cont.append_new_urls(root_path, params, new_urls) if new_urls else []
-        warm = None
-        if continual is True:
-            warm = cont.write_champion_warm_start(root_path, params)
-        elif continual is False:
-            warm = cont.write_scratch_warm_start(root_path)
-        uri = tracking_uri(tracking)
-        parent_id = None
-        if tracking.enabled:
-            use_experiment(tracking)
-            tags = {"clipmill.flow": flow_name, "prefect.flow_run_id": str(flow_run.id or ""),
-                    "clipmill.new_urls": ",".join(added) or "none",
-                    "clipmill.warm_start": (warm.init_from or "none") if warm else "as committed",
-                    **lineage_tags(params)}
-            parent = mlflow.start_run(run_name=f"pipeline:{flow_name}", tags=tags)
-            parent_id = parent.info.run_id
-            link = _mlflow_run_link(uri, parent_id, parent.info.experiment_id)
-            if link:
-                create_link_artifact(link, link_text=f"MLflow parent run {parent_id}",
-                                     key=f"clipmill-{flow_name.replace('_', '-')}-mlflow",
-                                     description="The MLflow parent run of this flow run (one child run per stage)")
-        env = (parent_id, uri)
-        logger.info("flow %s: %d stages: %s", flow_name, len(order), " -> ".join(order))
-        status = "FAILED"
-        facts: dict[str, str] = {}
-        try:
-            for stage in order:
-                results.append(run_stage(stage, str(root_path), env))
-            status = "FINISHED"
-        finally:
-            total = time.perf_counter() - start
-            if parent_id:
-                _attach_child_runs(results, parent_id)
-            ran = {r.stage for r in results if r.status == "ran"}
-            facts = _run_facts(root_path, params, ran, warm, added)
-            if status == "FINISHED" and commit:
-                sha = cont.commit_run(root_path, params, f"clipmill run {flow_name}: " + "; ".join(
-                    f"{k.lower()} {v}" for k, v in facts.items() if k in ("New URL lists", "Model")).replace("`", ""))
-                facts["Data commit"] = f"`{sha}`" if sha else "nothing changed"
-                if sha and "register" in ran:
-                    _tag_model_with_commit(root_path, params, sha)
-            if status == "FINISHED" and push:
-                facts["DVC push"] = cont.push_data(root_path)
-            text = summary_markdown(flow_name, results, total, parent_id, facts)
-            summary_path = root_path / params.project.reports_dir / "run_summary.md"
-            write_text(text, summary_path)
-            if parent_id:
-                mlflow.log_metric("wall_seconds", total)
-                mlflow.log_metric("stage_seconds", sum(r.seconds for r in results))
-                mlflow.log_artifact(str(summary_path))
-                mlflow.end_run(status=status)
-            create_markdown_artifact(text, key=f"clipmill-{flow_name.replace('_', '-')}-summary",
-                                     description="Stage durations, counts, MLflow runs and the resulting model")
-            logger.info("run summary written to %s", summary_path)
+        for stage in order:
+            results.append(run_stage(stage, str(root_path), env))
+        status = "FINISHED"
     finally:
-        os.chdir(cwd)
-    return [asdict(r) for r in results]
+        terminate_stages()  # a stage still running here belongs to an interrupted flow
+        errors = _finish(flow_name, root_path, params, results, status, time.perf_counter() - start, parent_id,
+                         (warm, added, commit, push))
+    if errors:
+        raise ClipmillError(f"flow {flow_name}: the stages finished, but {len(errors)} step(s) after them failed: "
+                            + "; ".join(errors))
+    return results
+
+
+def _finish(flow_name: str, root: Path, params, results: list[StageResult], status: str, total: float,
+            parent_id: str | None, run: tuple) -> list[str]:
+    """What follows the stages, each step isolated; returns the failed steps ("step: reason").
+
+    ``run``: (warm start, appended URL lists, commit, push) as the flow was called."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from . import continual as cont
+
+    warm, added, commit, push = run
+    logger = get_run_logger()
+    errors: list[str] = []
+
+    def step(what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - one failed step must not skip the next ones
+            logger.error("%s failed: %s", what, e)
+            errors.append(f"{what}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            return None
+
+    if parent_id:
+        step("reading the stages' MLflow runs", _attach_child_runs, results, parent_id)
+    ran = {r.stage for r in results if r.status == "ran"}
+    facts = step("collecting the run's facts", _run_facts, root, params, ran, warm, added) or {}
+    if status == "FINISHED" and commit:
+        message = f"clipmill run {flow_name}: " + "; ".join(
+            f"{k.lower()} {v}" for k, v in facts.items() if k in ("New URL lists", "Model")).replace("`", "")
+        failed_before = len(errors)
+        sha = step("git commit of the run", cont.commit_run, root, params, message)
+        facts["Data commit"] = f"`{sha}`" if sha else ("failed" if len(errors) > failed_before else "nothing changed")
+        if sha and "register" in ran:
+            step("tagging the model with the commit", _tag_model_with_commit, root, params, sha)
+    if status == "FINISHED" and push:
+        facts["DVC push"] = step("dvc push", cont.push_data, root) or "failed"
+    if errors:
+        facts["Failed after the stages"] = "; ".join(errors)
+    text = summary_markdown(flow_name, results, total, parent_id, facts)
+    summary_path = root / params.project.reports_dir / "run_summary.md"
+    step("writing the run summary", write_text, text, summary_path)
+    if parent_id:
+        failed = status != "FINISHED" or bool(errors)
+        step("closing the MLflow parent run", _close_parent_run, results, total, summary_path,
+             "FAILED" if failed else "FINISHED")
+    step("the Prefect summary artifact", lambda: create_markdown_artifact(
+        text, key=f"clipmill-{flow_name.replace('_', '-')}-summary",
+        description="Stage durations, counts, MLflow runs and the resulting model"))
+    logger.info("run summary written to %s", summary_path)
+    return errors
+
+
+def _close_parent_run(results: list[StageResult], total: float, summary_path: Path, status: str) -> None:
+    """Log the run's totals and summary, and always end the parent run (never left RUNNING)."""
+    import mlflow
+
+    try:
+        mlflow.log_metric("wall_seconds", total)
+        mlflow.log_metric("stage_seconds", sum(r.seconds for r in results))
+        if summary_path.is_file():
+            mlflow.log_artifact(str(summary_path))
+    finally:
+        mlflow.end_run(status=status)
 
 
 def _tag_model_with_commit(root: Path, params, sha: str) -> None:

@@ -30,7 +30,8 @@ def build_deployments(prefect_yaml: str | Path, root: str | Path) -> list:
         crons = [s["cron"] for s in d.get("schedules") or [] if "cron" in s]
         params = {**(d.get("parameters") or {}), "root": str(Path(root).resolve())}
         out.append(pipeline.to_deployment(name=d["name"], description=d.get("description"),
-                                          cron=crons or None, parameters=params))
+                                          cron=crons or None, parameters=params,
+                                          concurrency_limit=d.get("concurrency_limit")))
     return out
 
 

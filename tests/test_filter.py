@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import signal
 
 import pandas as pd
 import pytest
@@ -113,6 +114,57 @@ def test_default_patterns_keep_honest_captions_with_boilerplate_around(caption):
 def test_bad_patterns_are_config_errors():
     with pytest.raises(ValueError, match="not a valid regex"):
         FilterParams(boilerplate_patterns=["(unclosed"])
+
+
+OLD_THIRD_DEFAULT = (r"(?i)^\s*(click( \w+)? (to|for) [\w ]+|image|photo)\s*[.!]*\s*$")
+
+
+@pytest.fixture
+def alarm():
+    """Fail (instead of hanging the suite) when the body runs past a generous limit."""
+    def expired(signum, frame):
+        raise TimeoutError("the rules step did not finish within 10 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _rows(captions: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"uid": [f"u{i}" for i in range(len(captions))], "caption": captions,
+                         "original_width": 300, "original_height": 300})
+
+
+def test_click_to_and_20000_spaces_does_not_hang_the_rules_step(alarm):
+    crafted = ["click to " + " " * 20000 + "#", "click to " + "ab " * 5000 + "#", "x" * 40000 + "#"]
+    no_cap = FilterParams(max_caption_chars=None, min_words=None)
+    assert list(rule_reasons(_rows(crafted), no_cap)) == [None, None, None]  # linear patterns, even uncapped
+    for pattern in no_cap.boilerplate_patterns:
+        for text in crafted:
+            re.search(pattern, text)  # the patterns alone, without whitespace normalisation
+    assert list(rule_reasons(_rows(crafted), FilterParams())) == ["max_caption_chars"] * 3
+
+
+def test_over_long_caption_is_dropped_first_with_max_caption_chars():
+    batch = _rows(["a red circle " * 100, "a red circle on white", "IMG_0042.jpg"])
+    reasons = rule_reasons(batch, FilterParams(max_caption_chars=1000))
+    assert list(reasons) == ["max_caption_chars", None, "min_words"]
+    assert rule_reasons(batch, FilterParams(max_caption_chars=None))[0] is None
+    decided = RulesStep(FilterParams(max_caption_chars=1000), CONTEXT).apply(batch)
+    assert decided["reason"].tolist()[0] == "max_caption_chars" and "max_caption_chars" in RulesStep.reasons
+
+
+def test_boilerplate_is_matched_after_whitespace_normalisation():
+    batch = _rows(["  click \t to\n  enlarge  ", "image\u00a0 .", "a red   circle,  click to enlarge"])
+    assert list(rule_reasons(batch, FilterParams(min_words=1, min_chars=1))) == ["boilerplate", "boilerplate", None]
+
+
+@pytest.mark.parametrize("pattern", [OLD_THIRD_DEFAULT, r"(a+)+$", r"^(\w+\s?)+$", r"^\d+\w*x"])
+def test_backtracking_user_patterns_are_config_errors(pattern):
+    with pytest.raises(ValueError, match="grows faster than the caption's length"):
+        FilterParams(boilerplate_patterns=[pattern])
 
 
 def test_duplicates_are_found_across_shards_and_the_smallest_uid_wins():

@@ -1,5 +1,6 @@
 """prefect.yaml's deployments served by infra/prefect/worker.sh: a process work pool and worker on a Prefect
-server started with infra/prefect/start.sh, a deployment run through them on a throwaway project.
+server started with infra/prefect/start.sh, a deployment run through them on a throwaway project; and the shipped
+manifests and server scripts are safe by default (authentication on, nothing exposed beyond loopback).
 
 (The flow through real MLflow and Prefect servers and the rule filter on a Ray head are in test_servers.py.)
 """
@@ -11,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
@@ -71,3 +74,50 @@ def test_a_deployment_of_prefect_yaml_runs_on_the_process_worker(tmp_path, mlflo
     children = sorted(r.data.tags["clipmill.dvc_stage"] for r in runs
                       if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
     assert children == ["a", "b", "c"]
+
+
+def test_raycluster_manifest_has_token_auth_a_loopback_dashboard_and_a_network_policy():
+    docs = list(yaml.safe_load_all((REPO / "infra/ray/raycluster.yaml").read_text()))
+    [cluster] = [d for d in docs if d["kind"] == "RayCluster"]
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = cluster["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth exists from Ray 2.52
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"].get("dashboard-host") == "127.0.0.1" \
+        or head["rayStartParams"].get("include-dashboard") == "false"
+    groups = [head] + spec["workerGroupSpecs"]
+    ports = [p["containerPort"] for g in groups for c in g["template"]["spec"]["containers"] for p in c.get("ports", [])]
+    assert 8265 not in ports  # the dashboard and its job API are never published
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            assert not any(e["name"] == "RAY_AUTH_MODE" and e.get("value") != "token" for e in container.get("env", []))
+    assert not [d for d in docs if d["kind"] in ("Service", "Ingress")]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"ray.io/cluster": "clipmill"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    sources = [rule["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"][0]["from"]]
+    assert sources == [{"ray.io/cluster": "clipmill"}, {"clipmill.io/ray-client": "true"}]
+
+
+@pytest.mark.parametrize("script", ["infra/mlflow/start.sh", "infra/prefect/start.sh", "infra/ray/start-head.sh"])
+def test_server_scripts_bind_loopback_by_default(script):
+    text = (REPO / script).read_text()
+    assert 'HOST=${HOST:-127.0.0.1}' in text and "0.0.0.0" not in text
+
+
+@pytest.mark.parametrize("script, unsafe", [
+    ("infra/mlflow/start.sh", {}),
+    ("infra/prefect/start.sh", {}),
+    ("infra/ray/start-head.sh", {"RAY_AUTH_MODE": "disabled"}),
+])
+def test_a_server_script_asked_to_listen_beyond_loopback_without_auth_refuses(script, unsafe, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("APP_NAME", "PREFECT_SERVER_API_AUTH_STRING",
+                                                            "ALLOW_UNAUTHENTICATED", "RAY_AUTH_MODE")}
+    env.update(HOST="0.0.0.0", PORT=str(free_port()), MLFLOW_SERVER_DIR=str(tmp_path / "mlflow"),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **unsafe)
+    done = subprocess.run(["bash", str(REPO / script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(script) and "HOST=0.0.0.0" in line and "infra/README.md" in line
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +20,7 @@ from pipelines.dag import load_dag, select
 from .conftest import REPO
 
 STAGE_SCRIPT = textwrap.dedent('''
-    import sys, pathlib
+    import os, sys, pathlib, time
     from clipmill.params import load_params
     from components.common.tracking import stage_run
     from components.common.errors import ClipmillError
@@ -26,6 +28,9 @@ STAGE_SCRIPT = textwrap.dedent('''
     params = load_params()
     if pathlib.Path("fail_" + name).exists():
         raise SystemExit(2)
+    if pathlib.Path("sleep_" + name).exists():  # a long stage, to be interrupted
+        pathlib.Path("pid_" + name).write_text(str(os.getpid()))
+        time.sleep(300)
     with stage_run(name, params.tracking, params.project, [src] if src != "-" else []):
         import mlflow
         text = pathlib.Path(src).read_text() if src != "-" else "seed"
@@ -115,6 +120,94 @@ def test_prefect_yaml_deployments_build_with_their_schedules():
     weekly = deployments["weekly-full"]
     assert weekly.parameters["flow_name"] == "full" and weekly.parameters["root"] == str(REPO)
     assert [s.schedule.cron for s in weekly.schedules] == ["0 3 * * 1"]
+    assert all(d.concurrency_limit == 1 for d in deployments.values())  # a slow run never overlaps its next one
+    assert weekly.parameters["lock_wait_s"] > 0  # and waits for a daily run of the same checkout
+
+
+def parent_runs(uri: str) -> list:
+    return mlflow.search_runs(filter_string="tags.`clipmill.flow` = 'full'", search_all_experiments=True,
+                              output_format="list")
+
+
+def test_a_second_run_in_the_same_checkout_is_refused_in_one_line(project, prefect_server):
+    from pipelines.runlock import RUN_LOCKED_EXIT, run_lock
+
+    with run_lock(project, "flow full"):  # a run in progress
+        done = run_flow(project, prefect_server)
+    assert done.returncode == RUN_LOCKED_EXIT, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("clipmill: error:")]
+    assert len(errors) == 1 and f"another clipmill run holds this checkout (pid {os.getpid()}, flow full" in errors[0]
+    assert "Traceback" not in done.stderr and not (project / "a.txt").exists()
+    assert run_flow(project, prefect_server).returncode == 0  # released: the next run goes ahead
+
+
+def test_dvc_lock_busy_is_a_concurrent_run_not_a_transient_failure():
+    from pipelines.flows import StageFailed, _retry_transient
+
+    class Failed:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def result(self, raise_on_failure=True):
+            return self.exc
+
+    busy = StageFailed("b", 255, "ERROR: failed to reproduce 'b': '/p/.dvc/tmp/rwlock' is busy, it is being "
+                                 "blocked by:\n  (PID 4242): dvc repro --single-item c")
+    locked = StageFailed("b", 255, "ERROR: Unable to acquire lock. Most likely another DVC process is running")
+    assert busy.busy and locked.busy and "not retried" in str(busy)
+    assert not _retry_transient(None, None, Failed(busy)) and not _retry_transient(None, None, Failed(locked))
+    assert _retry_transient(None, None, Failed(StageFailed("b", 1, "Killed")))  # a crash may be transient
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")  # a zombie is gone
+
+
+def test_sigterm_to_clipmill_run_stops_its_stage_and_leaves_no_orphans(project, prefect_server, mlflow_uri):
+    (project / "sleep_b").write_text("")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "clipmill"), "run", "full", "--root", str(project),
+                             "--params", str(project / "params.yaml")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (project / "pid_b").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (project / "pid_b").exists(), proc.communicate(timeout=60)
+        stage = int((project / "pid_b").read_text())
+        dvc = int(Path(f"/proc/{stage}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the stage's parent
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert "clipmill: terminated" in err
+    deadline = time.monotonic() + 10
+    while (_alive(stage) or _alive(dvc)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(stage) and not _alive(dvc), "the stage and its dvc repro run on as orphans"
+    assert not (project / "b.txt").exists() and not (project / "c.txt").exists()
+    [parent] = parent_runs(mlflow_uri)
+    assert parent.info.status == "FAILED"  # not left RUNNING
+
+
+def test_a_failed_push_neither_skips_the_commit_nor_leaves_the_parent_run_running(project, prefect_server,
+                                                                                  mlflow_uri):
+    done = run_flow(project, prefect_server, "--commit", "--push")  # no DVC remote: the push fails
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "the stages finished, but 1 step(s) after them failed: dvc push:" in done.stderr
+    head = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=project, capture_output=True, text=True).stdout
+    assert head.startswith("clipmill run full:")  # the commit was not skipped
+    summary = (project / "reports" / "run_summary.md").read_text()
+    assert "Data commit: `" in summary and "DVC push: failed" in summary and "Failed after the stages: dvc push" in summary
+    [parent] = parent_runs(mlflow_uri)
+    assert parent.info.status == "FAILED" and parent.data.metrics["wall_seconds"] > 0
 
 
 def test_a_committed_and_pushed_run_comes_back_with_dvc_pull(project, prefect_server, tmp_path):

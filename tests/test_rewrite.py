@@ -1,6 +1,8 @@
 """Caption rewriting: the rules backend, the faithfulness guard, prompts, the step's table, counts and errors."""
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -95,6 +97,55 @@ def test_guard_drops_each_bad_rewrite_with_its_reason():
     assert guard_rewrites(caption, entries, Generated(error="backend:timeout"), slots=3) == ([], ["backend:timeout"] * 3)
 
 
+@pytest.mark.parametrize("caption, rewrite, reason", [
+    ("a photo of an orange diamond and two blue diamonds", "two blue diamonds and a photo of an orange diamond",
+     "frame_moved"),
+    ("a photo of a red moon", "a photo of a photo of a red moon", "frame_repeated"),
+    ("picture of a lime cross", "a photo of picture of a lime cross", "frame_repeated"),
+    ("two blue diamonds and an orange diamond", "three blue diamonds and an orange diamond", "count_changed"),
+    ("two blue diamonds and an orange diamond", "blue diamonds and an orange diamond", "count_changed"),
+    ("two blue diamonds and an orange diamond", "two blue diamonds and a yellow diamond", "colour_changed"),
+    ("a red circle", "a red circle - visit http://spam.example.com", "added_url"),
+    ("a red circle", "a red circle, buy cheap replica watches with free worldwide shipping", "added_text"),
+])
+def test_guard_rejects_corrupting_rewrites(caption, rewrite, reason):
+    assert guard_rewrites(caption, [], Generated([rewrite]), slots=1) == ([], [reason])
+
+
+def test_guard_keeps_faithful_reframed_and_reordered_rewrites():
+    caption = "a photo of an orange diamond and two blue diamonds"
+    good = ["two blue diamonds and an orange diamond, as seen in a photo", "an image showing two blue diamonds and "
+            "an orange diamond", "At the center, an orange diamond is shown next to two blue diamonds."]
+    kept, dropped = guard_rewrites(caption, ["orange", "diamond"], Generated(good), slots=3)
+    assert kept == good and dropped == []
+
+
+def test_guard_reads_numbers_as_numbers_not_as_file_name_digits():
+    kept, dropped = guard_rewrites("2 golden hearts IMG_0042.jpg", [], Generated(["two golden hearts", "3 golden hearts"]),
+                                   slots=2)
+    assert kept == ["two golden hearts"] and dropped == ["count_changed"]
+
+
+@pytest.mark.parametrize("caption, entries", [
+    ("a photo of an orange diamond and two blue diamonds", ["photo", "orange", "blue"]),
+    ("a photo of a red moon to the left of a yellow love heart - image via Pinterest", ["photo", "image", "red"]),
+    ("picture of a lime cross and a green heart", ["picture", "lime", "cross"]),
+    ("a poster showing a green cross, a green heart and a yellow square", ["green cross", "poster"]),
+    ("close-up of a white star and a small green heart", ["close-up", "star"]),
+])
+def test_rules_rewrites_never_move_or_double_a_frame(caption, entries):
+    params = RewriteParams(rewrites_per_caption=12)
+    rewrites = RulesBackend(params, seed=5).generate(["u1"], [caption], [entries])[0].candidates
+    for rewrite in rewrites:
+        assert not re.search(r"\band (a|an|the) (photo|picture|image|poster)", rewrite), rewrite
+        frames = re.findall(r"\b(photo|picture|image|view|poster|close-up)s? (of|showing|shows)\b|\bin an? (photo|picture)\b",
+                            rewrite)
+        assert len(frames) <= 1, rewrite
+    kept, dropped = guard_rewrites(caption, entries, Generated(rewrites), slots=12)
+    assert not {"frame_moved", "frame_repeated", "count_changed", "colour_changed", "lost_entry"} & set(dropped)
+    assert kept
+
+
 def test_prompt_has_three_examples_chosen_per_caption():
     params = RewriteParams()
     prompts = [build_prompt(f"uid{i}", "a red circle", params.instruction, params.examples, 3, seed=0) for i in range(20)]
@@ -103,7 +154,7 @@ def test_prompt_has_three_examples_chosen_per_caption():
     assert prompts[0] == build_prompt("uid0", "a red circle", params.instruction, params.examples, 3, seed=0)
     messages = prompts[0].messages()
     assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * 3 + ["user"]
-    assert messages[-1]["content"] == "a red circle"
+    assert messages[-1]["content"] == "<caption>a red circle</caption>"  # delimited: the caption is data
     assert prompts[0].text().endswith("\na red circle =>")
 
 

@@ -68,7 +68,7 @@ def test_prompt_form_follows_the_tokenizer(model_dir):
     backend.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
                                        "{% if add_generation_prompt %}<assistant>{% endif %}")
     chat = backend.prompt_text(prompt)
-    assert chat.startswith("<system> Rewrite") and chat.endswith(f"<user> {CAPTIONS[0]}\n<assistant>")
+    assert chat.startswith("<system> Rewrite") and chat.endswith(f"<user> <caption>{CAPTIONS[0]}</caption>\n<assistant>")
 
 
 def test_the_step_runs_the_local_model_and_the_guard_counts_add_up(model_dir):

@@ -1,4 +1,12 @@
-"""Atomic writes: a killed stage never leaves a file that looks complete."""
+"""Atomic writes: a killed stage never leaves a file that looks complete, and a write never replaces a
+directory that is not the writing stage's own output.
+
+A directory output carries a marker file, ``.clipmill-output``, that names the stage (its ``owner``); it is part of
+the output, with deterministic content. Replacing a non-empty directory needs that marker with the same owner;
+anything else (a checkout, an inbox of URL lists, another stage's output) is refused with an ``InputError`` and
+nothing is deleted. Temporary outputs live beside the target in ``.<name>.tmp/<pid>.<random>/``; a write that
+starts removes the ones that processes no longer running left behind (a killed stage).
+"""
 from __future__ import annotations
 
 import json
@@ -11,21 +19,95 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+OUTPUT_MARKER = ".clipmill-output"
+
+
+def output_owner(path: str | os.PathLike) -> str | None:
+    """The stage named by the marker of the directory ``path``, or None when it has none."""
+    marker = Path(path) / OUTPUT_MARKER
+    try:
+        return marker.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def check_replaceable(path: str | os.PathLike, owner: str | None) -> None:
+    """Raise an ``InputError`` unless ``path`` may be replaced by ``owner``'s output: it is absent, a file, a
+    link, an empty directory, or a directory whose marker names ``owner``."""
+    from .errors import InputError
+
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or not any(path.iterdir()):
+        return
+    found = output_owner(path)
+    if owner is not None and found == owner:
+        return
+    if found is None:
+        why = f"it holds files but no {OUTPUT_MARKER} marker, so it is not a clipmill stage output"
+    elif owner is None:
+        why = f"it is the output directory of {found!r}, and a file is to be written in its place"
+    else:
+        why = f"it is the output directory of {found!r}, not of {owner!r}"
+    raise InputError(path, f"refusing to replace this directory: {why}; nothing was deleted "
+                           "(choose another output path, or remove it by hand)")
+
+
+def mark_output(directory: str | os.PathLike, owner: str) -> None:
+    """Write the marker that makes ``directory`` the output of ``owner``."""
+    (Path(directory) / OUTPUT_MARKER).write_text(f"{owner}\n")
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_dir(path: Path) -> Path:
+    """A fresh temporary directory for a write to ``path``; leftovers of dead writers to ``path`` go first."""
+    root = path.parent / f".{path.name}.tmp"
+    for entry in root.iterdir() if root.is_dir() else ():
+        pid = entry.name.split(".")[0]
+        if pid != str(os.getpid()) and not _alive(pid):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    while True:
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.", dir=root))
+        except FileNotFoundError:  # another writer to the same path removed the empty root in between
+            continue
+
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it is renamed onto ``path`` (file or directory)."""
+def atomic_path(path: str | os.PathLike, owner: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is renamed onto ``path`` (file or directory).
+
+    A directory output gets the marker naming ``owner`` (the stage). An existing non-empty directory at ``path``
+    is replaced only when its marker names ``owner``; otherwise an ``InputError`` is raised before anything is
+    written or deleted."""
     path = Path(path).absolute()  # writers that resolve relative paths elsewhere still land in the temp dir
+    check_replaceable(path, owner)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temp_dir(path)
     target = tmp / path.name
     try:
         yield target
+        if target.is_dir() and not target.is_symlink() and owner is not None:
+            mark_output(target, owner)
+        check_replaceable(path, owner)  # the path may have changed while the output was written
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.parent.rmdir()
+        except OSError:
+            pass  # another write to the same path is under way
 
 
 def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -2,25 +2,76 @@
 
 Every stage run is tagged with the git commit, the dvc.lock hash, the params hash and the content hash
 of the data it read. Under a pipeline run (``CLIPMILL_PARENT_RUN_ID`` set) stage runs are its children.
+``check_tracking`` tells an unusable tracking store in one line before any work starts.
 """
 from __future__ import annotations
 
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .errors import ClipmillError
 from .hashing import bytes_hashed, content_hash, file_sha256, hash_obj
 from .params import TrackingParams
 
 PARENT_RUN_ENV = "CLIPMILL_PARENT_RUN_ID"
 DVC_STAGE_ENV = "CLIPMILL_DVC_STAGE"  # set by the flow: which dvc.yaml stage this process runs
 DVC_STAGE_TAG = "clipmill.dvc_stage"
+CHECK_TIMEOUT_ENV = "CLIPMILL_TRACKING_CHECK_TIMEOUT_S"  # seconds the reachability check waits (default 10)
 
 
 def tracking_uri(params: TrackingParams) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+
+
+def _unusable_reason(uri: str) -> str | None:
+    """Why the store at ``uri`` cannot be used, or None: an HTTP(S) server must answer, a SQLite database or
+    a file store must be writable. Other schemes (databricks, postgresql ...) are left to MLflow."""
+    if uri.startswith(("http://", "https://")):
+        timeout = float(os.environ.get(CHECK_TIMEOUT_ENV) or 10)
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+                return None
+        except urllib.error.HTTPError as e:  # it answered: reachable, unless a gateway says the server is not
+            return f"HTTP {e.code} from {uri}" if e.code in (502, 503, 504) else None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            return f"not reachable: {reason}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        return None if str(path) == ":memory:" else _unwritable(path, "the SQLite database")
+    if uri.startswith("file:") or (":" not in uri and not uri.startswith("databricks")):
+        return _unwritable(Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:")),
+                           "the file store", directory=True)
+    return None
+
+
+def _unwritable(path: Path, what: str, directory: bool = False) -> str | None:
+    if path.exists():
+        if directory != path.is_dir():
+            return f"{what} {path} is {'not ' if directory else ''}a directory"
+        return None if os.access(path, os.W_OK) else f"{what} {path} is not writable"
+    parent = path.parent
+    while not parent.exists():  # a store MLflow would create: its nearest existing folder must be writable
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        return f"{what} {path} cannot be created: {parent} is not a writable directory"
+    return None
+
+
+def check_tracking(tracking: TrackingParams) -> None:
+    """A ClipmillError (uri, reason) when tracking is on and its store cannot be used; nothing otherwise."""
+    if not tracking.enabled:
+        return
+    uri = tracking_uri(tracking)
+    reason = _unusable_reason(uri)
+    if reason:
+        raise ClipmillError(f"tracking.tracking_uri {uri}: {reason} (start the tracking server, fix the URI or "
+                            f"MLFLOW_TRACKING_URI, or set tracking.enabled: false)")
 
 
 def artifact_root(uri: str) -> str | None:
@@ -95,6 +146,7 @@ def stage_run(stage: str, tracking: TrackingParams, params_section: Any,
         return
     import mlflow
 
+    check_tracking(tracking)
     use_experiment(tracking)
     parent = os.environ.get(PARENT_RUN_ENV)
     tags = {"clipmill.stage": stage, DVC_STAGE_TAG: os.environ.get(DVC_STAGE_ENV, stage),

@@ -192,8 +192,10 @@ def generate_demo_corpus(params: DemoCorpusParams, seed: int, crawl_out: str | o
     jobs += [(s.scene, s.encoding) for s in zeroshot + retrieval + trusted]
     log.info("planned %d pairs (%d image files), %d zero-shot, %d retrieval, %d trusted images",
              len(plan.pairs), len(plan.files), len(zeroshot), len(retrieval), len(trusted))
-    with closing(render_images(jobs, params.workers)) as images, atomic_path(crawl_out) as crawl_tmp, \
-            atomic_path(eval_out) as eval_tmp, atomic_path(trusted_out) as trusted_tmp:
+    with closing(render_images(jobs, params.workers)) as images, \
+            atomic_path(crawl_out, owner="demo_corpus") as crawl_tmp, \
+            atomic_path(eval_out, owner="demo_corpus") as eval_tmp, \
+            atomic_path(trusted_out, owner="demo_corpus") as trusted_tmp:
         truth = _write_crawl(plan, images, crawl_tmp)
         heldout = {"zeroshot": _with_images(zeroshot, images), "retrieval": _with_images(retrieval, images),
                    "trusted": _with_images(trusted, images)}
@@ -255,7 +257,7 @@ def generate_crawl_batch(params: DemoCorpusParams, seed: int, batch: int, num_pa
                                              "seed_offset": params.seed_offset + batch * BATCH_OFFSET_STRIDE})
     plan = plan_crawl(batch_params, seed)
     jobs = [(f.scene, f.encoding) for f in plan.files.values()]
-    with closing(render_images(jobs, params.workers)) as images, atomic_path(out) as tmp:
+    with closing(render_images(jobs, params.workers)) as images, atomic_path(out, owner="demo_urls") as tmp:
         truth = _write_crawl(plan, images, tmp)
         summary = crawl_summary(truth, plan, batch_params)
         summary.update(seed=seed, seed_offset=batch_params.seed_offset, batch=batch)

@@ -8,14 +8,16 @@ from pydantic import Field, field_validator
 from components.common.params import Section
 
 # Captions that are nothing but web boilerplate: a file name, a camera name, a UI string or a placeholder.
-# Anchored at both ends, so an honest caption with boilerplate around it is kept.
+# Anchored at both ends, so an honest caption with boilerplate around it is kept. They are searched in the caption
+# with its whitespace normalised (one space between words, none at the ends), and each runs in linear time: no
+# quantifier inside a quantifier, no two adjacent quantifiers over the same characters.
 DEFAULT_BOILERPLATE = [
-    r"(?i)^\s*[\w().-]+( \(\d+\))?\.(jpe?g|png|gif|webp|bmp|tiff?)\s*$",
-    r"(?i)^\s*(img|dsc|dscn|dscf|pict?|p|photo|image|screenshot|file)[\s_-]*\d+\s*$",
-    r"(?i)^\s*(click( \w+)? (to|for) [\w ]+|(view|see) (more|larger image|full size)|(free )?download( now)?"
-    r"|(hd )?wallpaper|thumbnail|untitled(-\d+)?|image|photo|picture|img|logo|banner|home|placeholder"
-    r"|no (image|description)( available)?|image not found|stock photo|royalty free|all rights reserved"
-    r"|high resolution|(picture|figure|image|photo) \d+|image via \w+)\s*[.!]*\s*$",
+    r"(?i)^[\w().-]+(?: \(\d+\))?\.(?:jpe?g|png|gif|webp|bmp|tiff?)$",
+    r"(?i)^(?:img|dsc|dscn|dscf|pict?|p|photo|image|screenshot|file)[ _-]*\d+$",
+    r"(?i)^(?:click(?: \w+)? (?:to|for) [\w ]+|(?:view|see) (?:more|larger image|full size)|(?:free )?download(?: now)?"
+    r"|(?:hd )?wallpaper|thumbnail|untitled(?:-\d+)?|image|photo|picture|img|logo|banner|home|placeholder"
+    r"|no (?:image|description)(?: available)?|image not found|stock photo|royalty free|all rights reserved"
+    r"|high resolution|(?:picture|figure|image|photo) \d+|image via \w+) ?[.!]*$",
 ]
 
 # Terms that web pages stuff into alt text for shops and search engines, not for describing the image.
@@ -31,9 +33,10 @@ class FilterParams(Section):
     min_chars: int | None = Field(6, ge=1, description="Drop captions shorter than this many characters after stripping (DataComp: more than 5); null: off.")
     min_image_side: int | None = Field(200, ge=1, description="Drop images whose original shorter side is below this many pixels (DataComp: 200); null: off.")
     max_aspect_ratio: float | None = Field(3.0, ge=1.0, description="Drop images whose original longer/shorter side ratio exceeds this (DataComp: 3); null: off.")
+    max_caption_chars: int | None = Field(1000, ge=1, description="Step rules: drop captions longer than this many characters before any other rule reads them (page text, or a caption crafted to be costly); null: off.")
     boilerplate_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_BOILERPLATE),
-        description="Python regexes searched in the caption; a match drops the sample as boilerplate. Empty list: off.",
+        description="Python regexes searched in the whitespace-normalised caption; a match drops the sample as boilerplate. Patterns that can backtrack super-linearly (a quantifier inside a quantifier, adjacent quantifiers over the same characters) are refused. Empty list: off.",
     )
     max_caption_words: int | None = Field(60, ge=1, description="Step spam: drop captions of more words than this (page text, not a description); null: off.")
     spam_words: list[str] = Field(
@@ -42,6 +45,9 @@ class FilterParams(Section):
     )
     max_spam_words: int | None = Field(4, ge=1, description="Step spam: drop captions with at least this many spam_words (counted with repeats); null: off.")
     dedup_images: bool = Field(True, description="Drop exact-duplicate images (same sha256), keeping the one with the smallest uid.")
+    near_duplicate_distance: int | None = Field(None, ge=0, le=256, description="Step neardup: images whose 256-bit perceptual hashes (pHash) differ in at most this many bits are near-duplicates; each cluster keeps its smallest uid (24 on the demo crawl: precision 0.92, recall 0.63); null: off.")
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="Step langid: ISO 639-1 codes of the caption languages kept (py3langid's model); a caption with a part confidently in another language is dropped. Empty list: off.")
+    language_min_odds: float = Field(50.0, gt=1, description="Step langid: a part of a caption counts as another language only when that language is at least this many times as likely as the likeliest kept language (short or ambiguous text, whose probabilities are flat, is kept).")
 
     @field_validator("boilerplate_patterns")
     @classmethod
@@ -51,4 +57,10 @@ class FilterParams(Section):
                 re.compile(pattern)
             except re.error as e:
                 raise ValueError(f"pattern {pattern!r} is not a valid regex: {e}") from None
+            from .rules import regex_risk
+
+            if (risk := regex_risk(pattern)) is not None:
+                raise ValueError(f"pattern {pattern!r} can take time that grows faster than the caption's length "
+                                 f"({risk}); rewrite it, e.g. with an atomic group (?>...) or a possessive "
+                                 "quantifier (*+, ++)")
         return patterns

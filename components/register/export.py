@@ -52,13 +52,14 @@ def _common_code(dst: Path) -> Path:
 
 
 def signature():
+    """Outputs and params only: an input schema would make MLflow drop unknown columns and coerce values before
+    the model's own checks (clip_pyfunc.check_request) could name them in a 400 answer."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-    inputs = Schema([ColSpec(AnyType(), "image", required=False), ColSpec(DataType.string, "text", required=False)])
     outputs = Schema([ColSpec(Array(DataType.double), "image_embedding", required=False),
                       ColSpec(Array(DataType.double), "text_embedding", required=False)])
-    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("batch_size", DataType.long, BATCH_SIZE)]))
+    return ModelSignature(None, outputs, ParamSchema([ParamSpec("batch_size", DataType.long, BATCH_SIZE)]))
 
 
 def input_example() -> pd.DataFrame:
@@ -69,10 +70,12 @@ def input_example() -> pd.DataFrame:
                          "text": [None, "a photo of a red square"]})
 
 
-def log_clip_model(local_dir: str | Path, registered_model_name: str | None = None):
+def log_clip_model(local_dir: str | Path, registered_model_name: str | None = None,
+                   model_config: dict | None = None):
     """Log the local-dir export at ``local_dir`` as a pyfunc model in the active MLflow run; returns its ModelInfo.
 
     With ``registered_model_name`` the model also becomes a new version of that registered model.
+    ``model_config``: the serving limits (clip_pyfunc.LIMITS keys) the served model enforces per request.
     """
     import mlflow
 
@@ -86,6 +89,7 @@ def log_clip_model(local_dir: str | Path, registered_model_name: str | None = No
             code_paths=[str(_common_code(tmp / "code"))],
             signature=signature(),
             input_example=input_example(),
+            model_config=model_config,
             pip_requirements=[f"{name}=={version(name)}" for name in _RUNTIME_PACKAGES],
             registered_model_name=registered_model_name,
         )

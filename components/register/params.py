@@ -11,6 +11,15 @@ from components.common.params import Section
 warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
 
+class ServingLimits(Section):
+    """Per-request limits of the served model (written into its model config at registration)."""
+
+    max_rows: int = Field(256, ge=1, description="Rows per request.")
+    max_caption_chars: int = Field(1000, ge=1, description="Characters of one text.")
+    max_image_bytes: int = Field(10_000_000, ge=1, description="Encoded bytes of one image.")
+    max_image_pixels: int = Field(16_777_216, ge=1, description="Width x height of one image (read from its header).")
+
+
 class RegisterParams(Section):
     model_name: str = Field("clipmill", min_length=1, description="Registered model name in the MLflow registry.")
     promote: bool = Field(True, description="Apply the promotion policy after registering (false: only `challenger`).")
@@ -26,3 +35,6 @@ class RegisterParams(Section):
         description="Metrics (higher is better) that may not regress by more than guardrail_tolerance.",
     )
     guardrail_tolerance: float = Field(0.01, ge=0, description="Largest allowed absolute drop of a guardrail metric.")
+    serving: ServingLimits = Field(default_factory=ServingLimits,
+                                   description="Request limits of the served model; a version keeps those it was "
+                                               "first registered with.")

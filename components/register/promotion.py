@@ -4,6 +4,11 @@ Every move appends to the champion history (a registered-model tag) and tags the
 replaced, so ``rollback`` can always go back. A policy decision is recorded on the challenger's version
 (``clipmill.promotion``: outcome, reason, numbers, the champion it was compared with, suite, policy hash);
 re-running the same decision finds that record and changes nothing.
+
+Moving ``champion`` is a compare-and-set: under the registry lock the alias is read again and must still be the
+champion the decision was made against; when another registration moved it meanwhile, the policy decides again
+against the new champion (``MAX_DECISIONS`` times at most). The history is read and written under the same lock,
+so concurrent registrations never lose an entry.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from components.common.log import get_logger
 from .params import RegisterParams
 from .policy import PROMOTED, REJECTED, Decision, decide, metric_value
 from .registry import (CHAMPION, alias_version, champion_history, get_version, record_metrics, recorded_metrics,
-                       require_model, set_champion_history)
+                       registry_lock, require_model, set_champion_history)
 
 log = get_logger("register")
 
@@ -33,6 +38,17 @@ TAG_PREVIOUS = "clipmill.previous_champion"
 TAG_ROLLED_BACK = "clipmill.rolled_back"
 ALREADY_CHAMPION = "already-champion"
 MANUAL = "promoted-manually"
+MAX_DECISIONS = 3  # decisions on one challenger while other registrations keep moving the champion
+_ANY = object()
+
+
+class ChampionMoved(ClipmillError):
+    """The champion changed between a decision and the move it decided."""
+
+    def __init__(self, name: str, expected: str | None, actual: str | None):
+        self.expected, self.actual = expected, actual
+        super().__init__(f"the champion of '{name}' moved from version {expected or 'none'} to {actual or 'none'} "
+                         f"while this decision was made")
 
 
 @dataclass(frozen=True)
@@ -59,24 +75,29 @@ class PromotionRecord:
 
 def policy_hash(params: RegisterParams) -> str:
     """Hash of the fields that decide (not the registry name, nor whether promotion runs)."""
-    return hash_obj(params.model_dump(exclude={"model_name", "promote"}))[:16]
+    return hash_obj(params.model_dump(exclude={"model_name", "promote", "serving"}))[:16]
 
 
-def move_champion(client: MlflowClient, name: str, version: str) -> str | None:
+def move_champion(client: MlflowClient, name: str, version: str, expected: str | None | object = _ANY) -> str | None:
     """Give ``champion`` to ``version``, append it to the history and tag it with its predecessor.
 
-    Returns the previous champion's version (None when there was none).
+    Under the registry lock; with ``expected`` (a version, or None for "no champion") a ChampionMoved when the
+    champion is no longer that one. Returns the previous champion's version (None when there was none).
     """
-    holder = alias_version(client, name, CHAMPION)
-    previous = str(holder.version) if holder is not None else None
-    history = champion_history(client, name)
-    if previous is not None and (not history or history[-1] != previous):
-        history.append(previous)  # the alias was moved outside clipmill: keep it recoverable
-    client.set_registered_model_alias(name, CHAMPION, version)
-    set_champion_history(client, name, history + [version])
-    client.set_model_version_tag(name, version, TAG_PREVIOUS, previous or "none")
-    if TAG_ROLLED_BACK in get_version(client, name, version).tags:
-        client.delete_model_version_tag(name, version, TAG_ROLLED_BACK)
+    version = str(version)
+    with registry_lock(client, name):
+        holder = alias_version(client, name, CHAMPION)
+        previous = str(holder.version) if holder is not None else None
+        if expected is not _ANY and previous != expected:
+            raise ChampionMoved(name, expected, previous)
+        history = champion_history(client, name)
+        if previous is not None and (not history or history[-1] != previous):
+            history.append(previous)  # the alias was moved outside clipmill: keep it recoverable
+        client.set_registered_model_alias(name, CHAMPION, version)
+        set_champion_history(client, name, history + [version])
+        client.set_model_version_tag(name, version, TAG_PREVIOUS, previous or "none")
+        if TAG_ROLLED_BACK in get_version(client, name, version).tags:
+            client.delete_model_version_tag(name, version, TAG_ROLLED_BACK)
     log.info("champion of %s: version %s -> %s", name, previous or "none", version)
     return previous
 
@@ -109,7 +130,20 @@ def metrics_on_suite(client: MlflowClient, version: ModelVersion, suite_version:
 
 def apply_policy(client: MlflowClient, challenger: ModelVersion, record: EvaluationRecord, params: RegisterParams,
                  eval_dir: str | os.PathLike, batch_size: int = 64, device: str = "cpu") -> PromotionRecord:
-    """Decide whether ``challenger`` (measured by ``record``) becomes champion, and act on it."""
+    """Decide whether ``challenger`` (measured by ``record``) becomes champion, and act on it; decide again when
+    the champion moved before the decision could be applied."""
+    for _ in range(MAX_DECISIONS):
+        try:
+            return _decide_and_apply(client, challenger, record, params, eval_dir, batch_size, device)
+        except ChampionMoved as moved:
+            log.warning("%s: deciding again against version %s", moved, moved.actual or "none")
+    raise ClipmillError(f"the champion of '{challenger.name}' kept moving: no decision on version "
+                        f"{challenger.version} could be applied after {MAX_DECISIONS} tries; register it again")
+
+
+def _decide_and_apply(client: MlflowClient, challenger: ModelVersion, record: EvaluationRecord,
+                      params: RegisterParams, eval_dir: str | os.PathLike, batch_size: int,
+                      device: str) -> PromotionRecord:
     name, version = challenger.name, str(challenger.version)
     value = metric_value(record.metrics, params.primary_metric, "challenger")
     phash = policy_hash(params)
@@ -138,7 +172,7 @@ def apply_policy(client: MlflowClient, challenger: ModelVersion, record: Evaluat
     client.set_model_version_tag(name, version, TAG_PROMOTION, result.to_json())
     client.set_model_version_tag(name, version, TAG_OUTCOME, decision.outcome)
     if decision.promote:
-        move_champion(client, name, version)
+        move_champion(client, name, version, expected=champion_version)
     log.info("version %s vs champion %s: %s (%s)", version, champion_version or "none", decision.outcome,
              decision.reason)
     return result
@@ -150,7 +184,7 @@ def promote_version(client: MlflowClient, name: str, version: str) -> str | None
     current = alias_version(client, name, CHAMPION)
     if current is not None and str(current.version) == version:
         raise ClipmillError(f"version {version} of '{name}' is already the champion")
-    previous = move_champion(client, name, version)
+    previous = move_champion(client, name, version, expected=str(current.version) if current else None)
     client.set_model_version_tag(name, version, TAG_OUTCOME, MANUAL)
     return previous
 
@@ -161,21 +195,22 @@ def rollback(client: MlflowClient, name: str) -> tuple[str, str]:
     The version rolled back from is tagged so that the policy does not promote it again on its own.
     """
     require_model(client, name)
-    holder = alias_version(client, name, CHAMPION)
-    if holder is None:
-        raise ClipmillError(f"model '{name}' has no champion to roll back")
-    current = str(holder.version)
-    history = champion_history(client, name)
-    if not history or history[-1] != current:
-        history.append(current)
-    if len(history) < 2:
-        raise ClipmillError(f"version {current} is the first champion of '{name}': no previous one to roll "
-                            f"back to")
-    history.pop()
-    target = history[-1]
-    client.set_registered_model_alias(name, CHAMPION, target)
-    set_champion_history(client, name, history)
-    client.set_model_version_tag(name, current, TAG_ROLLED_BACK, "true")
+    with registry_lock(client, name):
+        holder = alias_version(client, name, CHAMPION)
+        if holder is None:
+            raise ClipmillError(f"model '{name}' has no champion to roll back")
+        current = str(holder.version)
+        history = champion_history(client, name)
+        if not history or history[-1] != current:
+            history.append(current)
+        if len(history) < 2:
+            raise ClipmillError(f"version {current} is the first champion of '{name}': no previous one to roll "
+                                f"back to")
+        history.pop()
+        target = history[-1]
+        client.set_registered_model_alias(name, CHAMPION, target)
+        set_champion_history(client, name, history)
+        client.set_model_version_tag(name, current, TAG_ROLLED_BACK, "true")
     log.info("rolled back champion of %s: version %s -> %s", name, current, target)
     return current, target
 

@@ -116,8 +116,11 @@ def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval
         client = MlflowClient(tracking_uri(tracking))
         existing = find_by_hash(client, name, digest)
         if existing is None:
-            info = log_clip_model(model_dir, registered_model_name=name)
-            version = get_version(client, name, info.registered_model_version)
+            info = log_clip_model(model_dir, model_config=params.serving.model_dump())
+            # The version is created with its model hash: a run killed at any point leaves either no version or one
+            # that the rerun finds and reuses, never an untagged duplicate.
+            created = mlflow.register_model(info.model_uri, name, tags={TAG_MODEL_HASH: digest})
+            version = get_version(client, name, created.version)
             log.info("registered %s version %s (%s)", name, version.version, info.model_uri)
         else:
             version = existing

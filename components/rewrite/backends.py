@@ -9,10 +9,12 @@ from .params import RewriteParams
 
 @dataclass
 class Generated:
-    """The candidate rewrites of one caption, or why the backend produced none (``error``)."""
+    """The candidate rewrites of one caption, or why the backend produced none (``error``); ``dropped``: one
+    reason per slot the backend already dropped itself (a refusal, a rewrite its own guard rejected)."""
 
     candidates: list[str] = field(default_factory=list)
     error: str | None = None
+    dropped: list[str] = field(default_factory=list)
 
 
 class Backend(Protocol):

@@ -6,7 +6,7 @@ from collections import Counter
 import pandas as pd
 
 from .backends import make_backend
-from .guard import guard_rewrites
+from .guard import GuardRules, guard_rewrites
 from .params import RewriteParams
 
 
@@ -21,13 +21,14 @@ class CaptionRewriter:
     def __init__(self, params: RewriteParams, seed: int):
         self.params = params
         self.backend = make_backend(params, seed)
+        self.guard = GuardRules.from_params(params)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         uids = batch["uid"].tolist()
         captions = batch["caption"].tolist()
         entries = [list(e) for e in batch["matched_entries"]]
         generated = self.backend.generate(uids, captions, entries)
-        guarded = [guard_rewrites(c, e, g, self.params.rewrites_per_caption)
+        guarded = [guard_rewrites(c, e, g, self.params.rewrites_per_caption, self.guard)
                    for c, e, g in zip(captions, entries, generated)]
         return pd.DataFrame({"uid": uids, "rewrites": [k for k, _ in guarded],
                              "rewrite_dropped": [d for _, d in guarded]})
@@ -36,17 +37,23 @@ class CaptionRewriter:
 def summarize(table: pd.DataFrame, params: RewriteParams, model: str) -> dict:
     """Slot counts of a rewrite run: every caption has ``rewrites_per_caption`` slots, each kept or dropped.
 
-    ``table`` has ``rewrites`` and ``rewrite_dropped`` (one reason per dropped slot) per caption."""
+    ``table`` has ``rewrites`` and ``rewrite_dropped`` (one reason per dropped slot) per caption.
+    ``failed_captions``: captions the backend could not answer (``backend:*``, worth a rerun);
+    ``rejected_captions``: captions the server refused for themselves (``rejected:http_4xx``), which keep their
+    original caption only."""
     k = params.rewrites_per_caption
     dropped = Counter(reason for reasons in table["rewrite_dropped"] for reason in reasons)
     failed = Counter(reasons[0] for reasons in table["rewrite_dropped"]
                      if len(reasons) == k and reasons[0].startswith("backend:"))
+    rejected = Counter(reasons[0] for reasons in table["rewrite_dropped"]
+                       if len(reasons) == k and reasons[0].startswith("rejected:"))
     summary = {
         "backend": params.backend, "model": model, "captions": int(len(table)), "rewrites_per_caption": k,
         "slots": int(len(table) * k), "kept": int(table["rewrites"].map(len).sum()),
         "dropped": dict(sorted(dropped.items())),
         "captions_with_rewrites": int((table["rewrites"].map(len) > 0).sum()),
         "failed_captions": dict(sorted(failed.items())),
+        "rejected_captions": dict(sorted(rejected.items())),
     }
     if summary["kept"] + sum(dropped.values()) != summary["slots"]:
         raise AssertionError(f"rewrite counts do not add up: {summary}")

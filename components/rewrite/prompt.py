@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 from .params import InContextExample
@@ -15,16 +16,30 @@ class Prompt:
     caption: str
 
     def messages(self) -> list[dict[str, str]]:
-        """Chat form: the instruction as system message, each example as a user/assistant turn, then the caption."""
+        """Chat form: the instruction as system message, each example as a user/assistant turn, then the caption;
+        every caption is delimited (``delimit``), so that the model reads it as data."""
         out = [{"role": "system", "content": self.instruction}]
         for caption, rewrite in self.examples:
-            out += [{"role": "user", "content": caption}, {"role": "assistant", "content": rewrite}]
-        return out + [{"role": "user", "content": self.caption}]
+            out += [{"role": "user", "content": delimit(caption)}, {"role": "assistant", "content": rewrite}]
+        return out + [{"role": "user", "content": delimit(self.caption)}]
 
     def text(self) -> str:
         """Completion form for models without a chat template: 'caption => rewrite' lines, the last one open."""
         lines = [self.instruction, ""] + [f"{caption} => {rewrite}" for caption, rewrite in self.examples]
         return "\n".join(lines + [f"{self.caption} =>"])
+
+
+_TAG = re.compile(r"</?\s*caption\s*>", re.IGNORECASE)
+
+
+def delimit(caption: str) -> str:
+    """``caption`` between <caption> and </caption>, with any such tag inside it removed (it cannot close early)."""
+    return f"<caption>{_TAG.sub(' ', caption).strip()}</caption>"
+
+
+def undelimit(content: str) -> str:
+    """The caption inside ``delimit``'s output (what an OpenAI-compatible test server answers about)."""
+    return _TAG.sub("", content).strip()
 
 
 def stable_seed(*parts: object) -> int:
@@ -41,7 +56,7 @@ def build_prompt(uid: str, caption: str, instruction: str, examples: list[InCont
 
 def clean_completion(text: str) -> str:
     """A generated answer reduced to the rewrite: its first non-empty line, without surrounding quotes."""
-    for line in text.strip().splitlines():
+    for line in _TAG.sub(" ", text).strip().splitlines():
         line = line.strip()
         if line:
             if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":

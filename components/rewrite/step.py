@@ -57,15 +57,18 @@ class RewriteStep(Step):
         total: Counter = Counter()
         dropped: Counter = Counter()
         failed: Counter = Counter()
+        rejected: Counter = Counter()
         for table in decided():
             counts = summarize(table, params, model_name(params))
             total.update({k: counts[k] for k in ("captions", "slots", "kept", "captions_with_rewrites")})
             dropped.update(counts["dropped"])
             failed.update(counts["failed_captions"])
+            rejected.update(counts["rejected_captions"])
         rewrites = {"backend": params.backend, "model": model_name(params),
                     "rewrites_per_caption": params.rewrites_per_caption, **{k: int(total[k]) for k in
                     ("captions", "slots", "kept", "captions_with_rewrites")},
-                    "dropped": dict(sorted(dropped.items())), "failed_captions": dict(sorted(failed.items()))}
+                    "dropped": dict(sorted(dropped.items())), "failed_captions": dict(sorted(failed.items())),
+                    "rejected_captions": dict(sorted(rejected.items()))}
         return {"rewrites": rewrites}
 
     @classmethod

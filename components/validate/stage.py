@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from components.common.errors import ClipmillError
-from components.common.io import atomic_path, write_json
+from components.common.io import atomic_path, check_replaceable, write_json
 from components.common.log import get_logger
 from components.common.tracking import stage_run
 
@@ -99,7 +99,8 @@ def run_checks(boundary: str, checks: list, docs_dir: Path) -> dict:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
 
-    with tempfile.TemporaryDirectory(prefix="clipmill-gx-") as project, atomic_path(docs_dir) as docs_tmp:
+    with tempfile.TemporaryDirectory(prefix="clipmill-gx-") as project, \
+            atomic_path(docs_dir, owner="validate") as docs_tmp:
         context = gx.get_context(mode="file", project_root_dir=project)
         context.variables.progress_bars = {"globally": False, "metric_calculations": False}
         context.add_data_docs_site(site_name=DOCS_SITE, site_config={
@@ -135,8 +136,9 @@ def validate(boundary: str, inputs: dict[str, str | os.PathLike], params, out_di
     results_file = Path(out_dir) / f"{boundary}.json"
     docs_dir = Path(reports_dir) / boundary
     results_file.unlink(missing_ok=True)  # a run that stops early leaves no stale results that look current
+    checks = spec.checks(paths, params)  # unusable inputs are an error before any output is touched
+    check_replaceable(docs_dir, "validate")  # never removes a directory that is not its own data docs
     shutil.rmtree(docs_dir, ignore_errors=True)
-    checks = spec.checks(paths, params)
     with stage_run(f"validate_{boundary}", params.tracking, params.validation, list(paths.values())) as run:
         results = run_checks(boundary, checks, docs_dir)
         results["inputs"] = {name: str(p) for name, p in paths.items()}

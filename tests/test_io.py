@@ -1,0 +1,152 @@
+"""Atomic writes: the output-directory guard (a marker names the stage that owns a directory) and the removal of
+temporary outputs that a killed write left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipmill.cli import main
+from components.common.errors import InputError
+from components.common.io import OUTPUT_MARKER, atomic_path, output_owner, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write_dir(path: Path, owner: str, text: str) -> None:
+    with atomic_path(path, owner=owner) as tmp:
+        tmp.mkdir()
+        (tmp / "data.txt").write_text(text)
+
+
+def test_a_directory_output_carries_its_owner_marker_and_is_replaced_by_that_owner(tmp_path):
+    out = tmp_path / "out"
+    _write_dir(out, "reshard", "one")
+    assert output_owner(out) == "reshard"
+    assert (out / OUTPUT_MARKER).read_text() == "reshard\n"  # deterministic: part of the output's hash
+    _write_dir(out, "reshard", "two")
+    assert (out / "data.txt").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+
+
+def test_replacing_an_unmarked_directory_refuses_and_deletes_nothing(tmp_path):
+    out = tmp_path / "checkout"
+    (out / ".git").mkdir(parents=True)
+    (out / "work.py").write_text("uncommitted")
+    before = _tree(out)
+    with pytest.raises(InputError, match=f"refusing to replace this directory: it holds files but no {OUTPUT_MARKER}"):
+        _write_dir(out, "reshard", "x")
+    with pytest.raises(InputError, match="refusing to replace"):
+        write_json({"a": 1}, out)  # a file written in place of the directory
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkout"]
+
+
+def test_another_stages_output_directory_is_not_replaced(tmp_path):
+    out = tmp_path / "curated"
+    _write_dir(out, "reshard", "shards")
+    with pytest.raises(InputError, match="output directory of 'reshard', not of 'demo_urls'"):
+        _write_dir(out, "demo_urls", "x")
+    assert (out / "data.txt").read_text() == "shards"
+
+
+def test_an_empty_directory_and_a_missing_path_may_be_written(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _write_dir(tmp_path / "empty", "report", "a")
+    _write_dir(tmp_path / "new", "report", "b")
+    assert (tmp_path / "empty" / "data.txt").read_text() == "a" and (tmp_path / "new" / "data.txt").read_text() == "b"
+
+
+def _demo_urls_params(tmp_path: Path) -> Path:
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["demo_corpus"].update(workers=1)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_demo_urls_out_dot_refuses_and_deletes_nothing(tmp_path, monkeypatch, capsys):
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    (checkout / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (checkout / "notes.md").write_text("uncommitted work")
+    params = _demo_urls_params(tmp_path)
+    before = _tree(checkout)
+    monkeypatch.chdir(checkout)
+    rc = main(["demo-urls", "--params", str(params), "--batch", "1", "--num-pairs", "5", "--out", "."])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to replace this directory" in err[0] and str(checkout) in err[0]
+    assert _tree(checkout) == before
+    assert sorted(p.name for p in checkout.iterdir()) == [".git", "notes.md"]
+
+
+def test_demo_urls_out_url_inbox_refuses_and_keeps_the_pending_lists(tmp_path, monkeypatch, capsys):
+    inbox = tmp_path / "url_inbox"
+    inbox.mkdir()
+    (inbox / "pending.parquet").write_bytes(b"PAR1 pending list")
+    params = _demo_urls_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo-urls", "--params", str(params), "--num-pairs", "5", "--out", "url_inbox"]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (inbox / "pending.parquet").read_bytes() == b"PAR1 pending list"
+
+
+def test_demo_urls_replaces_its_own_earlier_batch(tmp_path, monkeypatch):
+    params = _demo_urls_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo-urls", "--params", str(params), "--num-pairs", "5", "--out", "batch"]) == 0
+    assert output_owner(tmp_path / "batch") == "demo_urls"
+    assert main(["demo-urls", "--params", str(params), "--batch", "2", "--num-pairs", "5", "--out", "batch"]) == 0
+    assert (tmp_path / "batch" / "urls.parquet").is_file()
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    from components.common.io import atomic_path
+    with atomic_path(sys.argv[1], owner="reshard") as tmp:
+        tmp.mkdir()
+        (tmp / "part.bin").write_bytes(b"x" * 1000)
+        print("writing", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_temporaries_of_a_killed_write_are_removed_when_the_next_write_starts(tmp_path):
+    out = tmp_path / "curated"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=10)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name == "part.bin"]
+    assert leftovers and not out.exists()  # the killed write left its temporary behind, and no output
+    _write_dir(out, "reshard", "rerun")
+    assert (out / "data.txt").read_text() == "rerun"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curated"]
+    assert not [p for p in tmp_path.rglob("*") if p.name == "part.bin" or p.name.endswith(".tmp")]
+
+
+def test_a_live_writers_temporary_is_left_alone(tmp_path):
+    out = tmp_path / "curated"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        _write_dir(out, "reshard", "meanwhile")
+        assert [p for p in tmp_path.rglob("part.bin")]  # the running writer's temporary is still there
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=10)
