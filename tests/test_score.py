@@ -208,3 +208,88 @@ def test_registry_uri_absent_is_a_clear_error_and_present_resolves(download, tin
     np.testing.assert_allclose(registry["clip_score"], local["clip_score"], atol=1e-6)
     assert registry["keep"].all()
     assert json.loads((tmp_path / "registry" / "steps" / "score" / "summary.json").read_text())["threshold"] is None
+
+
+def overwrite_member(tar_path, member: str, offset: int, data: bytes) -> None:
+    """Overwrite bytes of one tar member in place (its size and the tar's layout unchanged)."""
+    with tarfile.open(tar_path) as tar:
+        start = tar.getmember(member).offset_data
+    with open(tar_path, "r+b") as fh:
+        fh.seek(start + offset)
+        fh.write(data)
+
+
+def test_an_undecodable_image_is_dropped_and_counted_instead_of_aborting_the_score_step(download, tiny_export,
+                                                                                          tmp_path):
+    import shutil
+
+    corrupt = dict(download, shards=tmp_path / "shards")
+    shutil.copytree(download["shards"], corrupt["shards"])
+    kept = download["table"][download["table"]["status"] == "success"]
+    victim = kept.iloc[3]
+    overwrite_member(corrupt["shards"] / shard_file_name(victim["shard"]), f"{victim['key']}.jpg", 0, b"\0" * 64)
+    params = shrunk_params(score_only(scorer=f"local-dir:{tiny_export}", top_fraction=0.5, batch_size=16))
+    summary = run_curate(corrupt, tmp_path / "curate", params)
+
+    scores = read_step_table(tmp_path / "curate", "score").set_index("uid")
+    assert scores.loc[victim["uid"], "reason"] == "unreadable_image" and np.isnan(scores.loc[victim["uid"], "clip_score"])
+    others = scores.drop(index=victim["uid"])
+    n = len(others)  # the threshold ranks the readable images only
+    assert others["clip_score"].notna().all()
+    [step] = summary["steps"]
+    assert step["dropped"]["unreadable_image"] == 1 and step["input"] == n + 1
+    assert step["kept"] + step["dropped"]["low_clip_score"] == n
+    assert step["threshold"] == np.sort(others["clip_score"].to_numpy())[::-1][n // 2]
+    assert step["mean_clip_score"] == pytest.approx(float(others["clip_score"].astype(np.float64).mean()))
+    [check] = ScoreStep.expectations(params.score, scores.reset_index(), str(tmp_path))
+    assert check[1]["clip_score"].notna().all() and len(check[1]) == n
+
+
+# --- the calibrated threshold (two-component mixture of the pool's scores) -------------------------------------
+
+def planted_pool(n_matched: int = 3000, n_mismatched: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 cosines of a pool with planted mismatched pairs: (scores, is_mismatched)."""
+    rng = np.random.default_rng(seed)
+    scores = np.concatenate([rng.normal(0.55, 0.08, n_matched), rng.normal(0.05, 0.1, n_mismatched)])
+    return np.clip(scores, -1, 1).astype(np.float32), np.r_[np.zeros(n_matched, bool), np.ones(n_mismatched, bool)]
+
+
+def mixture_state(scores: np.ndarray, sizes: list[int], **threshold) -> dict:
+    params = ScoreParams(top_fraction=None, **threshold)
+    step = ScoreStep(params, StepContext(shards_dir="."))
+    mapped = [pd.DataFrame({"uid": [f"u{i}" for i in range(len(s))], "clip_score": s})
+              for s in np.split(scores, np.cumsum(sizes)[:-1])]
+    return ScoreStep.combine(params, lambda: (step.partial(m) for m in mapped), lambda: iter(mapped))
+
+
+def test_mixture_threshold_separates_planted_mismatches_from_shard_histograms_alone():
+    scores, mismatched = planted_pool()
+    rng = np.random.default_rng(1)
+    order = rng.permutation(len(scores))
+    scores, mismatched = scores[order], mismatched[order]
+    state = mixture_state(scores, [1000, 0, 1500, 1100], mixture_posterior=0.5)
+    mixture, threshold = state["mixture"], state["threshold"]
+    assert mixture["mean"][0] == pytest.approx(0.05, abs=0.03) and mixture["mean"][1] == pytest.approx(0.55, abs=0.03)
+    assert mixture["weight"][0] == pytest.approx(600 / 3600, abs=0.03)
+    assert state["calibrated_threshold"] == threshold and 0.15 < threshold < 0.45
+    dropped = scores < threshold
+    precision, recall = (dropped & mismatched).sum() / dropped.sum(), (dropped & mismatched).sum() / mismatched.sum()
+    assert precision >= 0.9 and recall >= 0.9
+    # the shards' partials are histograms: the same pool cut into other shards gives the same threshold
+    assert mixture_state(scores, [3600], mixture_posterior=0.5)["threshold"] == pytest.approx(threshold)
+
+
+def test_a_higher_posterior_moves_the_calibrated_threshold_up_and_min_score_still_applies_above_it():
+    scores, _ = planted_pool()
+    low = mixture_state(scores, [3600], mixture_posterior=0.1)["threshold"]
+    high = mixture_state(scores, [3600], mixture_posterior=0.99)["threshold"]
+    assert low < high
+    assert mixture_state(scores, [3600], mixture_posterior=0.5, min_score=0.5)["threshold"] == 0.5
+    assert mixture_state(scores, [3600])["mixture"] is None  # off unless asked for
+
+
+def test_changing_the_threshold_mode_recomputes_no_scores():
+    context = StepContext(shards_dir=".")
+    base, calibrated = ScoreParams(), ScoreParams(top_fraction=None, mixture_posterior=0.5)
+    assert ScoreStep.fingerprint(base, context, "map") == ScoreStep.fingerprint(calibrated, context, "map")
+    assert ScoreStep.fingerprint(base, context, "decide") != ScoreStep.fingerprint(calibrated, context, "decide")

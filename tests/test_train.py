@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from components.common.errors import InputError
 from components.common.hashing import content_hash
+from components.common.io import OUTPUT_MARKER
 from components.common.model import (CONFIG_FILE, WEIGHTS_FILE, create_clip, embed_images, embed_texts,
                                      export_local_dir, load_clip, read_state_dict)
 from components.common.params import TrackingParams
@@ -52,7 +53,7 @@ def test_export_round_trip_loads_in_open_clip_with_the_same_embeddings(tmp_path)
     torch.manual_seed(0)
     clip = create_clip("clipmill-tiny", init_logit_scale=math.log(10), init_logit_bias=-10.0)
     export_local_dir(clip, tmp_path / "model")
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [OUTPUT_MARKER, CONFIG_FILE, WEIGHTS_FILE]
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'model'}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'model'}")
@@ -172,7 +173,7 @@ def test_tiny_run_learns_and_is_tracked(tmp_path, shards, evalsets, mlflow_uri, 
     rc = run_stage(train_cli, tmp_path / "params.yaml", ["--shards", str(shards), "--eval-dir", str(evalsets),
                                                           "--out", str(out), "--best-params", str(best)])
     assert rc == 0
-    assert sorted(p.name for p in (out / "model").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in (out / "model").iterdir()) == [OUTPUT_MARKER, CONFIG_FILE, WEIGHTS_FILE]
     assert {"last.ckpt", "fingerprint.json"} <= {p.name for p in (out / "checkpoints").iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
     run_info = json.loads((out / "run.json").read_text())
@@ -190,12 +191,12 @@ def test_tiny_run_learns_and_is_tracked(tmp_path, shards, evalsets, mlflow_uri, 
     loss = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert len(loss) >= 8 and sum(loss[-3:]) / 3 < 0.8 * sum(loss[:3]) / 3
     for key in ("train/logit_scale", "train/lr", "train/device/samples_per_sec", "val/zeroshot/acc1",
-                "val/retrieval/modality_gap", "samples_per_s"):
+                "val/retrieval/modality_gap", "samples_per_s", "skipped_images"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "checkpoints", "metrics.json", "run.json"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {f"model/{CONFIG_FILE}",
-                                                                                 f"model/{WEIGHTS_FILE}"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
+        f"model/{OUTPUT_MARKER}", f"model/{CONFIG_FILE}", f"model/{WEIGHTS_FILE}"}
 
 
 # --- kill and resume ----------------------------------------------------------------------------------------

@@ -131,3 +131,25 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
         for rank in ranks:  # DDP averaged the gradients: every rank holds the whole-batch gradient
             for name, g in grads.items():
                 assert torch.allclose(rank[case][1][name], g, rtol=1e-4, atol=1e-6), (case, name)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_bf16_autocast_does_not_round_the_logit_scale_bias_or_loss(kind):
+    """bf16-mixed (precision auto on GPU) runs the towers in bf16; the logits and the loss must stay fp32."""
+    scale, bias = initial_logits(kind)
+    torch.manual_seed(0)
+    module = ClipModule(create_clip("clipmill-tiny", init_logit_scale=scale, init_logit_bias=bias),
+                        TrainParams(loss=kind), total_steps=1)
+    img, txt = _features(2, n=16, d=module.clip.model_cfg["embed_dim"])
+    exact = module.contrastive(img, txt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = module.contrastive(img, txt)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, exact)  # autocast is off around the loss
+
+    images, texts = _batch()
+    reference = module(images, texts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module(images, texts)  # the towers run in bf16 here
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=2e-2)
+    loss.backward()
+    assert module.model.logit_scale.grad.dtype == torch.float32

@@ -31,6 +31,8 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 CHECKPOINT_MODULE_PREFIX = "model."  # the LightningModule keeps the open_clip model as `self.model`
 
 ImageInput = Image.Image | bytes
+# Images with more pixels are skipped as oversized by training and scoring (a decompression bomb: 8192 x 8192).
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # the repo's configs become open_clip names ("clipmill-tiny")
@@ -190,7 +192,7 @@ def export_local_dir(clip: ClipModel, out_dir: str | os.PathLike) -> Path:
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in clip.model.state_dict().items()}
     config = {"model_cfg": clip.model_cfg, "preprocess_cfg": _jsonable(clip.preprocess_cfg)}
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, owner="model") as tmp:
         tmp.mkdir()
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -205,11 +207,32 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class ImageError(ValueError):
+    """Image bytes that training and scoring skip (and count) instead of stopping: ``reason`` is
+    ``undecodable: ...`` or ``oversized: ...``."""
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The RGB image of encoded ``data``; ImageError when it does not decode or has more than ``max_pixels``
+    pixels (checked from the header, before the pixels are decoded: a decompression bomb allocates nothing)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageError(f"oversized: {width}x{height} pixels, more than {max_pixels}")
+            return im.convert("RGB")
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own limit, met at open before ours
+        raise ImageError(f"oversized: {e}") from None
+    except Exception as e:  # PIL raises many types for damaged bytes
+        raise ImageError(f"undecodable: {type(e).__name__}: {e}") from None
+
+
 def _as_image(item: ImageInput) -> Image.Image:
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
-    with Image.open(io.BytesIO(item)) as im:
-        return im.convert("RGB")
+        return item if item.mode == "RGB" else item.convert("RGB")
+    return decode_image(item)
 
 
 def preprocess_images(clip: ClipModel, images: Sequence[ImageInput]) -> torch.Tensor:

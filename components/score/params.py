@@ -32,6 +32,12 @@ class ScoreParams(Section):
                     "(ties kept); null: off.",
     )
     min_score: float | None = Field(None, ge=-1, le=1, description="Absolute cosine threshold (DataComp ViT-B/32: 0.25, LAION: 0.28); null: off.")
+    mixture_posterior: float | None = Field(
+        None, gt=0, lt=1,
+        description="Calibrated threshold: a two-component Gaussian mixture is fitted to the pool's scores (from the "
+                    "shards' histograms) and the threshold is the lowest score at which the upper (matching) "
+                    "component's posterior reaches this value (0.5: the components' crossing); null: off.",
+    )
 
     @model_validator(mode="after")
     def _checkpoint_only_for_config_names(self):

@@ -1,7 +1,9 @@
 """CLIP scores: cosine similarity of normalized image and caption embeddings, and the keep threshold.
 
-The threshold is DataComp's top fraction (the score at rank floor(n*f) of the descending scores, ties kept)
-and/or an absolute minimum; with both, the higher one applies.
+The threshold is DataComp's top fraction (the score at rank floor(n*f) of the descending scores, ties kept),
+an absolute minimum, and/or a calibrated one: a two-component Gaussian mixture fitted to the pool's score
+histogram (matching and mismatched pairs), cut where the matching component's posterior reaches a set value.
+With several, the highest applies.
 """
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ import numpy as np
 import torch
 
 from components.common.errors import ConfigError
-from components.common.model import LOCAL_DIR_PREFIX, ClipModel, create_clip, embed_images, embed_texts, load_clip
+from components.common.log import get_logger
+from components.common.model import (LOCAL_DIR_PREFIX, ClipModel, ImageError, create_clip, decode_image, embed_images,
+                                     embed_texts, load_clip)
 
 LOW_SCORE_REASON = "low_clip_score"
+UNREADABLE_IMAGE_REASON = "unreadable_image"  # undecodable or oversized: no score (NaN), dropped with this reason
+
+log = get_logger("score")
 
 
 def load_scorer(source: str, device: str, checkpoint: str | None = None, mlflow_uri: str | None = None) -> ClipModel:
@@ -29,11 +36,23 @@ def load_scorer(source: str, device: str, checkpoint: str | None = None, mlflow_
 
 
 def clip_scores(clip: ClipModel, images: list[bytes], captions: list[str], batch_size: int) -> np.ndarray:
-    """Cosine similarity of each image with its caption (both embeddings L2-normalized), float32."""
-    with torch.inference_mode():
-        image_emb = embed_images(clip, images, batch_size=batch_size)
-        text_emb = embed_texts(clip, captions, batch_size=batch_size)
-    return (image_emb * text_emb).sum(dim=-1).numpy().astype(np.float32)
+    """Cosine similarity of each image with its caption (both embeddings L2-normalized), float32; NaN for an
+    image that does not decode or is oversized (``decode_image``), which is skipped, not fatal."""
+    scores = np.full(len(images), np.nan, dtype=np.float32)
+    for start in range(0, len(images), batch_size):  # decoded a batch at a time: a shard's pixels never all in memory
+        usable, pixels = [], []
+        for i in range(start, min(start + batch_size, len(images))):
+            try:
+                pixels.append(decode_image(images[i]))
+                usable.append(i)
+            except ImageError as e:
+                log.warning("image %d of %d skipped: %s", i, len(images), e)
+        if usable:
+            with torch.inference_mode():
+                image_emb = embed_images(clip, pixels, batch_size=batch_size)
+                text_emb = embed_texts(clip, [captions[i] for i in usable], batch_size=batch_size)
+            scores[usable] = (image_emb * text_emb).sum(dim=-1).numpy()
+    return scores
 
 
 def resolve_device(device: str) -> str:
@@ -57,8 +76,10 @@ def score_of_key(key: int) -> float:
 
 
 def key_buckets(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(bucket, count) of the high 16 bits of the scores' sortable keys: a shard's partial for the threshold."""
-    return np.unique(sortable_keys(scores) >> 16, return_counts=True)
+    """(bucket, count) of the high 16 bits of the scores' sortable keys: a shard's partial for the threshold.
+    NaN (an unreadable image) is in no bucket: it has no rank."""
+    scores = np.asarray(scores, dtype=np.float32)
+    return np.unique(sortable_keys(scores[~np.isnan(scores)]) >> 16, return_counts=True)
 
 
 def top_fraction_score(buckets: np.ndarray, counts: np.ndarray, top_fraction: float, scores_in_bucket) -> float | None:
@@ -75,3 +96,40 @@ def top_fraction_score(buckets: np.ndarray, counts: np.ndarray, top_fraction: fl
     before = int(ends[index - 1]) if index else 0
     keys = np.sort(sortable_keys(scores_in_bucket(int(buckets[index]))))
     return score_of_key(int(keys[ascending_rank - before]))
+
+
+def bucket_scores(buckets: np.ndarray) -> np.ndarray:
+    """The score in the middle of each 16-bit key bucket (a histogram's bin centres, for the mixture fit)."""
+    keys = (np.asarray(buckets, dtype=np.uint32) << np.uint32(16)) | np.uint32(0x8000)
+    return np.array([score_of_key(int(k)) for k in keys], dtype=np.float64)
+
+
+def fit_two_gaussians(x: np.ndarray, weights: np.ndarray, iterations: int = 300) -> dict:
+    """A two-component Gaussian mixture of the weighted points ``x`` by EM: ``weight``, ``mean``, ``std`` per
+    component, the lower-mean component first. Starts from the 10th and 70th weighted percentiles."""
+    order = np.argsort(x)
+    x, w = np.asarray(x, np.float64)[order], np.asarray(weights, np.float64)[order]
+    cdf = np.cumsum(w) / w.sum()
+    mean = x[np.searchsorted(cdf, [0.1, 0.7])].astype(np.float64)
+    std = np.full(2, max(float(np.sqrt(np.average((x - np.average(x, weights=w)) ** 2, weights=w))) / 2, 1e-3))
+    weight = np.array([0.3, 0.7])
+    for _ in range(iterations):
+        density = weight / std * np.exp(-0.5 * ((x[:, None] - mean) / std) ** 2)
+        resp = density / np.maximum(density.sum(axis=1, keepdims=True), 1e-300) * w[:, None]
+        n = np.maximum(resp.sum(axis=0), 1e-12)
+        weight, mean = n / n.sum(), (resp * x[:, None]).sum(axis=0) / n
+        std = np.sqrt((resp * (x[:, None] - mean) ** 2).sum(axis=0) / n) + 1e-4
+    low = int(np.argmin(mean))
+    pick = [low, 1 - low]
+    return {"weight": weight[pick].tolist(), "mean": mean[pick].tolist(), "std": std[pick].tolist()}
+
+
+def mixture_threshold(mixture: dict, posterior: float) -> float:
+    """The lowest score, between the two component means, at which the upper (matching) component's posterior
+    reaches ``posterior``: a sample scoring below it more likely belongs to the lower (mismatched) component."""
+    weight, mean, std = (np.asarray(mixture[k]) for k in ("weight", "mean", "std"))
+    grid = np.linspace(mean[0], mean[1], 2001)
+    density = weight / std * np.exp(-0.5 * ((grid[:, None] - mean) / std) ** 2)
+    upper = density[:, 1] / np.maximum(density.sum(axis=1), 1e-300)
+    reached = np.flatnonzero(upper >= posterior)
+    return float(grid[reached[0]] if len(reached) else grid[-1])

@@ -2,8 +2,9 @@
 
 Map: the cosine of each sample's image and caption embeddings (images read from the download shards by shard
 and key). Partial: counts of the scores' high 16 key bits. Combine: the exact DataComp top-fraction threshold
-(a radix select: the bucket counts, then the scores of the one bucket that holds the rank) and/or the absolute
-minimum. Decide: keep ``clip_score >= threshold``.
+(a radix select: the bucket counts, then the scores of the one bucket that holds the rank), the absolute
+minimum and/or the calibrated threshold of a two-component mixture fitted to the summed bucket counts (a
+histogram: no second pass). Decide: keep ``clip_score >= threshold``.
 """
 from __future__ import annotations
 
@@ -14,17 +15,19 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from components.common.engine import GPU_IF_AVAILABLE
 from components.common.errors import ConfigError, InputError
-from components.common.io import read_json
 from components.common.model import LOCAL_DIR_PREFIX
 from components.common.shards import ShardReader, shard_file_name
 from components.common.steps import PoolStep, decisions
+from components.common.storage import location, read_json
 
 from .params import BOOTSTRAP, ScoreParams
-from .scoring import (LOW_SCORE_REASON, clip_scores, key_buckets, load_scorer, resolve_device, sortable_keys,
+from .scoring import (LOW_SCORE_REASON, UNREADABLE_IMAGE_REASON, clip_scores, key_buckets, load_scorer,
+                      bucket_scores, fit_two_gaussians, mixture_threshold, resolve_device, sortable_keys,
                       top_fraction_score)
 
-THRESHOLD_KEYS = ("top_fraction", "min_score")
+THRESHOLD_KEYS = ("top_fraction", "min_score", "mixture_posterior")
 
 
 def scorer_source(params: ScoreParams, bootstrap_model: str | None) -> str:
@@ -36,7 +39,7 @@ class ScoreStep(PoolStep):
     section = "score"
     columns = {"clip_score": pa.float32()}
     map_columns = {"clip_score": pa.float32()}
-    reasons = (LOW_SCORE_REASON,)
+    reasons = (LOW_SCORE_REASON, UNREADABLE_IMAGE_REASON)
     needs = ("shard", "key", "caption")
 
     def __init__(self, params: ScoreParams, context):
@@ -64,7 +67,10 @@ class ScoreStep(PoolStep):
 
     @classmethod
     def resources(cls, params: ScoreParams) -> dict:
-        return {"num_cpus": 1, **({"num_gpus": 1} if params.device == "cuda" else {})}
+        """One CPU, and one GPU for device cuda; device auto asks for a GPU when the Ray cluster has one (so
+        the task's scorer sees CUDA there) and for none on a CPU cluster."""
+        gpus = {"cuda": 1, "auto": GPU_IF_AVAILABLE}.get(params.device)
+        return {"num_cpus": 1, **({"num_gpus": gpus} if gpus is not None else {})}
 
     @classmethod
     def check_params(cls, params: ScoreParams, context) -> None:
@@ -92,12 +98,16 @@ class ScoreStep(PoolStep):
     @classmethod
     def combine(cls, params: ScoreParams, partials: Callable[[], Iterator[pd.DataFrame]],
                 mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
-        top = None
-        if params.top_fraction is not None:
+        top = calibrated = mixture = None
+        if params.top_fraction is not None or params.mixture_posterior is not None:
             counts = np.zeros(1 << 16, dtype=np.int64)  # a running sum over the shards' bucket counts
             for partial in partials():
                 np.add.at(counts, partial["bucket"].to_numpy(np.int64), partial["count"].to_numpy(np.int64))
             buckets = np.flatnonzero(counts)
+        if params.mixture_posterior is not None and len(buckets) >= 2:
+            mixture = fit_two_gaussians(bucket_scores(buckets), counts[buckets])
+            calibrated = mixture_threshold(mixture, params.mixture_posterior)
+        if params.top_fraction is not None:
 
             def scores_in_bucket(bucket: int) -> np.ndarray:
                 parts = []
@@ -107,31 +117,36 @@ class ScoreStep(PoolStep):
                 return np.concatenate(parts)
 
             top = top_fraction_score(buckets, counts[buckets], params.top_fraction, scores_in_bucket)
-        thresholds = [t for t in (top, params.min_score) if t is not None]
-        return {"threshold": max(thresholds) if thresholds else None}
+        thresholds = [t for t in (top, params.min_score, calibrated) if t is not None]
+        return {"threshold": max(thresholds) if thresholds else None, "calibrated_threshold": calibrated,
+                "mixture": mixture}
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
         scores = mapped["clip_score"].to_numpy(np.float32)
         threshold = state["threshold"]
         keep = scores >= threshold if threshold is not None else np.ones(len(scores), dtype=bool)
-        return decisions(mapped["uid"], np.where(keep, None, LOW_SCORE_REASON), clip_score=mapped["clip_score"])
+        reasons = np.where(np.isnan(scores), UNREADABLE_IMAGE_REASON, np.where(keep, None, LOW_SCORE_REASON))
+        return decisions(mapped["uid"], reasons, clip_score=mapped["clip_score"])
 
     @classmethod
     def summarize(cls, params: ScoreParams, decided, out_dir: str) -> dict:
         total, n = 0.0, 0
         for table in decided():
-            total += float(table["clip_score"].astype(np.float64).sum())
-            n += len(table)
-        threshold = read_json(Path(out_dir) / "state.json")["state"]["threshold"]
-        return {"scorer": params.scorer, "threshold": threshold, "top_fraction": params.top_fraction,
-                "min_score": params.min_score, "mean_clip_score": total / n if n else None}
+            total += float(table["clip_score"].astype(np.float64).sum())  # NaN (unreadable images) skipped
+            n += int(table["clip_score"].notna().sum())
+        state = read_json(location(out_dir) / "state.json")["state"]
+        return {"scorer": params.scorer, "threshold": state["threshold"], "top_fraction": params.top_fraction,
+                "min_score": params.min_score, "mixture_posterior": params.mixture_posterior,
+                "calibrated_threshold": state.get("calibrated_threshold"), "mixture": state.get("mixture"),
+                "mean_clip_score": total / n if n else None}
 
     @classmethod
     def expectations(cls, params: ScoreParams, table: pd.DataFrame, step_dir: str) -> list:
         """Every scored sample has a clip_score, a cosine within [-1, 1]."""
         import great_expectations as gx
 
-        return [("clip_scores", table[["uid", "clip_score"]], [
+        scored = table[table["reason"] != UNREADABLE_IMAGE_REASON]  # an unreadable image has no score
+        return [("clip_scores", scored[["uid", "clip_score"]], [
             gx.expectations.ExpectColumnValuesToNotBeNull(column="clip_score"),
             gx.expectations.ExpectColumnValuesToBeBetween(column="clip_score", min_value=-1.0, max_value=1.0),
         ])]

@@ -8,7 +8,6 @@ up to the saved position without decoding it, so the run continues with exactly 
 """
 from __future__ import annotations
 
-import io
 import json
 import random
 import tarfile
@@ -25,11 +24,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from components.common.errors import ConfigError, InputError
+from components.common.hashing import content_hash
 from components.common.log import get_logger
+from components.common.model import ImageError, decode_image
+from components.common.storage import location, open_input, register_webdataset_schemes
 
 log = get_logger("train.data")
+register_webdataset_schemes()  # shards may be s3://… URLs
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CONTENT_HASH_FILE = "content_hash.txt"  # written by reshard beside its shards/ folder
 
 
 @dataclass
@@ -47,7 +51,7 @@ class ShardSet:
 
 def _count_samples(path: str) -> int:
     try:
-        with tarfile.open(path) as tar:
+        with open_input(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             keys = {webdataset.tariterators.base_plus_ext(m.name)[0] for m in tar.getmembers() if m.isreg()}
     except (tarfile.TarError, OSError) as e:
         raise InputError(path, f"unreadable shard: {e}") from None
@@ -58,12 +62,12 @@ def _count_samples(path: str) -> int:
 def scan_shards(spec: str) -> ShardSet:
     """The non-empty shards of a directory (its ``*.tar``, else its ``shards/*.tar``: the layout of the download
     and reshard stages) or of a brace pattern (``dir/{00000..00009}.tar``)."""
-    root = Path(spec)
-    if root.is_dir():
+    root = location(spec)  # a local folder or an object-storage URL (s3://bucket/curated)
+    if "{" not in spec and root.is_dir():
         paths = sorted(str(p) for p in root.glob("*.tar")) or sorted(str(p) for p in root.glob("shards/*.tar"))
     else:
         paths = webdataset.shardlists.expand_urls(spec)
-        if missing := [p for p in paths if not Path(p).is_file()]:
+        if missing := [p for p in paths if not location(p).is_file()]:
             raise InputError(missing[0], "shard does not exist")
     if not paths:
         raise InputError(spec, "no .tar shards found")
@@ -73,7 +77,25 @@ def scan_shards(spec: str) -> ShardSet:
     kept = [(p, c) for p, c in zip(paths, counts) if c > 0]
     if not kept:
         raise InputError(spec, "every shard is empty")
+    verify_content_hash(location(paths[0]).parent)
     return ShardSet(spec, [p for p, _ in kept], [c for _, c in kept])
+
+
+def verify_content_hash(shard_dir: Path) -> str | None:
+    """The content hash of the curated shards in ``shard_dir``, checked against the ``content_hash.txt`` that
+    reshard wrote beside the folder: InputError when the shards' bytes or names changed since (a flipped byte
+    trains silently otherwise). None when there is no such file (shards not written by reshard). File hashes
+    come from the hash cache, so shards already hashed by this run's lineage are not read again."""
+    hash_file = shard_dir.parent / CONTENT_HASH_FILE
+    if shard_dir.name != "shards" or not hash_file.is_file():
+        return None
+    expected = hash_file.read_text().strip()
+    actual = content_hash([shard_dir], read_objects=True)  # on object storage: the bytes, as reshard hashed them
+    if actual != expected:
+        raise InputError(hash_file, f"the shards in {shard_dir} no longer have this content hash (they hash to "
+                                    f"{actual[:12]}..., expected {expected[:12]}...): a shard changed after "
+                                    "reshard wrote it; rerun reshard (dvc repro) or restore the shards")
+    return actual
 
 
 def _rng(*parts: object) -> random.Random:
@@ -145,22 +167,30 @@ class ShardStream(IterableDataset):
         choices = [caption] + [r for r in rewrites if r.strip()]
         if self.sample_rewrites and len(choices) > 1:
             caption = _rng(self.seed, self.epoch, "caption", uid).choice(choices)
-        try:
-            with Image.open(io.BytesIO(sample[image_key])) as im:
-                image = im.convert("RGB")
-        except Exception as e:  # PIL raises many types for damaged bytes
-            raise InputError(url, f"{where}: image not decodable: {e}", field=image_key) from None
-        return uid, caption, image
+        return uid, caption, decode_image(sample[image_key])  # ImageError: the batch skips the sample
 
     def _collate(self, raw: list[dict], batch_index: int) -> dict[str, Any]:
-        decoded = [self._decode(s) for s in raw]
+        """The batch of ``raw`` samples. A sample whose image does not decode or is oversized is skipped and
+        reported in ``skipped``; its slot repeats a decodable sample of the batch, so every batch keeps its size
+        (under DDP the loss gathers equal shapes from every rank)."""
+        decoded, skipped = [], []
+        for sample in raw:
+            try:
+                decoded.append(self._decode(sample))
+            except ImageError as e:
+                skipped.append({"file": sample.get("__url__", "?"), "key": sample.get("__key__"), "reason": str(e)})
+        if not decoded:
+            raise InputError(skipped[0]["file"], f"batch {batch_index}: none of its {len(raw)} images is usable "
+                                                 f"(first: sample {skipped[0]['key']}: {skipped[0]['reason']})",
+                             field="jpg")
+        decoded += [decoded[i % len(decoded)] for i in range(len(raw) - len(decoded))]
         seed = int.from_bytes(_rng(self.seed, self.epoch, self.rank, batch_index).randbytes(8), "little")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # open_clip's augmentations draw from torch's global generator
             images = torch.stack([self.transform(image) for _, _, image in decoded])
         # uids as one numpy array: Lightning walks every element of a list on every step (batch transfer)
         return {"image": images, "text": self.tokenizer([c for _, c, _ in decoded]),
-                "uid": np.array([u for u, _, _ in decoded]), "batch_index": batch_index}
+                "uid": np.array([u for u, _, _ in decoded]), "batch_index": batch_index, "skipped": skipped}
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[dict]:
         samples = self._samples(self.rank * num_workers + worker, self.world_size * num_workers)
@@ -190,6 +220,7 @@ class ResumableLoader:
                  pin_memory: bool = False):
         self.stream, self.num_workers, self.epoch_fn, self.pin_memory = stream, num_workers, epoch_fn, pin_memory
         self.epoch, self.batches_taken = 0, 0
+        self.skipped_images = 0  # undecodable or oversized images in the batches taken from this loader
         self._resume_state: dict | None = None
 
     def __len__(self) -> int:
@@ -230,8 +261,14 @@ class ResumableLoader:
             pending[batch.pop("batch_index")] = batch
             while self.batches_taken in pending:
                 batch = pending.pop(self.batches_taken)
+                self._count_skipped(batch.pop("skipped"))
                 self.batches_taken += 1
                 yield batch
+
+    def _count_skipped(self, skipped: list[dict]) -> None:
+        for s in skipped:
+            log.warning("%s: sample %s skipped: image %s", s["file"], s["key"], s["reason"])
+        self.skipped_images += len(skipped)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -260,6 +297,12 @@ class ShardDataModule(pl.LightningDataModule):
                               f"{world_size} devices x {max(1, self.num_workers)} workers; "
                               f"use resampled: true or more shards")
 
+    @property
+    def skipped_images(self) -> int:
+        """Images this rank's loader skipped so far (undecodable or oversized)."""
+        loader = getattr(self, "loader", None)
+        return loader.skipped_images if loader is not None else 0
+
     def train_dataloader(self) -> ResumableLoader:
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
         self._check_split(world_size)
@@ -267,5 +310,7 @@ class ShardDataModule(pl.LightningDataModule):
                              batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch(world_size),
                              rank=rank, world_size=world_size, seed=self.seed, resampled=self.resampled,
                              shuffle_buffer=self.shuffle_buffer, sample_rewrites=self.sample_rewrites)
-        return ResumableLoader(stream, num_workers=self.num_workers, epoch_fn=lambda: self.trainer.current_epoch,
-                               pin_memory=self.trainer.strategy.root_device.type == "cuda")
+        self.loader = ResumableLoader(stream, num_workers=self.num_workers,
+                                      epoch_fn=lambda: self.trainer.current_epoch,
+                                      pin_memory=self.trainer.strategy.root_device.type == "cuda")
+        return self.loader

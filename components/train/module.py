@@ -83,8 +83,19 @@ class ClipModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """The contrastive loss of one batch (this rank's share of it under DDP)."""
-        out = self.model(images, texts)
-        return self.loss_fn(*out)
+        return self.contrastive(self.model.encode_image(images, normalize=True),
+                                self.model.encode_text(texts, normalize=True))
+
+    def contrastive(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """The loss from the towers' features, in fp32 whatever the precision of the towers (bf16-mixed on GPU):
+        the logit scale and the SigLIP bias are fp32 parameters (as in open_clip), and their exp, the logits and
+        the loss run with autocast off. A bf16 logit matrix would keep 2-3 significant digits of scale x cosine
+        (up to 100)."""
+        with torch.autocast(image_features.device.type, enabled=False):
+            scale = self.model.logit_scale.float().exp()
+            bias = self.model.logit_bias
+            extra = () if bias is None else (bias.float(),)
+            return self.loss_fn(image_features.float(), text_features.float(), scale, *extra)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(batch["image"], batch["text"])

@@ -55,6 +55,7 @@ class TrainResult:
     samples_per_s: float
     resumed_from: str | None
     init_from: str | None = None  # the warm start, if any
+    skipped_images: int = 0       # this invocation, all ranks: undecodable or oversized images left out of batches
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,6 +102,17 @@ def _resume_point(ckpt_dir: Path, fingerprint: str, resume: bool, remove_stale: 
     return None
 
 
+class SkippedImages(pl.Callback):
+    """At the end of training: the images the loaders of every rank skipped, summed over the ranks."""
+
+    def __init__(self, data: ShardDataModule):
+        self.data, self.total = data, 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        count = torch.tensor(float(self.data.skipped_images), device=pl_module.device)
+        self.total = int(trainer.strategy.reduce(count, reduce_op="sum").item())
+
+
 def _trainer(params: TrainParams, *, out_dir: Path, loggers: list, callbacks: list) -> pl.Trainer:
     return pl.Trainer(
         accelerator=params.accelerator, devices=params.devices, num_nodes=params.num_nodes,
@@ -144,11 +156,13 @@ def train(params: TrainParams, *, shards: str, out_dir: str | os.PathLike, eval_
                                batch_size=params.batch_size, samples_per_epoch=params.samples_per_epoch,
                                num_workers=params.num_workers, seed=seed, resampled=params.resampled,
                                shuffle_buffer=params.shuffle_buffer, sample_rewrites=params.sample_rewrites)
+        skipped = SkippedImages(data)
         validation = (InLoopValidation(suite, params.val_every_n_steps, params.eval_batch_size,
                                        tuple(validation_listeners)) if suite else None)
         callbacks: list[pl.Callback] = [
             ThroughputMonitor(batch_size_fn=lambda batch: len(batch["uid"]), window_size=params.log_every_n_steps + 1),
             *([validation] if validation else []),
+            skipped,
             *extra_callbacks,
         ]
         if params.checkpoint_every_n_steps:
@@ -177,9 +191,11 @@ def train(params: TrainParams, *, shards: str, out_dir: str | os.PathLike, eval_
             run_id=run.info.run_id if run is not None else None, steps=trainer.global_step,
             samples_seen=trainer.global_step * per_step, wall_time_s=round(wall, 3),
             samples_per_s=round(trained_now / wall, 1) if wall > 0 else 0.0, resumed_from=resume_from,
-            init_from=params.init_from, metrics=dict(validation.last) if validation and validation.last else {})
-        log.info("trained %d steps (%d samples this run) in %.1f s: %.0f samples/s", trainer.global_step - steps_before,
-                 trained_now, wall, result.samples_per_s)
+            init_from=params.init_from, skipped_images=skipped.total,
+            metrics=dict(validation.last) if validation and validation.last else {})
+        log.info("trained %d steps (%d samples this run) in %.1f s: %.0f samples/s; %d images skipped "
+                 "(undecodable or oversized)", trainer.global_step - steps_before, trained_now, wall,
+                 result.samples_per_s, result.skipped_images)
         export_local_dir(clip, out_dir / "model")
         write_json(result.metrics, out_dir / "metrics.json")
         write_json({k: v for k, v in asdict(result).items() if k != "metrics"}, out_dir / "run.json")
@@ -204,7 +220,8 @@ def _log_outputs(out_dir: Path, result: TrainResult) -> None:
     import mlflow
 
     mlflow.log_metrics({"samples_seen": result.samples_seen, "wall_time_s": result.wall_time_s,
-                        "samples_per_s": result.samples_per_s}, step=result.steps)
+                        "samples_per_s": result.samples_per_s, "skipped_images": result.skipped_images},
+                       step=result.steps)
     mlflow.log_artifacts(str(out_dir / "model"), "model")
     for name in ("metrics.json", "run.json"):
         mlflow.log_artifact(str(out_dir / name))

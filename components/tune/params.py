@@ -33,8 +33,10 @@ class TuneParams(Section):
     mode: Literal["max", "min"] = Field("max", description="Whether the metric is better high or low.")
     grace_period: int = Field(1, ge=1, description="ASHA: reports every trial gets before it can be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: the top 1/reduction_factor of trials go on at each rung.")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved per trial (trials run concurrently as resources allow).")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs reserved per trial.")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved per trial (trials run concurrently as resources allow); more than the Ray cluster has is an error before any trial starts.")
+    gpus_per_trial: float | Literal["auto"] = Field(
+        "auto", description="GPUs reserved per trial; auto: 1 when the Ray cluster has GPUs and the trained section's "
+                            "accelerator is not cpu, else 0. More than the cluster has is an error before any trial starts.")
     trial_num_workers: int = Field(0, ge=0, description="DataLoader workers inside a trial (0: load in the trial process).")
     object_store_mb: int = Field(100, ge=80, description="Object store of the local Ray (the sweep passes no large objects).")
     search_space: SearchSpace = Field(default_factory=SearchSpace, description="What the trials vary.")
@@ -43,4 +45,6 @@ class TuneParams(Section):
     def _check(self) -> "TuneParams":
         if self.steps_per_trial % self.report_every_n_steps:
             raise ValueError("steps_per_trial must be a multiple of report_every_n_steps")
+        if self.gpus_per_trial != "auto" and self.gpus_per_trial < 0:
+            raise ValueError(f"gpus_per_trial must be auto or >= 0, got {self.gpus_per_trial}")
         return self

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from components.common.engine import GPU_IF_AVAILABLE, check_fits, resolve_gpus
 from components.common.errors import ClipmillError
 from components.common.io import write_json
 from components.common.log import get_logger
@@ -74,6 +75,18 @@ def run_trial(config: dict[str, Any], *, base: dict, tune_params: dict, shards: 
               tracking=TrackingParams.model_validate(tracking), stage="tune-trial", validation_listeners=[report])
 
 
+def trial_resources(tune_params: TuneParams, base: TrainParams, cluster: dict[str, float]) -> dict[str, float]:
+    """The Tune resources of one trial, checked against ``cluster`` (``ray.cluster_resources()``): gpus_per_trial
+    auto is one GPU on a cluster with GPUs (unless the trained section runs on cpu). A trial larger than the
+    cluster is a ConfigError here; Ray Tune would leave it pending for ever."""
+    gpus = tune_params.gpus_per_trial
+    if gpus == GPU_IF_AVAILABLE and base.accelerator == "cpu":
+        gpus = 0.0
+    resources = {"cpu": tune_params.cpus_per_trial, "gpu": resolve_gpus(gpus, cluster)}
+    check_fits(resources, cluster, "tune: a trial (tune.cpus_per_trial, tune.gpus_per_trial)")
+    return resources
+
+
 def _init_ray(ray_params: RayParams, tune_params: TuneParams, env: dict[str, str]) -> None:
     import ray
 
@@ -100,15 +113,16 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
     reports = tune_params.steps_per_trial // tune_params.report_every_n_steps
     uri = tracking_uri(tracking)
     with stage_run("tune", tracking, tune_params, shard_set.paths) as run:
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                run_trial, base=base.model_dump(mode="json"), tune_params=tune_params.model_dump(mode="json"),
-                shards=str(Path(shards).resolve()), eval_dir=str(Path(eval_dir).resolve()), seed=seed,
-                tracking={**tracking.model_dump(), "tracking_uri": uri},
-                parent_run_id=run.info.run_id if run else None, cwd=os.getcwd()),
-            {"cpu": tune_params.cpus_per_trial, "gpu": tune_params.gpus_per_trial})
         _init_ray(ray_params, tune_params, {"RAY_CHDIR_TO_TRIAL_DIR": "0", "MLFLOW_TRACKING_URI": uri})
         try:
+            resources = trial_resources(tune_params, base, ray.cluster_resources())
+            trainable = tune.with_resources(
+                tune.with_parameters(
+                    run_trial, base=base.model_dump(mode="json"), tune_params=tune_params.model_dump(mode="json"),
+                    shards=str(Path(shards).resolve()), eval_dir=str(Path(eval_dir).resolve()), seed=seed,
+                    tracking={**tracking.model_dump(), "tracking_uri": uri},
+                    parent_run_id=run.info.run_id if run else None, cwd=os.getcwd()),
+                resources)
             with tempfile.TemporaryDirectory(prefix="clipmill-tune-") as storage:
                 tuner = tune.Tuner(
                     trainable, param_space=search_space(tune_params.search_space),

@@ -1,0 +1,35 @@
+"""The GPU benchmark's pieces that run without a GPU: the largest-batch search and the FLOP count behind MFU."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from benchmarks.gpu_bench import flops_per_sample, largest_fitting, textured_jpeg
+from components.common.model import decode_image
+from components.train.params import TrainParams
+
+
+@pytest.mark.parametrize("limit", [256, 300, 4095, 4096, 70_000])
+def test_largest_batch_search_finds_the_limit_to_the_resolution(limit):
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= limit
+
+    largest, exact = largest_fitting(fits, 256, 64, cap=65536, deadline=time.perf_counter() + 60)
+    if limit >= 65536:
+        assert (largest, exact) == (65536, False)  # the cap stopped it: not claimed as the limit
+    else:
+        assert largest <= limit < largest + 64 and exact and largest % 64 == 0
+    assert len(tried) <= 20
+
+
+def test_flops_per_sample_count_forward_and_backward_of_both_towers():
+    import random
+
+    assert decode_image(textured_jpeg(random.Random(0), 96)).size == (96, 96)
+    flops = flops_per_sample(TrainParams(model="clipmill-tiny"), torch.device("cpu"), batch=2)
+    assert 1e6 < flops < 1e10

@@ -1,0 +1,86 @@
+"""What score tasks and tune trials ask a Ray cluster for, and requests larger than the cluster failing at once."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from clipmill.cli import main as clipmill_main
+from components.common.engine import ray_options
+from components.common.errors import ConfigError
+from components.common.params import RayParams
+from components.common.steps import StepContext
+from components.curate.executor import Executor, UnitTask
+from components.score.params import ScoreParams
+from components.score.step import ScoreStep
+from components.train.params import TrainParams
+from components.tune.params import TuneParams
+from components.tune.tune import trial_resources
+from tests.test_train_shapes import write_shape_shards
+
+GPU_NODE = {"CPU": 16.0, "GPU": 1.0, "memory": 1e11}
+CPU_NODE = {"CPU": 2.0, "memory": 1e10}
+
+
+def score_options(device: str, cluster: dict) -> dict:
+    return ray_options(ScoreStep.resources(ScoreParams(device=device)), cluster, "curate: step score")
+
+
+def test_score_tasks_on_ray_ask_for_a_gpu_when_the_device_resolves_to_cuda():
+    assert score_options("auto", GPU_NODE) == {"num_cpus": 1, "num_gpus": 1}
+    assert score_options("cuda", GPU_NODE) == {"num_cpus": 1, "num_gpus": 1}
+    assert score_options("auto", CPU_NODE) == {"num_cpus": 1}  # auto on a CPU cluster: no GPU asked, none waited for
+    assert score_options("cpu", GPU_NODE) == {"num_cpus": 1}
+
+
+def test_score_on_cuda_with_a_cluster_without_gpus_is_an_error_not_a_hang():
+    with pytest.raises(ConfigError, match=r"curate: step score: one task asks for num_gpus=1 but the Ray cluster "
+                                          r"has GPU=0"):
+        score_options("cuda", CPU_NODE)
+    with pytest.raises(ConfigError, match="num_cpus=4 .* CPU=2"):
+        ray_options({"num_cpus": 4}, CPU_NODE, "curate: step dedup")
+
+
+def test_tune_trials_ask_for_a_gpu_when_the_cluster_has_one():
+    auto = TuneParams()
+    assert auto.gpus_per_trial == "auto"
+    assert trial_resources(auto, TrainParams(), GPU_NODE) == {"cpu": 1.0, "gpu": 1.0}
+    assert trial_resources(auto, TrainParams(), CPU_NODE) == {"cpu": 1.0, "gpu": 0.0}
+    assert trial_resources(auto, TrainParams(accelerator="cpu"), GPU_NODE) == {"cpu": 1.0, "gpu": 0.0}
+    assert trial_resources(TuneParams(gpus_per_trial=0.5), TrainParams(), GPU_NODE) == {"cpu": 1.0, "gpu": 0.5}
+    with pytest.raises(ValueError, match="gpus_per_trial"):
+        TuneParams(gpus_per_trial=-1)
+
+
+@pytest.mark.parametrize("oversized", [{"cpus_per_trial": 4.0}, {"gpus_per_trial": 1.0}],
+                         ids=["cpus_per_trial_above_num_cpus", "gpus_per_trial_without_gpus"])
+def test_tune_with_a_trial_larger_than_the_cluster_exits_2_at_once_instead_of_hanging(
+        oversized, tmp_path, default_params, capsys):
+    write_shape_shards(tmp_path / "shards", shards=1, per_shard=8)
+    params = default_params.model_dump(mode="json")
+    params["ray"].update(address=None, num_cpus=2)
+    params["tracking"]["enabled"] = False
+    params["tune"].update(oversized)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    started = time.perf_counter()
+    rc = clipmill_main(["stage", "tune", "--params", str(tmp_path / "params.yaml"), "--shards",
+                        str(tmp_path / "shards"), "--eval-dir", str(tmp_path / "eval"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and time.perf_counter() - started < 60
+    assert err[-1].startswith("clipmill: error: tune: a trial (tune.cpus_per_trial, tune.gpus_per_trial): one task "
+                              "asks for ") and "but the Ray cluster has" in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_curate_step_larger_than_the_ray_cluster_fails_before_submitting_instead_of_hanging(tmp_path):
+    task = UnitTask(str(tmp_path), "score", ScoreParams(device="cpu"), StepContext(shards_dir=str(tmp_path)),
+                    "00000", "map", "fingerprint", ())
+    started = time.perf_counter()
+    with Executor("ray", 0, RayParams(num_cpus=1)) as executor:
+        with pytest.raises(ConfigError, match=r"^curate: step score: one task asks for num_cpus=2 but the Ray "
+                                              r"cluster has CPU=1 in all"):
+            executor.run([task], {"num_cpus": 2})
+        with pytest.raises(ConfigError, match="num_gpus=1 but the Ray cluster has GPU=0"):
+            executor.run([task], ScoreStep.resources(ScoreParams(device="cuda")))
+    assert time.perf_counter() - started < 60 and not any(tmp_path.iterdir())
