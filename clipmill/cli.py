@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(sp)
         sp.set_defaults(handler=mod.run, needs_params=True)
 
-    for extra in ("pipelines.cli", "pipelines.serve", "components.demo_corpus.server_cli",
+    for extra in ("pipelines.cli", "pipelines.serve", "components.ablate.cli", "components.demo_corpus.server_cli",
                   "components.demo_corpus.batch_cli", "components.register.models_cli"):
         try:
             mod = importlib.import_module(extra)

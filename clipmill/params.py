@@ -17,6 +17,7 @@ from components.common.params import ProjectParams, RayParams, Section, Tracking
 from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
 from components.download.params import DownloadParams
 from components.validate.params import ValidationParams
+from components.ablate.params import AblateParams
 from components.balance.params import BalanceParams
 from components.curate.params import CurateParams
 from components.filter.params import FilterParams
@@ -52,6 +53,7 @@ class Params(Section):
     tune: TuneParams = Field(default_factory=TuneParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     register: RegisterParams = Field(default_factory=RegisterParams)
+    ablate: AblateParams = Field(default_factory=AblateParams)
 
 
 def _model_at(loc: tuple) -> Any:

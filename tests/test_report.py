@@ -42,6 +42,11 @@ def build(curation, out, tracking=None, steps=None, **paths):
                         tracking or TrackingParams(enabled=False), curation["steps"] if steps is None else steps)
 
 
+def report_files(out) -> set[str]:
+    """The report's files (hidden bookkeeping files, such as an output's owner marker, left out)."""
+    return {f.name for f in out.iterdir() if not f.name.startswith(".")}
+
+
 def copy_curate(curation, tmp_path):
     target = tmp_path / "curate"
     shutil.copytree(curation["paths"]["curate"], target)
@@ -51,8 +56,8 @@ def copy_curate(curation, tmp_path):
 def test_report_builds_with_plots_examples_and_a_funnel_that_adds_up(curation, tmp_path, mlflow_uri):
     out = tmp_path / "reports" / "curation"
     stages = build(curation, out, TrackingParams(tracking_uri=mlflow_uri))
-    assert {f.name for f in out.iterdir()} == {"index.html", "funnel.json", "funnel.png", "score_histogram.png",
-                                              "entry_rank_frequency.png"}
+    assert report_files(out) == {"index.html", "funnel.json", "funnel.png", "score_histogram.png",
+                                 "entry_rank_frequency.png"}
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     funnel = json.loads((out / "funnel.json").read_text())
@@ -91,7 +96,7 @@ def test_step_sections_show_only_for_the_listed_steps(curation, tmp_path):
     steps = ["rules", "dedup"]
     run_reshard(curation, tmp_path / "curated", 40, steps=steps)
     build(curation, tmp_path / "report", steps=steps, curated=tmp_path / "curated")
-    assert {f.name for f in (tmp_path / "report").iterdir()} == {"index.html", "funnel.json", "funnel.png"}
+    assert report_files(tmp_path / "report") == {"index.html", "funnel.json", "funnel.png"}
     funnel = json.loads((tmp_path / "report" / "funnel.json").read_text())
     assert [s["stage"] for s in funnel["stages"]] == ["URL list", "download", "rules", "dedup", "curated"]
     assert funnel["curated"] == int(curation["tables"]["dedup"]["keep"].sum())
@@ -158,3 +163,50 @@ def test_inconsistent_inputs_are_refused_with_the_file_and_field(curation, tmp_p
                                          "curation step"):
         build(curation, tmp_path / "report", curated=curated)
     assert not (tmp_path / "report").exists()
+
+
+def fixture_ground_truth(curation, path):
+    """The fixture crawl's planted defects as the demo's ground truth table holds them (curation_fixtures: a
+    caption is mismatched when i % 7 == 6 unless another defect replaced it; an exact copy repeats an earlier
+    sample's bytes)."""
+    manifest = curation["manifest"].reset_index(drop=True)
+    first = manifest.dropna(subset=["sha256"]).drop_duplicates("sha256").set_index("sha256")["uid"]
+    source = manifest["sha256"].map(first)
+    copy = source.notna() & (source != manifest["uid"])
+    replaced = manifest["caption"].str.startswith("IMG_") | ~manifest["caption"].str.contains(" ")
+    pd.DataFrame({
+        "uid": manifest["uid"], "mismatched": (manifest.index % 7 == 6) & ~replaced,
+        "exact_duplicate": copy, "near_duplicate": False, "duplicate_of": source.where(copy, None),
+        "caption_noise": [["foreign"] if i % 11 == 0 else [] for i in manifest.index],
+    }).to_parquet(path, index=False)
+    return path
+
+
+def test_report_scores_each_filter_against_the_planted_defects(curation, tmp_path):
+    truth = fixture_ground_truth(curation, tmp_path / "ground_truth.parquet")
+    p = curation["paths"]
+    build_report(p["manifest"], p["download_summary"], p["shards"], p["curate"], p["curated"], p["validation"],
+                 tmp_path / "report", ReportParams(examples_per_group=2, rewrite_examples=2), 0,
+                 TrackingParams(enabled=False), curation["steps"], ground_truth=truth)
+    rows = {r["step"]: r for r in json.loads((tmp_path / "report" / "defects.json").read_text())["steps"]}
+    assert [r for r in rows] == [s for s in curation["steps"] if s in ("langid", "dedup", "neardup", "score")]
+    copies = int((~curation["tables"]["dedup"]["keep"]).sum())  # every copy whose source reached dedup
+    assert copies >= 4 and rows["dedup"] == {
+        "step": "dedup", "defect": "exact-duplicate images", "reached": len(curation["tables"]["dedup"]),
+        "planted": copies, "dropped": copies, "dropped_planted": copies, "precision": 1.0, "recall": 1.0,
+        "not_in_ground_truth": 0}
+    score = curation["tables"]["score"]
+    mismatched = score["uid"].isin(pd.read_parquet(truth).query("mismatched")["uid"]).to_numpy()
+    dropped = ~score["keep"].to_numpy()
+    assert rows["score"]["planted"] == mismatched.sum() > 0 and rows["score"]["dropped"] == dropped.sum() > 0
+    assert rows["score"]["precision"] == pytest.approx((mismatched & dropped).sum() / dropped.sum())
+    assert rows["score"]["recall"] == pytest.approx((mismatched & dropped).sum() / mismatched.sum())
+    assert rows["langid"]["planted"] > 0 and rows["langid"]["dropped"] == 0 and rows["langid"]["precision"] is None
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "Filters against the planted defects" in html and "mismatched captions" in html
+
+    pd.read_parquet(truth).drop(columns="duplicate_of").to_parquet(tmp_path / "bad.parquet", index=False)
+    with pytest.raises(InputError, match=r"bad.parquet: field 'duplicate_of'"):
+        build_report(p["manifest"], p["download_summary"], p["shards"], p["curate"], p["curated"],
+                     p["validation"], tmp_path / "report2", ReportParams(), 0, TrackingParams(enabled=False),
+                     curation["steps"], ground_truth=tmp_path / "bad.parquet")

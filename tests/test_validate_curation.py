@@ -13,8 +13,8 @@ from components.validate.stage import ValidationFailed, validate
 from components.validate.suites_curation import curate_checks, curated_checks
 from tests.curation_tables import make_curated
 
-CURATE_TABLES = ["rules", "spam", "dedup", "score", "clip_scores", "balance", "entry_counts", "head_entries", "rewrite",
-                 "rewrite_texts"]
+CURATE_TABLES = ["rules", "spam", "langid", "foreign_languages", "dedup", "neardup", "score", "clip_scores", "balance",
+                 "entry_counts", "head_entries", "rewrite", "rewrite_texts"]
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,27 @@ def evaluate_source(source: str, eval_dir: str | os.PathLike, *, batch_size: int
         digest = model_hash(path)
         clip = load_clip(str(path), device=device)
     return EvaluationRecord(suite_version, digest, evaluate_clip(clip, suite, batch_size))
+
+
+# CLIP_benchmark's result files: {"dataset", "model", "pretrained", "task", "metrics", "language"} per task.
+_CLIP_BENCHMARK_RETRIEVAL = {"text_to_image": "image_retrieval", "image_to_text": "text_retrieval"}
+
+
+def clip_benchmark_results(metrics: dict[str, float], model: str, pretrained: str,
+                           suite: str = "clipmill") -> dict[str, dict]:
+    """``metrics`` (``evaluate_clip``'s keys) as CLIP_benchmark result JSONs, keyed by file name: one
+    zeroshot_classification result per zero-shot task (``zeroshot`` is the dataset ``<suite>_zeroshot``,
+    ``zeroshot_<name>`` the dataset ``<name>``) and one zeroshot_retrieval result (``<suite>_retrieval``)."""
+    tasks: dict[tuple[str, str], dict[str, float]] = {}
+    for key, value in metrics.items():
+        group, _, name = key.partition("/")
+        if group == "zeroshot" or group.startswith("zeroshot_"):
+            dataset = f"{suite}_zeroshot" if group == "zeroshot" else group[len("zeroshot_"):]
+            tasks.setdefault((dataset, "zeroshot_classification"), {})[name] = value
+        elif group == "retrieval" and "_recall_at_" in name:
+            direction, _, k = name.partition("_recall_at_")
+            tasks.setdefault((f"{suite}_retrieval", "zeroshot_retrieval"), {})[
+                f"{_CLIP_BENCHMARK_RETRIEVAL[direction]}_recall@{k}"] = value
+    return {f"{dataset}_{task}.json": {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task,
+                                       "metrics": values, "language": "en"}
+            for (dataset, task), values in sorted(tasks.items())}

@@ -1,9 +1,11 @@
 """The evaluation stage: score a trained model on the versioned held-out suite and draw what the scores hide.
 
 In: a model (local-dir export or MLflow URI) and the evaluation directory (``zeroshot.parquet``,
-``zeroshot_classes.json``, ``retrieval.parquet``, ``suite.json``). Out: ``metrics.json`` (suite version, model
-hash, metrics) and ``per_class.csv`` in the output directory; PNG plots in the reports directory; all of it in
-an MLflow stage run. The numbers come from ``components.common.evalsets.evaluate_clip``, the same function
+``zeroshot_classes.json``, ``retrieval.parquet``, ``suite.json``), plus what ``evaluate.concept_counts`` and
+``evaluate.extra_zeroshot`` name. Out: ``metrics.json`` (suite version, model hash, metrics), ``per_class.csv``
+(with each class's crawl count and head/mid/tail third) and ``clip_benchmark/*.json`` (the same numbers in
+CLIP_benchmark's result format) in the output directory; PNG plots in the reports directory (unless
+``evaluate.plots`` is false); all of it in an MLflow stage run. The numbers come from ``components.common.evalsets.evaluate_clip``, the same function
 training's in-loop validation uses.
 """
 from __future__ import annotations
@@ -17,9 +19,9 @@ import pandas as pd
 import torch
 
 from components.common import metrics as clip_metrics
-from components.common.evalsets import EvalSuite, evaluate_clip, load_eval_suite
-from components.common.evaluation import EvaluationRecord, model_hash, read_suite_version
-from components.common.io import atomic_path
+from components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
+from components.common.evaluation import EvaluationRecord, clip_benchmark_results, model_hash, read_suite_version
+from components.common.io import atomic_path, write_json
 from components.common.log import get_logger
 from components.common.model import ClipModel, embed_images, embed_texts, load_clip, resolve_model_source
 from components.common.params import TrackingParams
@@ -32,6 +34,7 @@ log = get_logger("evaluate")
 
 METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.csv"
+CLIP_BENCHMARK_DIR = "clip_benchmark"
 EXAMPLES_TOP_K = 5
 
 
@@ -81,9 +84,9 @@ def retrieval_ranking(clip: ClipModel, suite: EvalSuite, queries: int, batch_siz
 
 
 def draw_plots(clip: ClipModel, suite: EvalSuite, suite_version: str, params: EvaluateParams,
-               reports_dir: Path) -> tuple[list[Path], pd.DataFrame | None]:
-    """The PNG plots in ``reports_dir`` and the per-class table (None without a zero-shot set)."""
-    paths, table = [], None
+               reports_dir: Path) -> list[Path]:
+    """The PNG plots in ``reports_dir``."""
+    paths = []
     if suite.zeroshot is not None:
         zs = suite.zeroshot
         details = zeroshot_details(clip, suite, params.batch_size)
@@ -100,7 +103,7 @@ def draw_plots(clip: ClipModel, suite: EvalSuite, suite_version: str, params: Ev
             texts, ranked, own, suite.retrieval.images,
             f"Text-to-image retrieval: top {ranked.shape[1]} (green: the caption's own image)",
             reports_dir / "retrieval_examples.png"))
-    return paths, table
+    return paths
 
 
 def evaluate(model: str | Path, eval_dir: str | Path, out_dir: str | Path, reports_dir: str | Path,
@@ -108,25 +111,29 @@ def evaluate(model: str | Path, eval_dir: str | Path, out_dir: str | Path, repor
     """Evaluate ``model`` on the suite in ``eval_dir``; writes metrics.json, per_class.csv and the plots."""
     eval_dir, out_dir, reports_dir = Path(eval_dir), Path(out_dir), Path(reports_dir)
     suite_version = read_suite_version(eval_dir)
-    suite = load_eval_suite(eval_dir)
+    suite = load_eval_suite(eval_dir, params.concept_counts, params.extra_zeroshot)
     with resolve_model_source(str(model), tracking_uri(tracking)) as model_path:
         digest = model_hash(model_path)
         clip = load_clip(str(model_path), device=params.device)
         data_paths = [model_path, eval_dir]
         with stage_run("evaluate", tracking, params, data_paths) as run:
             started = time.perf_counter()
-            scores = evaluate_clip(clip, suite, params.batch_size)
+            result = evaluate_details(clip, suite, params.batch_size)
+            scores, table = result.metrics, result.per_class
             seconds = time.perf_counter() - started
-            n_images = sum(len(s.images) for s in (suite.zeroshot, suite.retrieval) if s is not None)
+            n_images = sum(len(s.images) for s in (suite.zeroshot, suite.retrieval, *suite.extra_zeroshot.values())
+                           if s is not None)
             log.info("suite %s: %d images scored in %.1fs (%.0f images/s): %s", suite_version, n_images, seconds,
                      n_images / max(seconds, 1e-9), ", ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items())))
             record = EvaluationRecord(suite_version, digest, scores)
-            plot_paths, table = draw_plots(clip, suite, suite_version, params, reports_dir)
-            with atomic_path(out_dir) as tmp:
+            plot_paths = draw_plots(clip, suite, suite_version, params, reports_dir) if params.plots else []
+            with atomic_path(out_dir, owner="evaluate") as tmp:
                 tmp.mkdir()
                 record.write(tmp / METRICS_FILE)
                 if table is not None:
                     table.to_csv(tmp / PER_CLASS_FILE, index=False)
+                for name, result_json in clip_benchmark_results(scores, str(model), digest).items():
+                    write_json(result_json, tmp / CLIP_BENCHMARK_DIR / name)
             if run is not None:
                 import mlflow
 
@@ -138,4 +145,5 @@ def evaluate(model: str | Path, eval_dir: str | Path, out_dir: str | Path, repor
                     mlflow.log_artifact(str(path), artifact_path="evaluation")
                 if table is not None:
                     mlflow.log_artifact(str(out_dir / PER_CLASS_FILE), artifact_path="evaluation")
+                mlflow.log_artifacts(str(out_dir / CLIP_BENCHMARK_DIR), artifact_path=f"evaluation/{CLIP_BENCHMARK_DIR}")
     return record

@@ -13,3 +13,11 @@ class EvaluateParams(Section):
     confusion_max_classes: int = Field(
         40, ge=2, description="Above this many classes the confusion matrix shows only the most confused ones."
     )
+    concept_counts: str | None = Field(
+        None, description="Where to count how often each zero-shot class occurs in the training crawl, for recall "
+                          "by head/mid/tail third: the demo's ground_truth.parquet (concepts column), a URL list or "
+                          "manifest (captions matched by class name), or a curation directory; null: no buckets.")
+    extra_zeroshot: list[str] = Field(
+        default_factory=list, description="CLIP_benchmark-style dataset directories (a folder of images per class, "
+                                          "classnames.txt, templates), each scored as zeroshot_<folder name>/...")
+    plots: bool = Field(True, description="Draw the PNG plots (false: metrics and tables only, the fast path).")

@@ -4,7 +4,9 @@ It shows the funnel (URL list, download, every listed curation step, curated; th
 refuses to build), the boundary validation status, and thumbnails of kept and dropped samples with captions
 and reasons. Sections tied to a step's output show only when a listed step adds that output (found by the
 step's ``columns``): the CLIP-score histogram with the threshold (``clip_score``), the entry rank-frequency
-before and after balancing (``matched_entries``), captions beside their rewrites (``rewrites``).
+before and after balancing (``matched_entries``), captions beside their rewrites (``rewrites``). Given the
+crawl's ground truth (the demo's), it also shows each filter's precision and recall against the planted defects
+(``defects.json``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from components.common.shards import ShardReader, shard_file_name
 from components.common.steps import Step
 from components.common.tracking import stage_run
 
+from .defects import defect_scores
 from .funnel import StageCounts, curation_funnel
 from .page import render_page
 from .params import ReportParams
@@ -190,10 +193,11 @@ def check_adds_up(funnel: list[dict]) -> int:
 def build_report(manifest_path: str | os.PathLike, download_summary_path: str | os.PathLike,
                  shard_dir: str | os.PathLike, curate_dir: str | os.PathLike, curated_dir: str | os.PathLike,
                  validation_dir: str | os.PathLike, out_dir: str | os.PathLike, params: ReportParams, seed: int,
-                 tracking: TrackingParams, steps: list[str]) -> list[StageCounts]:
+                 tracking: TrackingParams, steps: list[str],
+                 ground_truth: str | os.PathLike | None = None) -> list[StageCounts]:
     """The download manifest and summary, the curation directory (``steps``: the listed steps), the curated
-    shards and the boundary validation results in; the report directory out (also logged to MLflow).
-    Returns the funnel stages."""
+    shards, the boundary validation results and, optionally, the crawl's ground truth in; the report directory
+    out (also logged to MLflow). Returns the funnel stages."""
     curate_dir, curated_dir, out_dir = Path(curate_dir), Path(curated_dir), Path(out_dir)
     manifest = read_manifest(manifest_path)
     stages, fate = curation_funnel(manifest, curate_dir, steps, curated_dir / "manifest.parquet",
@@ -209,25 +213,30 @@ def build_report(manifest_path: str | os.PathLike, download_summary_path: str | 
     kept_rows = curated.loc[sorted(rng.sample(list(curated.index), min(params.examples_per_group, len(curated))))]
     dropped_rows = pick_dropped(fate, params.examples_per_group, rng)
     sections, figures = step_sections(curate_dir, steps, manifest, params, rng)
+    defects = defect_scores(curate_dir, steps, ground_truth) if ground_truth is not None else None
     with ShardReader(shard_dir) as reader:
         kept_cards = example_cards(kept_rows, manifest, reader, params.thumbnail_px)
         dropped_cards = example_cards(dropped_rows, manifest, reader, params.thumbnail_px)
     context = {"funnel": funnel, "total_dropped": total_dropped, "curated_hash": hash_file.read_text().strip(),
                "thumb_px": params.thumbnail_px, "validation": validation_status(validation_dir),
-               "kept_examples": kept_cards, "dropped_examples": dropped_cards, **sections}
+               "kept_examples": kept_cards, "dropped_examples": dropped_cards, "defects": defects, **sections}
     data_paths = [Path(manifest_path), Path(download_summary_path), *curation_files(curate_dir, steps),
-                  curated_dir / "manifest.parquet"]
+                  curated_dir / "manifest.parquet", *([Path(ground_truth)] if ground_truth is not None else [])]
     with stage_run("report", tracking, params, data_paths) as run:
-        with atomic_path(out_dir) as tmp:
+        with atomic_path(out_dir, owner="report") as tmp:
             tmp.mkdir(parents=True)
             save_figure(funnel_figure(stages), tmp / "funnel.png")
             for name, figure in figures.items():
                 save_figure(figure, tmp / name)
             (tmp / "funnel.json").write_text(json.dumps({"stages": funnel, "curated": funnel[-1]["kept"],
                                                          "dropped": total_dropped}, indent=2) + "\n")
+            if defects is not None:
+                (tmp / "defects.json").write_text(json.dumps({"steps": defects}, indent=2) + "\n")
             (tmp / "index.html").write_text(render_page(context))
         if run is not None:
             mlflow.log_metrics({f"funnel.{s.stage.replace(' ', '_')}.kept": s.kept for s in stages})
+            mlflow.log_metrics({f"defects.{row['step']}.{k}": row[k] for row in defects or []
+                                for k in ("precision", "recall") if row[k] is not None})
             mlflow.log_artifacts(str(out_dir), artifact_path="curation_report")
     log.info("report: %s -> %s", " -> ".join(f"{s.stage} {s.kept:,}" for s in stages), out_dir / "index.html")
     return stages

@@ -53,6 +53,21 @@ TEMPLATE = """<!DOCTYPE html>
 {% endfor %}
 </table>
 
+{% if defects is not none %}
+<h2>Filters against the planted defects</h2>
+<p class="meta">From the crawl's ground truth: of the samples that reached each step, how many carry the defect it
+targets (planted), how many it dropped, and how many of those were planted.</p>
+<table>
+<tr><th>step</th><th>targets</th><th>reached</th><th>planted</th><th>dropped</th><th>dropped planted</th><th>precision</th><th>recall</th></tr>
+{% for d in defects %}
+<tr><td>{{ d.step }}</td><td>{{ d.defect }}</td><td class="num">{{ "{:,}".format(d.reached) }}</td><td class="num">{{ "{:,}".format(d.planted) }}</td>
+<td class="num">{{ "{:,}".format(d.dropped) }}</td><td class="num">{{ "{:,}".format(d.dropped_planted) }}</td>
+<td class="num">{{ "%.3f" | format(d.precision) if d.precision is not none else "–" }}</td>
+<td class="num">{{ "%.3f" | format(d.recall) if d.recall is not none else "–" }}</td></tr>
+{% else %}<tr><td colspan="8">no listed step targets a planted defect</td></tr>{% endfor %}
+</table>
+{% endif %}
+
 {% if clip_scores %}
 <h2>CLIP-score filter</h2>
 <p class="meta">Step <code>{{ clip_scores.step }}</code>.</p>

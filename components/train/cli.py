@@ -74,7 +74,8 @@ def run(args: argparse.Namespace, params) -> int:
             log.info("applied tuned params from %s", args.best_params)
     stage = "train" if args.config_key == "train" else f"train[{args.config_key}]"
     result = train(section, shards=args.shards, out_dir=args.out, eval_dir=args.eval_dir or None,
-                   seed=params.project.seed, tracking=params.tracking, stage=stage)
+                   seed=params.project.seed if section.seed is None else section.seed,
+                   tracking=params.tracking, stage=stage)
     metrics = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items() if k != "step")
     print(f"train: {result.steps} steps, {result.samples_seen} samples, {result.wall_time_s:.1f} s -> {args.out}/model"
           + (f" ({metrics})" if metrics else ""))

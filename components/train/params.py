@@ -12,6 +12,7 @@ class TrainParams(Section):
     # model
     model: str = Field("clipmill-tiny", description="open_clip config name, a config in components/common/model_configs/, or a JSON config file.")
     init_from: str | None = Field(None, description="Warm start: a local-dir export, .safetensors or checkpoint file, or an MLflow runs:/ or models:/ URI; null trains from scratch.")
+    seed: int | None = Field(None, ge=0, description="Training seed (initial weights, data order, augmentation); null: project.seed. The ablation trains N seeds from it: seed, seed+1, ...")
     loss: Literal["clip", "siglip"] = Field("clip", description="Contrastive loss: CLIP (InfoNCE) or SigLIP (sigmoid).")
     local_loss: bool = Field(False, description="CLIP under DDP: each rank scores its own samples against all (same gradients, less memory).")
     gather_with_grad: bool = Field(True, description="CLIP under DDP: gather features across ranks with their gradients.")

@@ -1,0 +1,159 @@
+"""The curation ablation: arms from the curate stage's decisions, seeded runs at equal samples seen, one
+evaluation suite, paired class-bootstrap CIs, and an MLflow parent run with a child per arm and seed."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from clipmill.cli import main
+from components.ablate.arms import resolve_arms
+from components.ablate.stats import bootstrap_delta
+from components.ablate.variants import load_variant
+from components.common.errors import ConfigError
+from tests.curation_fixtures import COLORS, SHAPES, draw
+from tests.curation_tables import make_curation
+
+STEPS = ["rules", "spam", "dedup", "score", "balance", "rewrite"]
+
+
+def write_shape_suite(out, per_class: int = 2):
+    """A versioned suite over the fixture crawl's classes ('red circle', ...), images drawn like the crawl's."""
+    out.mkdir(parents=True)
+    classes = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    rows = [{"uid": f"z{i}-{k}", "image": draw(name.split()[1], name.split()[0], mark=200 + k), "label": i,
+             "class_name": name} for i, name in enumerate(classes) for k in range(per_class)]
+    pd.DataFrame(rows).to_parquet(out / "zeroshot.parquet", index=False)
+    (out / "zeroshot_classes.json").write_text(json.dumps({"classes": classes, "templates": ["a {}."]}))
+    pd.DataFrame([{"uid": f"r{i}", "image": draw(n.split()[1], n.split()[0], mark=100 + i), "captions": [f"a {n}"]}
+                  for i, n in enumerate(classes)]).to_parquet(out / "retrieval.parquet", index=False)
+    (out / "suite.json").write_text(json.dumps({"version": "shapes-1"}))
+    return out
+
+
+# --- arms, variants, statistics --------------------------------------------------------------------------------
+
+def test_arms_cut_the_declared_funnel_and_name_their_baselines():
+    arms = {a.name: a for a in resolve_arms(None, STEPS)}
+    assert list(arms) == ["raw", *STEPS]
+    assert arms["raw"].steps == () and arms["raw"].baseline is None
+    assert arms["score"].steps == ("rules", "spam", "dedup", "score") and arms["score"].baseline == "dedup"
+    leave = {a.name: a for a in resolve_arms(["raw", "rewrite", "-score", "-rewrite"], STEPS)}
+    assert leave["-score"].steps == ("rules", "spam", "dedup", "balance", "rewrite") and leave["-score"].recurate
+    assert leave["-score"].baseline == "rewrite" and leave["-score"].label == "all but score"
+    assert not leave["-rewrite"].recurate  # leaving out the last step is a cut: nothing to curate again
+    with pytest.raises(ConfigError, match="unknown arm 'scores'"):
+        resolve_arms(["raw", "scores"], STEPS)
+
+
+def test_overrides_and_tuned_values_are_applied_only_when_given_and_reported(tmp_path):
+    from tests.conftest import REPO
+
+    params, changed = load_variant(REPO / "params.yaml", ["ablate.seeds=5", "train.lr=0.01"], None)
+    assert params.ablate.seeds == 5 and params.train.lr == 0.01
+    assert changed == {"override.ablate.seeds": 5, "override.train.lr": 0.01}
+    best = tmp_path / "best_params.json"
+    best.write_text(json.dumps({"config_key": "train", "overrides": {"lr": 0.002, "batch_size": 32}}))
+    base, nothing = load_variant(REPO / "params.yaml", [], None)
+    assert nothing == {} and base.train.lr != 0.002  # a best_params.json is never picked up on its own
+    tuned, changed = load_variant(REPO / "params.yaml", [], str(best))
+    assert tuned.train.lr == 0.002 and changed["tuned.lr"] == 0.002 and changed["tuned.source"] == str(best)
+    with pytest.raises(ConfigError, match="ablate.sedes"):
+        load_variant(REPO / "params.yaml", ["ablate.sedes=2"], None)
+
+
+def test_the_paired_bootstrap_ci_excludes_zero_only_for_a_real_difference():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, size=(3, 60))
+    better = np.clip(base + 0.1 + rng.normal(0, 0.02, base.shape), 0, 1)
+    delta, low, high = bootstrap_delta(better, base, 1000, 0.95, np.random.default_rng(1))
+    assert 0.08 < delta < 0.11 and 0 < low < delta < high
+    noise = base + rng.normal(0, 0.05, base.shape)
+    _, low, high = bootstrap_delta(noise, base, 1000, 0.95, np.random.default_rng(1))
+    assert low < 0 < high
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+def test_ablate_trains_each_arm_and_seed_and_writes_the_table_cis_and_child_runs(tmp_path, mlflow_uri, monkeypatch):
+    curation = make_curation(tmp_path / "crawl", n=160, per_shard=80, steps=["rules", "spam", "dedup"])
+    suite = write_shape_suite(tmp_path / "eval")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("tracking: {experiment: ablation-test}\ncurate: {steps: [rules, spam, dedup]}\n")
+    monkeypatch.chdir(tmp_path)
+    p = curation["paths"]
+    overrides = ["ablate.arms=[raw, rules]", "ablate.seeds=2", "ablate.samples_per_epoch=64", "ablate.bootstrap=200",
+                 "ablate.work_dir=work", "train.batch_size=16", "train.epochs=1", "train.num_workers=0",
+                 "train.cpu_threads=1", "train.warmup_steps=1", "train.seed=7",
+                 f"evaluate.concept_counts={p['curate']}"]
+    argv = ["ablate", "--params", str(params_file), "--curate", str(p["curate"]), "--shards", str(p["shards"]),
+            "--manifest", str(p["manifest"]), "--bootstrap-model", str(p["scorer"]), "--eval-dir", str(suite),
+            "--out", str(tmp_path / "report")]
+    for o in overrides:
+        argv += ["-S", o]
+    assert main(argv) == 0
+
+    report = tmp_path / "report"
+    arms = pd.read_csv(report / "arms.csv").set_index("arm")
+    assert arms.loc["raw", "samples"] > arms.loc["rules", "samples"] > 0  # the rules drop some downloads
+    assert arms.loc["raw", "uid_hash"] != arms.loc["rules", "uid_hash"]
+    curated = {a: set(pd.read_parquet(tmp_path / "work" / a / "curated" / "manifest.parquet")["uid"])
+               for a in ("raw", "rules")}
+    rules = curation["tables"]["rules"]
+    assert curated["rules"] == set(rules.loc[rules["keep"], "uid"]) and curated["rules"] < curated["raw"]
+
+    runs = pd.read_csv(report / "runs.csv")
+    assert sorted(zip(runs["arm"], runs["seed"])) == [("raw", 7), ("raw", 8), ("rules", 7), ("rules", 8)]
+    assert set(runs["samples_seen"]) == {64}  # equal samples seen in every run
+    means = pd.read_csv(report / "means.csv")
+    assert means["arm"].tolist() == ["raw", "rules"] and {"zeroshot/acc1", "zeroshot/recall_tail"} <= set(means)
+    effects = pd.read_csv(report / "effects.csv")
+    assert set(effects["metric"]) == {"zeroshot/mean_per_class_recall", "zeroshot/recall_head",
+                                      "zeroshot/recall_mid", "zeroshot/recall_tail"}
+    assert (effects["arm"] == "rules").all() and (effects["ci_low"] <= effects["delta"]).all() \
+        and (effects["delta"] <= effects["ci_high"]).all()
+    table = (report / "table.md").read_text()
+    assert "| raw download |" in table and "| + rules |" in table and "CI" in table
+    assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    found = mlflow.search_runs(experiment_names=["ablation-test"], output_format="list")
+    (parent,) = [r for r in found if r.data.tags.get("clipmill.stage") == "ablate"]
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted((r.data.tags["clipmill.ablation.arm"], r.data.tags["clipmill.ablation.seed"]) for r in children) \
+        == [("raw", "7"), ("raw", "8"), ("rules", "7"), ("rules", "8")]
+    assert all("zeroshot/acc1" in r.data.metrics and r.data.params["seed"] in ("7", "8") for r in children)
+    assert parent.data.params["override.ablate.seeds"] == "2" and parent.info.status == "FINISHED"
+    assert "ablation/table.md" in {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "ablation")}
+
+
+def test_an_all_but_arm_curates_again_without_touching_the_curate_stage_outputs(tmp_path):
+    from components.ablate.ablation import Inputs, build_arm
+    from components.common.curation import read_step_table
+
+    curation = make_curation(tmp_path / "crawl", n=120, per_shard=60, steps=["rules", "spam", "dedup"])
+    p, params = curation["paths"], curation["params"]
+    before = {f: f.read_bytes() for f in p["curate"].rglob("*") if f.is_file()}
+    (arm,) = resolve_arms(["-rules"], params.curate.steps)
+    info = build_arm(arm, params, Inputs(p["curate"], p["shards"], tmp_path, p["manifest"]), tmp_path / "arm")
+
+    kept = set(pd.read_parquet(tmp_path / "arm" / "curated" / "manifest.parquet")["uid"])
+    dedup = read_step_table(tmp_path / "arm" / "curate", "dedup")
+    assert kept == set(dedup.loc[dedup["keep"], "uid"]) and info["samples"] == len(kept)
+    rules = curation["tables"]["rules"]
+    assert kept & set(rules.loc[~rules["keep"], "uid"])  # what the rules dropped reaches the later steps
+    assert {f: f.read_bytes() for f in p["curate"].rglob("*") if f.is_file()} == before
+
+
+def test_an_arm_that_keeps_no_samples_is_one_clear_error_before_training(tmp_path):
+    from components.ablate.ablation import Inputs, build_arm
+
+    curation = make_curation(tmp_path / "crawl", n=60, per_shard=30, steps=["rules", "spam", "dedup"])
+    p, params = curation["paths"], curation["params"].model_copy(deep=True)
+    params.filter.min_image_side = 10_000  # the arm is curated again with these params: the rules drop everything
+    (arm,) = resolve_arms(["-spam"], params.curate.steps)
+    with pytest.raises(ConfigError, match="arm '-spam' .all but spam. keeps no samples"):
+        build_arm(arm, params, Inputs(p["curate"], p["shards"], tmp_path, p["manifest"]), tmp_path / "arm")

@@ -1,0 +1,89 @@
+"""Language step: captions with a part confidently in another language are dropped; short or ambiguous English,
+file names and numbers are kept; the model ships inside the py3langid wheel."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from components.common.errors import ConfigError
+from components.common.steps import StepContext, check_output
+from components.filter.langid import FOREIGN_REASON, LangIdStep, caption_parts
+from components.filter.params import FilterParams
+
+CONTEXT = StepContext(shards_dir=".")
+
+FOREIGN = {  # caption -> the language its foreign part is identified as
+    "写真: a red circle on a blue background": "zh",
+    "a green star in the middle (zdjęcie)": "pl",
+    "그림: two yellow hearts": "ko",
+    "télécharger gratuitement: an orange diamond": "fr",
+    "un cercle rouge sur un fond bleu avec une étoile jaune": "fr",
+    "ein rotes Quadrat und ein blauer Kreis auf weißem Hintergrund": "de",
+}
+ENGLISH = [
+    "a blue star",                       # short: the model's probabilities are flat, so it stays undecided
+    "a purple box pattern",
+    "a golden wedge",
+    "DSC41414.JPG",                      # no linguistic content
+    "a pink circle - flat design icon",
+    "Drawing: An Orange Diamond And Two Blue Dots",
+    "",
+    "two emerald hearts on a noisy background, vector illustration",
+]
+
+
+def run(captions: list[str], **params) -> pd.DataFrame:
+    batch = pd.DataFrame({"uid": [f"u{i}" for i in range(len(captions))], "caption": captions})
+    step = LangIdStep(FilterParams(**params), CONTEXT)
+    return check_output(LangIdStep, step.apply(batch), batch, [])
+
+
+def test_foreign_fragments_and_foreign_captions_are_dropped_with_their_language():
+    out = run(list(FOREIGN))
+    assert out["reason"].tolist() == [f"{FOREIGN_REASON}:{lang}" for lang in FOREIGN.values()]
+
+
+def test_short_and_ambiguous_english_file_names_and_empty_captions_are_kept():
+    out = run(ENGLISH)
+    assert out["keep"].all(), out[~out["keep"]]
+
+
+def test_kept_languages_are_configurable_and_an_empty_list_switches_the_step_off():
+    german = "ein rotes Quadrat und ein blauer Kreis auf weißem Hintergrund"
+    assert run([german], languages=["en", "de"])["keep"].all()
+    assert not run([german], languages=["en"])["keep"].any()
+    assert run(list(FOREIGN), languages=[])["keep"].all()
+
+
+def test_higher_odds_keep_the_less_confident_fragments():
+    loose, strict = run(list(FOREIGN), language_min_odds=2.0), run(list(FOREIGN), language_min_odds=1e12)
+    assert (~loose["keep"]).sum() > (~strict["keep"]).sum()
+
+
+def test_unknown_language_codes_are_config_errors_before_any_work():
+    with pytest.raises(ConfigError, match=r"filter.languages: \['english'\]"):
+        LangIdStep.check_params(FilterParams(languages=["en", "english"]), CONTEXT)
+    LangIdStep.check_params(FilterParams(languages=["en", "de"]), CONTEXT)
+
+
+def test_captions_are_cut_into_parts_at_punctuation_and_dashes_but_not_hyphens():
+    assert caption_parts("写真: a brown-colored ring (photo de) - HD | big") == \
+        ["写真", "a brown-colored ring", "photo de", "HD", "big"]
+
+
+def test_expectations_accept_named_foreign_languages_and_fail_a_kept_or_missing_one():
+    import great_expectations as gx
+
+    params = FilterParams()
+    table = run(list(FOREIGN) + ENGLISH)
+    bad = pd.concat([table, pd.DataFrame({"uid": ["x", "y"], "keep": [False, False],
+                                          "reason": [f"{FOREIGN_REASON}:en", FOREIGN_REASON]})], ignore_index=True)
+    context = gx.get_context(mode="ephemeral")
+    batches = context.data_sources.add_pandas("t").add_dataframe_asset("a").add_batch_definition_whole_dataframe("w")
+    results = {}
+    for name, frame in [("good", table), ("bad", bad), ("empty", table[table["keep"]])]:
+        [(_, checked, expectations)] = LangIdStep.expectations(params, frame, ".")
+        suite = gx.ExpectationSuite(name=name, expectations=expectations)
+        result = batches.get_batch(batch_parameters={"dataframe": checked}).validate(suite)
+        results[name] = (result.success, result.results[0].result.get("unexpected_count"))
+    assert results == {"good": (True, 0), "bad": (False, 2), "empty": (True, 0)}
