@@ -11,6 +11,7 @@ from collections import Counter
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import brotli
 import pytest
 
 from components.download.fetch import FetchError, FetchPolicy, fetch, fetch_with_retry, robots_directives
@@ -247,12 +248,16 @@ def test_content_encodings_are_decoded_and_bounded(sites):
     public.routes["/raw-deflate"] = lambda h: h._answer(200, raw, {"Content-Encoding": "deflate"})
     public.routes["/gzip-bomb"] = lambda h: h._answer(200, gzip.compress(bytes(10 * 2**20)), {"Content-Encoding": "gzip"})
     public.routes["/cut-gzip"] = lambda h: h._answer(200, gzip.compress(BODY)[:-12], {"Content-Encoding": "gzip"})
+    public.routes["/br"] = lambda h: h._answer(200, brotli.compress(BODY), {"Content-Encoding": "br"})
+    br_bomb = brotli.compress(bytes(64 * 2**20), quality=4)
+    public.routes["/br-bomb"] = lambda h: h._answer(200, br_bomb, {"Content-Encoding": "br"})
     public.routes["/zstd"] = lambda h: h._answer(200, BODY, {"Content-Encoding": "zstd"})
     public.routes["/big"] = lambda h: h._answer(200, bytes(100 * 1024))
     public.routes["/big-unannounced"] = _unannounced(bytes(100 * 1024))
-    for path in ("/gzip", "/deflate", "/raw-deflate"):
+    for path in ("/gzip", "/deflate", "/raw-deflate", "/br"):
         assert fetch(public.url(path), _policy(public)) == BODY, path
     assert _reason(public, "/gzip-bomb") == "body_too_large"
+    assert _reason(public, "/br-bomb") == "body_too_large"  # 64 MiB of zeros in a few hundred bytes
     assert _reason(public, "/cut-gzip") == "truncated"
     assert _reason(public, "/zstd") == "unsupported_encoding"
     assert _reason(public, "/big") == "body_too_large"

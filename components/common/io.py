@@ -132,7 +132,7 @@ def read_json(path: str | os.PathLike, missing: str = "no such file") -> Any:
     """Parse a JSON file; a missing file (reason ``missing``) or invalid JSON is an ``InputError`` naming it."""
     from .errors import InputError
 
-    path = Path(path)
+    path = path if hasattr(path, "read_text") else Path(path)  # a Path, or an object-storage UPath
     if not path.is_file():
         raise InputError(path, missing)
     try:

@@ -67,17 +67,7 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 
 def read_json(path: str | os.PathLike, missing: str = "no such file") -> Any:
     """Parse a JSON file or object; missing or invalid is an ``InputError`` naming it."""
-    if not is_url(path):
-        return local_io.read_json(path, missing)
-    from .errors import InputError
-
-    target = location(path)
-    if not target.is_file():
-        raise InputError(target, missing)
-    try:
-        return json.loads(target.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(target, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    return local_io.read_json(location(path) if is_url(path) else path, missing)
 
 
 def write_table(table: pa.Table | pd.DataFrame, path: str | os.PathLike) -> None:

@@ -187,7 +187,7 @@ def _decoder(encoding: str | None) -> Callable[[bytes, int], bytes] | None:
         decompressor = _brotli.Decompressor()
 
         def unbrotli(chunk: bytes, limit: int) -> bytes:
-            out = decompressor.process(chunk)
+            out = decompressor.process(chunk, output_buffer_limit=limit + 1)  # a bomb stops growing past the limit
             if len(out) > limit:
                 raise FetchError("body_too_large", "more than the limit once decoded (br)", permanent=True)
             return out
