@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -378,3 +379,49 @@ def test_curation_reads_and_writes_object_storage_like_local_files(download, sco
     s3.pipe(first, bytes(data))
     with pytest.raises(InputError, match="content hash"):
         scan_shards("s3://crawl/curated")
+
+
+FAULT_SEED = int(os.environ.get("CLIPMILL_FAULT_SEED", "7"))
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage", ["curate", "reshard"])
+def test_a_stage_sigkilled_at_a_seeded_random_point_reruns_to_identical_outputs(stage, download, scorer, reference,
+                                                                                tmp_path):
+    """The stage's CLI is SIGKILLed (with its process group) at a random moment drawn from CLIPMILL_FAULT_SEED,
+    anywhere from interpreter start to the end of its work, then run again: its outputs equal an uninterrupted
+    run's (the curation tables; reshard's shards, manifest, content hash and summary, byte for byte)."""
+    params = shrunk_params()
+    params_file = write_params(tmp_path / "params.yaml", params)
+    out = tmp_path / stage
+    if stage == "curate":
+        args = cli_args(params_file, download, scorer, out)
+    else:
+        args = ["stage", "reshard", "--params", str(params_file), "--curate", str(reference["out"]),
+                "--shards", str(download["shards"]), "--out", str(out)]
+    delay = random.Random(f"{FAULT_SEED}:{stage}").uniform(0.5, 12.0)
+    with open(tmp_path / "killed.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "clipmill.cli", *args], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode in (0, -signal.SIGKILL), (tmp_path / "killed.log").read_text()[-3000:]
+
+    assert main(args) == 0
+    if stage == "curate":
+        assert_same_tables(step_tables(out), reference["tables"])
+        assert counts_only(json.loads((out / "summary.json").read_text())) == counts_only(reference["summary"])
+    else:
+        from components.reshard.curated import reshard
+
+        expected = tmp_path / "uninterrupted"
+        reshard(reference["out"], download["shards"], expected, params.reshard,
+                params.project.seed + params.reshard.seed_offset, params.tracking, list(params.curate.steps))
+        assert _tree_bytes(out) == _tree_bytes(expected)
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary output left behind
