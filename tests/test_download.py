@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,7 @@ EXPECTED = {  # demo server behaviour -> (status, error_reason)
 }
 UNCLEAN_ROWS = [5, 50, 150]  # captions given invalid UTF-8 bytes
 SLOW_SECONDS = 4.0
+FAULT_SEED = int(os.environ.get("CLIPMILL_FAULT_SEED", "7"))
 # The stage as `clipmill stage download` runs it, without importing every other stage's CLI.
 RUN_STAGE = ("import sys; from clipmill.params import load_params; from components.download.stage import download; "
              "p = load_params(sys.argv[1]); download(p.download, p.download.urls, sys.argv[2], tracking=p.tracking, "
@@ -166,6 +168,8 @@ def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, 
             assert proc.poll() is None, "the stage ended before its first shard was finished"
             assert time.monotonic() < deadline, "no shard finished in time"
             time.sleep(0.05)
+        # then a seeded random moment (CLIPMILL_FAULT_SEED) while the other shards are in flight
+        time.sleep(random.Random(f"{FAULT_SEED}:download").uniform(0.0, 2.5))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

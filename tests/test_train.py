@@ -5,6 +5,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import signal
 from pathlib import Path
 
@@ -203,7 +204,11 @@ def test_tiny_run_learns_and_is_tracked(tmp_path, shards, evalsets, mlflow_uri, 
 
 RESUME_PARAMS = dict(batch_size=16, samples_per_epoch=192, epochs=2, num_workers=2, shuffle_buffer=64, warmup_steps=2,
                      checkpoint_every_n_steps=5, val_every_n_steps=0, cpu_threads=1, log_every_n_steps=5)
-KILL_AT_STEP = 17  # last checkpoint: step 15 = epoch 1 after 3 of its 12 batches
+# A seeded random step (CLIPMILL_FAULT_SEED) between the first checkpoint and the end of the 24 steps; a checkpoint every
+# 5 steps, written after the step's other callbacks, so the resumed run starts from the last multiple of 5 before it.
+FAULT_SEED = int(os.environ.get("CLIPMILL_FAULT_SEED", "7"))
+KILL_AT_STEP = random.Random(f"{FAULT_SEED}:train").randint(6, 23)
+LAST_CHECKPOINT = 5 * ((KILL_AT_STEP - 1) // 5)
 
 
 class RecordBatches(pl.Callback):
@@ -246,7 +251,7 @@ def test_killed_run_resumes_mid_epoch_with_the_same_samples_and_weights(tmp_path
     result = train(params, shards=str(shards), out_dir=tmp_path / "b", eval_dir=None, seed=0, tracking=off,
                    extra_callbacks=[resumed])
     assert result.resumed_from.endswith("last.ckpt") and result.steps == 24
-    assert sorted(resumed.seen) == list(range(15, 24))
+    assert sorted(resumed.seen) == list(range(LAST_CHECKPOINT, 24))
     assert all(resumed.seen[s] == straight.seen[s] for s in resumed.seen)
     a, b = load_file(tmp_path / "a" / "model" / WEIGHTS_FILE), load_file(tmp_path / "b" / "model" / WEIGHTS_FILE)
     assert all(torch.equal(a[k], b[k]) for k in a)
