@@ -7,7 +7,6 @@ training (no losses, optimizers or schedules). Exports use open_clip's ``local-d
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError, InputError
+from .images import MAX_IMAGE_PIXELS, ImageError, decode_image  # noqa: F401 (also imported from here)
 from .io import atomic_path
 
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -31,8 +31,6 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 CHECKPOINT_MODULE_PREFIX = "model."  # the LightningModule keeps the open_clip model as `self.model`
 
 ImageInput = Image.Image | bytes
-# Images with more pixels are skipped as oversized by training and scoring (a decompression bomb: 8192 x 8192).
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # the repo's configs become open_clip names ("clipmill-tiny")
@@ -205,28 +203,6 @@ def _jsonable(cfg: dict) -> dict:
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-class ImageError(ValueError):
-    """Image bytes that training and scoring skip (and count) instead of stopping: ``reason`` is
-    ``undecodable: ...`` or ``oversized: ...``."""
-
-
-def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """The RGB image of encoded ``data``; ImageError when it does not decode or has more than ``max_pixels``
-    pixels (checked from the header, before the pixels are decoded: a decompression bomb allocates nothing)."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageError(f"oversized: {width}x{height} pixels, more than {max_pixels}")
-            return im.convert("RGB")
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as e:  # PIL's own limit, met at open before ours
-        raise ImageError(f"oversized: {e}") from None
-    except Exception as e:  # PIL raises many types for damaged bytes
-        raise ImageError(f"undecodable: {type(e).__name__}: {e}") from None
 
 
 def _as_image(item: ImageInput) -> Image.Image:

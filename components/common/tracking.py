@@ -63,15 +63,21 @@ def _unwritable(path: Path, what: str, directory: bool = False) -> str | None:
     return None
 
 
+_USABLE_STORES: set[str] = set()  # stores this process found usable: the CLI, the flow and stage_run check once
+
+
 def check_tracking(tracking: TrackingParams) -> None:
     """A ClipmillError (uri, reason) when tracking is on and its store cannot be used; nothing otherwise."""
     if not tracking.enabled:
         return
     uri = tracking_uri(tracking)
+    if uri in _USABLE_STORES:
+        return
     reason = _unusable_reason(uri)
     if reason:
         raise ClipmillError(f"tracking.tracking_uri {uri}: {reason} (start the tracking server, fix the URI or "
                             f"MLFLOW_TRACKING_URI, or set tracking.enabled: false)")
+    _USABLE_STORES.add(uri)
 
 
 def artifact_root(uri: str) -> str | None:

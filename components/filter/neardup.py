@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from components.common.log import get_logger
-from components.common.model import ImageError, decode_image
+from components.common.images import ImageError, decode_image
 from components.common.shards import ShardReader, shard_file_name
 from components.common.steps import PoolStep, decisions
 
