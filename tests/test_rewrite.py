@@ -14,7 +14,7 @@ from components.common.hashing import make_uid
 from components.common.steps import StepContext
 from components.common.text import missing_entries, spaced_text
 from components.curate.stage import curate
-from components.rewrite.backends import Generated
+from components.rewrite.generated import Generated
 from components.rewrite.guard import guard_rewrites
 from components.rewrite.params import OpenAIBackendParams, RewriteParams
 from components.rewrite.prompt import build_prompt

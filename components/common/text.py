@@ -21,11 +21,6 @@ def spaced_text(text: str) -> str:
     return out
 
 
-def entry_matches(entry: str, text: str) -> bool:
-    """Whether the metadata ``entry`` matches ``text`` under the MetaCLIP rule."""
-    return f" {entry} " in spaced_text(text)
-
-
 def missing_entries(entries: Iterable[str], text: str) -> list[str]:
     """The entries of ``entries`` that do not match ``text`` (in their given order)."""
     spaced = spaced_text(text)

@@ -59,11 +59,9 @@ def rule_reasons(batch: pd.DataFrame, params: FilterParams) -> np.ndarray:
 # --- patterns that backtrack: a static check of the parsed regex -------------------------------------------------
 
 def _parser():
-    try:
-        from re import _constants as constants, _parser as parser  # Python >= 3.11
-    except ImportError:  # pragma: no cover
-        import sre_constants as constants  # type: ignore[no-redef]
-        import sre_parse as parser  # type: ignore[no-redef]
+    """The standard library's regex parser and its constants (Python 3.11's ``re._parser``)."""
+    from re import _constants as constants, _parser as parser
+
     return constants, parser
 
 

@@ -1,25 +1,14 @@
-"""What every rewriting backend returns, and how the configured one is built."""
+"""How the configured rewriting backend is built. The backends import only ``generated`` (their shared types),
+so there is no import circle; each imports its heavy libraries (transformers) only when it is built."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
+from .generated import Backend
+from .local_model import LocalModelBackend
+from .openai_backend import OpenAIBackend
 from .params import RewriteParams
+from .rules import RulesBackend
 
-
-@dataclass
-class Generated:
-    """The candidate rewrites of one caption, or why the backend produced none (``error``); ``dropped``: one
-    reason per slot the backend already dropped itself (a refusal, a rewrite its own guard rejected)."""
-
-    candidates: list[str] = field(default_factory=list)
-    error: str | None = None
-    dropped: list[str] = field(default_factory=list)
-
-
-class Backend(Protocol):
-    def generate(self, uids: list[str], captions: list[str], entries: list[list[str]]) -> list[Generated]:
-        """One ``Generated`` per caption, in order, with up to ``rewrites_per_caption`` candidates each."""
+_BACKENDS = {"openai": OpenAIBackend, "transformers": LocalModelBackend, "rules": RulesBackend}
 
 
 def model_name(params: RewriteParams) -> str:
@@ -28,15 +17,5 @@ def model_name(params: RewriteParams) -> str:
 
 
 def make_backend(params: RewriteParams, seed: int) -> Backend:
-    """The backend named by ``params.backend`` (its libraries are imported only when it is chosen)."""
-    if params.backend == "openai":
-        from .openai_backend import OpenAIBackend
-
-        return OpenAIBackend(params, seed)
-    if params.backend == "transformers":
-        from .local_model import LocalModelBackend
-
-        return LocalModelBackend(params, seed)
-    from .rules import RulesBackend
-
-    return RulesBackend(params, seed)
+    """The backend named by ``params.backend``."""
+    return _BACKENDS[params.backend](params, seed)

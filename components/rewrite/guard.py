@@ -22,7 +22,7 @@ from functools import lru_cache
 
 from components.common.text import missing_entries
 
-from .backends import Generated
+from .generated import Generated
 from .params import RewriteParams
 
 EMPTY = "empty"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from components.common.errors import ConfigError
 
-from .backends import Generated
+from .generated import Generated
 from .params import RewriteParams
 from .prompt import Prompt, build_prompt, clean_completion, stable_seed
 

@@ -28,7 +28,7 @@ from components.common.hashing import hash_obj
 from components.common.io import write_json
 from components.common.log import get_logger
 
-from .backends import Generated
+from .generated import Generated
 from .guard import GuardRules, guard_rewrites
 from .params import OpenAIBackendParams, RewriteParams
 from .prompt import build_prompt, clean_completion

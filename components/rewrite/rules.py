@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 
-from .backends import Generated
+from .generated import Generated
 from .guard import FRAME, FRAME_NOUNS
 from .params import RewriteParams
 from .prompt import stable_seed
