@@ -85,19 +85,10 @@ def _draw(scene) -> bytes:
     return buf.getvalue()
 
 
-def make_shard(job: tuple) -> pd.DataFrame:
-    """Manifest rows of download shard ``index`` (and its tar of images when ``images``), from (seed, index) only."""
-    from components.common.hashing import make_uid
-    from components.demo_corpus.captions import boilerplate_only_caption, web_caption
-    from components.demo_corpus.params import DemoCorpusParams
-    from components.demo_corpus.scenes import concept_probabilities, sample_scene, sample_size
-    from components.demo_corpus.vocabulary import CONCEPTS
+def _scenes(rng, probs, rows: int, demo) -> tuple[list, list]:
+    """Each row's scene and native size (a few tiny and elongated images for the rules step)."""
+    from components.demo_corpus.scenes import sample_scene, sample_size
 
-    index, rows, seed, images, shards_dir, demo = job
-    demo = DemoCorpusParams.model_validate(demo)
-    probs = concept_probabilities(np.random.default_rng([seed, 0]).permutation(len(CONCEPTS)), demo.zipf_exponent)
-    rng = np.random.default_rng([seed, 1, index])
-    text_rng = random.Random(seed * 1_000_003 + index)
     scenes, sizes = [], []
     for _ in range(rows):
         u = rng.random()
@@ -106,6 +97,14 @@ def make_shard(job: tuple) -> pd.DataFrame:
                 sample_size(rng, demo.min_px, demo.max_px))
         sizes.append(size)
         scenes.append(sample_scene(rng, probs, size, demo.max_objects))
+    return scenes, sizes
+
+
+def _captions(scenes: list, rng, text_rng: random.Random, demo) -> list[str]:
+    """Web captions with the demo's planted defects: mismatched (another row's caption) and boilerplate-only."""
+    from components.demo_corpus.captions import boilerplate_only_caption, web_caption
+
+    rows = len(scenes)
     honest = [web_caption(scene, text_rng, demo.caption_noise)[0] for scene in scenes]
     captions = list(honest)
     defect = rng.random(rows)
@@ -114,11 +113,56 @@ def make_shard(job: tuple) -> pd.DataFrame:
         captions[i] = honest[(i + int(rng.integers(1, rows))) % rows] if rows > 1 else honest[i]
     for i in np.flatnonzero((defect >= mismatched) & (defect < mismatched + boilerplate)):
         captions[i] = boilerplate_only_caption(text_rng)
-    first = index * rows
-    # Exact duplicates: the image of an earlier row of the crawl (any shard), so dedup works across shards.
+    return captions
+
+
+def _image_ids(rng, first: int, rows: int, demo) -> np.ndarray:
+    """Exact duplicates: the image of an earlier row of the crawl (any shard), so dedup works across shards."""
     image_id = np.arange(first, first + rows)
     duplicate = (rng.random(rows) < demo.image_defects.exact_duplicate) & (image_id > 0)
     image_id[duplicate] = rng.integers(0, image_id[duplicate])
+    return image_id
+
+
+def _manifest_row(index: int, i: int, url: str, caption: str, size: tuple, digest: str, kind: int) -> dict:
+    """One manifest row: a success, or the failure ``FAILURES[kind]`` (no image, no shard)."""
+    from components.common.hashing import make_uid
+
+    row = {"uid": make_uid(url, caption), "key": f"{index:05d}{i:04d}", "shard": f"{LIST_NAME}/{index:05d}.tar",
+           "status": "success", "error_message": None, "error_reason": None, "width": IMAGE_PX, "height": IMAGE_PX,
+           "original_width": size[0], "original_height": size[1], "sha256": digest, "caption": caption, "url": url,
+           "url_list": LIST_NAME}
+    if kind < len(FAILURES):
+        _, status, message, reason = FAILURES[kind]
+        row.update(status=status, error_message=message, error_reason=reason, key=None, shard=None, width=None,
+                   height=None, original_width=None, original_height=None, sha256=None)
+    return row
+
+
+def _add_sample(tar: tarfile.TarFile, row: dict, scene) -> None:
+    """A webdataset sample: <key>.jpg, <key>.txt, <key>.json."""
+    for field, data in (("jpg", _draw(scene)), ("txt", row["caption"].encode()),
+                        ("json", json.dumps({"uid": row["uid"], "url": row["url"]}).encode())):
+        member = tarfile.TarInfo(f"{row['key']}.{field}")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+
+
+def make_shard(job: tuple) -> pd.DataFrame:
+    """Manifest rows of download shard ``index`` (and its tar of images when ``images``), from (seed, index) only."""
+    from components.demo_corpus.params import DemoCorpusParams
+    from components.demo_corpus.scenes import concept_probabilities
+    from components.demo_corpus.vocabulary import CONCEPTS
+
+    index, rows, seed, images, shards_dir, demo = job
+    demo = DemoCorpusParams.model_validate(demo)
+    probs = concept_probabilities(np.random.default_rng([seed, 0]).permutation(len(CONCEPTS)), demo.zipf_exponent)
+    rng = np.random.default_rng([seed, 1, index])
+    text_rng = random.Random(seed * 1_000_003 + index)
+    scenes, sizes = _scenes(rng, probs, rows, demo)
+    captions = _captions(scenes, rng, text_rng, demo)
+    first = index * rows
+    image_id = _image_ids(rng, first, rows, demo)
     failure = rng.random(rows)
     bounds = np.cumsum([f[0] for f in FAILURES])
     tar = None
@@ -127,25 +171,12 @@ def make_shard(job: tuple) -> pd.DataFrame:
         tar = tarfile.open(Path(shards_dir) / LIST_NAME / f"{index:05d}.tar", "w")
     out = []
     for i in range(rows):
-        site = int(rng.integers(demo.num_sites))
-        url = f"http://crawl.bench.test/s{site:03d}/images/{first + i:09d}.jpg"
-        kind = int(np.searchsorted(bounds, failure[i], side="right"))
-        row = {"uid": make_uid(url, captions[i]), "key": f"{index:05d}{i:04d}",
-               "shard": f"{LIST_NAME}/{index:05d}.tar", "status": "success", "error_message": None,
-               "error_reason": None, "width": IMAGE_PX, "height": IMAGE_PX, "original_width": sizes[i][0],
-               "original_height": sizes[i][1],
-               "sha256": hashlib.sha256(f"image:{seed}:{image_id[i]}".encode()).hexdigest(),
-               "caption": captions[i], "url": url, "url_list": LIST_NAME}
-        if kind < len(FAILURES):
-            _, status, message, reason = FAILURES[kind]
-            row.update(status=status, error_message=message, error_reason=reason, key=None, shard=None, width=None,
-                       height=None, original_width=None, original_height=None, sha256=None)
-        elif tar is not None:  # a webdataset sample: <key>.jpg, <key>.txt, <key>.json
-            for field, data in (("jpg", _draw(scenes[i])), ("txt", captions[i].encode()),
-                                ("json", json.dumps({"uid": row["uid"], "url": url}).encode())):
-                member = tarfile.TarInfo(f"{row['key']}.{field}")
-                member.size = len(data)
-                tar.addfile(member, io.BytesIO(data))
+        url = f"http://crawl.bench.test/s{int(rng.integers(demo.num_sites)):03d}/images/{first + i:09d}.jpg"
+        digest = hashlib.sha256(f"image:{seed}:{image_id[i]}".encode()).hexdigest()
+        row = _manifest_row(index, i, url, captions[i], sizes[i], digest,
+                            int(np.searchsorted(bounds, failure[i], side="right")))
+        if row["status"] == "success" and tar is not None:
+            _add_sample(tar, row, scenes[i])
         out.append(row)
     if tar is not None:
         tar.close()
@@ -495,7 +526,7 @@ def print_table(kind: str, runs: list[dict], fit: dict) -> None:
                 for n, b in r["bare"].items()))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=int, default=12000, help="manifest rows at x1")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies --base (e.g. 0.25 for a quick run)")
@@ -511,41 +542,73 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="keep the crawl and the runs here (default: a temp dir)")
     parser.add_argument("--out", default="reports/bench/curate.json", help="results (JSON)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _write_manifests(args, work: Path, sizes: list[int], total_shards: int, image_shards: int,
+                     base_shards: int) -> tuple[dict[int, Path], float]:
+    """The synthetic crawl, cut into one manifest per crawl size: ({scale: manifest}, seconds to generate)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    started = time.perf_counter()
+    crawl = make_crawl(work, total_shards, image_shards, args.shard_rows, args.seed, params["demo_corpus"],
+                       args.workers)
+    generate_s = time.perf_counter() - started
+    print(f"crawl: {len(crawl)} rows in {total_shards} shards of {args.shard_rows} "
+          f"({(crawl['status'] == 'success').mean():.1%} downloaded, "
+          f"{crawl['sha256'].dropna().duplicated().sum()} duplicate images; images for {image_shards} shards) "
+          f"in {generate_s:.1f} s", file=sys.stderr)
+    manifests = {}
+    for scale in sizes:
+        manifests[scale] = work / f"manifest_x{scale}.parquet"
+        crawl.iloc[:base_shards * scale * args.shard_rows].to_parquet(manifests[scale], index=False,
+                                                                      row_group_size=MANIFEST_ROW_GROUP)
+    return manifests, generate_s
+
+
+def _random_scorer(work: Path) -> Path:
+    import torch
+
+    from components.common.model import create_clip, export_local_dir
+
+    scorer = work / "scorer"
+    if not scorer.is_dir():
+        torch.manual_seed(0)
+        export_local_dir(create_clip("clipmill-tiny"), scorer)
+    return scorer
+
+
+def _best_run(args, kind: str, steps: list[str], scale: int, base_shards: int, work: Path, manifest: Path,
+              scorer: Path) -> dict:
+    """``args.runs`` curate runs of one crawl size; the one with the shortest stage wall time."""
+    run_dir = work / f"{kind}_x{scale}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_params = write_params(run_dir / "params.yaml", steps, args.workers, args.device)
+    tries = []
+    for attempt in range(max(1, args.runs)):
+        print(f"== {kind} x{scale}: clipmill stage curate over {base_shards * scale} shards"
+              + (f" (run {attempt + 1} of {args.runs})" if args.runs > 1 else ""), file=sys.stderr)
+        run = run_curate(run_dir, run_dir / "params.yaml", manifest, work / "shards", scorer)
+        costs = step_costs(run["out_dir"])
+        bare = baselines(run["out_dir"], run_params, costs, args.repeats)
+        tries.append(summarize_run(kind, scale, base_shards * scale * args.shard_rows, run, costs, bare))
+    best = min(tries, key=lambda r: r["stage_wall_s"])
+    best["stage_wall_s_of_runs"] = [r["stage_wall_s"] for r in tries]
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
     base_shards = max(1, round(args.base * args.scale / args.shard_rows))
     scales = sorted(set(args.scales))
     image_scales = sorted(set(args.image_scales or []))
     total_shards = base_shards * max(scales + image_scales)
     image_shards = base_shards * max(image_scales, default=0)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-
     with tempfile.TemporaryDirectory(prefix="curate-bench-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        crawl = make_crawl(work, total_shards, image_shards, args.shard_rows, args.seed, params["demo_corpus"],
-                           args.workers)
-        generate_s = time.perf_counter() - started
-        print(f"crawl: {len(crawl)} rows in {total_shards} shards of {args.shard_rows} "
-              f"({(crawl['status'] == 'success').mean():.1%} downloaded, "
-              f"{crawl['sha256'].dropna().duplicated().sum()} duplicate images; images for {image_shards} shards) "
-              f"in {generate_s:.1f} s", file=sys.stderr)
-        manifests = {}
-        for scale in sorted(set(scales + image_scales)):
-            manifests[scale] = work / f"manifest_x{scale}.parquet"
-            crawl.iloc[:base_shards * scale * args.shard_rows].to_parquet(manifests[scale], index=False,
-                                                                          row_group_size=MANIFEST_ROW_GROUP)
-        del crawl
-        scorer = work / "scorer"
-        if image_scales and not scorer.is_dir():
-            import torch
-
-            from components.common.model import create_clip, export_local_dir
-
-            torch.manual_seed(0)
-            export_local_dir(create_clip("clipmill-tiny"), scorer)
-
+        manifests, generate_s = _write_manifests(args, work, sorted(set(scales + image_scales)), total_shards,
+                                                 image_shards, base_shards)
+        scorer = _random_scorer(work) if image_scales else work / "scorer"
         results: dict = {"base_rows": base_shards * args.shard_rows, "shard_rows": args.shard_rows,
                          "workers": args.workers, "cpus": os.cpu_count(), "generate_s": round(generate_s, 1)}
         plans = [("no-pixels", NO_PIXEL_STEPS, scales)]
@@ -554,22 +617,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             plans.append(("full", list(STEP_NAMES), image_scales))
         for kind, steps, sizes in plans:
-            runs = []
-            for scale in sizes:
-                run_dir = work / f"{kind}_x{scale}"
-                run_dir.mkdir(parents=True, exist_ok=True)
-                run_params = write_params(run_dir / "params.yaml", steps, args.workers, args.device)
-                tries = []
-                for attempt in range(max(1, args.runs)):
-                    print(f"== {kind} x{scale}: clipmill stage curate over {base_shards * scale} shards"
-                          + (f" (run {attempt + 1} of {args.runs})" if args.runs > 1 else ""), file=sys.stderr)
-                    run = run_curate(run_dir, run_dir / "params.yaml", manifests[scale], work / "shards", scorer)
-                    costs = step_costs(run["out_dir"])
-                    bare = baselines(run["out_dir"], run_params, costs, args.repeats)
-                    tries.append(summarize_run(kind, scale, base_shards * scale * args.shard_rows, run, costs, bare))
-                best = min(tries, key=lambda r: r["stage_wall_s"])
-                best["stage_wall_s_of_runs"] = [r["stage_wall_s"] for r in tries]
-                runs.append(best)
+            runs = [_best_run(args, kind, steps, scale, base_shards, work, manifests[scale], scorer) for scale in sizes]
             fit = growth(runs)
             print_table(kind, runs, fit)
             results[kind] = {"steps": steps, "runs": runs, "growth": fit}

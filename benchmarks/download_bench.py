@@ -65,9 +65,9 @@ def run_cli(urls: Path, web: Path | None, out: Path, params: DownloadParams, slo
 
 def run_stage(urls: Path, out: Path, params, slow_seconds: float) -> tuple[int, float]:
     started = time.perf_counter()
-    summary = download(params.download.model_copy(update={"urls": str(urls)}), urls, out,
-                       tracking=TrackingParams(enabled=False), ray_params=params.ray,
-                       demo_server=params.demo_server.model_copy(update={"slow_seconds": slow_seconds}))
+    mirrors = [m.model_copy(update={"slow_seconds": slow_seconds}) for m in params.download.mirrors]
+    summary = download(params.download.model_copy(update={"urls": str(urls), "mirrors": mirrors}), urls, out,
+                       tracking=TrackingParams(enabled=False), ray_params=params.ray)
     return summary["by_status"]["success"], time.perf_counter() - started
 
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_params(args.params)
     source = Path(args.urls or params.download.urls)
     web = source.parent / "web"
-    slow_seconds = params.demo_server.slow_seconds
+    slow_seconds = params.download.mirrors[0].slow_seconds if params.download.mirrors else params.demo_server.slow_seconds
     runs: dict[str, list[tuple[int, float]]] = {"stage": [], "img2dataset": []}
     with tempfile.TemporaryDirectory(prefix="download-bench-") as tmp:
         tmp = Path(tmp)

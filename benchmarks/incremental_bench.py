@@ -78,6 +78,7 @@ def _prepare(work: Path, pairs: int, new_pairs: int) -> Path:
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     data["tracking"] = {"enabled": False}
     data["balance"]["metadata"] = str(REPO / data["balance"]["metadata"])
+    data["download"]["mirrors"][0]["dir"] = "crawl/web"  # the runs' working directory is ``work``
     (work / "params.yaml").write_text(yaml.safe_dump(data))
     return work / "params.yaml"
 

@@ -7,27 +7,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 
-import components
 from components.common.errors import ClipmillError
+from components.common.log import quiet_third_party
 
 from .params import DEFAULT_PARAMS, load_params
 
 
 def stage_modules() -> dict[str, object]:
     """Stage name -> its ``components.<stage>.cli`` module, for every stage package that has one."""
-    out = {}
-    for info in sorted(pkgutil.iter_modules(components.__path__), key=lambda m: m.name):
-        if not info.ispkg or info.name == "common":
-            continue
-        try:
-            out[info.name] = importlib.import_module(f"components.{info.name}.cli")
-        except ModuleNotFoundError as e:
-            if e.name != f"components.{info.name}.cli":
-                raise  # the stage exists but one of its own imports is broken
-    return out
+    from components.common.packages import package_modules
+
+    return package_modules("cli")
 
 
 def _add_params_option(p: argparse.ArgumentParser) -> None:
@@ -52,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(sp)
         sp.set_defaults(handler=mod.run, needs_params=True)
 
-    for extra in ("pipelines.cli", "pipelines.serve", "components.ablate.cli", "components.demo_corpus.server_cli",
-                  "components.demo_corpus.batch_cli", "components.register.models_cli"):
+    for extra in ("pipelines.cli", "pipelines.serve", "pipelines.ablate_cli", "components.demo_corpus.server_cli",
+                  "components.demo_corpus.batch_cli", "components.register.models_cli", "clipmill.docs"):
         try:
             mod = importlib.import_module(extra)
         except ModuleNotFoundError as e:
@@ -65,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -10,50 +10,48 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 
 from components.common.errors import ConfigError
 from components.common.params import ProjectParams, RayParams, Section, TrackingParams
-from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
-from components.download.params import DownloadParams
-from components.validate.params import ValidationParams
-from components.ablate.params import AblateParams
-from components.balance.params import BalanceParams
-from components.curate.params import CurateParams
-from components.filter.params import FilterParams
-from components.score.params import ScoreParams
-from components.report.params import ReportParams
-from components.evaluate.params import EvaluateParams
-from components.register.params import RegisterParams
-from components.reshard.params import ReshardParams
-from components.rewrite.params import RewriteParams
-from components.train.params import ContinualParams, TrainParams
-from components.tune.params import TuneParams
 
 DEFAULT_PARAMS = "params.yaml"
 
+# The core library's sections; every other section belongs to a package under components/ (its params.SECTIONS).
+CORE_SECTIONS: dict[str, tuple[type[Section], str]] = {
+    "project": (ProjectParams, "The seed, and the roots every stage's paths hang from (components/common/layout.py)."),
+    "tracking": (TrackingParams, "MLflow: each stage is recorded as a run, with its lineage."),
+    "ray": (RayParams, "The Ray cluster of `executor: ray`, the ray distributor and Ray Tune."),
+}
+# Where the known sections appear in params.yaml, the README and `--help` (pipeline order); others follow by name.
+ORDER = ("demo_corpus", "demo_server", "download", "validation", "curate", "filter", "score", "balance", "rewrite",
+         "reshard", "report", "train", "continual", "tune", "evaluate", "register", "ablate")
 
-class Params(Section):
-    project: ProjectParams = Field(default_factory=ProjectParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    ray: RayParams = Field(default_factory=RayParams)
-    demo_corpus: DemoCorpusParams = Field(default_factory=DemoCorpusParams)
-    demo_server: DemoServerParams = Field(default_factory=DemoServerParams)
-    download: DownloadParams = Field(default_factory=DownloadParams)
-    validation: ValidationParams = Field(default_factory=ValidationParams)
-    curate: CurateParams = Field(default_factory=CurateParams)
-    filter: FilterParams = Field(default_factory=FilterParams)
-    score: ScoreParams = Field(default_factory=ScoreParams)
-    balance: BalanceParams = Field(default_factory=BalanceParams)
-    rewrite: RewriteParams = Field(default_factory=RewriteParams)
-    reshard: ReshardParams = Field(default_factory=ReshardParams)
-    report: ReportParams = Field(default_factory=ReportParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    continual: ContinualParams = Field(default_factory=ContinualParams)
-    tune: TuneParams = Field(default_factory=TuneParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    register: RegisterParams = Field(default_factory=RegisterParams)
-    ablate: AblateParams = Field(default_factory=AblateParams)
+
+def package_sections() -> dict[str, tuple[type[Section], str]]:
+    """Every ``SECTIONS`` declared by a package's ``params`` module under components/: a new stage adds its section
+    by declaring it, with nothing to edit here."""
+    from components.common.packages import package_modules
+
+    found: dict[str, tuple[type[Section], str]] = {}
+    for package, module in package_modules("params").items():
+        for name, section in getattr(module, "SECTIONS", {}).items():
+            if name in found or name in CORE_SECTIONS:
+                raise ConfigError(f"components/{package}/params.py: section '{name}' is declared twice")
+            found[name] = section
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
+def _build_schema() -> type[Section]:
+    sections = {**CORE_SECTIONS, **package_sections()}
+    fields = {name: (model, Field(default_factory=model, description=description))
+              for name, (model, description) in sections.items()}
+    return create_model("Params", __base__=Section, __doc__="The whole of params.yaml; a section left out takes its "
+                        "schema defaults.", **fields)
+
+
+Params = _build_schema()
 
 
 def _model_at(loc: tuple) -> Any:

@@ -3,9 +3,11 @@
 - ``append_new_urls``: a new URL list joins the crawl as a DVC-tracked directory of ``download.additions``
   (``dvc add``), so each append is a data version of its own.
 - ``write_champion_warm_start`` / ``write_scratch_warm_start``: ``warm_start.yaml`` names the current champion
-  as a fixed model version (``models:/clipmill/3``) and its loss, or nothing.
-- ``commit_run`` and ``push_data``: the run's ``dvc.lock``, warm start and crawl additions become a git commit,
-  and its data goes to the DVC remote, so ``git checkout <commit> && dvc pull`` brings the run back.
+  as a fixed model version (``models:/clipmill/3``), its loss, and the sha256 of its weights, exported to a
+  DVC-tracked ``warm_start/<model>-v<version>/`` (so ``dvc pull`` restores them without the registry); or nothing.
+- ``commit_run`` and ``push_data``: the run's ``dvc.lock``, warm start (the file and its weights' ``.dvc``) and
+  crawl additions become a git commit, and its data goes to the DVC remote, so
+  ``git checkout <commit> && dvc pull`` brings the run back.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from components.common.errors import ClipmillError
 from components.common.log import get_logger
-from components.train.warm_start import WARM_START_FILE, WarmStart, write_warm_start
+from components.train.warm_start import WARM_START_DIR, WARM_START_FILE, WarmStart, export_weights, write_warm_start
 
 log = get_logger("pipeline")
 
@@ -84,16 +86,36 @@ def _champion_loss(client, version) -> str | None:
     return loss if loss in ("clip", "siglip") else None
 
 
-def _loss_from_weights(uri: str, tracking_uri: str) -> str:
-    from components.common.model import read_state_dict, resolve_model_source
+def _export_champion(root: Path, name: str, version: str, tracking: str) -> tuple[str, str]:
+    """Copy the champion's weights to ``warm_start/<name>-v<version>/`` and track it with ``dvc add`` (other
+    warm-start copies are dropped); returns (its path relative to ``root``, the sha256 of its weights)."""
+    from components.common.model import resolve_model_source
 
-    with resolve_model_source(uri, tracking_uri) as path:
-        return "siglip" if "logit_bias" in read_state_dict(path) else "clip"
+    rel = f"{WARM_START_DIR}/{name}-v{version}"
+    with resolve_model_source(f"models:/{name}/{version}", tracking) as source:
+        sha = export_weights(source, root / rel)
+    _drop_warm_start_copies(root, keep=f"{rel}.dvc")
+    _run([_tool("dvc"), "add", "-q", rel], root, "dvc add of the warm-start weights")
+    return rel, sha
+
+
+def _drop_warm_start_copies(root: Path, keep: str | None = None) -> None:
+    """``dvc remove --outs`` every warm-start copy but ``keep``: the committed warm start names one at a time."""
+    for tracked in sorted((root / WARM_START_DIR).glob("*.dvc")):
+        rel = str(tracked.relative_to(root))
+        if rel != keep:
+            _run([_tool("dvc"), "remove", "--outs", rel], root, "dvc remove of an earlier warm-start copy")
+
+
+def _loss_from_weights(export_dir: Path) -> str:
+    from components.common.model import read_state_dict
+
+    return "siglip" if "logit_bias" in read_state_dict(export_dir) else "clip"
 
 
 def write_champion_warm_start(root: Path, params) -> WarmStart:
-    """``warm_start.yaml`` naming the champion of ``register.model_name`` as a fixed version (from scratch when
-    there is no champion yet)."""
+    """``warm_start.yaml`` naming the champion of ``register.model_name`` as a fixed version, with its weights
+    exported to a DVC-tracked local copy and their sha256 (from scratch when there is no champion yet)."""
     from mlflow import MlflowClient
 
     from components.common.tracking import tracking_uri
@@ -104,18 +126,20 @@ def write_champion_warm_start(root: Path, params) -> WarmStart:
     champion = alias_version(client, name, CHAMPION)  # a registry error stops the run: it is not "no champion"
     if champion is None:
         warm = WarmStart(reason=f"continual run: no models:/{name}@champion yet, so from scratch")
+        _drop_warm_start_copies(root)
     else:
-        model_uri = f"models:/{name}/{champion.version}"
-        loss = _champion_loss(client, champion) or _loss_from_weights(model_uri, uri)
-        warm = WarmStart(init_from=model_uri, loss=loss,
+        weights, sha = _export_champion(root, name, str(champion.version), uri)
+        loss = _champion_loss(client, champion) or _loss_from_weights(root / weights)
+        warm = WarmStart(init_from=f"models:/{name}/{champion.version}", loss=loss, weights=weights, sha256=sha,
                          reason=f"continual run: the champion (models:/{name}@champion) when the run started")
     write_warm_start(warm, root / WARM_START_FILE)
-    log.info("warm start: %s", warm.init_from or warm.reason)
+    log.info("warm start: %s", f"{warm.init_from} (local copy {warm.weights})" if warm.init_from else warm.reason)
     return warm
 
 
 def write_scratch_warm_start(root: Path) -> WarmStart:
     warm = WarmStart(reason="from scratch (clipmill run --from-scratch)")
+    _drop_warm_start_copies(root)
     write_warm_start(warm, root / WARM_START_FILE)
     return warm
 
@@ -132,9 +156,11 @@ def _git_identity_env(root: Path) -> dict[str, str]:
 
 
 def commit_run(root: Path, params, message: str) -> str | None:
-    """Commit what names this run's data: dvc.lock, warm_start.yaml and the crawl additions (their .dvc files).
-    Other changes in the work tree are left alone. Returns the commit, or None when nothing changed."""
-    paths = [p for p in ("dvc.lock", WARM_START_FILE, params.download.additions) if (root / p).exists()]
+    """Commit what names this run's data: dvc.lock, warm_start.yaml and the .dvc files of the warm-start weights
+    and of the crawl additions. Other changes in the work tree are left alone. Returns the commit, or None when
+    nothing changed."""
+    named = ("dvc.lock", WARM_START_FILE, WARM_START_DIR, params.download.additions)
+    paths = [p for p in named if (root / p).exists()]
     _run(["git", "add", "--", *paths], root, "git add")
     staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=root)
     if staged.returncode == 0:

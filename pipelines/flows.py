@@ -26,6 +26,7 @@ from prefect.tasks import exponential_backoff
 
 from components.common.errors import ClipmillError
 from components.common.io import write_text
+from components.common.log import Progress, quiet_third_party
 from components.common.params import TrackingParams
 from components.common.tracking import (DVC_STAGE_ENV, DVC_STAGE_TAG, PARENT_RUN_ENV, check_tracking, lineage_tags,
                                         tracking_uri, use_experiment)
@@ -37,6 +38,9 @@ _EXITED = re.compile(r"exited with (\d+)")
 USER_ERROR_EXIT = 2  # a ClipmillError (bad input, bad params): retrying cannot help
 # DVC's answers when another DVC process holds the repository or an output: a concurrent run, not a transient fault.
 _DVC_BUSY = ("Unable to acquire lock", "is busy, it is being blocked by")
+# DVC's advice after each stage (git add dvc.lock, autostage, dvc push): the flow commits and pushes itself.
+_DVC_HINTS = {"", "To track the changes with git, run:", "To enable auto staging, run:",
+              "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage."}
 TERMINATE_GRACE_S = 10.0  # SIGTERM to a stage's process group, then SIGKILL after this long
 _live: set[subprocess.Popen] = set()  # the `dvc repro` processes of running stages
 
@@ -120,7 +124,8 @@ def run_stage(stage: str, root: str, env: tuple[str | None, str]) -> StageResult
             line = line.rstrip()
             tail.append(line)
             skipped |= "didn't change, skipping" in line
-            logger.info("[%s] %s", stage, line)
+            if not (line.strip() in _DVC_HINTS or line.strip().startswith("git add dvc.lock")):
+                logger.info("[%s] %s", stage, line)
         rc = proc.wait()
     finally:
         if proc.poll() is None:
@@ -180,7 +185,8 @@ def _run_facts(root: Path, params, ran: set[str], warm, added: list[str]) -> dic
     if added:
         facts["New URL lists"] = ", ".join(f"`{a}`" for a in added) + " (appended by this run)"
     if warm is not None:
-        facts["Warm start"] = f"`{warm.init_from}` (loss {warm.loss})" if warm.init_from else warm.reason
+        facts["Warm start"] = (f"`{warm.init_from}` (loss {warm.loss}; weights `{warm.weights}`, sha256 "
+                               f"`{str(warm.sha256)[:12]}`)" if warm.init_from else warm.reason)
     registration = root / params.project.data_dir / "register" / "registration.json"
     if "register" in ran and registration.is_file():
         reg = read_json(registration)
@@ -207,6 +213,7 @@ def pipeline(flow_name: str = "full", root: str = ".", stages: list[str] | None 
     """
     from clipmill.params import load_params
 
+    quiet_third_party()
     root_path = Path(root).resolve()
     dag = load_dag(root_path)
     if flow_name not in FLOW_TARGETS and not stages:
@@ -261,8 +268,10 @@ def _run_flow(flow_name: str, root_path: Path, params, order: list[str], new_url
     logger.info("flow %s: %d stages: %s", flow_name, len(order), " -> ".join(order))
     status = "FAILED"
     try:
-        for stage in order:
-            results.append(run_stage(stage, str(root_path), env))
+        with Progress(f"flow {flow_name}", len(order), "stages", logger, every_s=0, bar=False) as bar:
+            for stage in order:
+                results.append(run_stage(stage, str(root_path), env))
+                bar.update(1)
         status = "FINISHED"
     finally:
         terminate_stages()  # a stage still running here belongs to an interrupted flow

@@ -131,7 +131,8 @@ def test_ablate_trains_each_arm_and_seed_and_writes_the_table_cis_and_child_runs
 
 
 def test_an_all_but_arm_curates_again_without_touching_the_curate_stage_outputs(tmp_path):
-    from components.ablate.ablation import Inputs, build_arm
+    from components.ablate.ablation import Inputs
+    from pipelines.ablate import build_arm
     from components.common.curation import read_step_table
 
     curation = make_curation(tmp_path / "crawl", n=120, per_shard=60, steps=["rules", "spam", "dedup"])
@@ -149,7 +150,8 @@ def test_an_all_but_arm_curates_again_without_touching_the_curate_stage_outputs(
 
 
 def test_an_arm_that_keeps_no_samples_is_one_clear_error_before_training(tmp_path):
-    from components.ablate.ablation import Inputs, build_arm
+    from components.ablate.ablation import Inputs
+    from pipelines.ablate import build_arm
 
     curation = make_curation(tmp_path / "crawl", n=60, per_shard=30, steps=["rules", "spam", "dedup"])
     p, params = curation["paths"], curation["params"].model_copy(deep=True)

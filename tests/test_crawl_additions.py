@@ -9,7 +9,8 @@ import pytest
 from components.common.errors import InputError
 from components.common.params import RayParams, TrackingParams
 from components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
-from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
+from components.demo_corpus import DEMO_BASE_URL
+from components.demo_corpus.params import DemoCorpusParams
 from components.download.additions import append_url_list, list_additions, read_crawl
 from components.download.params import DownloadParams
 
@@ -56,14 +57,14 @@ def test_appended_lists_download_after_the_base_list_with_counts_that_add_up(cra
     assert [e["duplicates"] for e in c.lists] == [0, 0, 5]
     assert len(c.url_list.table) == 80 + 40 + 3 and c.url_list.table["uid"].is_unique
     assert c.url_list.passthrough[-1] == "url_list"
-    assert len(c.web_dirs) == 2
+    assert list(c.web_dirs) == [first.id]  # the batch's web/ (the list without one brings none)
 
     from components.download.stage import download
 
-    params = DownloadParams(urls=str(crawl / "crawl" / "urls.parquet"), timeout=2, retries=1,
+    mirror = {"prefix": DEMO_BASE_URL, "dir": str(crawl / "crawl" / "web"), "slow_seconds": 3.0}
+    params = DownloadParams(urls=str(crawl / "crawl" / "urls.parquet"), timeout=2, retries=1, mirrors=[mirror],
                             number_sample_per_shard=50, processes_count=1, thread_count=8, image_size=32)
-    run = dict(tracking=TrackingParams(enabled=False), ray_params=RayParams(),
-               demo_server=DemoServerParams(slow_seconds=3.0))
+    run = dict(tracking=TrackingParams(enabled=False), ray_params=RayParams())
     base_only = download(params, params.urls, tmp_path / "out", **run)
     assert (base_only["lists_fetched"], base_only["lists_reused"]) == (1, 0)
     base_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "shards" / "crawl").iterdir()}

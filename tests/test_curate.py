@@ -367,7 +367,7 @@ def test_curation_reads_and_writes_object_storage_like_local_files(download, sco
 
     # Training reads the curated shards from the store (webdataset through fsspec) and checks their content hash
     # against the bytes reshard wrote: a changed object is refused before training.
-    from components.train.data import _read_shard, scan_shards
+    from components.common.training.data import _read_shard, scan_shards
 
     local_set, remote_set = scan_shards(str(tmp_path / "curated")), scan_shards("s3://crawl/curated")
     assert remote_set.counts == local_set.counts and remote_set.paths[0].startswith("s3://crawl/curated/shards/")

@@ -1,4 +1,4 @@
-"""The download stage: real img2dataset against the demo web server on 127.0.0.1, on a 200-URL demo crawl."""
+"""The download stage: real img2dataset against a mirror of the demo crawl on 127.0.0.1, on a 200-URL demo crawl."""
 from __future__ import annotations
 
 import json
@@ -21,9 +21,9 @@ import yaml
 from components.common.errors import InputError
 from components.common.io import OUTPUT_MARKER
 from components.common.params import RayParams, TrackingParams
-from components.demo_corpus import load_ground_truth
+from components.demo_corpus import DEMO_BASE_URL, load_ground_truth
 from components.demo_corpus.corpus import generate_demo_corpus
-from components.demo_corpus.params import DemoCorpusParams, DemoServerParams
+from components.demo_corpus.params import DemoCorpusParams
 from components.download.params import DownloadParams
 from components.download.reasons import error_reason
 from components.download.safety import is_public_address, refusal_reasons
@@ -51,14 +51,19 @@ FAULT_SEED = int(os.environ.get("CLIPMILL_FAULT_SEED", "7"))
 # The stage as `clipmill stage download` runs it, without importing every other stage's CLI.
 RUN_STAGE = ("import sys; from clipmill.params import load_params; from components.download.stage import download; "
              "p = load_params(sys.argv[1]); download(p.download, p.download.urls, sys.argv[2], tracking=p.tracking, "
-             "ray_params=p.ray, demo_server=p.demo_server)")
+             "ray_params=p.ray)")
 PARAMS = {"timeout": 2, "retries": 1, "number_sample_per_shard": 70, "processes_count": 1, "thread_count": 8,
           "image_size": 32}
 
 
 def _run(params: DownloadParams, out: Path, tracking: TrackingParams | None = None, **kwargs) -> dict:
     return download(params, params.urls, out, tracking=tracking or TrackingParams(enabled=False),
-                    ray_params=RayParams(), demo_server=DemoServerParams(slow_seconds=SLOW_SECONDS), **kwargs)
+                    ray_params=RayParams(), **kwargs)
+
+
+def _mirror(crawl: Path) -> list[dict]:
+    """The demo crawl's URLs answered from its web/ directory, slow routes stalling SLOW_SECONDS."""
+    return [{"prefix": DEMO_BASE_URL, "dir": str(crawl / "web"), "slow_seconds": SLOW_SECONDS}]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +87,7 @@ def crawl(tmp_path_factory) -> Path:
 def downloaded(crawl, tmp_path_factory):
     """One uninterrupted run of the stage, recorded in a temporary MLflow store."""
     root = tmp_path_factory.mktemp("download")
-    params = DownloadParams(urls=str(crawl / "urls.parquet"), **PARAMS)
+    params = DownloadParams(urls=str(crawl / "urls.parquet"), mirrors=_mirror(crawl), **PARAMS)
     with pytest.MonkeyPatch.context() as mp:
         uri = f"sqlite:///{root / 'mlflow.db'}"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -136,7 +141,10 @@ def test_summary_counts_add_up_and_the_run_is_in_mlflow(downloaded, crawl):
     summary, manifest = downloaded["summary"], downloaded["manifest"]
     truth = load_ground_truth(crawl / "ground_truth.parquet")
     expected_successes = int(truth["behaviour"].map(lambda b: EXPECTED[b][0] == "success").sum())
-    assert summary == json.loads((downloaded["out"] / "summary.json").read_text())
+    counts, run = (json.loads((downloaded["out"] / name).read_text()) for name in ("summary.json", "run.json"))
+    assert summary == {**counts, **{k: v for k, v in run.items() if k != "lists"}}
+    assert not {"wall_seconds", "download_seconds", "images_per_s", "resumed_shards"} & counts.keys()
+    assert [r["name"] for r in run["lists"]] == ["crawl"] and run["new_urls"] == 200
     assert sum(summary["by_status"].values()) == summary["urls"] == 200
     assert sum(summary["by_reason"].values()) == 200 - summary["by_status"]["success"]
     assert summary["by_status"]["success"] == expected_successes and summary["by_status"]["refused"] == 0
@@ -151,15 +159,15 @@ def test_summary_counts_add_up_and_the_run_is_in_mlflow(downloaded, crawl):
     assert run.data.metrics["success_rate"] == pytest.approx(expected_successes / 200)
     assert run.data.metrics["reason.http_404"] == 10
     assert run.data.params["image_size"] == "32"
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["run.json", "summary.json"]
 
 
 def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, tmp_path):
     out = tmp_path / "out"
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump({
-        "tracking": {"enabled": False}, "demo_server": {"slow_seconds": SLOW_SECONDS},
-        "download": {"urls": str(crawl / "urls.parquet"), **PARAMS}}))
+        "tracking": {"enabled": False},
+        "download": {"urls": str(crawl / "urls.parquet"), "mirrors": _mirror(crawl), **PARAMS}}))
     proc = subprocess.Popen([sys.executable, "-c", RUN_STAGE, str(params_file), str(out)], cwd=REPO,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -185,6 +193,9 @@ def test_killed_run_resumes_and_repairs_to_the_same_manifest(downloaded, crawl, 
     pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), downloaded["manifest"])
     assert sorted(p.name for p in (out / "shards" / "crawl").iterdir()) == sorted(
         p.name for p in (downloaded["out"] / "shards" / "crawl").iterdir())
+    # canonical shards: a killed and resumed download gives the bytes of an uninterrupted one
+    for shard in sorted((out / "shards" / "crawl").iterdir()):
+        assert shard.read_bytes() == (downloaded["out"] / "shards" / "crawl" / shard.name).read_bytes(), shard.name
     # no leftover img2dataset input or temporary files (the output's own marker aside)
     assert [p.name for p in out.rglob(".*")] == [OUTPUT_MARKER]
 
@@ -381,7 +392,7 @@ def test_the_same_url_with_two_captions_is_counted_in_the_summary(tmp_path):
 
 def test_a_download_into_object_storage_publishes_each_list_once(crawl, downloaded, s3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the local staging folder (.clipmill/staging) lives under the working directory
-    params = DownloadParams(urls=str(crawl / "urls.parquet"), **PARAMS)
+    params = DownloadParams(urls=str(crawl / "urls.parquet"), mirrors=_mirror(crawl), **PARAMS)
     summary = _run(params, "s3://crawl/download")
     assert summary["lists_fetched"] == 1 and summary["by_status"] == downloaded["summary"]["by_status"]
     manifest = pd.read_parquet("s3://crawl/download/manifest.parquet")

@@ -1,6 +1,8 @@
 """params.yaml schema: the committed file loads; typos, wrong types and bad values get one clear line."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -54,3 +56,58 @@ def test_cli_reports_a_params_typo_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and "project.sed: unknown key" in err[0] and "did you mean 'seed'" in err[0]
+
+
+def _raw_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _has_key(data: dict, dotted: str) -> bool:
+    node: object = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_every_params_key_dvc_reads_is_in_params_yaml():
+    """DVC reads params.yaml itself (not the schema): a key a stage lists or interpolates must be written there."""
+    dvc_text = (REPO / "dvc.yaml").read_text()
+    listed = [p for stage in yaml.safe_load(dvc_text)["stages"].values() for p in stage.get("params", [])
+              if isinstance(p, str)]
+    interpolated = re.findall(r"\$\{([\w.]+)\}", dvc_text)
+    raw = _raw_params()
+    missing = sorted({k for k in listed + interpolated if not _has_key(raw, k)})
+    assert listed and interpolated and not missing, f"keys dvc.yaml reads but params.yaml lacks: {missing}"
+
+
+def _values_without_reason(text: str) -> list[str]:
+    """Value lines with no comment on them nor on an enclosing section line (``{}`` sections excepted)."""
+    silent = []
+    parents: list[tuple[int, bool]] = []  # (indent, commented) of the enclosing section lines
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip(" -"))
+        parents = [p for p in parents if p[0] < indent]
+        commented = "#" in line or any(c for _, c in parents)
+        if re.match(r"^\s*(- )?\w+:\s*(#.*)?$", line):  # a section header
+            parents.append((indent, commented))
+        elif not (commented or line.rstrip().endswith("{}")):
+            silent.append(f"line {number}: {line.strip()}")
+    return silent
+
+
+def test_params_yaml_gives_a_reason_for_each_choice():
+    """params.yaml holds only the demo's choices: each value carries a comment, on its line or its section's."""
+    silent = _values_without_reason((REPO / "params.yaml").read_text())
+    assert not silent, "params.yaml values without a reason:\n" + "\n".join(silent)
+    sample = "a:  # why\n  b: 1\nc:\n  d: 2  # why\n  e: 3\nf: {}\n"
+    assert _values_without_reason(sample) == ["line 5: e: 3"]
+
+
+def test_a_missing_section_takes_the_schema_defaults():
+    params = parse_params({"project": {"data_dir": "elsewhere"}})
+    assert params.project.data_dir == "elsewhere" and params.project.reports_dir == "reports"
+    assert params.filter.min_image_side == 200 and params.demo_corpus.zeroshot_per_class == 20

@@ -88,6 +88,9 @@ def summary_rows(project: Path) -> dict[str, list[str]]:
 def test_flow_runs_stages_in_order_then_skips_unchanged(project, prefect_server):
     done = run_flow(project, prefect_server)
     assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert re.search(r"flow full: 2/3 stages, \d+ s elapsed, ETA \d+ s", log) and "flow full: 3/3 stages" in log
+    assert "[b] Running stage 'b'" in log and "git add dvc.lock" not in log and "core.autostage" not in log
     rows = summary_rows(project)
     assert list(rows) == ["a", "b", "c"] and all(r[0] == "ran" for r in rows.values())
     assert (project / "c.txt").read_text() == "seed+a+b+c"

@@ -7,14 +7,14 @@ import pytest
 import yaml
 
 from clipmill.cli import main as clipmill_main
-from components.common.engine import ray_options
+from components.common.engine import ray_init_args, ray_options, ray_session
 from components.common.errors import ConfigError
 from components.common.params import RayParams
 from components.common.steps import StepContext
+from components.common.training.params import TrainParams
 from components.curate.executor import Executor, UnitTask
 from components.score.params import ScoreParams
 from components.score.step import ScoreStep
-from components.train.params import TrainParams
 from components.tune.params import TuneParams
 from components.tune.tune import trial_resources
 from tests.test_train_shapes import write_shape_shards
@@ -84,3 +84,31 @@ def test_a_curate_step_larger_than_the_ray_cluster_fails_before_submitting_inste
         with pytest.raises(ConfigError, match="num_gpus=1 but the Ray cluster has GPU=0"):
             executor.run([task], ScoreStep.resources(ScoreParams(device="cuda")))
     assert time.perf_counter() - started < 60 and not any(tmp_path.iterdir())
+
+
+def test_one_ray_start_up_serves_the_sweep_the_executor_and_the_download():
+    import components
+
+    sweep = ray_init_args(RayParams(address=None, num_cpus=3), env_vars={"A": "1"}, object_store_mb=100)
+    assert sweep == {"num_cpus": 3, "include_dashboard": False, "object_store_memory": 100 * 2**20,
+                     "runtime_env": {"env_vars": {"A": "1"}}, "log_to_driver": False}
+    remote = ray_init_args(RayParams(address="ray://head:10001"), env_vars={"A": "1"}, object_store_mb=100)
+    assert remote == {"address": "ray://head:10001", "log_to_driver": False,
+                      "runtime_env": {"env_vars": {"A": "1"}, "py_modules": [components]}}
+    download = ray_init_args(RayParams(address="ray://head:10001"), ship_code=False, worker_logs=True)
+    assert download == {"address": "ray://head:10001", "log_to_driver": True}
+
+
+def test_a_ray_session_inside_a_running_ray_leaves_it_running():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with ray_session(RayParams(address="ray://unreachable:1")):  # not connected to: Ray is up already
+            assert ray.is_initialized()
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    with ray_session(RayParams(address=None, num_cpus=1)):
+        assert ray.cluster_resources()["CPU"] == 1
+    assert not ray.is_initialized()

@@ -23,9 +23,9 @@ from components.common.io import OUTPUT_MARKER
 from components.common.model import (CONFIG_FILE, WEIGHTS_FILE, create_clip, embed_images, embed_texts,
                                      export_local_dir, load_clip, read_state_dict)
 from components.common.params import TrackingParams
-from components.train.data import ResumableLoader, ShardStream, scan_shards
-from components.train.params import TrainParams
-from components.train.train import train
+from components.common.training.data import ResumableLoader, ShardStream, scan_shards
+from components.common.training.params import TrainParams
+from components.common.training.fit import train
 from components.train import cli as train_cli
 from tests.test_train_shapes import CLASSES, render, run_stage, write_shape_evalsets, write_shape_shards
 

@@ -16,9 +16,9 @@ from components.common.errors import InputError
 from components.common.hashing import bytes_hashed, content_hash
 from components.common.model import MAX_IMAGE_PIXELS, ImageError, create_clip, decode_image
 from components.common.params import TrackingParams
-from components.train.data import ResumableLoader, ShardStream, scan_shards
-from components.train.params import TrainParams
-from components.train.train import train
+from components.common.training.data import ResumableLoader, ShardStream, scan_shards
+from components.common.training.params import TrainParams
+from components.common.training.fit import train
 from tests.test_train_shapes import write_shape_shards
 
 

@@ -42,6 +42,10 @@ def test_two_trial_sweep_writes_the_best_config(tmp_path, mlflow_uri, default_pa
     parent = next(r for r in runs if r.data.tags.get("clipmill.stage") == "tune")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and {c.data.tags["clipmill.stage"] for c in children} == {"tune-trial"}
-    assert {c.info.run_id for c in children} >= {t["mlflow_run_id"] for t in trials}
+    names = json.loads((out / "run.json").read_text())
+    assert [n["trial"] for n in names["trials"]] == [t["trial"] for t in trials]
+    assert not {"trial_id", "mlflow_run_id"} & (best.keys() | {k for t in trials for k in t})
+    assert {c.info.run_id for c in children} >= {n["mlflow_run_id"] for n in names["trials"]}
+    assert names["best_mlflow_run_id"] in {n["mlflow_run_id"] for n in names["trials"]}
     assert all(c.data.tags["clipmill.git_commit"] != "unknown" for c in children)  # trials run in the repository
     assert parent.data.metrics["best/val/zeroshot/acc1"] == best["value"]

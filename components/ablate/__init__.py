@@ -1,1 +1,2 @@
-"""Ablation of the curation: train and evaluate the funnel cut after each step (and without one), side by side."""
+"""Ablation of the curation: its arms, variants, statistics, report and records. The runs themselves (curate,
+reshard, train and evaluate each arm) are composed in ``pipelines/ablate.py``."""

@@ -1,51 +1,30 @@
-"""The curation ablation: each arm's curated shards, N seeded training runs per arm, one evaluation suite.
+"""The curation ablation's records: its inputs, the MLflow parent run (and the evaluation's metrics added to each
+child training run), the progress lines, and the output files.
 
-In: the curate stage's outputs (``data/curate``: every step's per-shard decisions), the download shards, the
-held-out suite, and the whole params (``ablate:``, ``train:``, ``evaluate:``, ``curate.steps``). For each arm
-(``components.ablate.arms``) the reshard code writes the uids that the arm's steps kept into
-``<work>/<arm>/curated``; an "all but X" arm is first curated again without X (``<work>/<arm>/curate``, the
-outputs of the steps before X reused through hard links), so the later steps see what X would have dropped.
-Every run trains ``ablate.samples_per_epoch`` x ``train.epochs`` samples (equal samples seen), with seed
-``train.seed + k``, and is evaluated on the same suite (no plots).
-
-Out (``ablate.out_dir``, written atomically): ``table.md`` (means over seeds and the marginal effects with
-paired class-bootstrap CIs), ``means.csv``, ``effects.csv``, ``runs.csv`` (one row per arm and seed),
-``per_class.csv`` (recall per arm, seed and class), ``arms.csv`` (each arm's steps, samples and a hash of its
-uids), ``ablation.json`` and ``ablation.png``. MLflow: one parent run (``ablation``) with one child run per arm
-and seed (the training run, with the evaluation's metrics added).
+The ablation itself composes the curate, reshard and train stages, so it lives with the other compositions of
+stages: ``pipelines/ablate.py`` (``clipmill ablate``), which describes the runs and their outputs.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pandas as pd
 
-from components.common.curation import STEPS_DIR, UNITS_DIR, step_dir
-from components.common.errors import ConfigError
-from components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
+from components.common.curation import STEPS_DIR
 from components.common.io import atomic_path, write_json
 from components.common.log import get_logger
 from components.common.tracking import PARENT_RUN_ENV, lineage_tags, tracking_uri, use_experiment
 
 from . import report, stats
-from .arms import Arm, resolve_arms
+from .arms import Arm
 
 log = get_logger("ablate")
-
-# A unit of work: ``call(fn, name, *args)`` runs ``fn(*args)`` (the Prefect flow runs it as a task).
-Call = Callable[..., Any]
-
-
-def _direct(fn: Callable, name: str, *args):
-    return fn(*args)
 
 
 @dataclass
@@ -58,72 +37,8 @@ class Inputs:
     logged: dict[str, Any] = field(default_factory=dict)  # -S overrides and tuned values, logged as params
 
 
-def _quiet(params):
-    """``params`` with stage-level MLflow runs off (the reshard and curate calls inside an arm)."""
-    return params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    """A copy of ``source`` whose files are hard links (the curate stage replaces files, never edits them)."""
-    shutil.copytree(source, target, copy_function=os.link, dirs_exist_ok=True)
-
-
-def curate_again(arm: Arm, params, inputs: Inputs, out: Path) -> Path:
-    """The curation of an "all but X" arm in ``out``: the units and the outputs of the steps before X linked from
-    the curate stage's directory, then the curate stage over ``arm.steps`` (it redoes only what changed)."""
-    from components.curate.stage import curate
-
-    if inputs.manifest is None:
-        raise ConfigError(f"ablate: arm {arm.name!r} curates again and needs the download manifest (--manifest)")
-    left_out = arm.name[1:]
-    steps = list(params.curate.steps)
-    _link_tree(inputs.curate / UNITS_DIR, out / UNITS_DIR)
-    for step in steps[:steps.index(left_out)]:
-        _link_tree(step_dir(inputs.curate, step), out / STEPS_DIR / step)
-    arm_params = _quiet(params).model_copy(update={"curate": params.curate.model_copy(update={"steps": list(arm.steps)})})
-    extra = {"bootstrap_model": str(inputs.bootstrap_model)} if inputs.bootstrap_model else {}
-    curate(inputs.manifest, inputs.shards, out, arm_params, inputs={**extra, "manifest": str(inputs.manifest)})
-    return out
-
-
-def build_arm(arm: Arm, params, inputs: Inputs, work: Path) -> dict:
-    """The arm's curated shards (``work/curated``) from the curation's per-step decisions, by the reshard code."""
-    from components.reshard.curated import reshard
-
-    source = curate_again(arm, params, inputs, work / "curate") if arm.recurate else inputs.curate
-    quiet = _quiet(params)
-    summary = reshard(source, inputs.shards, work / "curated", params.reshard,
-                      params.project.seed + params.reshard.seed_offset, quiet.tracking, list(arm.steps))
-    if summary["samples"] == 0:
-        raise ConfigError(f"ablate: arm {arm.name!r} ({arm.label}) keeps no samples"
-                          + (" (curated again with this ablation's params)" if arm.recurate else ""))
-    uids = sorted(pd.read_parquet(work / "curated" / "manifest.parquet", columns=["uid"])["uid"])
-    return {"arm": arm.name, "label": arm.label, "steps": " ".join(arm.steps) or "-", "recurated": arm.recurate,
-            "baseline": arm.baseline or "", "samples": summary["samples"],
-            "uid_hash": hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16], "shards": str(work / "curated")}
-
-
-def train_and_evaluate(arm: Arm, seed: int, params, shards: Path, out: Path, suite: EvalSuite) -> tuple[dict, pd.DataFrame]:
-    """One run of ``arm``: train at the ablation's samples per epoch with ``seed``, evaluate on ``suite``."""
-    from components.common.model import load_clip
-    from components.train.train import train
-
-    section = params.train.model_copy(update={"samples_per_epoch": params.ablate.samples_per_epoch, "seed": seed,
-                                              "checkpoint_every_n_steps": 0})
-    result = train(section, shards=str(shards), out_dir=out, eval_dir=None, seed=seed, tracking=params.tracking,
-                   stage=f"ablate:{arm.name}:seed{seed}")
-    clip = load_clip(str(out / "model"), device=params.evaluate.device)
-    scores = evaluate_details(clip, suite, params.evaluate.batch_size)
-    if result.run_id is not None:
-        _log_to_run(result.run_id, params, scores.metrics, {"clipmill.ablation.arm": arm.name,
-                                                            "clipmill.ablation.seed": str(seed)})
-    row = {"arm": arm.name, "seed": seed, "run_id": result.run_id or "", "steps": result.steps,
-           "samples_seen": result.samples_seen, "wall_time_s": result.wall_time_s, **scores.metrics}
-    per_class = scores.per_class.assign(arm=arm.name, seed=seed) if scores.per_class is not None else pd.DataFrame()
-    return row, per_class
-
-
-def _log_to_run(run_id: str, params, metrics: dict[str, float], tags: dict[str, str]) -> None:
+def log_to_run(run_id: str, params, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """``metrics`` and ``tags`` added to a finished run (a training run, with its evaluation's metrics)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
@@ -166,7 +81,7 @@ def parent_run(params, inputs: Inputs, arms: list[Arm]) -> Iterator[str | None]:
         client.set_terminated(run_id, status)
 
 
-def _work_dir(configured: str | None) -> tuple[Path, bool]:
+def work_dir(configured: str | None) -> tuple[Path, bool]:
     """(the work directory, whether to remove it at the end)."""
     if configured:
         Path(configured).mkdir(parents=True, exist_ok=True)
@@ -174,41 +89,7 @@ def _work_dir(configured: str | None) -> tuple[Path, bool]:
     return Path(tempfile.mkdtemp(prefix="clipmill-ablate-")), True
 
 
-def ablate(params, inputs: Inputs, call: Call = _direct) -> dict:
-    """Run every arm and seed (module doc); returns the summary written to ``ablation.json``."""
-    ab = params.ablate
-    if not params.train.resampled:
-        raise ConfigError("ablate: train.resampled must be true: a small arm's shards run out before "
-                          "ablate.samples_per_epoch otherwise, and the arms would not see equal samples")
-    arms = resolve_arms(ab.arms, list(params.curate.steps))
-    suite = load_eval_suite(inputs.eval_dir, params.evaluate.concept_counts, params.evaluate.extra_zeroshot)
-    seeds = [(params.train.seed if params.train.seed is not None else params.project.seed) + k for k in range(ab.seeds)]
-    work, temporary = _work_dir(ab.work_dir)
-    started = time.perf_counter()
-    built, rows, per_class = [], [], []
-    try:
-        with parent_run(params, inputs, arms) as run_id:
-            for i, arm in enumerate(arms, 1):
-                arm_started = time.perf_counter()
-                info = call(build_arm, f"build-{arm.name}", arm, params, inputs, work / arm.name)
-                built.append(info)
-                for seed in seeds:
-                    row, classes = call(train_and_evaluate, f"train-{arm.name}-seed{seed}", arm, seed, params,
-                                        Path(info["shards"]) / "shards", work / arm.name / f"seed{seed}", suite)
-                    rows.append({**row, "arm_samples": info["samples"]})
-                    per_class.append(classes)
-                _progress(i, len(arms), arm, info, rows[-len(seeds):], time.perf_counter() - arm_started)
-            summary = write_outputs(params, arms, built, rows, per_class, seeds, run_id,
-                                    time.perf_counter() - started)
-            if run_id is not None:
-                _log_outputs(params, run_id, summary)
-    finally:
-        if temporary:
-            shutil.rmtree(work, ignore_errors=True)
-    return summary
-
-
-def _progress(i: int, n: int, arm: Arm, info: dict, rows: list[dict], seconds: float) -> None:
+def progress(i: int, n: int, arm: Arm, info: dict, rows: list[dict], seconds: float) -> None:
     acc = pd.Series([r.get("zeroshot/acc1", float("nan")) for r in rows])
     tail = pd.Series([r.get("zeroshot/recall_tail", float("nan")) for r in rows])
     line = (f"ablate: arm {i}/{n} {arm.name} ({arm.label}): {info['samples']} samples, {len(rows)} seeds x "
@@ -248,7 +129,8 @@ def write_outputs(params, arms: list[Arm], built: list[dict], rows: list[dict], 
     return summary
 
 
-def _log_outputs(params, run_id: str, summary: dict) -> None:
+def log_outputs(params, run_id: str, summary: dict) -> None:
+    """The output files and the wall time, on the parent run."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(params.tracking))

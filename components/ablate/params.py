@@ -25,3 +25,10 @@ class AblateParams(Section):
     out_dir: str = Field("reports/ablation", description="Table, effects with CIs, per-run results and the plot.")
     work_dir: str | None = Field(None, description="Each arm's curated shards and trained models; null: a temporary "
                                                    "directory, removed at the end.")
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "ablate": (AblateParams,
+        '`clipmill ablate`: the funnel cut after each step, trained and evaluated side by side -> '
+        'ablate.out_dir.'),
+}

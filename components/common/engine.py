@@ -1,37 +1,55 @@
-"""Ray for the curation executor and the sweep: connect to a cluster, or start a local Ray for the duration of a
+"""Ray for the curation executor, the sweep and the download: connect to a cluster, or start a local Ray for the duration of a
 stage; and what a task asks of the cluster, checked before it is submitted."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import ConfigError
 from .params import RayParams
 
 
 @contextmanager
-def ray_session(ray_params: RayParams) -> Iterator[None]:
+def ray_session(ray_params: RayParams, *, env_vars: dict[str, str] | None = None, ship_code: bool = True,
+                object_store_mb: int | None = None, worker_logs: bool = False) -> Iterator[None]:
     """Connect to the Ray cluster at ``ray_params.address`` or start a local Ray with ``num_cpus``.
 
     A Ray that is already initialised (by a caller or a test) is used as is and left running; one started
-    here is shut down on exit.
+    here is shut down on exit. The options are those of ``ray_init_args``.
     """
     import ray
 
     if ray.is_initialized():
         yield
         return
-    if ray_params.address:
-        import components
-
-        # Workers of a remote cluster do not have this checkout: ship the package that holds the curation steps.
-        ray.init(address=ray_params.address, runtime_env={"py_modules": [components]}, log_to_driver=False)
-    else:
-        ray.init(num_cpus=ray_params.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(**ray_init_args(ray_params, env_vars=env_vars, ship_code=ship_code, object_store_mb=object_store_mb,
+                             worker_logs=worker_logs))
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def ray_init_args(ray_params: RayParams, *, env_vars: dict[str, str] | None = None, ship_code: bool = True,
+                  object_store_mb: int | None = None, worker_logs: bool = False) -> dict[str, Any]:
+    """The ``ray.init`` arguments of a session: the cluster at ``ray_params.address`` (with this checkout's
+    ``components`` package shipped when ``ship_code``: a remote cluster's workers do not have it) or a local Ray
+    of ``num_cpus`` (and ``object_store_mb`` MiB of object store, when set); ``env_vars`` set in every worker;
+    workers' output echoed to the driver only with ``worker_logs``."""
+    runtime_env: dict[str, Any] = {"env_vars": dict(env_vars)} if env_vars else {}
+    if ray_params.address:
+        args: dict[str, Any] = {"address": ray_params.address}
+        if ship_code:
+            import components
+
+            runtime_env["py_modules"] = [components]
+    else:
+        args = {"num_cpus": ray_params.num_cpus, "include_dashboard": False}
+        if object_store_mb:
+            args["object_store_memory"] = object_store_mb * 2**20
+    if runtime_env:
+        args["runtime_env"] = runtime_env
+    return {**args, "log_to_driver": worker_logs}
 
 
 # A step's ``num_gpus`` may be this: one GPU per task when the Ray cluster has GPUs, none otherwise (device auto).

@@ -16,8 +16,8 @@ class Section(BaseModel):
 
 class ProjectParams(Section):
     seed: int = Field(0, ge=0, description="Master seed; every stage derives its own from it.")
-    data_dir: str = Field("data", description="Root of the DVC-tracked stage outputs.")
-    reports_dir: str = Field("reports", description="Where HTML/PNG reports are written.")
+    data_dir: str = Field("data", description="Root of the DVC-tracked stage outputs: dvc.yaml and the stage commands' path defaults follow it.")
+    reports_dir: str = Field("reports", description="Where HTML/PNG reports and run_summary.md are written.")
 
 
 class TrackingParams(Section):

@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
 from components.common.curation import (load_state, output_path, read_marker, rows_fingerprint, step_class, unit_path,
                                         write_output)
 from components.common.hashing import hash_obj
-from components.common.log import get_logger, progress_disabled
+from components.common.log import Progress, get_logger
 from components.common.params import RayParams
 from components.common.steps import PoolStep, Step, StepContext, check_output
 from components.common.storage import location, read_frame
@@ -182,26 +181,28 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _local(self, tasks: list[UnitTask], bar: tqdm) -> float:
+    def _local(self, tasks: list[UnitTask], bar: Progress) -> float:
         seconds = 0.0
         if self._pool is None:
             for task in tasks:
-                seconds += run_task(task)["seconds"]
-                bar.update(1)
+                result = run_task(task)
+                seconds += result["seconds"]
+                bar.update(1, samples=result.get("input", 0))
             return seconds
         pending = {self._pool.submit(run_task, task) for task in tasks}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    seconds += future.result()["seconds"]  # re-raises a worker's error here, with its message
-                    bar.update(1)
+                    result = future.result()  # re-raises a worker's error here, with its message
+                    seconds += result["seconds"]
+                    bar.update(1, samples=result.get("input", 0))
             return seconds
         finally:
             for future in pending:
                 future.cancel()
 
-    def _ray(self, tasks: list[UnitTask], resources: dict, bar: tqdm) -> float:
+    def _ray(self, tasks: list[UnitTask], resources: dict, bar: Progress) -> float:
         import ray
 
         from components.common.engine import ray_options
@@ -212,8 +213,9 @@ class Executor:
         seconds = 0.0
         while pending:
             finished, pending = ray.wait(pending, num_returns=1)
-            seconds += sum(result["seconds"] for result in ray.get(finished))
-            bar.update(len(finished))
+            results = ray.get(finished)
+            seconds += sum(result["seconds"] for result in results)
+            bar.update(len(finished), samples=sum(result.get("input", 0) for result in results))
         return seconds
 
     def run(self, tasks: list[UnitTask], resources: dict | None = None) -> dict:
@@ -227,7 +229,7 @@ class Executor:
             return timing
         label = f"{tasks[0].step}:{tasks[0].phase}"
         started = time.perf_counter()
-        with tqdm(total=len(todo), desc=label, unit="shard", disable=progress_disabled()) as bar:
+        with Progress(f"curate {label}", len(todo), "shards") as bar:
             if self.kind == "ray":
                 timing["task_seconds"] = self._ray(todo, resources or {"num_cpus": 1}, bar)
             else:

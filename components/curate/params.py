@@ -30,3 +30,10 @@ class CurateParams(Section):
         if steps != [s for s in STEP_NAMES if s in steps] or len(set(steps)) != len(steps):
             raise ValueError(f"steps must follow the declared order once each: {', '.join(STEP_NAMES)}")
         return steps
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "curate": (CurateParams,
+        'The curation steps, per download shard -> <data_dir>/curate (steps/<step>/<shard>.parquet, '
+        'summary.json).'),
+}

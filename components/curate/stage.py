@@ -142,9 +142,10 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     """The download manifest and shards in; ``out_dir`` (laid out as ``components/common/curation.py`` says) and
     ``out_dir/summary.json`` out.
 
-    ``out_dir/timings.json`` holds this run's seconds. ``params`` is the whole params.yaml (each step reads its own section; ``curate`` says which steps run and
-    where); ``inputs`` are extra named inputs of steps (``bootstrap_model``; ``manifest``, the path that errors
-    name, defaults to ``manifest_path``). Returns the summary.
+    ``out_dir/timings.json`` holds this run's seconds. ``params`` is the whole params.yaml (each step reads its
+    own section; ``curate`` says which steps run and where); ``inputs`` are extra named inputs of steps
+    (``bootstrap_model``; ``manifest``, the path that errors name, defaults to ``manifest_path``). Returns the
+    summary.
     """
     import pyarrow as pa
 
@@ -155,10 +156,7 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     manifest_path, out_dir = location(manifest_path), location(out_dir)
     names = params.curate.steps
     steps = step_classes(names)
-    context = StepContext(shards_dir=str(location(shards_dir)), seed=params.project.seed,
-                          tracking_uri=tracking_uri(params.tracking),
-                          inputs={k: str(location(v)) if k != "manifest" else str(v)
-                                  for k, v in {"manifest": manifest_path, **(inputs or {})}.items()})
+    context = _step_context(params, manifest_path, shards_dir, inputs)
     for step in steps:  # a step that cannot run fails here, before any work
         step.check_params(step_params(step, params), context)
     sections = {"curate": params.curate.model_dump(mode="json"),
@@ -179,23 +177,41 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
         write_json(summary, out_dir / "summary.json")
         write_json(timings, out_dir / TIMINGS_FILE)
         if run is not None:
-            import mlflow
-
-            metrics = {"samples_in": samples, "samples_out": summary["kept"], "shards": len(units),
-                       "wall_seconds": timings["wall_seconds"], "split_seconds": timings["split_seconds"]}
-            for name, t in timings["steps"].items():
-                metrics[f"{name}.wall_seconds"] = t["wall_seconds"]
-                metrics.update({f"{name}.{phase}.{k}": v for phase, p in t["phases"].items()
-                                for k, v in p.items() if k in ("ran", "task_seconds")})
-            for s in summaries:
-                metrics.update({f"{s['step']}.{k}": v for k, v in funnel_metrics(s).items()
-                                if k not in ("samples_in", "samples_out")})
-                metrics.update({f"{s['step']}.{k}": v for k, v in s.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)
-                                and k not in ("input", "kept")})
-            mlflow.log_metrics(metrics)
-            mlflow.log_dict(summary, "summary.json")
-            mlflow.log_dict(timings, TIMINGS_FILE)
+            _log_run(summary, timings)
     log.info("curate: %d samples in %d shards -> %d kept (%s) in %.1f s", samples, len(units), summary["kept"],
              " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), timings["wall_seconds"])
     return summary
+
+
+def _step_context(params, manifest_path: Path, shards_dir: str | os.PathLike,
+                  inputs: dict[str, str] | None) -> StepContext:
+    """What every step sees: absolute input paths (tasks may run elsewhere) except the manifest, which is named in
+    errors as the caller gave it."""
+    return StepContext(shards_dir=str(location(shards_dir)), seed=params.project.seed,
+                       tracking_uri=tracking_uri(params.tracking),
+                       inputs={k: str(location(v)) if k != "manifest" else str(v)
+                               for k, v in {"manifest": manifest_path, **(inputs or {})}.items()})
+
+
+def run_metrics(summary: dict, timings: dict) -> dict[str, float]:
+    """The MLflow metrics of a curation: the funnel, each step's numbers, and the wall and task seconds."""
+    metrics = {"samples_in": summary["samples"], "samples_out": summary["kept"], "shards": summary["shards"],
+               "wall_seconds": timings["wall_seconds"], "split_seconds": timings["split_seconds"]}
+    for name, t in timings["steps"].items():
+        metrics[f"{name}.wall_seconds"] = t["wall_seconds"]
+        metrics.update({f"{name}.{phase}.{k}": v for phase, p in t["phases"].items()
+                        for k, v in p.items() if k in ("ran", "task_seconds")})
+    for s in summary["steps"]:
+        metrics.update({f"{s['step']}.{k}": v for k, v in funnel_metrics(s).items()
+                        if k not in ("samples_in", "samples_out")})
+        metrics.update({f"{s['step']}.{k}": v for k, v in s.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("input", "kept")})
+    return metrics
+
+
+def _log_run(summary: dict, timings: dict) -> None:
+    import mlflow
+
+    mlflow.log_metrics(run_metrics(summary, timings))
+    mlflow.log_dict(summary, "summary.json")
+    mlflow.log_dict(timings, TIMINGS_FILE)

@@ -24,6 +24,7 @@ from components.common.io import atomic_path
 from components.common.log import get_logger, progress_disabled
 from components.common.params import TrackingParams
 from components.common.tracking import stage_run
+from components.common.mirror import ROUTES_FILE, ROUTES_FORMAT
 
 from .crawl import BEHAVIOURS, CAPTION_DEFECTS, IMAGE_DEFECTS, CrawlPlan, plan_crawl
 from .ground_truth import GROUND_TRUTH_COLUMNS
@@ -31,7 +32,6 @@ from .heldout import PlannedSample, plan_retrieval, plan_trusted, plan_zeroshot
 from .params import DemoCorpusParams
 from .render import Encoding, Scene, render_job
 from .scenes import zipf_probabilities
-from .server import ROUTES_FILE, ROUTES_FORMAT
 from .vocabulary import CONCEPTS, ZEROSHOT_TEMPLATES
 
 log = get_logger("demo_corpus")

@@ -115,25 +115,39 @@ def _mismatch_donor(i: int, concept_sets: list[set[str]], captions: list[str], r
     return None
 
 
-def plan_crawl(params: DemoCorpusParams, seed: int) -> CrawlPlan:
-    """The whole crawl, decided from (seed, params.seed_offset): no pixels rendered yet."""
-    rng = np.random.default_rng([seed, params.seed_offset, STREAM_CRAWL])
-    text_rng = random.Random(int(rng.integers(2**63)))
-    ranking = rng.permutation(len(CONCEPTS))
-    probs = concept_probabilities(ranking, params.zipf_exponent)
-    n = params.num_pairs
+@dataclass
+class _Images:
+    """Which image file each pair links to, and what each duplicate copies (pair indices)."""
+
+    files: dict[str, ImageFile]
+    file_of: list[ImageFile | None]
+    source_of: list[int | None]
+    near_kind: list[str | None]
+
+
+@dataclass
+class _Captions:
+    """Each pair's caption, the noise applied to it and whose image it describes (a pair index, or None)."""
+
+    text: list[str]
+    noise: list[list[str]]
+    caption_of: list[int | None]
+
+
+def _allocate_labels(rng: np.random.Generator, params: DemoCorpusParams, n: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each pair's image kind, server behaviour and caption defect, in exact proportions."""
     image_kind = allocate(rng, n, params.image_defects.model_dump(), "original")
     if not (image_kind == "original").any():
         image_kind[0] = "original"  # duplicates need something to duplicate
     behaviour = allocate(rng, n, params.behaviours.model_dump(), "ok")
     caption_defect = allocate(rng, n, params.caption_defects.model_dump(), "none")
+    return image_kind, behaviour, caption_defect
 
-    files: dict[str, ImageFile] = {}
-    file_of: list[ImageFile | None] = [None] * n
-    source_of: list[int | None] = [None] * n
-    near_kind: list[str | None] = [None] * n
-    tokens = [_token(seed, params.seed_offset, i) for i in range(n)]
-    originals = np.flatnonzero(image_kind == "original")
+
+def _plan_originals(rng: np.random.Generator, params: DemoCorpusParams, probs: np.ndarray, tokens: list[str],
+                    originals: np.ndarray, images: _Images) -> None:
+    """A fresh scene, size and encoding for each original pair."""
     for i in originals:
         oversized = rng.random() < params.images.oversized
         size = (sample_size(rng, params.oversized_px, params.oversized_px) if oversized
@@ -141,19 +155,40 @@ def plan_crawl(params: DemoCorpusParams, seed: int) -> CrawlPlan:
         enc = _sample_encoding(rng, params)
         img = ImageFile(f"images/{tokens[i]}.{enc.extension}", sample_scene(rng, probs, size, params.max_objects),
                         enc, oversized)
-        files[img.name] = file_of[i] = img
+        images.files[img.name] = images.file_of[i] = img
+
+
+def _plan_copies(rng: np.random.Generator, tokens: list[str], image_kind: np.ndarray, originals: np.ndarray,
+                 images: _Images) -> None:
+    """Exact duplicates share an original's file; near duplicates get a re-encoded, shifted or rescaled one."""
     for i in np.flatnonzero(image_kind != "original"):
         src = int(originals[rng.integers(len(originals))])
-        source_of[i] = src
+        images.source_of[i] = src
         if image_kind[i] == "exact_duplicate":
-            file_of[i] = file_of[src]
+            images.file_of[i] = images.file_of[src]
             continue
-        near_kind[i] = NEAR_DUPLICATE_KINDS[rng.integers(len(NEAR_DUPLICATE_KINDS))]
-        source = file_of[src]
-        enc = _near_duplicate_encoding(rng, source.encoding, near_kind[i])
+        kind = images.near_kind[i] = NEAR_DUPLICATE_KINDS[rng.integers(len(NEAR_DUPLICATE_KINDS))]
+        source = images.file_of[src]
+        enc = _near_duplicate_encoding(rng, source.encoding, kind)
         img = ImageFile(f"images/{tokens[i]}.{enc.extension}", source.scene, enc, source.oversized)
-        files[img.name] = file_of[i] = img
+        images.files[img.name] = images.file_of[i] = img
 
+
+def _plan_images(rng: np.random.Generator, params: DemoCorpusParams, probs: np.ndarray, tokens: list[str],
+                 image_kind: np.ndarray) -> _Images:
+    """Every pair's image file: originals first, then their duplicates."""
+    n = len(tokens)
+    images = _Images({}, [None] * n, [None] * n, [None] * n)
+    originals = np.flatnonzero(image_kind == "original")
+    _plan_originals(rng, params, probs, tokens, originals, images)
+    _plan_copies(rng, tokens, image_kind, originals, images)
+    return images
+
+
+def _plan_captions(rng: np.random.Generator, text_rng: random.Random, params: DemoCorpusParams,
+                   file_of: list[ImageFile], caption_defect: np.ndarray) -> _Captions:
+    """Honest web captions, then the caption defects; a mismatch that cannot be made becomes ``none`` in
+    ``caption_defect``."""
     honest, noise = [], []
     for img in file_of:
         text, applied = web_caption(img.scene, text_rng, params.caption_noise, colors=img.encoding.mode != "L",
@@ -161,68 +196,108 @@ def plan_crawl(params: DemoCorpusParams, seed: int) -> CrawlPlan:
         honest.append(text)
         noise.append(applied)
     concept_sets = [set(img.scene.concepts) for img in file_of]
-    captions, caption_noise = list(honest), [list(a) for a in noise]
-    caption_of: list[int | None] = [i if honest[i] else None for i in range(n)]  # whose image the caption describes
+    out = _Captions(list(honest), [list(a) for a in noise], [i if honest[i] else None for i in range(len(honest))])
     for i in np.flatnonzero(caption_defect == "mismatched"):
         donor = _mismatch_donor(int(i), concept_sets, honest, rng)
         if donor is None:  # every other caption shares a concept: the defect cannot be made here
             caption_defect[i] = "none"
             continue
-        captions[i], caption_noise[i], caption_of[i] = honest[donor], list(noise[donor]), donor
+        out.text[i], out.noise[i], out.caption_of[i] = honest[donor], list(noise[donor]), donor
     for i in np.flatnonzero(caption_defect == "boilerplate_only"):
-        captions[i], caption_noise[i], caption_of[i] = boilerplate_only_caption(text_rng), [], None
+        out.text[i], out.noise[i], out.caption_of[i] = boilerplate_only_caption(text_rng), [], None
+    return out
 
-    routes: dict[str, dict] = {}
-    pairs: list[dict] = []
-    for i in range(n):
-        img, site = file_of[i], int(rng.integers(params.num_sites))
-        path = _image_path(rng, site, tokens[i], img.encoding.extension)
-        served = {"file": img.name, "content_type": img.encoding.content_type}
-        if behaviour[i] == "redirect":
-            target = f"/s{site:03d}/images/{tokens[i]}.{img.encoding.extension}"
-            path = f"/s{site:03d}/media/{tokens[i]}"
-            routes[target] = {"behaviour": "ok", **served}
-            routes[path] = {"behaviour": "redirect", "target": target}
-        elif behaviour[i] in ("not_found", "html_as_image"):
-            routes[path] = {"behaviour": behaviour[i], "content_type": "image/jpeg"}
-        else:
-            routes[path] = {"behaviour": behaviour[i], **served}
-        url = DEMO_BASE_URL + path
-        enc, scene = img.encoding, img.scene
-        width, height = enc.stored_size(scene.width, scene.height)
-        pairs.append({
-            "uid": make_uid(url, captions[i]),
-            "url": url,
-            "caption": captions[i],
-            "page_url": f"{DEMO_BASE_URL}/s{site:03d}/posts/{rng.integers(1, 5000)}.html",
-            "crawl_date": (_CRAWL_START + dt.timedelta(days=int(rng.integers(366)))).isoformat(),
-            "behaviour": str(behaviour[i]),
-            "mismatched": caption_defect[i] == "mismatched",
-            "boilerplate_only": caption_defect[i] == "boilerplate_only",
-            "exact_duplicate": image_kind[i] == "exact_duplicate",
-            "near_duplicate": image_kind[i] == "near_duplicate",
-            "near_duplicate_kind": near_kind[i],
-            "duplicate_of": source_of[i],  # pair indices here; uids once all uids exist
-            "caption_of": caption_of[i],
-            "caption_noise": caption_noise[i],
-            "concepts": scene.concepts,
-            "true_caption": true_caption(scene, colors=enc.mode != "L"),
-            "image_file": img.name,
-            "image_format": enc.format,
-            "image_mode": enc.mode,
-            "grayscale": enc.mode == "L",
-            "palette": enc.mode == "P",
-            "has_alpha": enc.mode == "RGBA",
-            "exif_orientation": enc.exif_orientation,
-            "oversized": img.oversized,
-            "width": width,
-            "height": height,
-            "background": "transparent" if enc.mode == "RGBA" else scene.background.kind,
-        })
+
+def _add_route(routes: dict[str, dict], rng: np.random.Generator, site: int, token: str, img: ImageFile,
+               behaviour: str) -> str:
+    """Route the pair's URL path on the demo server; returns the path its URL names."""
+    path = _image_path(rng, site, token, img.encoding.extension)
+    served = {"file": img.name, "content_type": img.encoding.content_type}
+    if behaviour == "redirect":
+        target = f"/s{site:03d}/images/{token}.{img.encoding.extension}"
+        path = f"/s{site:03d}/media/{token}"
+        routes[target] = {"behaviour": "ok", **served}
+        routes[path] = {"behaviour": "redirect", "target": target}
+    elif behaviour in ("not_found", "html_as_image"):
+        routes[path] = {"behaviour": behaviour, "content_type": "image/jpeg"}
+    else:
+        routes[path] = {"behaviour": behaviour, **served}
+    return path
+
+
+def _image_fields(img: ImageFile) -> dict:
+    """The ground-truth fields that describe a pair's image file."""
+    enc, scene = img.encoding, img.scene
+    width, height = enc.stored_size(scene.width, scene.height)
+    return {
+        "concepts": scene.concepts,
+        "true_caption": true_caption(scene, colors=enc.mode != "L"),
+        "image_file": img.name,
+        "image_format": enc.format,
+        "image_mode": enc.mode,
+        "grayscale": enc.mode == "L",
+        "palette": enc.mode == "P",
+        "has_alpha": enc.mode == "RGBA",
+        "exif_orientation": enc.exif_orientation,
+        "oversized": img.oversized,
+        "width": width,
+        "height": height,
+        "background": "transparent" if enc.mode == "RGBA" else scene.background.kind,
+    }
+
+
+def _pair(i: int, url: str, site: int, rng: np.random.Generator, labels: tuple[np.ndarray, ...], images: _Images,
+          captions: _Captions) -> dict:
+    """Pair i's urls.parquet row and ground truth; duplicate_of and caption_of are pair indices here."""
+    image_kind, behaviour, caption_defect = labels
+    return {
+        "uid": make_uid(url, captions.text[i]),
+        "url": url,
+        "caption": captions.text[i],
+        "page_url": f"{DEMO_BASE_URL}/s{site:03d}/posts/{rng.integers(1, 5000)}.html",
+        "crawl_date": (_CRAWL_START + dt.timedelta(days=int(rng.integers(366)))).isoformat(),
+        "behaviour": str(behaviour[i]),
+        "mismatched": caption_defect[i] == "mismatched",
+        "boilerplate_only": caption_defect[i] == "boilerplate_only",
+        "exact_duplicate": image_kind[i] == "exact_duplicate",
+        "near_duplicate": image_kind[i] == "near_duplicate",
+        "near_duplicate_kind": images.near_kind[i],
+        "duplicate_of": images.source_of[i],
+        "caption_of": captions.caption_of[i],
+        "caption_noise": captions.noise[i],
+        **_image_fields(images.file_of[i]),
+    }
+
+
+def _link_uids(pairs: list[dict]) -> None:
+    """Pair indices in duplicate_of and caption_of become uids, once every uid exists."""
     uids = [p["uid"] for p in pairs]
     for p in pairs:
         for key in ("duplicate_of", "caption_of"):
             p[key] = None if p[key] is None else uids[p[key]]
         p["caption_matches_image"] = p["caption_of"] == p["uid"]
+
+
+def plan_crawl(params: DemoCorpusParams, seed: int) -> CrawlPlan:
+    """The whole crawl, decided from (seed, params.seed_offset): no pixels rendered yet.
+
+    The random draws happen in a fixed order (labels, images, captions, then per pair its site, URL path, page
+    and date, then the output order), so a seed always gives the same crawl."""
+    rng = np.random.default_rng([seed, params.seed_offset, STREAM_CRAWL])
+    text_rng = random.Random(int(rng.integers(2**63)))
+    ranking = rng.permutation(len(CONCEPTS))
+    probs = concept_probabilities(ranking, params.zipf_exponent)
+    n = params.num_pairs
+    labels = _allocate_labels(rng, params, n)
+    tokens = [_token(seed, params.seed_offset, i) for i in range(n)]
+    images = _plan_images(rng, params, probs, tokens, labels[0])
+    captions = _plan_captions(rng, text_rng, params, images.file_of, labels[2])
+    routes: dict[str, dict] = {}
+    pairs: list[dict] = []
+    for i in range(n):
+        site = int(rng.integers(params.num_sites))
+        path = _add_route(routes, rng, site, tokens[i], images.file_of[i], labels[1][i])
+        pairs.append(_pair(i, DEMO_BASE_URL + path, site, rng, labels, images, captions))
+    _link_uids(pairs)
     order = rng.permutation(n)
-    return CrawlPlan([pairs[i] for i in order], files, routes, [CONCEPTS[k] for k in ranking], probs)
+    return CrawlPlan([pairs[i] for i in order], images.files, routes, [CONCEPTS[k] for k in ranking], probs)

@@ -22,7 +22,8 @@ class BehaviourRates(_RatesSummingToAtMostOne):
 
     not_found: float = Field(0.04, ge=0, le=1, description="404 Not Found.")
     transient_5xx: float = Field(0.03, ge=0, le=1, description="503 on the first request, 200 on a retry.")
-    slow: float = Field(0.01, ge=0, le=1, description="Answers only after demo_server.slow_seconds (a timeout).")
+    slow: float = Field(0.01, ge=0, le=1, description="Answers only after the server's slow_seconds "
+                        "(demo_server.slow_seconds, download.mirrors[].slow_seconds): a timeout.")
     truncated: float = Field(0.02, ge=0, le=1, description="Announces the full Content-Length, sends part, closes.")
     html_as_image: float = Field(0.02, ge=0, le=1, description="An HTML page served as image/jpeg.")
     redirect: float = Field(0.05, ge=0, le=1, description="302 to the image's real path, then 200.")
@@ -86,17 +87,21 @@ class DemoCorpusParams(Section):
     oversized_px: int = Field(1500, ge=256, description="Long side of the oversized images, in pixels.")
     max_objects: int = Field(3, ge=1, le=9, description="Objects per scene: 1 to this many.")
     zipf_exponent: float = Field(1.1, gt=0, description="Concept popularity ~ 1/rank^exponent (long tail).")
-    behaviours: BehaviourRates = Field(default_factory=BehaviourRates, description="Web server behaviour rates.")
-    caption_defects: CaptionDefectRates = Field(default_factory=CaptionDefectRates, description="Caption defect rates.")
-    image_defects: ImageDefectRates = Field(default_factory=ImageDefectRates, description="Duplicate rates.")
+    behaviours: BehaviourRates = Field(default_factory=BehaviourRates,
+                                       description="Fractions of URLs per server behaviour (they add up to at most 1).")
+    caption_defects: CaptionDefectRates = Field(default_factory=CaptionDefectRates,
+                                                description="Fractions of pairs with a defective caption (exclusive).")
+    image_defects: ImageDefectRates = Field(default_factory=ImageDefectRates,
+                                            description="Fractions of pairs whose image duplicates another (exclusive).")
     caption_noise: CaptionNoiseRates = Field(default_factory=CaptionNoiseRates, description="Web noise in captions.")
     images: ImageKindRates = Field(default_factory=ImageKindRates, description="Image formats and modes.")
-    zeroshot_per_class: int = Field(5, ge=1, description="Held-out zero-shot images per class (one class per concept).")
+    zeroshot_per_class: int = Field(20, ge=1, description="Held-out zero-shot images per class (one class per concept, "
+                                                          "100 classes): per-class recall moves in steps of 1/20.")
     retrieval_size: int = Field(500, ge=1, description="Held-out retrieval images.")
     retrieval_captions: int = Field(5, ge=1, description="Clean captions per retrieval image.")
     trusted_size: int = Field(2500, ge=1, description="Clean trusted seed pairs (for the bootstrap filtering network).")
     trusted_shard_size: int = Field(1000, ge=1, description="Samples per trusted webdataset shard.")
-    workers: int = Field(2, ge=1, description="Rendering processes (1 renders in-process).")
+    workers: int = Field(2, ge=1, description="Rendering processes (1 renders in-process); the output does not depend on it.")
 
     @model_validator(mode="after")
     def _px_range(self):
@@ -108,4 +113,13 @@ class DemoCorpusParams(Section):
 class DemoServerParams(Section):
     slow_seconds: float = Field(
         20.0, gt=0,
-        description="How long 'slow' URLs stall before answering; keep it above download.timeout so they time out.")
+        description="How long 'slow' URLs of `clipmill demo-server` stall before answering; keep it above "
+                    "download.timeout so they time out (the download stage's mirror: download.mirrors[].slow_seconds).")
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "demo_corpus": (DemoCorpusParams,
+        'The synthetic web crawl, the embedded default input -> <data_dir>/crawl, <data_dir>/eval, '
+        '<data_dir>/trusted.'),
+    "demo_server": (DemoServerParams, "`clipmill demo-server`: the demo crawl's misbehaving web server."),
+}

@@ -127,9 +127,3 @@ LONG_FILLER: tuple[str, ...] = (
     "All images are the property of their respective owners and are shown here for information only.",
     "Browse more pictures in the same category using the links below this post.",
 )
-
-HTML_PAGE = (
-    "<!DOCTYPE html>\n<html><head><title>{title}</title></head>\n"
-    "<body><h1>{title}</h1><p>The image you requested is displayed on this page.</p>"
-    "<img src=\"/static/logo.png\" alt=\"logo\"></body></html>\n"
-)

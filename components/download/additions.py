@@ -5,7 +5,8 @@ list is one directory of the additions directory (``data/crawl_additions/<id>/``
 every append is a data version of its own):
 
 - ``urls.parquet``: the list as given (checked like any URL list);
-- ``web/`` (demo crawl batches only): what the demo server answers for the list's URLs;
+- ``web/`` (when the list brought one): mirror files for its URLs, served with the ``download.mirrors`` entry
+  whose prefix its URLs start with (``mirror.py``);
 - ``source.json``: where the list came from, its sha256 and when it was appended.
 
 ``<id>`` is ``<UTC time>-<sha256 prefix>``, so sorting the ids gives the order of the appends.
@@ -24,6 +25,7 @@ from components.common.errors import InputError
 from components.common.hashing import file_sha256, hash_obj
 from components.common.io import atomic_path, read_json, write_json
 from components.common.log import get_logger
+from components.common.mirror import ROUTES_FILE
 
 from .url_list import CRAWL_COLUMN, DEFAULT_MAX_CAPTION_CHARS, UrlList, read_url_list
 
@@ -76,10 +78,10 @@ def list_additions(additions_dir: str | os.PathLike | None) -> list[Addition]:
 @dataclass
 class Crawl:
     """The whole crawl: one checked ``UrlList`` (with a ``url_list`` passthrough column naming each URL's list),
-    the web/ directories of demo lists, and per-list counts."""
+    the web/ directories appended lists brought (by list name), and per-list counts."""
 
     url_list: UrlList
-    web_dirs: list[Path]
+    web_dirs: dict[str, Path]
     lists: list[dict]  # name, path, sha256, urls (listed), duplicates (uids an earlier list already had), counts
     sha256: str  # of all lists, in order
 
@@ -143,9 +145,7 @@ def read_crawl(urls: str | os.PathLike | None, additions_dir: str | os.PathLike 
     combined = UrlList(table, [*passthrough, CRAWL_COLUMN], sum(e["captions_cleaned"] for e in lists),
                        sum(e["captions_missing"] for e in lists), sum(e["captions_truncated"] for e in lists),
                        sum(e["duplicate_urls"] for e in lists))
-    base_web = [Path(urls).parent / WEB_DIR] if urls is not None else []
-    web_dirs = [d for d in base_web + [a.web for a in additions]
-                if d is not None and (d / "routes.json").is_file()]
+    web_dirs = {a.id: a.web for a in additions if a.web is not None and (a.web / ROUTES_FILE).is_file()}
     digest = lists[0]["sha256"] if len(lists) == 1 else hash_obj([e["sha256"] for e in lists])
     return Crawl(combined, web_dirs, lists, digest)
 
@@ -176,12 +176,10 @@ def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike,
     Before anything is copied, the list is checked on its own (``read_url_list``) and as the last list of the
     crawl (the base list ``crawl_urls`` when given, and every list appended before): a uid the crawl holds with
     another url or caption, a passthrough column of another type, a reserved column are each one ``InputError``
-    naming ``source``. A list whose content was appended before is refused (``AlreadyAppended``). The ``web/``
-    directory beside a list of demo URLs comes along (the demo server answers from it); it must hold no
-    symbolic links.
+    naming ``source``. A list whose content was appended before is refused (``AlreadyAppended``). A mirror
+    directory beside the list (``web/`` holding a ``routes.json``) comes along: the download serves it with the
+    mirror whose prefix the list's URLs start with. It must hold no symbolic links.
     """
-    from components.demo_corpus import DEMO_BASE_URL
-
     source = Path(source)
     checked = read_url_list(source)  # every problem is one InputError before anything is written
     sha = file_sha256(source)
@@ -194,9 +192,8 @@ def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike,
         read_crawl(crawl_urls, root, extra=[("new", source)])
     elif crawl_urls is not None:
         read_crawl(crawl_urls, None, extra=[("new", source)])
-    demo = checked.table["url"].str.startswith(DEMO_BASE_URL + "/", na=False).any()
     web = source.parent / WEB_DIR
-    copy_web = demo and (web / "routes.json").is_file()
+    copy_web = (web / ROUTES_FILE).is_file()
     if copy_web:
         _check_plain_tree(web)
     root.mkdir(parents=True, exist_ok=True)

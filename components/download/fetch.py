@@ -15,7 +15,7 @@ img2dataset keeps sharding, resizing, writing and distributing; its urllib fetch
 Errors read ``<reason>: <detail>`` with a reason of ``reasons.FETCH_REASONS`` (HTTP errors keep urllib's
 ``HTTP Error <code>: <phrase>``), so the manifest counts them.
 
-The only private addresses fetched are ``trusted_origins`` (address, port): the demo server the stage starts.
+The only private addresses fetched are ``trusted_origins`` (address, port): the mirror servers the stage starts.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ the shard) and, last, ``NNNNN_stats.json``; a shard without its stats file was i
 """
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from components.common.errors import InputError
+from components.common.io import atomic_path
 from components.common.shards import index_shard
 
 OOM_SHARD_COUNT = 5  # shard names have five digits: 00000.tar
@@ -79,3 +82,55 @@ def read_shard(shards_dir: Path, shard_id: int) -> pd.DataFrame:
     if incomplete:
         raise InputError(tar, f"samples without all of {', '.join(SAMPLE_FIELDS)}: {incomplete[:3]}")
     return rows.assign(shard=f"{shard_name(shard_id)}.tar")
+
+
+# img2dataset's clock readings in a stats file: they describe the run, not the shard (the run's own record keeps
+# the download's durations), so a canonical shard has none.
+RUN_STATS = ("start_time", "end_time", "duration")
+
+
+def is_canonical(shards_dir: Path, shard_id: int) -> bool:
+    """Whether ``canonicalize_shard`` has rewritten this finished shard (its stats file has no clock readings)."""
+    stats = json.loads(shard_files(shards_dir, shard_id)[2].read_text())
+    return not any(k in stats for k in RUN_STATS)
+
+
+def _canonical_json(data: bytes, listed_urls: dict[str, str]) -> bytes:
+    meta = json.loads(data)
+    meta["url"] = listed_urls.get(meta.get("uid"), meta.get("url"))
+    return json.dumps(meta, indent=4, sort_keys=True).encode()
+
+
+def _rewrite_tar(tar_path: Path, listed_urls: dict[str, str]) -> None:
+    """The tar's samples in key order, the listed URL in each ``.json``, and no times, owners or modes."""
+    with tarfile.open(tar_path) as src:
+        members = sorted(((m.name, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()),
+                         key=lambda item: item[0].split(".", 1))
+    with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
+        for name, data in members:
+            if name.endswith(".json"):
+                data = _canonical_json(data, listed_urls)
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            out.addfile(info, io.BytesIO(data))
+
+
+def canonicalize_shard(shards_dir: Path, shard_id: int, listed_urls: dict[str, str]) -> None:
+    """Rewrite a checked shard so that its bytes depend on its inputs alone, not on the run that fetched it.
+
+    img2dataset writes samples in the order its threads finish, records the URL it fetched (a mirror's address
+    has a port of the run) and the tar members' times, and puts clock readings in the stats file. The canonical
+    shard has its rows and samples in key order, the URL as listed (``listed_urls``: uid -> URL), members without
+    times, and a stats file without clock readings. The stats file is written last: it marks the shard finished.
+    """
+    tar, table, stats_file = shard_files(shards_dir, shard_id)
+    _rewrite_tar(tar, listed_urls)
+    rows = pq.read_table(table)
+    urls = [listed_urls.get(uid, url) for uid, url in zip(rows["uid"].to_pylist(), rows["url"].to_pylist())]
+    at = rows.schema.get_field_index("url")
+    rows = rows.set_column(at, rows.schema.field(at), pa.array(urls, rows.schema.field(at).type)).sort_by("key")
+    with atomic_path(table) as tmp:
+        pq.write_table(rows, tmp)
+    stats = {k: v for k, v in json.loads(stats_file.read_text()).items() if k not in RUN_STATS}
+    with atomic_path(stats_file) as tmp:
+        tmp.write_text(json.dumps(stats, indent=4, sort_keys=True) + "\n")

@@ -7,9 +7,13 @@ it again, so appending a list costs only its own download. Output directory (``o
   resumes or skips it, a different one is refused unless ``overwrite`` (then the list is downloaded again);
 - ``lists/<list>/requests.parquet``: the checked list as downloaded (uid, url, caption, passthrough columns) with
   the refusal reason of each URL that was not fetched; reused on resume so shard assignment never changes;
-- ``shards/<list>/``: img2dataset's ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json`` per shard;
+- ``shards/<list>/``: img2dataset's ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json`` per shard, made
+  canonical once checked (``shards.canonicalize_shard``: key order, listed URLs, no times), so a reproduction of
+  the download gives the same bytes;
 - ``lists/<list>/manifest.parquet``, ``lists/<list>/summary.json``: written last; the list is finished;
-- ``manifest.parquet``, ``summary.json``: every list's manifest in crawl order and the totals, written last.
+- ``manifest.parquet``, ``summary.json``: every list's manifest in crawl order and the totals, written last;
+  ``run.json``: this run's record (lists fetched, shards resumed or repaired, durations, speed), apart from the
+  counts, which depend on the inputs alone.
 A manifest row's ``shard`` names its tar relative to ``shards/`` (``crawl/00000.tar``).
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ import shutil
 import signal
 import time
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,17 +36,18 @@ import pyarrow.parquet as pq
 
 from components.common.errors import ClipmillError, InputError
 from components.common.io import atomic_path, check_replaceable, mark_output, read_json, write_json, write_parquet
-from components.common.log import get_logger
+from components.common.log import Progress, get_logger
+from components.common.mirror import check_mirror, serve_mirror, under_prefix
 from components.common.params import RayParams, TrackingParams
 from components.common.tracking import stage_run
-from components.demo_corpus.params import DemoServerParams
 
 from .fetch import FetchPolicy
-from .params import DownloadParams
+from .params import DownloadParams, MirrorParams
 from .reasons import error_reason
 from .safety import INVALID_URL, PRIVATE_HOST, UNRESOLVABLE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
 from .additions import Crawl, read_crawl
-from .shards import finished_shards, read_shard, shard_files
+from .shards import canonicalize_shard, finished_shards, is_canonical, read_shard, shard_files
+from .url_list import CRAWL_COLUMN
 
 log = get_logger("download")
 
@@ -64,7 +69,8 @@ MANIFEST_ROW_GROUP = 16384  # rows per row group of the crawl's manifest
 DOWNLOAD_OWNER = "download"  # the output marker's owner (``components.common.io``)
 LISTS_DIR = "lists"
 SHARDS_DIR = "shards"
-OUTPUTS = (LISTS_DIR, SHARDS_DIR, "manifest.parquet", "summary.json")
+RUN_RECORD = "run.json"  # this run's durations and resumed shards (summary.json: the crawl's counts)
+OUTPUTS = (LISTS_DIR, SHARDS_DIR, "manifest.parquet", "summary.json", RUN_RECORD)
 
 
 def _describe_differences(previous: dict, current: dict) -> list[str]:
@@ -131,21 +137,19 @@ def claim_output_dir(out: Path, run_info: dict, overwrite: bool, shards_dir: Pat
     return resuming
 
 
-def _demo_base_url(urls: pd.Series) -> str | None:
-    """The demo crawl's base URL when the list points at it, else None."""
-    from components.demo_corpus import DEMO_BASE_URL
-
-    prefix = DEMO_BASE_URL.rstrip("/") + "/"
-    return DEMO_BASE_URL if urls.str.startswith(prefix, na=False).any() else None
+def mirrors_used(mirrors: list[MirrorParams], urls: pd.Series) -> list[MirrorParams]:
+    """The mirrors (``download.mirrors``) that answer at least one of ``urls``."""
+    return [m for m in mirrors if under_prefix(urls, m.prefix).any()]
 
 
-def build_requests(table: pd.DataFrame, demo_base: str | None, allow_private_hosts: bool) -> pd.DataFrame:
+def build_requests(table: pd.DataFrame, mirrors: list[MirrorParams], allow_private_hosts: bool) -> pd.DataFrame:
     """A URL list's rows with a ``refusal`` column: why a URL is not fetched, or None.
 
-    URLs under the demo base are exempt from the host check: the stage serves them itself.
+    URLs under a mirror's prefix are exempt from the host check: the stage serves them itself.
     """
-    served_locally = table["url"].str.startswith(demo_base.rstrip("/") + "/", na=False) if demo_base else \
-        pd.Series(False, index=table.index)
+    served_locally = pd.Series(False, index=table.index)
+    for mirror in mirrors:
+        served_locally |= under_prefix(table["url"], mirror.prefix)
     refusal = pd.Series([None] * len(table), index=table.index, dtype=object)
     checked = ~served_locally
     refusal[checked] = refusal_reasons(table.loc[checked, "url"], allow_private_hosts)
@@ -153,7 +157,7 @@ def build_requests(table: pd.DataFrame, demo_base: str | None, allow_private_hos
 
 
 def fetch_policy(params: DownloadParams, trusted_origins: frozenset = frozenset()) -> FetchPolicy:
-    """How each URL is fetched (``fetch.py``); ``trusted_origins``: the demo server started here, if any."""
+    """How each URL is fetched (``fetch.py``); ``trusted_origins``: the mirror servers started here, if any."""
     token = (params.user_agent_token or "").strip().lower() or None
     return FetchPolicy(timeout=params.timeout, max_body_bytes=params.max_body_bytes,
                        max_redirects=params.max_redirects, allow_private_hosts=params.allow_private_hosts,
@@ -161,22 +165,36 @@ def fetch_policy(params: DownloadParams, trusted_origins: frozenset = frozenset(
                        disallowed_directives=frozenset(d.strip().lower() for d in params.disallowed_header_directives))
 
 
-@contextmanager
-def _fetch_urls(web_dirs: list[Path], demo_base: str | None, demo_server: DemoServerParams
-                ) -> Iterator[tuple[Callable[[pd.Series], pd.Series], frozenset]]:
-    """How listed URLs become the URLs img2dataset fetches: as listed, or with the demo base swapped for a demo
-    server started here on the ``web/`` directories of the crawl's lists. Also yields the (address, port) of
-    that server: the one private origin the fetch may connect to."""
-    if demo_base is None:
-        yield (lambda urls: urls), frozenset()
-        return
-    from components.demo_corpus import serve_web
+def _mirror_dirs(mirror: MirrorParams, crawl: Crawl) -> list[Path]:
+    """The mirror's directory, then the web/ directories of the appended lists with URLs under its prefix."""
+    table = crawl.url_list.table
+    used = set(table.loc[under_prefix(table["url"], mirror.prefix), CRAWL_COLUMN])
+    return [Path(mirror.dir)] + [web for name, web in crawl.web_dirs.items() if name in used]
 
-    with serve_web(web_dirs, slow_seconds=demo_server.slow_seconds) as base_url:
-        log.info("URL list points at %s: serving %s at %s", demo_base, ", ".join(map(str, web_dirs)), base_url)
-        origin = urlsplit(base_url)
-        yield (lambda urls: urls.str.replace(demo_base.rstrip("/"), base_url, n=1, regex=False),
-               frozenset({(origin.hostname, origin.port)}))
+
+@contextmanager
+def _fetch_urls(crawl: Crawl, mirrors: list[MirrorParams]
+                ) -> Iterator[tuple[Callable[[pd.Series], pd.Series], frozenset]]:
+    """How listed URLs become the URLs img2dataset fetches: as listed, or with a mirror's prefix swapped for the
+    address of a mirror server started here (one per mirror). Also yields the (address, port) of those servers:
+    the private origins the fetch may connect to."""
+    with ExitStack() as stack:
+        bases = {}
+        for mirror in mirrors:
+            dirs = _mirror_dirs(mirror, crawl)
+            bases[mirror.prefix] = stack.enter_context(serve_mirror(dirs, slow_seconds=mirror.slow_seconds))
+            log.info("URLs under %s: serving %s at %s", mirror.prefix, ", ".join(map(str, dirs)),
+                     bases[mirror.prefix])
+
+        def fetch_urls(urls: pd.Series) -> pd.Series:
+            out = urls.copy()
+            for prefix, base_url in bases.items():
+                mirrored = under_prefix(urls, prefix)
+                out[mirrored] = base_url + urls[mirrored].str.slice(len(prefix))
+            return out
+
+        origins = frozenset((urlsplit(b).hostname, urlsplit(b).port) for b in bases.values())
+        yield fetch_urls, origins
 
 
 @contextmanager
@@ -184,16 +202,11 @@ def _ray_session(params: DownloadParams, ray_params: RayParams) -> Iterator[None
     if params.distributor != "ray":
         yield
         return
-    import ray
+    from components.common.engine import ray_session
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=ray_params.address) if ray_params.address else ray.init(num_cpus=ray_params.num_cpus)
-    try:
+    # img2dataset's Ray tasks run img2dataset's code (no package shipped); their progress is echoed here
+    with ray_session(ray_params, ship_code=False, worker_logs=True):
         yield
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str],
@@ -286,6 +299,11 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
                                 + "; ".join(bad.values()) + ". Rerun the stage to resume.")
     finally:
         input_file.unlink(missing_ok=True)
+    listed = dict(zip(requests.loc[sent, "uid"], requests.loc[sent, "url"]))
+    for shard_id in shard_ids:
+        if not is_canonical(shards_dir, shard_id):
+            canonicalize_shard(shards_dir, shard_id, listed)
+            good[shard_id] = read_shard(shards_dir, shard_id)
     results = pd.concat([good[i] for i in shard_ids], ignore_index=True)
     new_shards = [i for i in shard_ids if i not in done_before]
     stats["new_successes"] = int(sum((good[i]["status"] == "success").sum() for i in new_shards))
@@ -297,7 +315,7 @@ def build_manifest(requests: pd.DataFrame, results: pd.DataFrame, list_name: str
     """One row per input uid, in input order: img2dataset's result for fetched URLs, ``refused`` for the rest.
 
     ``key`` and ``shard`` locate the image of a success (null for every other status; ``shard`` relative to the
-    shards directory: ``<list_name>/NNNNN.tar``); ``url`` and ``caption`` are those of the URL list (the demo
+    shards directory: ``<list_name>/NNNNN.tar``); ``url`` and ``caption`` are those of the URL list (a mirror
     server's address never leaks into the manifest).
     """
     sent = requests.loc[requests["refusal"].isna(), "uid"]
@@ -325,33 +343,43 @@ def build_manifest(requests: pd.DataFrame, results: pd.DataFrame, list_name: str
     return manifest[MANIFEST_COLUMNS].reset_index(drop=True)
 
 
-def summarize(manifest: pd.DataFrame, entry: dict, stats: dict, wall_seconds: float) -> dict:
-    """One list's counts: URLs by status and reason, shards, and this run's download speed."""
+# What describes one run of the stage rather than the crawl (resumed and repaired shards, durations, speed): it
+# goes to ``run.json``, apart from the counts in ``summary.json``, which depend on the inputs alone.
+RUN_COUNTERS = ("resumed_shards", "repaired_shards", "new_successes", "new_urls", "download_seconds")
+
+
+def summarize(manifest: pd.DataFrame, entry: dict, stats: dict) -> dict:
+    """One list's counts: URLs by status and reason, and shards."""
     by_status = {s: int(n) for s, n in manifest["status"].value_counts().items()}
-    download_seconds = stats["download_seconds"]
     return {
         "name": entry["name"], "urls": len(manifest), "duplicates": entry["duplicates"],
         "by_status": {s: by_status.get(s, 0) for s in STATUSES},
         "by_reason": {str(r): int(n) for r, n in Counter(manifest["error_reason"].dropna()).most_common()},
         "captions_cleaned": entry["captions_cleaned"], "captions_missing": entry["captions_missing"],
         "captions_truncated": entry.get("captions_truncated", 0), "duplicate_urls": entry.get("duplicate_urls", 0),
-        **{k: stats[k] for k in ("shards", "resumed_shards", "repaired_shards", "download_seconds")},
-        "new_successes": stats.get("new_successes", 0), "new_urls": stats.get("new_urls", 0),
-        "images_per_s": stats.get("new_successes", 0) / download_seconds if download_seconds else 0.0,
+        "shards": stats["shards"],
+    }
+
+
+def run_record(lists: list[dict], wall_seconds: float) -> dict:
+    """This run of the stage: the lists it fetched (their ``RUN_COUNTERS``), durations and speed."""
+    download_seconds = sum(r["download_seconds"] for r in lists)
+    totals = {k: sum(r.get(k, 0) for r in lists) for k in RUN_COUNTERS}
+    return {
+        "lists": lists, **totals,
+        "images_per_s": totals["new_successes"] / download_seconds if download_seconds else 0.0,
+        "urls_per_s": totals["new_urls"] / download_seconds if download_seconds else 0.0,
         "wall_seconds": wall_seconds,
     }
 
 
-def combine_summaries(crawl: Crawl, lists: list[dict], fetched: list[str], wall_seconds: float) -> dict:
-    """The crawl's counts from its lists' summaries; speed and shard counts of the lists fetched in this run."""
-    this_run = [s for s in lists if s["name"] in fetched]
+def combine_summaries(crawl: Crawl, lists: list[dict], fetched: list[str]) -> dict:
+    """The crawl's counts from its lists' summaries."""
     total = {k: sum(s[k] for s in lists) for k in ("urls", "captions_cleaned", "captions_missing", "shards")}
     by_status = {st: sum(s["by_status"][st] for s in lists) for st in STATUSES}
     by_reason: Counter = Counter()
     for s in lists:
         by_reason.update(s["by_reason"])
-    download_seconds = sum(s["download_seconds"] for s in this_run)
-    new_successes = sum(s["new_successes"] for s in this_run)
     return {
         **total,
         "urls_listed": total["urls"] + crawl.duplicates,  # duplicates: uids an earlier list had, not fetched again
@@ -359,16 +387,10 @@ def combine_summaries(crawl: Crawl, lists: list[dict], fetched: list[str], wall_
         "captions_truncated": crawl.url_list.captions_truncated,  # cut to download.max_caption_chars
         "duplicate_urls": crawl.url_list.duplicate_urls,  # URLs listed again with another caption or uid (fetched)
         "url_lists": [{**entry, "downloaded": s["by_status"]["success"]} for entry, s in zip(crawl.lists, lists)],
-        "lists_fetched": len(this_run), "lists_reused": len(lists) - len(this_run),
+        "lists_fetched": len(fetched), "lists_reused": len(lists) - len(fetched),
         "by_status": by_status,
         "by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
         "success_rate": by_status["success"] / total["urls"] if total["urls"] else 0.0,
-        "resumed_shards": sum(s["resumed_shards"] for s in this_run),
-        "repaired_shards": sum(s["repaired_shards"] for s in this_run),
-        "images_per_s": new_successes / download_seconds if download_seconds else 0.0,
-        "urls_per_s": sum(s["new_urls"] for s in this_run) / download_seconds if download_seconds else 0.0,
-        "download_seconds": download_seconds,
-        "wall_seconds": wall_seconds,
     }
 
 
@@ -408,7 +430,7 @@ def plan_lists(crawl: Crawl, out: Path, params: DownloadParams) -> list[ListDown
 
 
 def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], params: DownloadParams,
-                  passthrough: list[str], demo_base: str | None, overwrite: bool,
+                  passthrough: list[str], mirrors: list[MirrorParams], overwrite: bool,
                   policy: FetchPolicy | None = None) -> dict:
     """Download one list (resuming its finished shards); writes its manifest and then its summary."""
     started = time.perf_counter()
@@ -418,7 +440,7 @@ def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], p
         requests = pd.read_parquet(requests_file)
         log.info("%s: resuming the download in %s", plan.name, plan.list_dir)
     else:
-        requests = build_requests(plan.table, demo_base, params.allow_private_hosts)
+        requests = build_requests(plan.table, mirrors, params.allow_private_hosts)
         write_parquet(requests, requests_file)
     refused = int(requests["refusal"].notna().sum())
     if refused:
@@ -427,12 +449,14 @@ def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], p
     results, stats = download_shards(requests, fetch(requests["url"]), plan.list_dir, plan.shards_dir, params,
                                      passthrough, policy)
     manifest = build_manifest(requests, results, plan.name)
-    summary = summarize(manifest, plan.entry, stats, time.perf_counter() - started)
+    summary = summarize(manifest, plan.entry, stats)
     write_parquet(manifest, plan.list_dir / "manifest.parquet")
     write_json(summary, plan.list_dir / "summary.json")
+    run = {"name": plan.name, **{k: stats.get(k, 0) for k in RUN_COUNTERS},
+           "wall_seconds": time.perf_counter() - started}
     log.info("%s: downloaded %d of %d URLs in %.1f s (%.1f images/s)", plan.name, summary["by_status"]["success"],
-             summary["urls"], summary["wall_seconds"], summary["images_per_s"])
-    return summary
+             summary["urls"], run["wall_seconds"], run["new_successes"] / max(run["download_seconds"], 1e-9))
+    return run
 
 
 def write_crawl_manifest(plans: list[ListDownload], path: Path) -> None:
@@ -463,14 +487,12 @@ def _remove_dropped_lists(out: Path, plans: list[ListDownload]) -> None:
                 shutil.rmtree(entry)
 
 
-def _log_metrics(summary: dict) -> None:
+def _log_metrics(summary: dict, record: dict) -> None:
     import mlflow
 
-    metrics = {k: summary[k] for k in ("success_rate", "images_per_s", "urls_per_s", "wall_seconds",
-                                        "download_seconds", "captions_cleaned", "captions_missing",
-                                        "captions_truncated", "duplicate_urls",
-                                        "shards", "resumed_shards", "repaired_shards", "urls", "lists_fetched",
-                                        "lists_reused")}
+    metrics = {k: summary[k] for k in ("success_rate", "captions_cleaned", "captions_missing", "captions_truncated",
+                                        "duplicate_urls", "shards", "urls", "lists_fetched", "lists_reused")}
+    metrics.update({k: record[k] for k in ("images_per_s", "urls_per_s", "wall_seconds", *RUN_COUNTERS)})
     metrics.update({f"status.{k}": v for k, v in summary["by_status"].items()})
     metrics.update(samples_in=summary["urls_listed"], samples_out=summary["by_status"]["success"],
                    duplicates=summary["duplicates"], url_lists=len(summary["url_lists"]))
@@ -517,13 +539,13 @@ def _download_to_store(params: DownloadParams, urls: str | Path, out: str, **kwa
         for entry in (store / folder).iterdir() if (store / folder).is_dir() else ():
             if entry.name not in names:
                 remove_tree(entry)
-    for name in ("manifest.parquet", "summary.json"):
+    for name in ("manifest.parquet", RUN_RECORD, "summary.json"):
         store.fs.put_file(str(staging / name), f"{store.path}/{name}")
     return summary
 
 
 def download(params: DownloadParams, urls: str | Path, out: str | Path, *, tracking: TrackingParams,
-             ray_params: RayParams, demo_server: DemoServerParams, additions: str | Path | None = None,
+             ray_params: RayParams, additions: str | Path | None = None,
              overwrite: bool = False) -> dict:
     """Download the crawl (the URL list ``urls`` followed by the lists appended under ``additions``) into ``out``
     (see the module docstring): each list not finished before is fetched; returns the crawl's summary.
@@ -534,39 +556,47 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
 
     if is_url(out):
         return _download_to_store(params, urls, str(out), tracking=tracking, ray_params=ray_params,
-                                  demo_server=demo_server, additions=additions, overwrite=overwrite)
+                                  additions=additions, overwrite=overwrite)
     started = time.perf_counter()
     urls, out = Path(urls), Path(out)
     crawl = read_crawl(urls, additions, max_caption_chars=params.max_caption_chars)
     claim_output_root(out, overwrite)
     plans = plan_lists(crawl, out, params)
     pending = [p for p in plans if not p.finished()]
-    demo_base = _demo_base_url(crawl.url_list.table["url"])
+    mirrors = mirrors_used(params.mirrors, crawl.url_list.table["url"])
+    for mirror in mirrors if pending else ():
+        check_mirror(_mirror_dirs(mirror, crawl))
     inputs = [urls] + ([Path(additions)] if additions is not None else [])
     with stage_run("download", tracking, params, inputs) as run:
-        for stale in ("manifest.parquet", "summary.json"):
+        for stale in ("manifest.parquet", "summary.json", RUN_RECORD):
             (out / stale).unlink(missing_ok=True)
         for plan in plans:
             if plan.name not in {p.name for p in pending}:
                 log.info("%s: downloaded before (%s), not fetched again", plan.name, plan.list_dir)
+        runs = []
         if pending:
-            with _fetch_urls(crawl.web_dirs, demo_base, demo_server) as (fetch, trusted), \
+            with _fetch_urls(crawl, mirrors) as (fetch, trusted), \
                     _ray_session(params, ray_params):
-                for plan in pending:
-                    download_list(plan, fetch, params, crawl.url_list.passthrough, demo_base, overwrite,
-                                  fetch_policy(params, trusted))
+                with Progress("download", len(pending), "URL lists") as bar:
+                    for plan in pending:
+                        runs.append(download_list(plan, fetch, params, crawl.url_list.passthrough, mirrors, overwrite,
+                                                  fetch_policy(params, trusted)))
+                        bar.update(1, samples=runs[-1]["new_successes"])
         _remove_dropped_lists(out, plans)
         summary = combine_summaries(crawl, [read_json(p.list_dir / "summary.json") for p in plans],
-                                    [p.name for p in pending], time.perf_counter() - started)
+                                    [p.name for p in pending])
+        record = run_record(runs, time.perf_counter() - started)
         write_crawl_manifest(plans, out / "manifest.parquet")
+        write_json(record, out / RUN_RECORD)
         write_json(summary, out / "summary.json")
         mark_output(out, DOWNLOAD_OWNER)
         log.info("downloaded %d of %d URLs (%.1f%%) in %.1f s; %d list(s) fetched, %d reused; %s",
                  summary["by_status"]["success"], summary["urls"], 100 * summary["success_rate"],
-                 summary["wall_seconds"], summary["lists_fetched"], summary["lists_reused"], summary["by_reason"])
+                 record["wall_seconds"], summary["lists_fetched"], summary["lists_reused"], summary["by_reason"])
         if run is not None:
-            _log_metrics(summary)
+            _log_metrics(summary, record)
             import mlflow
 
             mlflow.log_artifact(str(out / "summary.json"))
-    return summary
+            mlflow.log_artifact(str(out / RUN_RECORD))
+    return {**summary, **{k: v for k, v in record.items() if k != "lists"}}

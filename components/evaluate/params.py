@@ -21,3 +21,9 @@ class EvaluateParams(Section):
         default_factory=list, description="CLIP_benchmark-style dataset directories (a folder of images per class, "
                                           "classnames.txt, templates), each scored as zeroshot_<folder name>/...")
     plots: bool = Field(True, description="Draw the PNG plots (false: metrics and tables only, the fast path).")
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "evaluate": (EvaluateParams,
+        'Held-out suite -> <data_dir>/evaluate/metrics.json (+ plots in <reports_dir>/evaluation).'),
+}

@@ -38,3 +38,10 @@ class RegisterParams(Section):
     serving: ServingLimits = Field(default_factory=ServingLimits,
                                    description="Request limits of the served model; a version keeps those it was "
                                                "first registered with.")
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "register": (RegisterParams,
+        'MLflow registry and promotion policy -> <data_dir>/register/registration.json, '
+        '<reports_dir>/promotion.md.'),
+}

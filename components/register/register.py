@@ -95,67 +95,97 @@ def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval
 
     ``pipeline_params`` (the whole params.yaml) is hashed into the version's ``clipmill.params_hash``.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     if not tracking.enabled:
         raise ConfigError("tracking.enabled is false: registering a model needs the MLflow tracking store")
     model_dir, out_dir, reports_dir = Path(model_dir), Path(out_dir), Path(reports_dir)
+    record, digest = _checked_record(model_dir, metrics_file)
+    train_run = read_train_run(train_run_file)
+    url_lists = read_url_lists(download_summary)
+    curated = Path(curated_dir) if curated_dir is not None else None
+    curated_hash = content_hash([curated]) if curated is not None and curated.exists() else "none"
+    with stage_run("register", tracking, params, [model_dir, metrics_file]) as run:
+        client = MlflowClient(tracking_uri(tracking))
+        version, new = _challenger(client, params, model_dir, digest)
+        tags = version_tags(record, lineage_tags(pipeline_params, []), curated_hash, train_run, url_lists)
+        version = _tag_challenger(client, version, tags, record)
+        promotion = (apply_policy(client, version, record, params, eval_dir, eval_batch_size, eval_device)
+                     if params.promote else None)
+        write_text(_report(client, params, version, record, promotion), reports_dir / REPORT_FILE)
+        registration = Registration(params.model_name, str(version.version),
+                                    f"models:/{params.model_name}/{version.version}", new, promotion)
+        summary = {"name": registration.name, "version": registration.version, "model_uri": registration.model_uri,
+                   "model_hash": digest, "suite_version": record.suite_version,
+                   "warm_start": train_run["init_from"], "url_lists": url_lists, "curated_data_hash": curated_hash,
+                   "promotion": json.loads(promotion.to_json()) if promotion else None}
+        write_json(summary, out_dir / REGISTRATION_FILE)
+        if run is not None:
+            _log_to_run(registration, out_dir / REGISTRATION_FILE, reports_dir / REPORT_FILE)
+    return registration
+
+
+def _checked_record(model_dir: Path, metrics_file: str | os.PathLike) -> tuple[EvaluationRecord, str]:
+    """The evaluation record and the model's hash, refused when the record is of another model."""
     record = EvaluationRecord.read(metrics_file)
     digest = model_hash(model_dir)
     if digest != record.model_hash:
         raise InputError(metrics_file, f"these metrics are of another model ({record.model_hash[:12]}, not "
                                        f"{digest[:12]} in {model_dir}): re-run `clipmill stage evaluate`",
                          field="model_hash")
-    train_run = read_train_run(train_run_file)
-    url_lists = read_url_lists(download_summary)
-    curated = Path(curated_dir) if curated_dir is not None else None
-    curated_hash = content_hash([curated]) if curated is not None and curated.exists() else "none"
-    name = params.model_name
-    with stage_run("register", tracking, params, [model_dir, metrics_file]) as run:
-        client = MlflowClient(tracking_uri(tracking))
-        existing = find_by_hash(client, name, digest)
-        if existing is None:
-            info = log_clip_model(model_dir, model_config=params.serving.model_dump())
-            # The version is created with its model hash: a run killed at any point leaves either no version or one
-            # that the rerun finds and reuses, never an untagged duplicate.
-            created = mlflow.register_model(info.model_uri, name, tags={TAG_MODEL_HASH: digest})
-            version = get_version(client, name, created.version)
-            log.info("registered %s version %s (%s)", name, version.version, info.model_uri)
-        else:
-            version = existing
-            log.info("model %s is already %s version %s: reusing it", digest[:12], name, version.version)
-        tags = version_tags(record, lineage_tags(pipeline_params, []), curated_hash, train_run, url_lists)
-        for key, value in tags.items():
-            if key not in version.tags:  # a reused version keeps the lineage of its first registration
-                client.set_model_version_tag(name, version.version, key, value)
-        if recorded_metrics(version, record.suite_version) != record.metrics:
-            record_metrics(client, version, record)
-        client.set_registered_model_alias(name, CHALLENGER, version.version)
-        version = get_version(client, name, version.version)
+    return record, digest
 
-        promotion = None
-        if params.promote:
-            promotion = apply_policy(client, version, record, params, eval_dir, eval_batch_size, eval_device)
-            champion = promotion.champion_version
-            champ_metrics = (recorded_metrics(get_version(client, name, champion), record.suite_version)
-                             if champion and champion != str(version.version) else None)
-            report = promotion_report(name, promotion, record.metrics, champ_metrics, params)
-        else:
-            report = (f"# Registration: {name} version {version.version}\n\n- promotion policy off "
-                      f"(`register.promote: false`): the version is `{CHALLENGER}`, `champion` is unchanged\n")
-        write_text(report, reports_dir / REPORT_FILE)
-        registration = Registration(name, str(version.version), f"models:/{name}/{version.version}", existing is None,
-                                    promotion)
-        summary = {"name": name, "version": registration.version, "model_uri": registration.model_uri,
-                   "model_hash": digest, "suite_version": record.suite_version,
-                   "warm_start": train_run["init_from"], "url_lists": url_lists, "curated_data_hash": curated_hash,
-                   "promotion": json.loads(promotion.to_json()) if promotion else None}
-        write_json(summary, out_dir / REGISTRATION_FILE)
-        if run is not None:
-            mlflow.set_tags({"clipmill.registered_model": name, "clipmill.registered_version": registration.version})
-            mlflow.log_artifact(str(out_dir / REGISTRATION_FILE))
-            mlflow.log_artifact(str(reports_dir / REPORT_FILE))
-            if promotion is not None:
-                mlflow.set_tag("clipmill.promotion.outcome", promotion.decision.outcome)
-    return registration
+
+def _challenger(client, params: RegisterParams, model_dir: Path, digest: str) -> tuple[Any, bool]:
+    """The model's registered version, created unless one of the same hash exists; (version, newly created)."""
+    import mlflow
+
+    name = params.model_name
+    existing = find_by_hash(client, name, digest)
+    if existing is not None:
+        log.info("model %s is already %s version %s: reusing it", digest[:12], name, existing.version)
+        return existing, False
+    info = log_clip_model(model_dir, model_config=params.serving.model_dump())
+    # The version is created with its model hash: a run killed at any point leaves either no version or one
+    # that the rerun finds and reuses, never an untagged duplicate.
+    created = mlflow.register_model(info.model_uri, name, tags={TAG_MODEL_HASH: digest})
+    version = get_version(client, name, created.version)
+    log.info("registered %s version %s (%s)", name, version.version, info.model_uri)
+    return version, True
+
+
+def _tag_challenger(client, version, tags: dict[str, str], record: EvaluationRecord):
+    """Lineage and metric tags on ``version`` (a reused version keeps those of its first registration), then the
+    ``challenger`` alias; returns the version as it now is."""
+    name = version.name
+    for key, value in tags.items():
+        if key not in version.tags:
+            client.set_model_version_tag(name, version.version, key, value)
+    if recorded_metrics(version, record.suite_version) != record.metrics:
+        record_metrics(client, version, record)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return get_version(client, name, version.version)
+
+
+def _report(client, params: RegisterParams, version, record: EvaluationRecord,
+            promotion: PromotionRecord | None) -> str:
+    """promotion.md: the policy's decision against the champion, or that the policy is off."""
+    name = params.model_name
+    if promotion is None:
+        return (f"# Registration: {name} version {version.version}\n\n- promotion policy off "
+                f"(`register.promote: false`): the version is `{CHALLENGER}`, `champion` is unchanged\n")
+    champion = promotion.champion_version
+    champ_metrics = (recorded_metrics(get_version(client, name, champion), record.suite_version)
+                     if champion and champion != str(version.version) else None)
+    return promotion_report(name, promotion, record.metrics, champ_metrics, params)
+
+
+def _log_to_run(registration: Registration, registration_file: Path, report_file: Path) -> None:
+    import mlflow
+
+    mlflow.set_tags({"clipmill.registered_model": registration.name,
+                     "clipmill.registered_version": registration.version})
+    mlflow.log_artifact(str(registration_file))
+    mlflow.log_artifact(str(report_file))
+    if registration.promotion is not None:
+        mlflow.set_tag("clipmill.promotion.outcome", registration.promotion.decision.outcome)

@@ -139,3 +139,8 @@ class RewriteParams(Section):
         if len(self.examples) < self.examples_per_prompt:
             raise ValueError(f"examples_per_prompt is {self.examples_per_prompt} but only {len(self.examples)} examples are given")
         return self
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "rewrite": (RewriteParams, 'Step rewrite: LaCLIP-style caption rewriting of the balanced captions.'),
+}

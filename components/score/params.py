@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from components.common.params import Section
-from components.train.params import TrainParams
+from components.common.training.params import TrainParams
 
 BOOTSTRAP = "bootstrap"
 
@@ -44,3 +44,8 @@ class ScoreParams(Section):
         if self.checkpoint is not None and (self.scorer == BOOTSTRAP or ":" in self.scorer):
             raise ValueError("checkpoint is only used with an open_clip config name or JSON config in score.scorer")
         return self
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "score": (ScoreParams, 'Step score: CLIP-score filter of the rule survivors (one pool-wide threshold).'),
+}

@@ -1,4 +1,5 @@
-"""Training: Lightning over open_clip on webdataset shards (DDP, resumable mid-epoch, tracked in MLflow).
+"""The train stage: ``clipmill stage train`` over a ``TrainParams`` section, with tuned values or a warm start.
 
-``components.train.train.train`` is the stage's public entry point; the tune stage runs its trials through it.
+The training engine itself (Lightning over open_clip on webdataset shards, resumable mid-epoch, tracked in MLflow)
+is the core library's ``components.common.training``; this stage only chooses the section and its start.
 """

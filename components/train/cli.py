@@ -8,20 +8,19 @@ from pydantic import ValidationError
 
 from components.common.errors import ConfigError, InputError
 from components.common.io import read_json
+from components.common.layout import add_path_option, resolve_paths
 from components.common.params import section_at
-
-from .params import TrainParams
+from components.common.training.params import TrainParams
 
 HELP = "train a CLIP-style model (Lightning over open_clip) on webdataset shards and export it (open_clip local-dir)"
-DEFAULT_BEST_PARAMS = "data/tune/best_params.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", default="data/curated", help="directory of .tar shards or a brace pattern (default: %(default)s)")
-    p.add_argument("--eval-dir", default="data/eval", help="held-out sets for in-loop validation; '' disables it (default: %(default)s)")
-    p.add_argument("--out", default="data/train", help="output directory (default: %(default)s)")
-    p.add_argument("--best-params", default=DEFAULT_BEST_PARAMS, metavar="FILE",
-                   help="tuned values applied over the section when the file exists and was tuned for it (default: %(default)s)")
+    add_path_option(p, "train", "shards", "directory of .tar shards or a brace pattern")
+    add_path_option(p, "train", "eval-dir", "held-out sets for in-loop validation; '' disables it")
+    add_path_option(p, "train", "out", "output directory")
+    add_path_option(p, "train", "best-params",
+                    "tuned values applied over the section when the file exists and was tuned for it", metavar="FILE")
     p.add_argument("--warm-start", default=None, metavar="FILE",
                    help="warm_start.yaml: when it names a model, train from it with the continual: section "
                         "(default: none, from scratch)")
@@ -56,12 +55,14 @@ def apply_best_params(section: TrainParams, path: str | None, key: str) -> Train
 
 def run(args: argparse.Namespace, params) -> int:
     from components.common.log import get_logger
+    from components.common.tracking import tracking_uri
 
-    from .train import train
+    from components.common.training.fit import train
 
-    from .warm_start import continual_section, read_warm_start
+    from .warm_start import continual_section, read_warm_start, warm_start_weights
 
     log = get_logger("train")
+    args = resolve_paths(args, params, "train")
     base = resolve_section(params, args.config_key)
     warm = read_warm_start(args.warm_start)
     if warm.init_from:
@@ -73,9 +74,10 @@ def run(args: argparse.Namespace, params) -> int:
         if section != base:
             log.info("applied tuned params from %s", args.best_params)
     stage = "train" if args.config_key == "train" else f"train[{args.config_key}]"
-    result = train(section, shards=args.shards, out_dir=args.out, eval_dir=args.eval_dir or None,
-                   seed=params.project.seed if section.seed is None else section.seed,
-                   tracking=params.tracking, stage=stage)
+    with warm_start_weights(warm, args.warm_start or ".", tracking_uri(params.tracking)) as weights:
+        result = train(section, shards=args.shards, out_dir=args.out, eval_dir=args.eval_dir or None,
+                       seed=params.project.seed if section.seed is None else section.seed,
+                       tracking=params.tracking, stage=stage, init_weights=weights)
     metrics = ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items() if k != "step")
     print(f"train: {result.steps} steps, {result.samples_seen} samples, {result.wall_time_s:.1f} s -> {args.out}/model"
           + (f" ({metrics})" if metrics else ""))

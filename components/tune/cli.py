@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import argparse
 
+from components.common.layout import add_path_option, resolve_paths
+
 HELP = "sweep training hyperparameters with Ray Tune (ASHA); write the best config to best_params.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shards", default="data/curated", help="directory of .tar shards or a brace pattern (default: %(default)s)")
-    p.add_argument("--eval-dir", default="data/eval", help="held-out sets the trials are ranked on (default: %(default)s)")
-    p.add_argument("--out", default="data/tune", help="output directory: best_params.json, trials.json (default: %(default)s)")
+    add_path_option(p, "tune", "shards", "directory of .tar shards or a brace pattern")
+    add_path_option(p, "tune", "eval-dir", "held-out sets the trials are ranked on")
+    add_path_option(p, "tune", "out", "output directory: best_params.json, trials.json")
 
 
 def run(args: argparse.Namespace, params) -> int:
     from components.common.errors import ConfigError
     from components.common.params import section_at
-    from components.train.params import TrainParams
+    from components.common.training.params import TrainParams
 
     from .tune import run_sweep
 
+    args = resolve_paths(args, params, "tune")
     base = section_at(params, params.tune.config_key)
     if not isinstance(base, TrainParams):
         raise ConfigError(f"tune.config_key: '{params.tune.config_key}' is not a training section")

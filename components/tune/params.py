@@ -48,3 +48,9 @@ class TuneParams(Section):
         if self.gpus_per_trial != "auto" and self.gpus_per_trial < 0:
             raise ValueError(f"gpus_per_trial must be auto or >= 0, got {self.gpus_per_trial}")
         return self
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "tune": (TuneParams,
+        'Ray Tune sweep of short training runs -> <data_dir>/tune/best_params.json (+ trials.json).'),
+}

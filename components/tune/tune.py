@@ -1,11 +1,13 @@
 """A Ray Tune sweep over short training runs; the best configuration goes to ``best_params.json``.
 
-Each trial is a training run (``components.train.train.train``) of ``steps_per_trial`` steps that validates
+Each trial is a training run (``components.common.training.fit.train``) of ``steps_per_trial`` steps that validates
 and calls ``ray.tune.report`` every ``report_every_n_steps``; ASHA stops weak trials at those reports. Every
 trial is an MLflow child run of the sweep's run. ``best_params.json``:
 ``{"config_key": "train", "overrides": {lr, weight_decay, warmup_steps, batch_size, loss}, "metric": ...,
-"value": ..., "trial_id": ..., "mlflow_run_id": ...}``; ``clipmill stage train`` applies the overrides over the
-section named by ``config_key``. ``trials.json`` lists every trial with its config, last report and status.
+"value": ..., "trial": ...}``; ``clipmill stage train`` applies the overrides over the section named by
+``config_key``. ``trials.json`` lists every trial (by its number) with its config, last report and status.
+``run.json`` names this run's trials: Ray's trial ids and their MLflow runs (they differ in every run, so they are
+kept apart from the results).
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.common.engine import GPU_IF_AVAILABLE, check_fits, resolve_gpus
+from components.common.engine import GPU_IF_AVAILABLE, check_fits, ray_session, resolve_gpus
 from components.common.errors import ClipmillError
 from components.common.io import write_json
 from components.common.log import get_logger
 from components.common.params import RayParams, TrackingParams
 from components.common.tracking import PARENT_RUN_ENV, stage_run, tracking_uri
-from components.train.params import TrainParams
+from components.common.training.params import TrainParams
 
 from .params import SearchSpace, TuneParams
 
@@ -58,7 +60,7 @@ def run_trial(config: dict[str, Any], *, base: dict, tune_params: dict, shards: 
     import mlflow
     from ray import tune
 
-    from components.train.train import train
+    from components.common.training.fit import train
 
     if os.path.isdir(cwd):  # lineage tags read git and dvc.lock from the repository (absent on other nodes)
         os.chdir(cwd)
@@ -87,34 +89,24 @@ def trial_resources(tune_params: TuneParams, base: TrainParams, cluster: dict[st
     return resources
 
 
-def _init_ray(ray_params: RayParams, tune_params: TuneParams, env: dict[str, str]) -> None:
-    import ray
-
-    runtime_env = {"env_vars": env}
-    if ray_params.address:
-        ray.init(address=ray_params.address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(num_cpus=ray_params.num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 object_store_memory=tune_params.object_store_mb * 2**20, log_to_driver=False)
-
-
 def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_dir: str, out_dir: str | os.PathLike,
               seed: int, tracking: TrackingParams, ray_params: RayParams) -> dict[str, Any]:
-    """Run the sweep; write ``best_params.json`` and ``trials.json`` to ``out_dir``; return the best entry."""
+    """Run the sweep; write ``best_params.json``, ``trials.json`` and ``run.json`` to ``out_dir``; return the best
+    entry."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from components.train.data import scan_shards
+    from components.common.training.data import scan_shards
 
     shard_set = scan_shards(shards)  # bad input fails here, before Ray starts
     out_dir = Path(out_dir)
     reports = tune_params.steps_per_trial // tune_params.report_every_n_steps
     uri = tracking_uri(tracking)
     with stage_run("tune", tracking, tune_params, shard_set.paths) as run:
-        _init_ray(ray_params, tune_params, {"RAY_CHDIR_TO_TRIAL_DIR": "0", "MLFLOW_TRACKING_URI": uri})
-        try:
+        with ray_session(ray_params, env_vars={"RAY_CHDIR_TO_TRIAL_DIR": "0", "MLFLOW_TRACKING_URI": uri},
+                         object_store_mb=tune_params.object_store_mb):
             resources = trial_resources(tune_params, base, ray.cluster_resources())
             trainable = tune.with_resources(
                 tune.with_parameters(
@@ -133,11 +125,12 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
                         search_alg=BasicVariantGenerator(random_state=seed)),
                     run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0))
                 results = tuner.fit()
-                trials = [_trial_entry(r, tune_params.metric) for r in results]
-        finally:
-            ray.shutdown()
+                trials = sorted((_trial_entry(r, tune_params.metric) for r in results), key=lambda t: t["trial"])
         best = _best(trials, tune_params)
         best["config_key"] = tune_params.config_key
+        names = [{k: t.pop(k) for k in RUN_KEYS} | {"trial": t["trial"]} for t in trials]
+        write_json({"best_trial": best.pop("trial_id"), "best_mlflow_run_id": best.pop("mlflow_run_id"),
+                    "trials": names}, out_dir / "run.json")
         write_json(trials, out_dir / "trials.json")
         write_json(best, out_dir / "best_params.json")
         if run is not None:
@@ -145,17 +138,23 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
 
             mlflow.log_metric(f"best/{tune_params.metric}", best["value"])
             mlflow.log_params({f"best.{k}": v for k, v in best["overrides"].items()})
-            mlflow.log_artifact(str(out_dir / "best_params.json"))
-            mlflow.log_artifact(str(out_dir / "trials.json"))
+            for name in ("best_params.json", "trials.json", "run.json"):
+                mlflow.log_artifact(str(out_dir / name))
     log.info("best of %d trials: %s=%.4f with %s", len(trials), tune_params.metric, best["value"], best["overrides"])
     return best
+
+
+# What names a trial in this run only (Ray's trial id has a random prefix; MLflow run ids are new every run).
+RUN_KEYS = ("trial_id", "mlflow_run_id")
 
 
 def _trial_entry(result: Any, metric: str) -> dict[str, Any]:
     last = result.metrics or {}
     value = last.get(metric)
+    trial_id = last.get("trial_id") or Path(result.path).name
     return {
-        "trial_id": last.get("trial_id") or Path(result.path).name,
+        "trial": int(trial_id.rsplit("_", 1)[-1]),  # the trial's number in the search (Ray's id adds a run prefix)
+        "trial_id": trial_id,
         "overrides": {k: result.config[k] for k in TUNED_KEYS},
         "metric": metric,
         "value": value if isinstance(value, (int, float)) and math.isfinite(value) else None,
@@ -174,4 +173,4 @@ def _best(trials: list[dict[str, Any]], tune_params: TuneParams) -> dict[str, An
         raise ClipmillError(f"tune: no trial reported {tune_params.metric}: {errors}")
     sign = 1 if tune_params.mode == "max" else -1
     best = max(scored, key=lambda t: (t["reports"], sign * t["value"]))
-    return {k: best[k] for k in ("overrides", "metric", "value", "trial_id", "mlflow_run_id")}
+    return {k: best[k] for k in ("overrides", "metric", "value", "trial", *RUN_KEYS)}

@@ -26,3 +26,10 @@ class DownloadBoundaryParams(Section):
 class ValidationParams(Section):
     download: DownloadBoundaryParams = Field(default_factory=DownloadBoundaryParams,
                                              description="Expectations on data/download/manifest.parquet.")
+
+# The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
+SECTIONS = {
+    "validation": (ValidationParams,
+        'Thresholds of `clipmill stage validate <boundary>` (Great Expectations), one subsection per '
+        'boundary.'),
+}

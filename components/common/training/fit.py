@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from components.common.evalsets import load_eval_suite
 from components.common.hashing import content_hash, hash_obj
 from components.common.io import read_json, write_json
-from components.common.log import get_logger, progress_disabled
-from components.common.model import create_clip, export_local_dir
+from components.common.log import get_logger, progress_disabled, step_progress
+from components.common.model import ClipModel, create_clip, export_local_dir
 from components.common.params import TrackingParams
 from components.common.tracking import stage_run, tracking_uri
 
@@ -131,8 +131,9 @@ def _trainer(params: TrainParams, *, out_dir: Path, loggers: list, callbacks: li
 def train(params: TrainParams, *, shards: str, out_dir: str | os.PathLike, eval_dir: str | os.PathLike | None,
           seed: int, tracking: TrackingParams, stage: str = "train",
           validation_listeners: Sequence[Callable[[int, dict[str, float]], None]] = (),
-          extra_callbacks: Sequence[pl.Callback] = ()) -> TrainResult:
-    """Train ``params.model`` on ``shards``, validating on ``eval_dir`` (None: no validation); see module doc."""
+          extra_callbacks: Sequence[pl.Callback] = (), init_weights: str | None = None) -> TrainResult:
+    """Train ``params.model`` on ``shards``, validating on ``eval_dir`` (None: no validation); see module doc.
+    ``init_weights``: where the weights of ``params.init_from`` are read (a verified local copy); None: init_from."""
     out_dir = Path(out_dir)
     shard_set = scan_shards(shards)
     suite = load_eval_suite(eval_dir) if eval_dir else None
@@ -144,64 +145,105 @@ def train(params: TrainParams, *, shards: str, out_dir: str | os.PathLike, eval_
     run_ctx = stage_run(stage, tracking, params, shard_set.paths) if owner else nullcontext()
     with torch_threads(params.cpu_threads), run_ctx as run:
         if run is not None:
-            import mlflow
-
-            mlflow.set_tags({"clipmill.eval_data_hash": content_hash([eval_dir]) if eval_dir else "none",
-                             "clipmill.resumed_from": resume_from or "none"})
-        pl.seed_everything(seed, workers=True, verbose=False)
-        scale, bias = initial_logits(params.loss)
-        clip = create_clip(params.model, init_from=params.init_from, aug_cfg={"scale": params.augment_scale},
-                           init_logit_scale=scale, init_logit_bias=bias, tracking_uri=tracking_uri(tracking))
-        data = ShardDataModule(shard_set, transform=clip.train_transform, tokenizer=clip.tokenizer,
-                               batch_size=params.batch_size, samples_per_epoch=params.samples_per_epoch,
-                               num_workers=params.num_workers, seed=seed, resampled=params.resampled,
-                               shuffle_buffer=params.shuffle_buffer, sample_rewrites=params.sample_rewrites)
+            _tag_run(eval_dir, resume_from)
+        pl.seed_everything(seed, workers=True, verbose=False)  # before the model: its initial weights are seeded
+        clip = _create_model(params, init_weights, tracking)
+        data = _data_module(params, shard_set, clip, seed)
         skipped = SkippedImages(data)
         validation = (InLoopValidation(suite, params.val_every_n_steps, params.eval_batch_size,
                                        tuple(validation_listeners)) if suite else None)
-        callbacks: list[pl.Callback] = [
-            ThroughputMonitor(batch_size_fn=lambda batch: len(batch["uid"]), window_size=params.log_every_n_steps + 1),
-            *([validation] if validation else []),
-            skipped,
-            *extra_callbacks,
-        ]
-        if params.checkpoint_every_n_steps:
-            callbacks.append(ModelCheckpoint(
-                dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
-                every_n_train_steps=params.checkpoint_every_n_steps, save_top_k=params.keep_checkpoints,
-                monitor="step", mode="max", save_last=True))
-            if owner:
-                write_json({"fingerprint": fingerprint}, ckpt_dir / FINGERPRINT_FILE)
-        loggers = [MLFlowLogger(experiment_name=tracking.experiment, tracking_uri=tracking_uri(tracking),
-                                run_id=run.info.run_id)] if run is not None else []
-        trainer = _trainer(params, out_dir=out_dir, loggers=loggers, callbacks=callbacks)
+        callbacks = _callbacks(params, ckpt_dir, [*([validation] if validation else []), skipped, *extra_callbacks])
+        if params.checkpoint_every_n_steps and owner:
+            write_json({"fingerprint": fingerprint}, ckpt_dir / FINGERPRINT_FILE)
+        trainer = _trainer(params, out_dir=out_dir, loggers=_loggers(run, tracking), callbacks=callbacks)
         module = ClipModule(clip, params, total_steps=total_steps(params, data.batches_per_epoch(trainer.world_size)))
-        steps_before = _checkpoint_step(resume_from)
-        if resume_from:
-            log.info("resuming from %s (step %d)", resume_from, steps_before)
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
-        wall = time.perf_counter() - start
+        steps_before, wall = _fit(trainer, module, data, resume_from)
         if not trainer.is_global_zero:
             return TrainResult(None, trainer.global_step, 0, wall, 0.0, resume_from)
-
-        per_step = params.batch_size * params.accumulate_grad_batches * trainer.world_size
-        trained_now = (trainer.global_step - steps_before) * per_step
-        result = TrainResult(
-            run_id=run.info.run_id if run is not None else None, steps=trainer.global_step,
-            samples_seen=trainer.global_step * per_step, wall_time_s=round(wall, 3),
-            samples_per_s=round(trained_now / wall, 1) if wall > 0 else 0.0, resumed_from=resume_from,
-            init_from=params.init_from, skipped_images=skipped.total,
-            metrics=dict(validation.last) if validation and validation.last else {})
-        log.info("trained %d steps (%d samples this run) in %.1f s: %.0f samples/s; %d images skipped "
-                 "(undecodable or oversized)", trainer.global_step - steps_before, trained_now, wall,
-                 result.samples_per_s, result.skipped_images)
-        export_local_dir(clip, out_dir / "model")
-        write_json(result.metrics, out_dir / "metrics.json")
-        write_json({k: v for k, v in asdict(result).items() if k != "metrics"}, out_dir / "run.json")
-        if run is not None:
-            _log_outputs(out_dir, result)
+        result = _result(params, trainer, run, steps_before=steps_before, wall=wall, resume_from=resume_from,
+                         skipped=skipped.total, validation=validation)
+        _write_outputs(clip, out_dir, result, logged=run is not None)
     return result
+
+
+def _tag_run(eval_dir: str | os.PathLike | None, resume_from: str | None) -> None:
+    import mlflow
+
+    mlflow.set_tags({"clipmill.eval_data_hash": content_hash([eval_dir]) if eval_dir else "none",
+                     "clipmill.resumed_from": resume_from or "none"})
+
+
+def _create_model(params: TrainParams, init_weights: str | None, tracking: TrackingParams) -> ClipModel:
+    """The model to train: fresh (seeded) or warm-started, with the logit scale/bias its loss starts from."""
+    scale, bias = initial_logits(params.loss)
+    return create_clip(params.model, init_from=init_weights or params.init_from, init_logit_scale=scale,
+                       aug_cfg={"scale": params.augment_scale}, init_logit_bias=bias,
+                       tracking_uri=tracking_uri(tracking))
+
+
+def _data_module(params: TrainParams, shard_set: ShardSet, clip: ClipModel, seed: int) -> ShardDataModule:
+    return ShardDataModule(shard_set, transform=clip.train_transform, tokenizer=clip.tokenizer,
+                           batch_size=params.batch_size, samples_per_epoch=params.samples_per_epoch,
+                           num_workers=params.num_workers, seed=seed, resampled=params.resampled,
+                           shuffle_buffer=params.shuffle_buffer, sample_rewrites=params.sample_rewrites)
+
+
+def _callbacks(params: TrainParams, ckpt_dir: Path, middle: list[pl.Callback]) -> list[pl.Callback]:
+    """Throughput first, then ``middle`` (validation, skipped images, the caller's), then checkpointing."""
+    callbacks: list[pl.Callback] = [
+        ThroughputMonitor(batch_size_fn=lambda batch: len(batch["uid"]), window_size=params.log_every_n_steps + 1),
+        *middle,
+        *([step_progress("train")] if progress_disabled() else []),  # a log line now and then instead of a bar
+    ]
+    if params.checkpoint_every_n_steps:
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+            every_n_train_steps=params.checkpoint_every_n_steps, save_top_k=params.keep_checkpoints,
+            monitor="step", mode="max", save_last=True))
+    return callbacks
+
+
+def _loggers(run: Any, tracking: TrackingParams) -> list:
+    """Lightning's MLflow logger writing into the stage's run; none when the run is not tracked."""
+    if run is None:
+        return []
+    return [MLFlowLogger(experiment_name=tracking.experiment, tracking_uri=tracking_uri(tracking),
+                         run_id=run.info.run_id)]
+
+
+def _fit(trainer: pl.Trainer, module: ClipModule, data: ShardDataModule, resume_from: str | None) -> tuple[int, float]:
+    """Run the fit, from ``resume_from`` when set; (optimizer steps before this invocation, its wall time)."""
+    steps_before = _checkpoint_step(resume_from)
+    if resume_from:
+        log.info("resuming from %s (step %d)", resume_from, steps_before)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
+    return steps_before, time.perf_counter() - start
+
+
+def _result(params: TrainParams, trainer: pl.Trainer, run: Any, *, steps_before: int, wall: float,
+            resume_from: str | None, skipped: int, validation: InLoopValidation | None) -> TrainResult:
+    per_step = params.batch_size * params.accumulate_grad_batches * trainer.world_size
+    trained_now = (trainer.global_step - steps_before) * per_step
+    result = TrainResult(
+        run_id=run.info.run_id if run is not None else None, steps=trainer.global_step,
+        samples_seen=trainer.global_step * per_step, wall_time_s=round(wall, 3),
+        samples_per_s=round(trained_now / wall, 1) if wall > 0 else 0.0, resumed_from=resume_from,
+        init_from=params.init_from, skipped_images=skipped,
+        metrics=dict(validation.last) if validation and validation.last else {})
+    log.info("trained %d steps (%d samples this run) in %.1f s: %.0f samples/s; %d images skipped "
+             "(undecodable or oversized)", trainer.global_step - steps_before, trained_now, wall,
+             result.samples_per_s, result.skipped_images)
+    return result
+
+
+def _write_outputs(clip: ClipModel, out_dir: Path, result: TrainResult, *, logged: bool) -> None:
+    """The export, ``metrics.json`` and ``run.json``; also to the MLflow run when ``logged``."""
+    export_local_dir(clip, out_dir / "model")
+    write_json(result.metrics, out_dir / "metrics.json")
+    write_json({k: v for k, v in asdict(result).items() if k != "metrics"}, out_dir / "run.json")
+    if logged:
+        _log_outputs(out_dir, result)
 
 
 def total_steps(params: TrainParams, batches_per_epoch: int) -> int:
