@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DO_NOT_TRACK = 1
 
-.PHONY: setup demo test test-fast bench mlflow-ui prefect-ui clean help
+.PHONY: setup demo golden test test-fast lint bench mlflow-ui prefect-ui clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -34,8 +34,14 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup  ## run the full pipeline on the synthetic web crawl (Prefect flow over dvc.yaml)
 	$(BIN)/clipmill run demo
 
-test: setup  ## run the test suite
+golden: setup  ## after `make demo`: record its outputs' file listings beside dvc.lock (commit both)
+	$(BIN)/python -m tests.golden write
+
+test: setup lint  ## run the test suite (it reproduces the demo in a fresh clone against the golden dvc.lock)
 	$(BIN)/python -m pytest -q
+
+lint: setup  ## ruff (configured in pyproject.toml)
+	$(BIN)/ruff check .
 
 test-fast: setup  ## the tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -q -m "not slow"

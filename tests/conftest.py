@@ -52,3 +52,36 @@ def prefect_server() -> str:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+# --- the golden-lock reproduction (tests/test_golden_lock.py) runs beside the rest of the session ----------------
+
+_GOLDEN = "tests/test_golden_lock.py::test_demo_reproduces_the_golden_lock"
+_golden_run: dict = {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """The golden reproduction's test runs last, so the other tests run while it reproduces the demo."""
+    items.sort(key=lambda item: item.nodeid == _GOLDEN)
+
+
+def pytest_collection_finish(session):
+    if any(item.nodeid == _GOLDEN for item in session.items) and not session.config.option.collectonly:
+        from tests.golden import start_reproduction
+
+        _golden_run["run"] = start_reproduction()
+
+
+@pytest.fixture(scope="session")
+def golden_reproduction():
+    """(process, clone, log) of the background `dvc repro` started when the session was collected."""
+    return _golden_run["run"]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    run = _golden_run.get("run")
+    if run and run[0].poll() is None:  # the session ended before the reproduction did
+        import signal
+
+        os.killpg(run[0].pid, signal.SIGTERM)

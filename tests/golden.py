@@ -1,0 +1,158 @@
+"""The demo's golden lock: what a reproduction of the demo must give, output by output and file by file.
+
+``dvc.lock`` (committed) holds the DVC hash of every output of the demo. Outputs that name or time a run (run ids,
+durations, checkpoints, registry versions, Great Expectations' data docs) are labelled ``run-record`` in
+``dvc.yaml``; every other output is deterministic and is compared. For a directory output, DVC's hash covers a
+listing of its files; ``tests/golden_files.tsv`` keeps those listings (stage, output, file, md5), so that a
+difference is reported down to the file.
+
+    python -m tests.golden write            # after `make demo`: the listings of this checkout's dvc.lock
+    python -m tests.golden check CLONE_DIR  # compare a reproduction (its dvc.lock and DVC cache) with the golden one
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LISTINGS = ROOT / "tests" / "golden_files.tsv"
+RUN_RECORD = "run-record"
+
+
+@dataclass(frozen=True)
+class Output:
+    stage: str
+    path: str
+
+
+def compared_outputs(repo_dir: Path) -> list[Output]:
+    """Every output of ``repo_dir``'s dvc.yaml in stage order, except those labelled ``run-record``."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo_dir)) as repo:
+        return [Output(stage.name, out.def_path) for stage in repo.index.stages for out in stage.outs
+                if RUN_RECORD not in ((out.annot.labels if out.annot else None) or [])]
+
+
+def lock_hashes(lock_file: Path) -> dict[Output, str]:
+    """(stage, output) -> DVC md5 (``<md5>.dir`` for a directory) from a dvc.lock."""
+    doc = yaml.safe_load(lock_file.read_text()) or {}
+    return {Output(name, out["path"]): out["md5"] for name, stage in (doc.get("stages") or {}).items()
+            for out in stage.get("outs", [])}
+
+
+def dir_listing(repo_dir: Path, md5: str) -> dict[str, str]:
+    """relpath -> md5 of a directory output, from DVC's cache (``.dvc/cache/files/md5/ab/cdef….dir``)."""
+    entry = repo_dir / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not entry.is_file():
+        raise FileNotFoundError(f"{entry}: the listing of a directory output is not in DVC's cache")
+    return {item["relpath"]: item["md5"] for item in json.loads(entry.read_text())}
+
+
+def write_listings(repo_dir: Path = ROOT, out: Path = LISTINGS) -> int:
+    """Write the file listings of ``repo_dir``'s compared directory outputs; returns the number of rows."""
+    hashes = lock_hashes(repo_dir / "dvc.lock")
+    rows = []
+    for output in compared_outputs(repo_dir):
+        md5 = hashes.get(output)
+        if md5 and md5.endswith(".dir"):
+            rows += [(output.stage, output.path, rel, h) for rel, h in sorted(dir_listing(repo_dir, md5).items())]
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(("stage", "output", "file", "md5"))
+        writer.writerows(rows)
+    return len(rows)
+
+
+def golden_listing(output: Output, listings: Path = LISTINGS) -> dict[str, str]:
+    with listings.open(newline="") as f:
+        return {r["file"]: r["md5"] for r in csv.DictReader(f, delimiter="\t")
+                if r["stage"] == output.stage and r["output"] == output.path}
+
+
+def first_file_difference(golden: dict[str, str], fresh: dict[str, str]) -> str:
+    """The first file (in path order) that differs, is missing or is new, and how many do."""
+    differing = sorted(rel for rel in golden.keys() | fresh.keys() if golden.get(rel) != fresh.get(rel))
+    if not differing:
+        return "its files are equal but its hash is not"
+    rel = differing[0]
+    what = ("missing" if rel not in fresh else "new" if rel not in golden
+            else f"md5 {fresh[rel][:12]}, golden {golden[rel][:12]}")
+    return f"first differing file {rel} ({what}); {len(differing)} of {len(golden)} files differ"
+
+
+def differences(fresh_dir: Path, golden_lock: Path, listings: Path = LISTINGS) -> list[str]:
+    """One line per compared output whose hash differs from the golden lock, in stage order."""
+    golden, fresh = lock_hashes(golden_lock), lock_hashes(fresh_dir / "dvc.lock")
+    lines = []
+    for output in compared_outputs(fresh_dir):
+        want, got = golden.get(output), fresh.get(output)
+        if want == got:
+            continue
+        where = f"stage {output.stage}: {output.path}"
+        if want is None or got is None:
+            lines.append(f"{where}: {'not in the golden dvc.lock' if want is None else 'not produced'}")
+        elif want.endswith(".dir") and got.endswith(".dir"):
+            lines.append(f"{where}: {first_file_difference(golden_listing(output, listings), dir_listing(fresh_dir, got))}")
+        else:
+            lines.append(f"{where}: md5 {got}, golden {want}")
+    return lines
+
+
+def clone_working_tree(dest: Path, src: Path = ROOT) -> Path:
+    """A fresh clone of ``src``'s working tree (tracked and untracked, not ignored, files) as one commit in ``dest``,
+    sharing ``src``'s virtual environment."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (src / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dest / rel)
+    git = ["git", "-c", "user.name=clipmill", "-c", "user.email=clipmill@localhost"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "working tree"]):
+        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
+    (dest / ".venv").symlink_to(src / ".venv")
+    return dest
+
+
+def start_reproduction(src: Path = ROOT) -> tuple[subprocess.Popen, Path, Path]:
+    """``dvc repro`` of the demo in a fresh clone of ``src``, in the background: (process, clone, log file)."""
+    clone = clone_working_tree(Path(tempfile.mkdtemp(prefix="clipmill-golden-")) / "repo", src)
+    log = clone.parent / "repro.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CLIPMILL_", "PREFECT_API"))}
+    env.update(PATH=f"{src / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
+               NO_ALBUMENTATIONS_UPDATE="1", PREFECT_HOME=str(clone / ".prefect"))
+    with log.open("w") as f:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=clone, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, clone, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.golden", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("write", help="write tests/golden_files.tsv from this checkout's dvc.lock and DVC cache")
+    check = sub.add_parser("check", help="compare a reproduction with the golden dvc.lock")
+    check.add_argument("fresh_dir", type=Path, help="the reproduction's checkout (its dvc.lock and .dvc/cache)")
+    check.add_argument("--golden-lock", type=Path, default=ROOT / "dvc.lock")
+    args = parser.parse_args(argv)
+    if args.command == "write":
+        print(f"{LISTINGS.relative_to(ROOT)}: {write_listings()} files of directory outputs")
+        return 0
+    diffs = differences(args.fresh_dir, args.golden_lock)
+    print("\n".join(diffs) if diffs else "every deterministic output equals the golden dvc.lock")
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
