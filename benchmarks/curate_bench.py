@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from components.download.stage import MANIFEST_ROW_GROUP  # the synthetic manifests are laid out as the stage writes them
+from clipmill.components.download.stage import MANIFEST_ROW_GROUP  # the synthetic manifests are laid out as the stage writes them
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_PIXEL_STEPS = ["rules", "dedup", "balance", "rewrite"]
@@ -87,7 +87,7 @@ def _draw(scene) -> bytes:
 
 def _scenes(rng, probs, rows: int, demo) -> tuple[list, list]:
     """Each row's scene and native size (a few tiny and elongated images for the rules step)."""
-    from components.demo_corpus.scenes import sample_scene, sample_size
+    from clipmill.components.demo_corpus.scenes import sample_scene, sample_size
 
     scenes, sizes = [], []
     for _ in range(rows):
@@ -102,7 +102,7 @@ def _scenes(rng, probs, rows: int, demo) -> tuple[list, list]:
 
 def _captions(scenes: list, rng, text_rng: random.Random, demo) -> list[str]:
     """Web captions with the demo's planted defects: mismatched (another row's caption) and boilerplate-only."""
-    from components.demo_corpus.captions import boilerplate_only_caption, web_caption
+    from clipmill.components.demo_corpus.captions import boilerplate_only_caption, web_caption
 
     rows = len(scenes)
     honest = [web_caption(scene, text_rng, demo.caption_noise)[0] for scene in scenes]
@@ -126,7 +126,7 @@ def _image_ids(rng, first: int, rows: int, demo) -> np.ndarray:
 
 def _manifest_row(index: int, i: int, url: str, caption: str, size: tuple, digest: str, kind: int) -> dict:
     """One manifest row: a success, or the failure ``FAILURES[kind]`` (no image, no shard)."""
-    from components.common.hashing import make_uid
+    from clipmill.components.common.hashing import make_uid
 
     row = {"uid": make_uid(url, caption), "key": f"{index:05d}{i:04d}", "shard": f"{LIST_NAME}/{index:05d}.tar",
            "status": "success", "error_message": None, "error_reason": None, "width": IMAGE_PX, "height": IMAGE_PX,
@@ -150,9 +150,9 @@ def _add_sample(tar: tarfile.TarFile, row: dict, scene) -> None:
 
 def make_shard(job: tuple) -> pd.DataFrame:
     """Manifest rows of download shard ``index`` (and its tar of images when ``images``), from (seed, index) only."""
-    from components.demo_corpus.params import DemoCorpusParams
-    from components.demo_corpus.scenes import concept_probabilities
-    from components.demo_corpus.vocabulary import CONCEPTS
+    from clipmill.components.demo_corpus.params import DemoCorpusParams
+    from clipmill.components.demo_corpus.scenes import concept_probabilities
+    from clipmill.components.demo_corpus.vocabulary import CONCEPTS
 
     index, rows, seed, images, shards_dir, demo = job
     demo = DemoCorpusParams.model_validate(demo)
@@ -366,7 +366,7 @@ def bare_matches(automaton, captions: list[str]) -> list[int]:
 
 def baselines(out_dir: Path, params: dict, costs: dict, repeats: int) -> dict:
     """Bare-library seconds for the rules, dedup and the balance matches over the rows the stage's steps saw."""
-    from components.balance.matching import read_metadata
+    from clipmill.components.balance.matching import read_metadata
 
     steps = costs["steps"]
     names = units_of(out_dir)
@@ -568,7 +568,7 @@ def _write_manifests(args, work: Path, sizes: list[int], total_shards: int, imag
 def _random_scorer(work: Path) -> Path:
     import torch
 
-    from components.common.model import create_clip, export_local_dir
+    from clipmill.components.common.model import create_clip, export_local_dir
 
     scorer = work / "scorer"
     if not scorer.is_dir():
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "workers": args.workers, "cpus": os.cpu_count(), "generate_s": round(generate_s, 1)}
         plans = [("no-pixels", NO_PIXEL_STEPS, scales)]
         if image_scales:
-            from components.common.curation import STEP_NAMES
+            from clipmill.components.common.curation import STEP_NAMES
 
             plans.append(("full", list(STEP_NAMES), image_scales))
         for kind, steps, sizes in plans:

@@ -23,10 +23,10 @@ from pathlib import Path
 import pandas as pd
 
 from clipmill.params import load_params
-from components.common.params import TrackingParams
-from components.demo_corpus import DEMO_BASE_URL, serve_web
-from components.download.params import DownloadParams
-from components.download.stage import download
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.demo_corpus import DEMO_BASE_URL, serve_web
+from clipmill.components.download.params import DownloadParams
+from clipmill.components.download.stage import download
 
 
 def img2dataset_cli_args(url_list: Path, out: Path, params: DownloadParams) -> list[str]:

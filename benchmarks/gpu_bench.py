@@ -43,14 +43,14 @@ import torch
 import webdataset
 from PIL import Image, ImageDraw
 
-from components.common.model import create_clip, export_local_dir
-from components.common.steps import StepContext
-from components.score.params import ScoreParams
-from components.score.step import ScoreStep
-from components.common.training.data import ResumableLoader, ShardStream, scan_shards
-from components.common.training.module import MAX_LOGIT_SCALE, ClipModule, _no_weight_decay, initial_logits
-from components.common.training.params import TrainParams
-from components.common.training.fit import _trainer, resolve_precision
+from clipmill.components.common.model import create_clip, export_local_dir
+from clipmill.components.common.steps import StepContext
+from clipmill.components.score.params import ScoreParams
+from clipmill.components.score.step import ScoreStep
+from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
+from clipmill.components.common.training.module import MAX_LOGIT_SCALE, ClipModule, _no_weight_decay, initial_logits
+from clipmill.components.common.training.params import TrainParams
+from clipmill.components.common.training.fit import _trainer, resolve_precision
 
 from .score_bench import bare_loop as bare_score_loop
 

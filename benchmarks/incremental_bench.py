@@ -46,7 +46,7 @@ def _run(work: Path, params: Path, curate_out: str, download: bool = True) -> di
 
 
 def _tables(curate_dir: Path) -> dict[str, pd.DataFrame]:
-    from components.common.curation import read_step_table
+    from clipmill.components.common.curation import read_step_table
 
     summary = json.loads((curate_dir / "summary.json").read_text())
     out = {}
@@ -64,8 +64,8 @@ def _prepare(work: Path, pairs: int, new_pairs: int) -> Path:
     import torch
 
     from clipmill.params import load_params
-    from components.common.model import create_clip, export_local_dir
-    from components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
+    from clipmill.components.common.model import create_clip, export_local_dir
+    from clipmill.components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
 
     params = load_params(REPO / "params.yaml")
     corpus = params.demo_corpus.model_copy(update={"num_pairs": pairs, "zeroshot_per_class": 1, "retrieval_size": 1,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--out", default="reports/bench/incremental.json", help="results JSON")
     args = parser.parse_args(argv)
-    from components.download.additions import append_url_list
+    from clipmill.components.download.additions import append_url_list
 
     with tempfile.TemporaryDirectory(prefix="clipmill-incremental-") as tmp:
         work = Path(args.workdir or tmp)

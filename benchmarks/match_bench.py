@@ -15,9 +15,9 @@ import random
 import time
 from pathlib import Path
 
-from components.balance.matching import EntryMatcher, read_metadata
-from components.balance.params import DEFAULT_METADATA
-from components.common.text import spaced_text
+from clipmill.components.balance.matching import EntryMatcher, read_metadata
+from clipmill.components.balance.params import DEFAULT_METADATA
+from clipmill.components.common.text import spaced_text
 
 SYNTHETIC_ENTRIES = 500_000
 FILLER = ["a", "the", "on", "of", "with", "in", "and", "photo", "image", "-", ",", ".", "|", "IMG_0042.jpg"]

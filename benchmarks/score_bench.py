@@ -23,11 +23,11 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from components.common.model import create_clip, export_local_dir
-from components.common.shards import ShardReader, shard_file_name
-from components.common.steps import StepContext
-from components.score.params import ScoreParams
-from components.score.step import ScoreStep
+from clipmill.components.common.model import create_clip, export_local_dir
+from clipmill.components.common.shards import ShardReader, shard_file_name
+from clipmill.components.common.steps import StepContext
+from clipmill.components.score.params import ScoreParams
+from clipmill.components.score.step import ScoreStep
 from tests.curation_fixtures import make_download
 
 

@@ -26,10 +26,10 @@ import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 from torch.utils.data import DataLoader
 
-from components.common.model import create_clip
-from components.common.training.data import ResumableLoader, ShardStream, scan_shards
-from components.common.training.module import MAX_LOGIT_SCALE, ClipModule, _no_weight_decay, initial_logits, lr_factor
-from components.common.training.params import TrainParams
+from clipmill.components.common.model import create_clip
+from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
+from clipmill.components.common.training.module import MAX_LOGIT_SCALE, ClipModule, _no_weight_decay, initial_logits, lr_factor
+from clipmill.components.common.training.params import TrainParams
 from tests.test_train_shapes import write_shape_shards
 
 

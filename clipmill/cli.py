@@ -9,15 +9,15 @@ import argparse
 import importlib
 import sys
 
-from components.common.errors import ClipmillError
-from components.common.log import quiet_third_party
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.log import quiet_third_party
 
 from .params import DEFAULT_PARAMS, load_params
 
 
 def stage_modules() -> dict[str, object]:
-    """Stage name -> its ``components.<stage>.cli`` module, for every stage package that has one."""
-    from components.common.packages import package_modules
+    """Stage name -> its ``clipmill.components.<stage>.cli`` module, for every stage package that has one."""
+    from clipmill.components.common.packages import package_modules
 
     return package_modules("cli")
 
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(sp)
         sp.set_defaults(handler=mod.run, needs_params=True)
 
-    for extra in ("pipelines.cli", "pipelines.serve", "pipelines.ablate_cli", "components.demo_corpus.server_cli",
-                  "components.demo_corpus.batch_cli", "components.register.models_cli", "clipmill.docs"):
+    for extra in ("clipmill.pipelines.cli", "clipmill.pipelines.serve", "clipmill.pipelines.ablate_cli", "clipmill.components.demo_corpus.server_cli",
+                  "clipmill.components.demo_corpus.batch_cli", "clipmill.components.register.models_cli", "clipmill.docs"):
         try:
             mod = importlib.import_module(extra)
         except ModuleNotFoundError as e:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params) if getattr(args, "params", None) else None
         if getattr(args, "needs_params", False):  # a stage: its tracking store must work before its work starts
-            from components.common.tracking import check_tracking
+            from clipmill.components.common.tracking import check_tracking
 
             check_tracking(params.tracking)
         rc = args.handler(args, params)

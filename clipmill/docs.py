@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from components.common.errors import ClipmillError
+from clipmill.components.common.errors import ClipmillError
 
 from .params import DEFAULT_PARAMS, Params, load_params
 

@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, create_model
 
-from components.common.errors import ConfigError
-from components.common.params import ProjectParams, RayParams, Section, TrackingParams
+from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.params import ProjectParams, RayParams, Section, TrackingParams
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -31,7 +31,7 @@ ORDER = ("demo_corpus", "demo_server", "download", "validation", "curate", "filt
 def package_sections() -> dict[str, tuple[type[Section], str]]:
     """Every ``SECTIONS`` declared by a package's ``params`` module under components/: a new stage adds its section
     by declaring it, with nothing to edit here."""
-    from components.common.packages import package_modules
+    from clipmill.components.common.packages import package_modules
 
     found: dict[str, tuple[type[Section], str]] = {}
     for package, module in package_modules("params").items():

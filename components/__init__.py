@@ -1,4 +1,4 @@
-"""clipmill pipeline stages: one package per stage, shared code in ``components.common``."""
+"""clipmill pipeline stages: one package per stage, shared code in ``clipmill.components.common``."""
 import os
 
 # Nothing is fetched at run time: no update checks, no model hubs.

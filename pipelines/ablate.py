@@ -1,10 +1,10 @@
 """The curation ablation (``clipmill ablate``): each arm's curated shards, N seeded training runs per arm, one
 evaluation suite. It composes the curate and reshard stages and the core library's training engine; the records
-(MLflow runs, tables, plot) are ``components.ablate.ablation``'s.
+(MLflow runs, tables, plot) are ``clipmill.components.ablate.ablation``'s.
 
 In: the curate stage's outputs (``data/curate``: every step's per-shard decisions), the download shards, the
 held-out suite, and the whole params (``ablate:``, ``train:``, ``evaluate:``, ``curate.steps``). For each arm
-(``components.ablate.arms``) the reshard code writes the uids that the arm's steps kept into
+(``clipmill.components.ablate.arms``) the reshard code writes the uids that the arm's steps kept into
 ``<work>/<arm>/curated``; an "all but X" arm is first curated again without X (``<work>/<arm>/curate``, the
 outputs of the steps before X reused through hard links), so the later steps see what X would have dropped.
 Every run trains ``ablate.samples_per_epoch`` x ``train.epochs`` samples (equal samples seen), with seed
@@ -30,16 +30,16 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from components.ablate.ablation import (Inputs, log_outputs, log_to_run, parent_run, progress, work_dir,
+from clipmill.components.ablate.ablation import (Inputs, log_outputs, log_to_run, parent_run, progress, work_dir,
                                         write_outputs)
-from components.ablate.arms import Arm, resolve_arms
-from components.common.curation import STEPS_DIR, UNITS_DIR, step_dir
-from components.common.errors import ConfigError
-from components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
-from components.common.model import load_clip
-from components.common.training.fit import train
-from components.curate.stage import curate
-from components.reshard.curated import reshard
+from clipmill.components.ablate.arms import Arm, resolve_arms
+from clipmill.components.common.curation import STEPS_DIR, UNITS_DIR, step_dir
+from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
+from clipmill.components.common.model import load_clip
+from clipmill.components.common.training.fit import train
+from clipmill.components.curate.stage import curate
+from clipmill.components.reshard.curated import reshard
 
 # A unit of work: ``call(fn, name, *args)`` runs ``fn(*args)`` (the Prefect flow runs it as a task).
 Call = Callable[..., Any]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from components.common.layout import add_path_option, resolve_paths
+from clipmill.components.common.layout import add_path_option, resolve_paths
 
 HELP = ("curation ablation: each arm (raw, the funnel cut after a step, all but a step) resharded from the "
         "curate stage's decisions, trained with N seeds at equal samples seen, evaluated -> reports/ablation/")
@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, params) -> int:
     from pathlib import Path
 
-    from components.ablate.ablation import Inputs
-    from components.ablate.variants import load_variant
+    from clipmill.components.ablate.ablation import Inputs
+    from clipmill.components.ablate.variants import load_variant
 
     overrides = list(args.overrides) + ([f"ablate.out_dir={args.out}"] if args.out else [])
     params, changed = load_variant(args.params, overrides, args.best_params)

@@ -23,7 +23,7 @@ def _run(args: argparse.Namespace, params) -> int:
     import sys
 
     from clipmill.params import load_params
-    from components.common.tracking import check_tracking
+    from clipmill.components.common.tracking import check_tracking
 
     from .runlock import RUN_LOCKED_EXIT, RunLocked, run_lock
 
@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace, params) -> int:
 
 def champion_report(root: Path, params) -> str:
     """What the demo leaves in the registry: the champion, its metrics, and how to serve and query it."""
-    from components.common.io import read_json
+    from clipmill.components.common.io import read_json
 
     registration = root / params.project.data_dir / "register" / "registration.json"
     if not registration.exists():

@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from components.common.errors import ClipmillError
-from components.common.log import get_logger
-from components.train.warm_start import WARM_START_DIR, WARM_START_FILE, WarmStart, export_weights, write_warm_start
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.log import get_logger
+from clipmill.components.train.warm_start import WARM_START_DIR, WARM_START_FILE, WarmStart, export_weights, write_warm_start
 
 log = get_logger("pipeline")
 
@@ -49,7 +49,7 @@ def append_new_urls(root: Path, params, source: str | os.PathLike) -> list[str]:
     ``source`` may be an inbox directory: each list in it that the crawl does not hold yet is appended (one
     appended before is skipped), and an empty inbox appends nothing.
     """
-    from components.download.additions import AlreadyAppended, append_url_list
+    from clipmill.components.download.additions import AlreadyAppended, append_url_list
 
     source = Path(source)
     if not source.is_absolute():
@@ -89,7 +89,7 @@ def _champion_loss(client, version) -> str | None:
 def _export_champion(root: Path, name: str, version: str, tracking: str) -> tuple[str, str]:
     """Copy the champion's weights to ``warm_start/<name>-v<version>/`` and track it with ``dvc add`` (other
     warm-start copies are dropped); returns (its path relative to ``root``, the sha256 of its weights)."""
-    from components.common.model import resolve_model_source
+    from clipmill.components.common.model import resolve_model_source
 
     rel = f"{WARM_START_DIR}/{name}-v{version}"
     with resolve_model_source(f"models:/{name}/{version}", tracking) as source:
@@ -108,7 +108,7 @@ def _drop_warm_start_copies(root: Path, keep: str | None = None) -> None:
 
 
 def _loss_from_weights(export_dir: Path) -> str:
-    from components.common.model import read_state_dict
+    from clipmill.components.common.model import read_state_dict
 
     return "siglip" if "logit_bias" in read_state_dict(export_dir) else "clip"
 
@@ -118,8 +118,8 @@ def write_champion_warm_start(root: Path, params) -> WarmStart:
     exported to a DVC-tracked local copy and their sha256 (from scratch when there is no champion yet)."""
     from mlflow import MlflowClient
 
-    from components.common.tracking import tracking_uri
-    from components.register.registry import CHAMPION, alias_version
+    from clipmill.components.common.tracking import tracking_uri
+    from clipmill.components.register.registry import CHAMPION, alias_version
 
     name, uri = params.register.model_name, tracking_uri(params.tracking)
     client = MlflowClient(uri)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from components.common.errors import ClipmillError
+from clipmill.components.common.errors import ClipmillError
 
 # Which stages each flow ends at (their upstream stages come along); () means every stage.
 FLOW_TARGETS: dict[str, tuple[str, ...]] = {

@@ -24,11 +24,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from components.common.errors import ClipmillError
-from components.common.io import write_text
-from components.common.log import Progress, quiet_third_party
-from components.common.params import TrackingParams
-from components.common.tracking import (DVC_STAGE_ENV, DVC_STAGE_TAG, PARENT_RUN_ENV, check_tracking, lineage_tags,
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.io import write_text
+from clipmill.components.common.log import Progress, quiet_third_party
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.tracking import (DVC_STAGE_ENV, DVC_STAGE_TAG, PARENT_RUN_ENV, check_tracking, lineage_tags,
                                         tracking_uri, use_experiment)
 
 from .dag import FLOW_TARGETS, load_dag, select
@@ -174,7 +174,7 @@ def summary_markdown(flow_name: str, results: list[StageResult], total_seconds: 
 
 def _run_facts(root: Path, params, ran: set[str], warm, added: list[str]) -> dict[str, str]:
     """What the summary says beyond the stage table: the crawl, the warm start, the resulting model."""
-    from components.common.io import read_json
+    from clipmill.components.common.io import read_json
 
     facts: dict[str, str] = {}
     download = root / params.project.data_dir / "download" / "summary.json"
@@ -351,7 +351,7 @@ def _tag_model_with_commit(root: Path, params, sha: str) -> None:
     """The registered version names the git commit that holds its data version (dvc.lock)."""
     from mlflow import MlflowClient
 
-    from components.common.io import read_json
+    from clipmill.components.common.io import read_json
 
     reg = read_json(root / params.project.data_dir / "register" / "registration.json")
     MlflowClient(tracking_uri(params.tracking)).set_model_version_tag(reg["name"], reg["version"],

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from components.common.errors import ClipmillError
+from clipmill.components.common.errors import ClipmillError
 
 LOCK_FILE = Path(".clipmill") / "run.lock"
 RUN_LOCKED_EXIT = 75  # EX_TEMPFAIL: try again later

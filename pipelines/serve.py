@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from components.common.errors import ClipmillError
+from clipmill.components.common.errors import ClipmillError
 
 
 def load_deployments(prefect_yaml: str | Path) -> list[dict]:

@@ -15,7 +15,7 @@ import pandas as pd
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from components.common.hashing import make_uid
+from clipmill.components.common.hashing import make_uid
 
 SHAPES = ["circle", "square", "triangle"]
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from clipmill.params import Params, load_params
-from components.common.curation import read_step_table
-from components.common.model import create_clip, export_local_dir
-from components.curate.stage import curate
-from components.reshard.curated import reshard
-from components.reshard.params import ReshardParams
+from clipmill.components.common.curation import read_step_table
+from clipmill.components.common.model import create_clip, export_local_dir
+from clipmill.components.curate.stage import curate
+from clipmill.components.reshard.curated import reshard
+from clipmill.components.reshard.params import ReshardParams
 
 from tests.curation_fixtures import make_download
 

@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from components.common.evaluation import EvaluationRecord, model_hash
-from components.common.model import create_clip, export_local_dir
+from clipmill.components.common.evaluation import EvaluationRecord, model_hash
+from clipmill.components.common.model import create_clip, export_local_dir
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
 TEMPLATES = ["a photo of a {} square.", "a {} square."]

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from clipmill.cli import main
-from components.ablate.arms import resolve_arms
-from components.ablate.stats import bootstrap_delta
-from components.ablate.variants import load_variant
-from components.common.errors import ConfigError
+from clipmill.components.ablate.arms import resolve_arms
+from clipmill.components.ablate.stats import bootstrap_delta
+from clipmill.components.ablate.variants import load_variant
+from clipmill.components.common.errors import ConfigError
 from tests.curation_fixtures import COLORS, SHAPES, draw
 from tests.curation_tables import make_curation
 
@@ -131,9 +131,9 @@ def test_ablate_trains_each_arm_and_seed_and_writes_the_table_cis_and_child_runs
 
 
 def test_an_all_but_arm_curates_again_without_touching_the_curate_stage_outputs(tmp_path):
-    from components.ablate.ablation import Inputs
-    from pipelines.ablate import build_arm
-    from components.common.curation import read_step_table
+    from clipmill.components.ablate.ablation import Inputs
+    from clipmill.pipelines.ablate import build_arm
+    from clipmill.components.common.curation import read_step_table
 
     curation = make_curation(tmp_path / "crawl", n=120, per_shard=60, steps=["rules", "spam", "dedup"])
     p, params = curation["paths"], curation["params"]
@@ -150,8 +150,8 @@ def test_an_all_but_arm_curates_again_without_touching_the_curate_stage_outputs(
 
 
 def test_an_arm_that_keeps_no_samples_is_one_clear_error_before_training(tmp_path):
-    from components.ablate.ablation import Inputs
-    from pipelines.ablate import build_arm
+    from clipmill.components.ablate.ablation import Inputs
+    from clipmill.pipelines.ablate import build_arm
 
     curation = make_curation(tmp_path / "crawl", n=60, per_shard=30, steps=["rules", "spam", "dedup"])
     p, params = curation["paths"], curation["params"].model_copy(deep=True)

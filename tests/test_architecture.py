@@ -69,3 +69,12 @@ def test_functions_fit_on_a_screen(tree):
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines")
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines"
+
+
+def test_the_code_imports_itself_through_the_clipmill_namespace():
+    """components/ and pipelines/ install as clipmill.components and clipmill.pipelines: a bare ``components`` would
+    be another copy of the modules (or another project's package of that name)."""
+    bare = [f"{p.relative_to(ROOT)}:{line}: {module}"
+            for p in _sources("components", "pipelines", "clipmill", "tests", "benchmarks")
+            for line, module in _imported_modules(p) if module.split(".")[0] in ("components", "pipelines")]
+    assert bare == []

@@ -8,15 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.balance.balancing import keep_probabilities, uid_uniform
-from components.balance.matching import EntryMatcher, read_metadata
-from components.balance.params import DEFAULT_METADATA, BalanceParams
-from components.balance.step import BalanceStep
-from components.common.curation import read_step, read_step_table
-from components.common.errors import InputError
-from components.common.steps import StepContext
-from components.common.text import spaced_text
-from components.curate.stage import curate
+from clipmill.components.balance.balancing import keep_probabilities, uid_uniform
+from clipmill.components.balance.matching import EntryMatcher, read_metadata
+from clipmill.components.balance.params import DEFAULT_METADATA, BalanceParams
+from clipmill.components.balance.step import BalanceStep
+from clipmill.components.common.curation import read_step, read_step_table
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.steps import StepContext
+from clipmill.components.common.text import spaced_text
+from clipmill.components.curate.stage import curate
 from tests.test_curate import shrunk_params
 
 

@@ -6,13 +6,13 @@ import datetime as dt
 import pandas as pd
 import pytest
 
-from components.common.errors import InputError
-from components.common.params import RayParams, TrackingParams
-from components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
-from components.demo_corpus import DEMO_BASE_URL
-from components.demo_corpus.params import DemoCorpusParams
-from components.download.additions import append_url_list, list_additions, read_crawl
-from components.download.params import DownloadParams
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.params import RayParams, TrackingParams
+from clipmill.components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
+from clipmill.components.demo_corpus import DEMO_BASE_URL
+from clipmill.components.demo_corpus.params import DemoCorpusParams
+from clipmill.components.download.additions import append_url_list, list_additions, read_crawl
+from clipmill.components.download.params import DownloadParams
 
 SMALL = dict(num_pairs=80, zeroshot_per_class=1, retrieval_size=1, trusted_size=1, workers=1)
 
@@ -59,7 +59,7 @@ def test_appended_lists_download_after_the_base_list_with_counts_that_add_up(cra
     assert c.url_list.passthrough[-1] == "url_list"
     assert list(c.web_dirs) == [first.id]  # the batch's web/ (the list without one brings none)
 
-    from components.download.stage import download
+    from clipmill.components.download.stage import download
 
     mirror = {"prefix": DEMO_BASE_URL, "dir": str(crawl / "crawl" / "web"), "slow_seconds": 3.0}
     params = DownloadParams(urls=str(crawl / "crawl" / "urls.parquet"), timeout=2, retries=1, mirrors=[mirror],

@@ -23,13 +23,13 @@ import yaml
 
 from clipmill.cli import main
 from clipmill.params import Params, load_params, parse_params
-from components.common.curation import STEP_NAMES, read_step, read_step_table, step_class
-from components.common.errors import ConfigError, InputError
-from components.common.hashing import make_uid
-from components.common.model import create_clip, export_local_dir
-from components.common.params import section_at
-from components.common.steps import PoolStep
-from components.curate.stage import curate
+from clipmill.components.common.curation import STEP_NAMES, read_step, read_step_table, step_class
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.hashing import make_uid
+from clipmill.components.common.model import create_clip, export_local_dir
+from clipmill.components.common.params import section_at
+from clipmill.components.common.steps import PoolStep
+from clipmill.components.curate.stage import curate
 from tests.conftest import REPO
 from tests.curation_fixtures import make_download
 from tests.object_store import s3  # noqa: F401 (a fixture)
@@ -354,7 +354,7 @@ def test_curation_reads_and_writes_object_storage_like_local_files(download, sco
 
     # Reshard reads the curation and the download shards from the store and publishes the curated shards there:
     # byte for byte what a local reshard of the local curation writes.
-    from components.reshard.curated import reshard
+    from clipmill.components.reshard.curated import reshard
 
     steps = list(params.curate.steps)
     local = reshard(reference["out"], download["shards"], tmp_path / "curated", params.reshard, 0, params.tracking,
@@ -367,7 +367,7 @@ def test_curation_reads_and_writes_object_storage_like_local_files(download, sco
 
     # Training reads the curated shards from the store (webdataset through fsspec) and checks their content hash
     # against the bytes reshard wrote: a changed object is refused before training.
-    from components.common.training.data import _read_shard, scan_shards
+    from clipmill.components.common.training.data import _read_shard, scan_shards
 
     local_set, remote_set = scan_shards(str(tmp_path / "curated")), scan_shards("s3://crawl/curated")
     assert remote_set.counts == local_set.counts and remote_set.paths[0].startswith("s3://crawl/curated/shards/")
@@ -418,7 +418,7 @@ def test_a_stage_sigkilled_at_a_seeded_random_point_reruns_to_identical_outputs(
         assert_same_tables(step_tables(out), reference["tables"])
         assert counts_only(json.loads((out / "summary.json").read_text())) == counts_only(reference["summary"])
     else:
-        from components.reshard.curated import reshard
+        from clipmill.components.reshard.curated import reshard
 
         expected = tmp_path / "uninterrupted"
         reshard(reference["out"], download["shards"], expected, params.reshard,

@@ -14,14 +14,14 @@ from PIL import Image, ImageOps
 
 from clipmill.cli import main
 from clipmill.params import parse_params
-from components.common.errors import ConfigError, InputError
-from components.common.hashing import content_hash, make_uid
-from components.demo_corpus import DEMO_BASE_URL, load_ground_truth
-from components.demo_corpus.corpus import generate_demo_corpus
-from components.demo_corpus.crawl import BEHAVIOURS, plan_crawl
-from components.demo_corpus.params import DemoCorpusParams
-from components.demo_corpus.render import render_scene
-from components.demo_corpus.vocabulary import COLOR_SYNONYMS, COLORS, CONCEPTS, SHAPE_WORDS
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.hashing import content_hash, make_uid
+from clipmill.components.demo_corpus import DEMO_BASE_URL, load_ground_truth
+from clipmill.components.demo_corpus.corpus import generate_demo_corpus
+from clipmill.components.demo_corpus.crawl import BEHAVIOURS, plan_crawl
+from clipmill.components.demo_corpus.params import DemoCorpusParams
+from clipmill.components.demo_corpus.render import render_scene
+from clipmill.components.demo_corpus.vocabulary import COLOR_SYNONYMS, COLORS, CONCEPTS, SHAPE_WORDS
 
 from .conftest import REPO
 

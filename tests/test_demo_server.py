@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from components.common.errors import InputError
-from components.demo_corpus import DEMO_BASE_URL, load_ground_truth, serve_web
-from components.demo_corpus.corpus import generate_demo_corpus
-from components.demo_corpus.params import DemoCorpusParams
+from clipmill.components.common.errors import InputError
+from clipmill.components.demo_corpus import DEMO_BASE_URL, load_ground_truth, serve_web
+from clipmill.components.demo_corpus.corpus import generate_demo_corpus
+from clipmill.components.demo_corpus.params import DemoCorpusParams
 
 from .conftest import REPO
 

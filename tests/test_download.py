@@ -18,18 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from components.common.errors import InputError
-from components.common.io import OUTPUT_MARKER
-from components.common.params import RayParams, TrackingParams
-from components.demo_corpus import DEMO_BASE_URL, load_ground_truth
-from components.demo_corpus.corpus import generate_demo_corpus
-from components.demo_corpus.params import DemoCorpusParams
-from components.download.params import DownloadParams
-from components.download.reasons import error_reason
-from components.download.safety import is_public_address, refusal_reasons
-from components.download.shards import read_shard
-from components.download.stage import MANIFEST_COLUMNS, claim_output_dir, download
-from components.download.url_list import read_url_list
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import OUTPUT_MARKER
+from clipmill.components.common.params import RayParams, TrackingParams
+from clipmill.components.demo_corpus import DEMO_BASE_URL, load_ground_truth
+from clipmill.components.demo_corpus.corpus import generate_demo_corpus
+from clipmill.components.demo_corpus.params import DemoCorpusParams
+from clipmill.components.download.params import DownloadParams
+from clipmill.components.download.reasons import error_reason
+from clipmill.components.download.safety import is_public_address, refusal_reasons
+from clipmill.components.download.shards import read_shard
+from clipmill.components.download.stage import MANIFEST_COLUMNS, claim_output_dir, download
+from clipmill.components.download.url_list import read_url_list
 
 from .conftest import REPO
 from .object_store import s3  # noqa: F401 (a fixture)
@@ -49,7 +49,7 @@ UNCLEAN_ROWS = [5, 50, 150]  # captions given invalid UTF-8 bytes
 SLOW_SECONDS = 4.0
 FAULT_SEED = int(os.environ.get("CLIPMILL_FAULT_SEED", "7"))
 # The stage as `clipmill stage download` runs it, without importing every other stage's CLI.
-RUN_STAGE = ("import sys; from clipmill.params import load_params; from components.download.stage import download; "
+RUN_STAGE = ("import sys; from clipmill.params import load_params; from clipmill.components.download.stage import download; "
              "p = load_params(sys.argv[1]); download(p.download, p.download.urls, sys.argv[2], tracking=p.tracking, "
              "ray_params=p.ray)")
 PARAMS = {"timeout": 2, "retries": 1, "number_sample_per_shard": 70, "processes_count": 1, "thread_count": 8,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from components.download.decode import DecodeError, decode_image
-from components.download.reasons import error_reason
+from clipmill.components.download.decode import DecodeError, decode_image
+from clipmill.components.download.reasons import error_reason
 
 MAX_AREA = 40_000_000
 
@@ -131,7 +131,7 @@ def test_decompression_bomb_is_image_too_large_before_decoding():
 def test_ordinary_images_decode_and_resize_exactly_as_img2dataset_does():
     from img2dataset.resizer import Resizer
 
-    from components.download.workers import SafeResizer
+    from clipmill.components.download.workers import SafeResizer
 
     rgb = _gradient(50, 70, 3, 255, seed=5)
     rgba = _gradient(50, 70, 4, 255, seed=6)

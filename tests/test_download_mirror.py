@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.common.errors import ConfigError, InputError
-from components.common.mirror import serve_mirror
-from components.common.params import RayParams, TrackingParams
-from components.download.params import DownloadParams
-from components.download.stage import build_requests, download
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.mirror import serve_mirror
+from clipmill.components.common.params import RayParams, TrackingParams
+from clipmill.components.download.params import DownloadParams
+from clipmill.components.download.stage import build_requests, download
 
 PREFIX = "http://images.example.test/site"
 PATIENT = 30.0

@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import brotli
 import pytest
 
-from components.download.fetch import FetchError, FetchPolicy, fetch, fetch_with_retry, robots_directives
-from components.download.reasons import error_reason
-from components.download.safety import is_public_address, refusal_reasons
+from clipmill.components.download.fetch import FetchError, FetchPolicy, fetch, fetch_with_retry, robots_directives
+from clipmill.components.download.reasons import error_reason
+from clipmill.components.download.safety import is_public_address, refusal_reasons
 
 PUBLIC_IP, PRIVATE_IP = "127.0.0.2", "127.0.0.1"
 BODY = b"\x89PNG fake image bytes " * 50
@@ -175,7 +175,7 @@ def test_ipv4_embedded_and_odd_loopback_forms_are_refused(host, sites):
     public, private = sites
     url = f"http://{host}:{private.port}/secret"
     with pytest.raises(FetchError) as err:
-        fetch(url, _policy(public, resolver=lambda h, p: __import__("components.download.safety",
+        fetch(url, _policy(public, resolver=lambda h, p: __import__("clipmill.components.download.safety",
                                                                          fromlist=["x"]).resolve_host(h, p)))
     assert err.value.reason == "private_host"
     assert refusal_reasons([url], allow_private_hosts=False) == ["private_host"]
@@ -342,9 +342,9 @@ def test_img2dataset_workers_fetch_and_decode_through_the_guards(sites, tmp_path
     import numpy as np
     import pandas as pd
 
-    from components.download.params import DownloadParams
-    from components.download.shards import read_shard
-    from components.download.stage import fetch_policy, run_img2dataset
+    from clipmill.components.download.params import DownloadParams
+    from clipmill.components.download.shards import read_shard
+    from clipmill.components.download.stage import fetch_policy, run_img2dataset
 
     from .test_download_decode import _bilevel_png, _gradient
 
@@ -411,7 +411,7 @@ def _self_signed(tmp_path, name: str):
 def test_https_connects_to_the_checked_address_with_the_host_name_for_sni_and_certificate(tmp_path, monkeypatch):
     import ssl
 
-    from components.download import fetch as fetch_module
+    from clipmill.components.download import fetch as fetch_module
 
     cert, key = _self_signed(tmp_path, "public.test")
     server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from clipmill.cli import main
-from components.common.evalsets import concept_counts, evaluate_clip, frequency_buckets, load_eval_suite
-from components.common.evaluation import EvaluationRecord, model_hash
-from components.common.model import load_clip
+from clipmill.components.common.evalsets import concept_counts, evaluate_clip, frequency_buckets, load_eval_suite
+from clipmill.components.common.evaluation import EvaluationRecord, model_hash
+from clipmill.components.common.model import load_clip
 from tests.conftest import REPO
 from tests.registry_fixtures import COLORS, png, tiny_model, write_eval_suite
 

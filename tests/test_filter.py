@@ -7,12 +7,12 @@ import signal
 import pandas as pd
 import pytest
 
-from components.common.curation import read_step_table
-from components.common.errors import InputError
-from components.common.steps import StepContext
-from components.filter.params import FilterParams
-from components.filter.rules import rule_reasons
-from components.filter.step import DedupStep, RulesStep
+from clipmill.components.common.curation import read_step_table
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.steps import StepContext
+from clipmill.components.filter.params import FilterParams
+from clipmill.components.filter.rules import rule_reasons
+from clipmill.components.filter.step import DedupStep, RulesStep
 from tests.curation_fixtures import make_download
 from tests.test_curate import run_curate, shrunk_params
 
@@ -208,8 +208,8 @@ def test_bad_manifest_names_file_and_field(download, tmp_path, workers):
 
 
 def test_spam_step_drops_page_text_and_keyword_stuffing_and_keeps_honest_captions(default_params):
-    from components.common.steps import StepContext
-    from components.filter.spam import SpamStep
+    from clipmill.components.common.steps import StepContext
+    from clipmill.components.filter.spam import SpamStep
 
     honest = "a red circle on a white background - free download"  # two spam words: boilerplate, not stuffing
     stuffed = "a red circle buy cheap png clipart 4k"

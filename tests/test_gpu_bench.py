@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from benchmarks.gpu_bench import flops_per_sample, largest_fitting, textured_jpeg
-from components.common.model import decode_image
-from components.common.training.params import TrainParams
+from clipmill.components.common.model import decode_image
+from clipmill.components.common.training.params import TrainParams
 
 
 @pytest.mark.parametrize("limit", [256, 300, 4095, 4096, 70_000])

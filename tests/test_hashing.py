@@ -5,7 +5,7 @@ import hashlib
 
 
 def test_file_hashes_are_read_once_and_follow_changes(tmp_path, monkeypatch):
-    from components.common import hashing
+    from clipmill.components.common import hashing
 
     monkeypatch.setenv(hashing.HASH_CACHE_ENV, str(tmp_path / "cache.sqlite"))
     monkeypatch.setattr(hashing, "_cache", None)
@@ -23,7 +23,7 @@ def test_file_hashes_are_read_once_and_follow_changes(tmp_path, monkeypatch):
 
 
 def test_a_file_renamed_into_place_keeps_its_hash(tmp_path, monkeypatch):
-    from components.common import hashing
+    from clipmill.components.common import hashing
 
     monkeypatch.setenv(hashing.HASH_CACHE_ENV, str(tmp_path / "cache.sqlite"))
     monkeypatch.setattr(hashing, "_cache", None)

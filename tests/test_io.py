@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from clipmill.cli import main
-from components.common.errors import InputError
-from components.common.io import OUTPUT_MARKER, atomic_path, output_owner, write_json
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import OUTPUT_MARKER, atomic_path, output_owner, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_demo_urls_replaces_its_own_earlier_batch(tmp_path, monkeypatch):
 
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
-    from components.common.io import atomic_path
+    from clipmill.components.common.io import atomic_path
     with atomic_path(sys.argv[1], owner="reshard") as tmp:
         tmp.mkdir()
         (tmp / "part.bin").write_bytes(b"x" * 1000)

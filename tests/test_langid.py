@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from components.common.errors import ConfigError
-from components.common.steps import StepContext, check_output
-from components.filter.langid import FOREIGN_REASON, LangIdStep, caption_parts
-from components.filter.params import FilterParams
+from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.steps import StepContext, check_output
+from clipmill.components.filter.langid import FOREIGN_REASON, LangIdStep, caption_parts
+from clipmill.components.filter.params import FilterParams
 
 CONTEXT = StepContext(shards_dir=".")
 

@@ -10,7 +10,7 @@ import yaml
 
 from clipmill.cli import build_parser
 from clipmill.params import load_params
-from components.common.layout import STAGES, Layout, layout, resolve_paths
+from clipmill.components.common.layout import STAGES, Layout, layout, resolve_paths
 
 from .conftest import REPO
 

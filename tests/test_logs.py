@@ -42,14 +42,14 @@ def test_a_training_stage_logs_progress_and_no_third_party_noise(tmp_path, defau
 def test_third_party_notices_are_dropped_and_our_own_warnings_kept(tmp_path):
     script = textwrap.dedent("""
         import logging, warnings
-        from components.common.log import get_logger, quiet_third_party
+        from clipmill.components.common.log import get_logger, quiet_third_party
         quiet_third_party()
         from ray._private.authentication.authentication_token_setup import _warn_token_auth_enabled
         _warn_token_auth_enabled()
         logging.warning("No pretrained weights loaded for model 'clipmill-tiny'. Model initialized randomly.")
         warnings.warn_explicit("theirs is deprecated", FutureWarning, "lib.py", 1, module="somelib.utils")
         warnings.warn_explicit("theirs is deprecated too", DeprecationWarning, "lib.py", 1, module="otherlib")
-        warnings.warn_explicit("ours: mind this", FutureWarning, "x.py", 1, module="components.train.cli")
+        warnings.warn_explicit("ours: mind this", FutureWarning, "x.py", 1, module="clipmill.components.train.cli")
         logging.warning("a root warning of another kind")
         get_logger("test").warning("ours: a logged warning")
     """)

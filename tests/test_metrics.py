@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from components.common import metrics
+from clipmill.components.common import metrics
 
 
 def unit(*rows):

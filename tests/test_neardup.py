@@ -9,10 +9,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from components.common.steps import StepContext
-from components.filter.neardup import (BAND_BITS, HASH_COLUMNS, NEAR_DUPLICATE_REASON, WORDS, NearDupStep,
+from clipmill.components.common.steps import StepContext
+from clipmill.components.filter.neardup import (BAND_BITS, HASH_COLUMNS, NEAR_DUPLICATE_REASON, WORDS, NearDupStep,
                                        band_values, clusters, hamming, linked_pairs)
-from components.filter.params import FilterParams
+from clipmill.components.filter.params import FilterParams
 
 
 def scene(seed: int, size: int = 96) -> Image.Image:

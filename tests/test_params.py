@@ -8,7 +8,7 @@ import yaml
 
 from clipmill.cli import main
 from clipmill.params import load_params, parse_params
-from components.common.errors import ConfigError
+from clipmill.components.common.errors import ConfigError
 
 from .conftest import REPO
 

@@ -14,16 +14,16 @@ import mlflow
 import pytest
 import yaml
 
-from components.common.errors import ClipmillError
-from pipelines.dag import load_dag, select
+from clipmill.components.common.errors import ClipmillError
+from clipmill.pipelines.dag import load_dag, select
 
 from .conftest import REPO
 
 STAGE_SCRIPT = textwrap.dedent('''
     import os, sys, pathlib, time
     from clipmill.params import load_params
-    from components.common.tracking import stage_run
-    from components.common.errors import ClipmillError
+    from clipmill.components.common.tracking import stage_run
+    from clipmill.components.common.errors import ClipmillError
     name, src, dst = sys.argv[1:4]
     params = load_params()
     if pathlib.Path("fail_" + name).exists():
@@ -116,7 +116,7 @@ def test_user_error_fails_the_flow_without_retries(project, prefect_server):
 
 
 def test_prefect_yaml_deployments_build_with_their_schedules():
-    from pipelines.serve import build_deployments
+    from clipmill.pipelines.serve import build_deployments
 
     deployments = {d.name: d for d in build_deployments(REPO / "prefect.yaml", REPO)}
     assert {"weekly-full", "daily-curate"} <= set(deployments)
@@ -133,7 +133,7 @@ def parent_runs(uri: str) -> list:
 
 
 def test_a_second_run_in_the_same_checkout_is_refused_in_one_line(project, prefect_server):
-    from pipelines.runlock import RUN_LOCKED_EXIT, run_lock
+    from clipmill.pipelines.runlock import RUN_LOCKED_EXIT, run_lock
 
     with run_lock(project, "flow full"):  # a run in progress
         done = run_flow(project, prefect_server)
@@ -145,7 +145,7 @@ def test_a_second_run_in_the_same_checkout_is_refused_in_one_line(project, prefe
 
 
 def test_dvc_lock_busy_is_a_concurrent_run_not_a_transient_failure():
-    from pipelines.flows import StageFailed, _retry_transient
+    from clipmill.pipelines.flows import StageFailed, _retry_transient
 
     class Failed:
         def __init__(self, exc):

@@ -7,9 +7,9 @@ import pytest
 from mlflow import MlflowClient
 
 from clipmill.cli import main
-from components.common.evaluation import evaluate_source
-from components.register.params import RegisterParams
-from components.register.policy import PROMOTED, REJECTED, decide
+from clipmill.components.common.evaluation import evaluate_source
+from clipmill.components.register.params import RegisterParams
+from clipmill.components.register.policy import PROMOTED, REJECTED, decide
 from tests.conftest import REPO
 from tests.registry_fixtures import policy_metrics, tiny_model, write_eval_suite, write_record
 

@@ -2,21 +2,22 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from clipmill.cli import main as clipmill_main
-from components.common.engine import ray_init_args, ray_options, ray_session
-from components.common.errors import ConfigError
-from components.common.params import RayParams
-from components.common.steps import StepContext
-from components.common.training.params import TrainParams
-from components.curate.executor import Executor, UnitTask
-from components.score.params import ScoreParams
-from components.score.step import ScoreStep
-from components.tune.params import TuneParams
-from components.tune.tune import trial_resources
+from clipmill.components.common.engine import ray_init_args, ray_options, ray_session, shipped_code
+from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.params import RayParams
+from clipmill.components.common.steps import StepContext
+from clipmill.components.common.training.params import TrainParams
+from clipmill.components.curate.executor import Executor, UnitTask
+from clipmill.components.score.params import ScoreParams
+from clipmill.components.score.step import ScoreStep
+from clipmill.components.tune.params import TuneParams
+from clipmill.components.tune.tune import trial_resources
 from tests.test_train_shapes import write_shape_shards
 
 GPU_NODE = {"CPU": 16.0, "GPU": 1.0, "memory": 1e11}
@@ -87,14 +88,15 @@ def test_a_curate_step_larger_than_the_ray_cluster_fails_before_submitting_inste
 
 
 def test_one_ray_start_up_serves_the_sweep_the_executor_and_the_download():
-    import components
-
     sweep = ray_init_args(RayParams(address=None, num_cpus=3), env_vars={"A": "1"}, object_store_mb=100)
     assert sweep == {"num_cpus": 3, "include_dashboard": False, "object_store_memory": 100 * 2**20,
                      "runtime_env": {"env_vars": {"A": "1"}}, "log_to_driver": False}
     remote = ray_init_args(RayParams(address="ray://head:10001"), env_vars={"A": "1"}, object_store_mb=100)
     assert remote == {"address": "ray://head:10001", "log_to_driver": False,
-                      "runtime_env": {"env_vars": {"A": "1"}, "py_modules": [components]}}
+                      "runtime_env": {"env_vars": {"A": "1"}, "py_modules": [shipped_code()]}}
+    shipped = Path(shipped_code())  # the package as installed: clipmill/components, clipmill/pipelines
+    assert shipped.name == "clipmill" and (shipped / "components" / "common" / "engine.py").is_file()
+    assert (shipped / "pipelines" / "flows.py").is_file() and (shipped / "cli.py").is_file()
     download = ray_init_args(RayParams(address="ray://head:10001"), ship_code=False, worker_logs=True)
     assert download == {"address": "ray://head:10001", "log_to_driver": True}
 

@@ -16,7 +16,7 @@ from clipmill.docs import (
     updated_readme,
 )
 from clipmill.params import Params, load_params
-from components.common.errors import ClipmillError
+from clipmill.components.common.errors import ClipmillError
 
 from .conftest import REPO
 

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from clipmill.cli import main
-from components.common.hashing import content_hash
-from components.common.model import create_clip, embed_images, embed_texts, load_clip, resolve_model_source
+from clipmill.components.common.hashing import content_hash
+from clipmill.components.common.model import create_clip, embed_images, embed_texts, load_clip, resolve_model_source
 from tests.conftest import REPO
 from tests.registry_fixtures import png, policy_metrics, tiny_model, write_eval_suite, write_record
 

@@ -15,8 +15,8 @@ import pytest
 from mlflow import MlflowClient
 
 from clipmill.cli import main
-from components.common.evaluation import model_hash
-from components.register.registry import TAG_HISTORY, TAG_MODEL_HASH
+from clipmill.components.common.evaluation import model_hash
+from clipmill.components.register.registry import TAG_HISTORY, TAG_MODEL_HASH
 from tests.conftest import REPO
 from tests.registry_fixtures import policy_metrics, tiny_model, write_eval_suite, write_record
 

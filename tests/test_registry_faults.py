@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from mlflow import MlflowClient
 
-from components.common.evaluation import EvaluationRecord
-from components.register import promotion
-from components.register.params import RegisterParams
-from components.register.promotion import TAG_OUTCOME, TAG_PREVIOUS, apply_policy, move_champion, rollback
-from components.register.registry import (CHAMPION, RegistryError, alias_version, champion_history, find_by_hash,
+from clipmill.components.common.evaluation import EvaluationRecord
+from clipmill.components.register import promotion
+from clipmill.components.register.params import RegisterParams
+from clipmill.components.register.promotion import TAG_OUTCOME, TAG_PREVIOUS, apply_policy, move_champion, rollback
+from clipmill.components.register.registry import (CHAMPION, RegistryError, alias_version, champion_history, find_by_hash,
                                           get_version, record_metrics)
 from tests.registry_fixtures import policy_metrics
 
@@ -50,8 +50,8 @@ def registry_answering(status: int, error_code: str):
 
 
 def test_a_registry_error_is_not_no_champion(tmp_path, monkeypatch):
-    from components.common.params import TrackingParams
-    from pipelines.continual import write_champion_warm_start
+    from clipmill.components.common.params import TrackingParams
+    from clipmill.pipelines.continual import write_champion_warm_start
 
     params = SimpleNamespace(register=RegisterParams(), tracking=TrackingParams())
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -8,12 +8,12 @@ import mlflow
 import pandas as pd
 import pytest
 
-from components.common.curation import output_path
-from components.common.errors import InputError
-from components.common.params import TrackingParams
-from components.report.curation_report import build_report
-from components.report.funnel import curation_funnel
-from components.report.params import ReportParams
+from clipmill.components.common.curation import output_path
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.report.curation_report import build_report
+from clipmill.components.report.funnel import curation_funnel
+from clipmill.components.report.params import ReportParams
 from tests.curation_tables import make_curated, run_reshard
 
 # What the validate stage writes to data/validation/<boundary>.json (trimmed to the fields the report reads).

@@ -11,11 +11,11 @@ import pytest
 import webdataset as wds
 
 from clipmill.cli import main as clipmill_main
-from components.common.curation import output_path, unit_path
-from components.common.errors import InputError
-from components.common.params import TrackingParams
-from components.reshard.curated import reshard
-from components.reshard.params import ReshardParams
+from clipmill.components.common.curation import output_path, unit_path
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.reshard.curated import reshard
+from clipmill.components.reshard.params import ReshardParams
 from tests.curation_tables import make_curation, run_reshard
 
 

@@ -8,18 +8,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.common.curation import output_path, read_step_table
-from components.common.errors import ClipmillError
-from components.common.hashing import make_uid
-from components.common.steps import StepContext
-from components.common.text import missing_entries, spaced_text
-from components.curate.stage import curate
-from components.rewrite.generated import Generated
-from components.rewrite.guard import guard_rewrites
-from components.rewrite.params import OpenAIBackendParams, RewriteParams
-from components.rewrite.prompt import build_prompt
-from components.rewrite.rules import RulesBackend
-from components.rewrite.step import RewriteStep
+from clipmill.components.common.curation import output_path, read_step_table
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.hashing import make_uid
+from clipmill.components.common.steps import StepContext
+from clipmill.components.common.text import missing_entries, spaced_text
+from clipmill.components.curate.stage import curate
+from clipmill.components.rewrite.generated import Generated
+from clipmill.components.rewrite.guard import guard_rewrites
+from clipmill.components.rewrite.params import OpenAIBackendParams, RewriteParams
+from clipmill.components.rewrite.prompt import build_prompt
+from clipmill.components.rewrite.rules import RulesBackend
+from clipmill.components.rewrite.step import RewriteStep
 from tests.test_curate import shrunk_params
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]
@@ -212,7 +212,7 @@ class HalfFailing:
 
 
 def test_a_shard_with_too_many_failed_captions_raises(monkeypatch):
-    monkeypatch.setattr("components.rewrite.captions.make_backend", HalfFailing)
+    monkeypatch.setattr("clipmill.components.rewrite.captions.make_backend", HalfFailing)
     batch = captions(10)
     lenient = RewriteParams(rewrites_per_caption=2, openai=OpenAIBackendParams(max_failed_fraction=0.5))
     out = RewriteStep(lenient, StepContext(shards_dir=".")).apply(batch)

@@ -17,15 +17,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pandas as pd
 import pytest
 
-from components.common.errors import ClipmillError
-from components.common.hashing import make_uid
-from components.common.steps import StepContext
-from components.rewrite.backends import model_name
-from components.rewrite.captions import summarize
-from components.rewrite.openai_backend import OpenAIBackend
-from components.rewrite.params import OpenAIBackendParams, RewriteParams
-from components.rewrite.prompt import undelimit
-from components.rewrite.step import RewriteStep
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.hashing import make_uid
+from clipmill.components.common.steps import StepContext
+from clipmill.components.rewrite.backends import model_name
+from clipmill.components.rewrite.captions import summarize
+from clipmill.components.rewrite.openai_backend import OpenAIBackend
+from clipmill.components.rewrite.params import OpenAIBackendParams, RewriteParams
+from clipmill.components.rewrite.prompt import undelimit
+from clipmill.components.rewrite.step import RewriteStep
 
 # Choice i of an answer: a faithful paraphrase, except the last one, which drops the caption's words.
 VARIANTS = ["a picture of {c}", "an image showing {c}", "{c}, seen from the front", "a photo of {c} in daylight",

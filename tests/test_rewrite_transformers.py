@@ -4,15 +4,15 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from components.common.errors import ConfigError
-from components.common.hashing import make_uid
-from components.common.steps import StepContext
-from components.rewrite.backends import model_name
-from components.rewrite.captions import summarize
-from components.rewrite.local_model import LocalModelBackend
-from components.rewrite.params import RewriteParams, TransformersBackendParams
-from components.rewrite.prompt import build_prompt
-from components.rewrite.step import RewriteStep
+from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.hashing import make_uid
+from clipmill.components.common.steps import StepContext
+from clipmill.components.rewrite.backends import model_name
+from clipmill.components.rewrite.captions import summarize
+from clipmill.components.rewrite.local_model import LocalModelBackend
+from clipmill.components.rewrite.params import RewriteParams, TransformersBackendParams
+from clipmill.components.rewrite.prompt import build_prompt
+from clipmill.components.rewrite.step import RewriteStep
 
 CAPTIONS = [f"a {c} {s} on a plain background" for c in ("red", "blue", "green") for s in ("circle", "square")]
 

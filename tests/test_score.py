@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from components.common.curation import read_step_table
-from components.common.errors import ClipmillError, ConfigError, InputError
-from components.common.model import create_clip, export_local_dir
-from components.common.shards import shard_file_name
-from components.common.steps import StepContext
-from components.score.params import ScoreParams
-from components.score.scoring import key_buckets, sortable_keys, top_fraction_score
-from components.score.step import ScoreStep
+from clipmill.components.common.curation import read_step_table
+from clipmill.components.common.errors import ClipmillError, ConfigError, InputError
+from clipmill.components.common.model import create_clip, export_local_dir
+from clipmill.components.common.shards import shard_file_name
+from clipmill.components.common.steps import StepContext
+from clipmill.components.score.params import ScoreParams
+from clipmill.components.score.scoring import key_buckets, sortable_keys, top_fraction_score
+from clipmill.components.score.step import ScoreStep
 from tests.curation_fixtures import make_download
 from tests.test_curate import run_curate, shrunk_params
 

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 from mlflow import MlflowClient
 
-from components.common.curation import read_step_table
+from clipmill.components.common.curation import read_step_table
 from tests.conftest import REPO
 from tests.curation_fixtures import make_download
 from tests.registry_fixtures import free_port, prefect_filter, running_server

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from clipmill.cli import main
-from components.common.model import embed_images, embed_texts, load_clip
+from clipmill.components.common.model import embed_images, embed_texts, load_clip
 from tests.conftest import REPO
 from tests.registry_fixtures import free_port, png, policy_metrics, running_server, tiny_model, write_eval_suite, write_record
 
 
 def model_with_limits(tmp_path, **limits):
     """The served pyfunc over a tiny model, with its request limits set as a model config would set them."""
-    from components.register.clip_pyfunc import ClipEmbeddingModel, model_limits
+    from clipmill.components.register.clip_pyfunc import ClipEmbeddingModel, model_limits
 
     served = ClipEmbeddingModel()
     served.clip = load_clip(str(tiny_model(tmp_path / "model", seed=5)))

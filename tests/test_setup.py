@@ -37,3 +37,20 @@ def test_fastapi_within_what_prefect_accepts():
 def test_cli_entry_point():
     out = subprocess.run([str(Path(sys.executable).parent / "clipmill"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "stage" in out.stdout and "run" in out.stdout
+
+
+def test_the_wheel_installs_one_clipmill_namespace_with_its_data(tmp_path):
+    """components/ and pipelines/ install as clipmill.components and clipmill.pipelines (no generic top-level
+    names that another package could collide with), with the model configs and metadata files."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO),
+                    "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
+    [wheel] = tmp_path.glob("clipmill-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {n.split("/")[0] for n in names if not n.startswith("clipmill-")}
+    assert packages == {"clipmill"}
+    for expected in ("clipmill/components/common/model_configs/clipmill-tiny.json",
+                     "clipmill/components/balance/metadata/default.txt", "clipmill/components/train/cli.py",
+                     "clipmill/pipelines/flows.py", "clipmill/cli.py"):
+        assert expected in names

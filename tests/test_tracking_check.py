@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from clipmill.cli import main
-from components.common.errors import ClipmillError
-from components.common.params import TrackingParams
-from components.common.tracking import check_tracking
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.tracking import check_tracking
 from tests.conftest import REPO
 from tests.registry_fixtures import free_port
 

@@ -17,16 +17,16 @@ import webdataset
 import yaml
 from safetensors.torch import load_file
 
-from components.common.errors import InputError
-from components.common.hashing import content_hash
-from components.common.io import OUTPUT_MARKER
-from components.common.model import (CONFIG_FILE, WEIGHTS_FILE, create_clip, embed_images, embed_texts,
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.hashing import content_hash
+from clipmill.components.common.io import OUTPUT_MARKER
+from clipmill.components.common.model import (CONFIG_FILE, WEIGHTS_FILE, create_clip, embed_images, embed_texts,
                                      export_local_dir, load_clip, read_state_dict)
-from components.common.params import TrackingParams
-from components.common.training.data import ResumableLoader, ShardStream, scan_shards
-from components.common.training.params import TrainParams
-from components.common.training.fit import train
-from components.train import cli as train_cli
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
+from clipmill.components.common.training.params import TrainParams
+from clipmill.components.common.training.fit import train
+from clipmill.components.train import cli as train_cli
 from tests.test_train_shapes import CLASSES, render, run_stage, write_shape_evalsets, write_shape_shards
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import webdataset
 
-from components.common.errors import InputError
-from components.common.hashing import bytes_hashed, content_hash
-from components.common.model import MAX_IMAGE_PIXELS, ImageError, create_clip, decode_image
-from components.common.params import TrackingParams
-from components.common.training.data import ResumableLoader, ShardStream, scan_shards
-from components.common.training.params import TrainParams
-from components.common.training.fit import train
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.hashing import bytes_hashed, content_hash
+from clipmill.components.common.model import MAX_IMAGE_PIXELS, ImageError, create_clip, decode_image
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
+from clipmill.components.common.training.params import TrainParams
+from clipmill.components.common.training.fit import train
 from tests.test_train_shapes import write_shape_shards
 
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from components.common.model import create_clip
-from components.common.training.module import (ClipModule, MAX_LOGIT_SCALE, contrastive_loss, initial_logits, lr_factor)
-from components.common.training.params import TrainParams
+from clipmill.components.common.model import create_clip
+from clipmill.components.common.training.module import (ClipModule, MAX_LOGIT_SCALE, contrastive_loss, initial_logits, lr_factor)
+from clipmill.components.common.training.params import TrainParams
 
 DDP_CASES = [("clip", False), ("clip", True), ("siglip", False)]  # (loss, local_loss)
 

@@ -18,7 +18,7 @@ import pandas as pd
 import webdataset
 from PIL import Image, ImageDraw
 
-from components.common.hashing import make_uid
+from clipmill.components.common.hashing import make_uid
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 SHAPES = ("circle", "square", "triangle")
@@ -110,7 +110,7 @@ def test_shape_shards_hold_the_clipmill_sample_format(tmp_path):
 
 
 def test_shape_evalsets_load_as_an_eval_suite(tmp_path):
-    from components.common.evalsets import load_eval_suite
+    from clipmill.components.common.evalsets import load_eval_suite
 
     suite = load_eval_suite(write_shape_evalsets(tmp_path, per_class=1, retrieval_size=3))
     assert suite.zeroshot.classes == CLASSES and len(suite.zeroshot.images) == len(CLASSES)

@@ -5,8 +5,8 @@ import json
 
 import yaml
 
-from components.train.cli import apply_best_params
-from components.tune import cli as tune_cli
+from clipmill.components.train.cli import apply_best_params
+from clipmill.components.tune import cli as tune_cli
 from tests.test_train_shapes import run_stage, write_shape_evalsets, write_shape_shards
 
 

@@ -9,12 +9,12 @@ import pytest
 import yaml
 
 from clipmill.params import Params
-from components.common.errors import ClipmillError
-from components.download.stage import MANIFEST_COLUMNS, build_manifest
-from components.validate.boundaries import BOUNDARIES
-from components.validate.params import DownloadBoundaryParams
-from components.validate.stage import ValidationFailed, validate
-from components.validate.suites_download import MANIFEST_COLUMNS as EXPECTED_COLUMNS
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.download.stage import MANIFEST_COLUMNS, build_manifest
+from clipmill.components.validate.boundaries import BOUNDARIES
+from clipmill.components.validate.params import DownloadBoundaryParams
+from clipmill.components.validate.stage import ValidationFailed, validate
+from clipmill.components.validate.suites_download import MANIFEST_COLUMNS as EXPECTED_COLUMNS
 
 
 def make_manifest(n: int = 200, failures: int = 30, refused: int = 5) -> pd.DataFrame:

@@ -7,10 +7,10 @@ import great_expectations as gx
 import pandas as pd
 import pytest
 
-from components.balance.step import BalanceStep
-from components.common.curation import output_path, step_dir
-from components.validate.stage import ValidationFailed, validate
-from components.validate.suites_curation import curate_checks, curated_checks
+from clipmill.components.balance.step import BalanceStep
+from clipmill.components.common.curation import output_path, step_dir
+from clipmill.components.validate.stage import ValidationFailed, validate
+from clipmill.components.validate.suites_curation import curate_checks, curated_checks
 from tests.curation_tables import make_curated
 
 CURATE_TABLES = ["rules", "spam", "langid", "foreign_languages", "dedup", "neardup", "score", "clip_scores", "balance",

@@ -16,10 +16,10 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from components.common.curation import STEPS_DIR
-from components.common.io import atomic_path, write_json
-from components.common.log import get_logger
-from components.common.tracking import PARENT_RUN_ENV, lineage_tags, tracking_uri, use_experiment
+from clipmill.components.common.curation import STEPS_DIR
+from clipmill.components.common.io import atomic_path, write_json
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.tracking import PARENT_RUN_ENV, lineage_tags, tracking_uri, use_experiment
 
 from . import report, stats
 from .arms import Arm

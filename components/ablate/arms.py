@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components.common.errors import ConfigError
+from clipmill.components.common.errors import ConfigError
 
 RAW = "raw"
 LEAVE_OUT = "-"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from components.common.params import Section
+from clipmill.components.common.params import Section
 
 DEFAULT_METRICS = ["zeroshot/acc1", "zeroshot/acc5", "zeroshot/recall_head", "zeroshot/recall_tail",
                    "retrieval/image_to_text_recall_at_5", "retrieval/text_to_image_recall_at_5"]

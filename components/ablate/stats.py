@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from components.common.evalsets import BUCKETS
+from clipmill.components.common.evalsets import BUCKETS
 
 from .arms import Arm
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from components.common.errors import ConfigError, InputError
-from components.common.io import read_json
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.io import read_json
 
 
 def parse_override(text: str) -> tuple[str, Any]:

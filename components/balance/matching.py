@@ -1,6 +1,6 @@
 """MetaCLIP substring matching of texts against metadata entries, with an Aho-Corasick automaton.
 
-A text is spaced exactly as MetaCLIP does it (``components.common.text.spaced_text``: punctuation , . ; : ? ! `
+A text is spaced exactly as MetaCLIP does it (``clipmill.components.common.text.spaced_text``: punctuation , . ; : ? ! `
 padded with spaces, tabs and newlines turned into spaces) and an entry matches when " entry " occurs in the
 spaced " text " (case-sensitive). The automaton finds every such occurrence in one pass over the text.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import ahocorasick
 import pandas as pd
 
-from components.common.errors import InputError
-from components.common.text import spaced_text
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.text import spaced_text
 
 
 def read_metadata(path: str | os.PathLike) -> list[str]:

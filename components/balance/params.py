@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from components.common.params import Section
+from clipmill.components.common.params import Section
 
 DEFAULT_METADATA = "components/balance/metadata/default.txt"
 

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from components.common.hashing import file_sha256
-from components.common.steps import PoolStep, decisions
-from components.common.storage import location, read_frame, write_table
+from clipmill.components.common.hashing import file_sha256
+from clipmill.components.common.steps import PoolStep, decisions
+from clipmill.components.common.storage import location, read_frame, write_table
 
 from .balancing import NO_MATCH_REASON, SUBSAMPLED_REASON, keep_probabilities, tail_share, uid_uniform
 from .matching import EntryMatcher, read_metadata

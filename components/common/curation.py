@@ -1,6 +1,6 @@
 """The curation, declared, and where its work lies.
 
-The ordered list of steps (``STEPS``; see ``components.common.steps`` for the contract) is read by the curate
+The ordered list of steps (``STEPS``; see ``clipmill.components.common.steps`` for the contract) is read by the curate
 stage, reshard, the funnel, the curation report and the boundary validation. Adding a step is one module with a
 ``Step`` class, one entry in ``STEPS`` and its params section.
 
@@ -19,7 +19,7 @@ A file counts only when its ``.done`` marker exists and holds the expected finge
 atomically before their marker, so a killed run leaves nothing that looks complete.
 
 The curation directory and the download shards may be local paths or object-storage URLs (``s3://…``; see
-``components.common.storage``): the same layout, read and written the same way.
+``clipmill.components.common.storage``): the same layout, read and written the same way.
 """
 from __future__ import annotations
 
@@ -44,14 +44,14 @@ from .steps import Step
 
 # name -> the step class, as module:Class (imported only when curation runs).
 STEPS: dict[str, str] = {
-    "rules": "components.filter.step:RulesStep",
-    "spam": "components.filter.spam:SpamStep",
-    "langid": "components.filter.langid:LangIdStep",
-    "dedup": "components.filter.step:DedupStep",
-    "neardup": "components.filter.neardup:NearDupStep",
-    "score": "components.score.step:ScoreStep",
-    "balance": "components.balance.step:BalanceStep",
-    "rewrite": "components.rewrite.step:RewriteStep",
+    "rules": "clipmill.components.filter.step:RulesStep",
+    "spam": "clipmill.components.filter.spam:SpamStep",
+    "langid": "clipmill.components.filter.langid:LangIdStep",
+    "dedup": "clipmill.components.filter.step:DedupStep",
+    "neardup": "clipmill.components.filter.neardup:NearDupStep",
+    "score": "clipmill.components.score.step:ScoreStep",
+    "balance": "clipmill.components.balance.step:BalanceStep",
+    "rewrite": "clipmill.components.rewrite.step:RewriteStep",
 }
 STEP_NAMES = tuple(STEPS)
 

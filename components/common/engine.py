@@ -2,7 +2,10 @@
 stage; and what a task asks of the cluster, checked before it is submitted."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError
@@ -33,16 +36,14 @@ def ray_session(ray_params: RayParams, *, env_vars: dict[str, str] | None = None
 def ray_init_args(ray_params: RayParams, *, env_vars: dict[str, str] | None = None, ship_code: bool = True,
                   object_store_mb: int | None = None, worker_logs: bool = False) -> dict[str, Any]:
     """The ``ray.init`` arguments of a session: the cluster at ``ray_params.address`` (with this checkout's
-    ``components`` package shipped when ``ship_code``: a remote cluster's workers do not have it) or a local Ray
+    ``clipmill`` package shipped when ``ship_code``: a remote cluster's workers do not have it) or a local Ray
     of ``num_cpus`` (and ``object_store_mb`` MiB of object store, when set); ``env_vars`` set in every worker;
     workers' output echoed to the driver only with ``worker_logs``."""
     runtime_env: dict[str, Any] = {"env_vars": dict(env_vars)} if env_vars else {}
     if ray_params.address:
         args: dict[str, Any] = {"address": ray_params.address}
         if ship_code:
-            import components
-
-            runtime_env["py_modules"] = [components]
+            runtime_env["py_modules"] = [shipped_code()]
     else:
         args = {"num_cpus": ray_params.num_cpus, "include_dashboard": False}
         if object_store_mb:
@@ -50,6 +51,27 @@ def ray_init_args(ray_params: RayParams, *, env_vars: dict[str, str] | None = No
     if runtime_env:
         args["runtime_env"] = runtime_env
     return {**args, "log_to_driver": worker_logs}
+
+
+def shipped_code() -> str:
+    """A directory laid out as the installed ``clipmill`` package (``clipmill/`` with ``components/`` and
+    ``pipelines/`` inside), for Ray to ship to a remote cluster's workers: a checkout maps the top-level folders
+    into the namespace, and Ray ships directories as they lie. Copied once per process."""
+    global _SHIPPED
+    if _SHIPPED is None:
+        import clipmill
+        from clipmill import components, pipelines
+
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        dest = Path(tempfile.mkdtemp(prefix="clipmill-code-")) / "clipmill"
+        shutil.copytree(Path(clipmill.__file__).parent, dest, ignore=ignore)
+        for package in (components, pipelines):
+            shutil.copytree(Path(package.__file__).parent, dest / package.__name__.rsplit(".", 1)[-1], ignore=ignore)
+        _SHIPPED = str(dest)
+    return _SHIPPED
+
+
+_SHIPPED: str | None = None
 
 
 # A step's ``num_gpus`` may be this: one GPU per task when the Ray cluster has GPUs, none otherwise (device auto).

@@ -36,9 +36,9 @@ from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 
-from components.common.errors import InputError
-from components.common.io import read_json
-from components.common.log import get_logger
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import read_json
+from clipmill.components.common.log import get_logger
 
 log = get_logger("mirror")
 

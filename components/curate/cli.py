@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from components.common.curation import STEP_NAMES
-from components.common.layout import add_path_option, resolve_paths
+from clipmill.components.common.curation import STEP_NAMES
+from clipmill.components.common.layout import add_path_option, resolve_paths
 
 HELP = f"curation steps ({' -> '.join(STEP_NAMES)}) per download shard -> data/curate/"
 

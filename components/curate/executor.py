@@ -18,13 +18,13 @@ from typing import Any
 
 import pandas as pd
 
-from components.common.curation import (load_state, output_path, read_marker, rows_fingerprint, step_class, unit_path,
+from clipmill.components.common.curation import (load_state, output_path, read_marker, rows_fingerprint, step_class, unit_path,
                                         write_output)
-from components.common.hashing import hash_obj
-from components.common.log import Progress, get_logger
-from components.common.params import RayParams
-from components.common.steps import PoolStep, Step, StepContext, check_output
-from components.common.storage import location, read_frame
+from clipmill.components.common.hashing import hash_obj
+from clipmill.components.common.log import Progress, get_logger
+from clipmill.components.common.params import RayParams
+from clipmill.components.common.steps import PoolStep, Step, StepContext, check_output
+from clipmill.components.common.storage import location, read_frame
 
 log = get_logger("curate")
 
@@ -168,7 +168,7 @@ class Executor:
 
     def __enter__(self) -> "Executor":
         if self.kind == "ray":
-            from components.common.engine import ray_session
+            from clipmill.components.common.engine import ray_session
 
             self._stack.enter_context(ray_session(self.ray_params))
         elif self.workers > 1:
@@ -205,7 +205,7 @@ class Executor:
     def _ray(self, tasks: list[UnitTask], resources: dict, bar: Progress) -> float:
         import ray
 
-        from components.common.engine import ray_options
+        from clipmill.components.common.engine import ray_options
 
         options = ray_options(resources, ray.cluster_resources(), f"curate: step {tasks[0].step}")
         remote = ray.remote(**options)(run_task)

@@ -5,9 +5,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from components.common.params import Section
+from clipmill.components.common.params import Section
 
-from components.common.curation import STEP_NAMES
+from clipmill.components.common.curation import STEP_NAMES
 
 
 class CurateParams(Section):

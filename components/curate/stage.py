@@ -14,15 +14,15 @@ from typing import Iterator
 
 import pandas as pd
 
-from components.common.curation import (STEPS_DIR, UNITS_DIR, output_path, read_marker, read_step, save_state,
+from clipmill.components.common.curation import (STEPS_DIR, UNITS_DIR, output_path, read_marker, read_step, save_state,
                                         split_manifest, step_classes, step_dir, step_params, unit_fingerprint)
-from components.common.errors import ClipmillError
-from components.common.funnel import funnel_metrics
-from components.common.hashing import hash_obj
-from components.common.storage import location, read_frame, relative, remove, remove_tree, write_json
-from components.common.log import get_logger
-from components.common.steps import PoolStep, Step, StepContext
-from components.common.tracking import stage_run, tracking_uri
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.funnel import funnel_metrics
+from clipmill.components.common.hashing import hash_obj
+from clipmill.components.common.storage import location, read_frame, relative, remove, remove_tree, write_json
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.steps import PoolStep, Step, StepContext
+from clipmill.components.common.tracking import stage_run, tracking_uri
 
 from .executor import Executor, UnitTask
 

@@ -20,7 +20,7 @@ def register(subparsers, add_params_option) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
-    from components.common.errors import ClipmillError
+    from clipmill.components.common.errors import ClipmillError
 
     from .corpus import generate_crawl_batch
 

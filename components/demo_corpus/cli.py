@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from components.common.layout import add_path_option, resolve_paths
+from clipmill.components.common.layout import add_path_option, resolve_paths
 
 HELP = ("synthetic web crawl -> data/crawl (urls.parquet, web/, ground truth), "
         "data/eval (held-out sets), data/trusted (clean seed shards)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from components.common.hashing import make_uid
+from clipmill.components.common.hashing import make_uid
 
 from .captions import boilerplate_only_caption, true_caption, web_caption
 from .params import DemoCorpusParams

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.common.errors import InputError
+from clipmill.components.common.errors import InputError
 
 GROUND_TRUTH_COLUMNS: dict[str, str] = {
     "uid": "the pair's uid (as in urls.parquet)",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from components.common.hashing import make_uid
+from clipmill.components.common.hashing import make_uid
 
 from .captions import clean_caption
 from .params import DemoCorpusParams

@@ -1,5 +1,5 @@
 """The demo web server: the synthetic crawl's web/ directories served by the mirror server
-(``components.common.mirror``), misbehaving per URL path as ``web/routes.json`` says (404, transient 503,
+(``clipmill.components.common.mirror``), misbehaving per URL path as ``web/routes.json`` says (404, transient 503,
 slow, truncated, HTML labelled as an image, redirect, ``X-Robots-Tag: noai``). ``clipmill demo-server`` runs it
 on its own; the download stage serves the same directories through ``download.mirrors``.
 """
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.common.mirror import DEFAULT_SLOW_SECONDS, ROUTES_FILE, load_routes, serve_mirror
+from clipmill.components.common.mirror import DEFAULT_SLOW_SECONDS, ROUTES_FILE, load_routes, serve_mirror
 
 __all__ = ["DEFAULT_SLOW_SECONDS", "ROUTES_FILE", "load_routes", "serve_web"]
 

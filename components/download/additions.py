@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.common.errors import InputError
-from components.common.hashing import file_sha256, hash_obj
-from components.common.io import atomic_path, read_json, write_json
-from components.common.log import get_logger
-from components.common.mirror import ROUTES_FILE
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.hashing import file_sha256, hash_obj
+from clipmill.components.common.io import atomic_path, read_json, write_json
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.mirror import ROUTES_FILE
 
 from .url_list import CRAWL_COLUMN, DEFAULT_MAX_CAPTION_CHARS, UrlList, read_url_list
 

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from components.common.params import Section
+from clipmill.components.common.params import Section
 
 # Left out of a run's fingerprint: the URL list counts by its content, not its path, and the rest change how
 # fast the download runs but not what it produces; a rerun that changes only these resumes the previous run.

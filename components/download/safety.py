@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from components.common.log import progress_disabled
+from clipmill.components.common.log import progress_disabled
 
 PRIVATE_HOST = "private_host"
 UNSUPPORTED_SCHEME = "unsupported_scheme"

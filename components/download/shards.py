@@ -14,9 +14,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.common.errors import InputError
-from components.common.io import atomic_path
-from components.common.shards import index_shard
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import atomic_path
+from clipmill.components.common.shards import index_shard
 
 OOM_SHARD_COUNT = 5  # shard names have five digits: 00000.tar
 SAMPLE_FIELDS = ("jpg", "txt", "json")

@@ -34,12 +34,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.common.errors import ClipmillError, InputError
-from components.common.io import atomic_path, check_replaceable, mark_output, read_json, write_json, write_parquet
-from components.common.log import Progress, get_logger
-from components.common.mirror import check_mirror, serve_mirror, under_prefix
-from components.common.params import RayParams, TrackingParams
-from components.common.tracking import stage_run
+from clipmill.components.common.errors import ClipmillError, InputError
+from clipmill.components.common.io import atomic_path, check_replaceable, mark_output, read_json, write_json, write_parquet
+from clipmill.components.common.log import Progress, get_logger
+from clipmill.components.common.mirror import check_mirror, serve_mirror, under_prefix
+from clipmill.components.common.params import RayParams, TrackingParams
+from clipmill.components.common.tracking import stage_run
 
 from .fetch import FetchPolicy
 from .params import DownloadParams, MirrorParams
@@ -66,7 +66,7 @@ _IMG2DATASET_INPUT = ".img2dataset_urls.parquet"
 MANIFEST_ROW_GROUP = 16384  # rows per row group of the crawl's manifest
 
 
-DOWNLOAD_OWNER = "download"  # the output marker's owner (``components.common.io``)
+DOWNLOAD_OWNER = "download"  # the output marker's owner (``clipmill.components.common.io``)
 LISTS_DIR = "lists"
 SHARDS_DIR = "shards"
 RUN_RECORD = "run.json"  # this run's durations and resumed shards (summary.json: the crawl's counts)
@@ -202,7 +202,7 @@ def _ray_session(params: DownloadParams, ray_params: RayParams) -> Iterator[None
     if params.distributor != "ray":
         yield
         return
-    from components.common.engine import ray_session
+    from clipmill.components.common.engine import ray_session
 
     # img2dataset's Ray tasks run img2dataset's code (no package shipped); their progress is echoed here
     with ray_session(ray_params, ship_code=False, worker_logs=True):
@@ -509,8 +509,8 @@ def _download_to_store(params: DownloadParams, urls: str | Path, out: str, **kwa
     """``download`` into object storage: lists finished on the store are reused from their records; the others are
     downloaded into a local staging folder (``.clipmill/staging/``, kept, so a killed run resumes there) and
     published, shards first and each list's ``summary.json`` last; then the crawl's manifest and summary."""
-    from components.common.hashing import hash_obj
-    from components.common.storage import location, publish_dir, remove_tree
+    from clipmill.components.common.hashing import hash_obj
+    from clipmill.components.common.storage import location, publish_dir, remove_tree
 
     store = location(out)
     staging = Path(".clipmill") / "staging" / f"download-{hash_obj(str(store))[:16]}"
@@ -552,7 +552,7 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
 
     Every input problem is an ``InputError`` raised before anything is written.
     """
-    from components.common.storage import is_url
+    from clipmill.components.common.storage import is_url
 
     if is_url(out):
         return _download_to_store(params, urls, str(out), tracking=tracking, ray_params=ray_params,

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from components.common.errors import InputError
-from components.common.hashing import make_uid
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.hashing import make_uid
 
 # Output columns of img2dataset: an input column with one of these names would be overwritten.
 RESERVED_COLUMNS = frozenset({"key", "caption", "url", "width", "height", "original_width", "original_height",

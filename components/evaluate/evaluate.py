@@ -5,7 +5,7 @@ In: a model (local-dir export or MLflow URI) and the evaluation directory (``zer
 ``evaluate.extra_zeroshot`` name. Out: ``metrics.json`` (suite version, model hash, metrics), ``per_class.csv``
 (with each class's crawl count and head/mid/tail third) and ``clip_benchmark/*.json`` (the same numbers in
 CLIP_benchmark's result format) in the output directory; PNG plots in the reports directory (unless
-``evaluate.plots`` is false); all of it in an MLflow stage run. The numbers come from ``components.common.evalsets.evaluate_clip``, the same function
+``evaluate.plots`` is false); all of it in an MLflow stage run. The numbers come from ``clipmill.components.common.evalsets.evaluate_clip``, the same function
 training's in-loop validation uses.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.common import metrics as clip_metrics
-from components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
-from components.common.evaluation import EvaluationRecord, clip_benchmark_results, model_hash, read_suite_version
-from components.common.io import atomic_path, write_json
-from components.common.log import get_logger
-from components.common.model import ClipModel, embed_images, embed_texts, load_clip, resolve_model_source
-from components.common.params import TrackingParams
-from components.common.tracking import stage_run, tracking_uri
+from clipmill.components.common import metrics as clip_metrics
+from clipmill.components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
+from clipmill.components.common.evaluation import EvaluationRecord, clip_benchmark_results, model_hash, read_suite_version
+from clipmill.components.common.io import atomic_path, write_json
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.model import ClipModel, embed_images, embed_texts, load_clip, resolve_model_source
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.tracking import stage_run, tracking_uri
 
 from . import plots
 from .params import EvaluateParams
@@ -46,7 +46,7 @@ class ZeroShotDetails:
 
 
 def zeroshot_details(clip: ClipModel, suite: EvalSuite, batch_size: int) -> ZeroShotDetails:
-    """Per-image zero-shot predictions with the template-ensemble classifier of ``components.common.metrics``."""
+    """Per-image zero-shot predictions with the template-ensemble classifier of ``clipmill.components.common.metrics``."""
     zs = suite.zeroshot
     prompts = [t.format(c) for c in zs.classes for t in zs.templates]
     text = embed_texts(clip, prompts, batch_size).view(len(zs.classes), len(zs.templates), -1)

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from components.common.io import atomic_path  # noqa: E402
+from clipmill.components.common.io import atomic_path  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

@@ -16,8 +16,8 @@ from functools import lru_cache
 
 import pandas as pd
 
-from components.common.errors import ConfigError
-from components.common.steps import Step, decisions
+from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.steps import Step, decisions
 
 FOREIGN_REASON = "foreign_language"
 NO_LANGUAGE = "zxx"  # py3langid's label of text without linguistic content

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from components.common.log import get_logger
-from components.common.images import ImageError, decode_image
-from components.common.shards import ShardReader, shard_file_name
-from components.common.steps import PoolStep, decisions
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.images import ImageError, decode_image
+from clipmill.components.common.shards import ShardReader, shard_file_name
+from clipmill.components.common.steps import PoolStep, decisions
 
 NEAR_DUPLICATE_REASON = "near_duplicate_image"
 HASH_SIZE = 16           # pHash of 16 x 16 = 256 bits
@@ -172,7 +172,7 @@ class NearDupStep(PoolStep):
         and was kept (checked from the stored state)."""
         import great_expectations as gx
 
-        from components.common.storage import location, read_frame
+        from clipmill.components.common.storage import location, read_frame
 
         losers_path = location(step_dir) / "state" / "losers.parquet"
         if params.near_duplicate_distance is None or not losers_path.exists():

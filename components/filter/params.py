@@ -5,7 +5,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from components.common.params import Section
+from clipmill.components.common.params import Section
 
 # Captions that are nothing but web boilerplate: a file name, a camera name, a UI string or a placeholder.
 # Anchored at both ends, so an honest caption with boilerplate around it is kept. They are searched in the caption

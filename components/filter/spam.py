@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from components.common.steps import Step, decisions
+from clipmill.components.common.steps import Step, decisions
 
 TOO_LONG = "caption_too_long"
 STUFFING = "keyword_stuffing"

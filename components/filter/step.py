@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from components.common.errors import InputError
-from components.common.steps import PoolStep, Step, decisions
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.steps import PoolStep, Step, decisions
 
 from .rules import RULE_REASONS, rule_reasons
 

@@ -128,13 +128,13 @@ class ClipEmbeddingModel(PythonModel):
     """Embeddings for images and texts from the open_clip export in the model's artifacts."""
 
     def load_context(self, context):
-        from components.common.model import load_clip
+        from clipmill.components.common.model import load_clip
 
         self.clip = load_clip(context.artifacts[LOCAL_DIR_ARTIFACT])
         self.limits = model_limits(getattr(context, "model_config", None))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from components.common.model import embed_images, embed_texts
+        from clipmill.components.common.model import embed_images, embed_texts
 
         try:
             frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-import components
-from components.common.errors import InputError
-from components.common.model import CONFIG_FILE, WEIGHTS_FILE
+from clipmill import components
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.model import CONFIG_FILE, WEIGHTS_FILE
 
 from .clip_pyfunc import BATCH_SIZE, LOCAL_DIR_ARTIFACT
 
@@ -42,12 +42,14 @@ def copy_local_dir(local_dir: str | Path, dst: Path) -> Path:
 
 
 def _common_code(dst: Path) -> Path:
-    """The ``components`` package reduced to ``components.common``: the code the pyfunc imports."""
+    """The ``clipmill`` package reduced to ``clipmill.components.common``: the code the pyfunc imports."""
     src = Path(components.__file__).parent
-    pkg = dst / "components"
-    pkg.mkdir(parents=True)
-    shutil.copy2(src / "__init__.py", pkg / "__init__.py")
-    shutil.copytree(src / "common", pkg / "common", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    pkg = dst / "clipmill"
+    (pkg / "components").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""clipmill, as a served model needs it: the core library only."""\n')
+    shutil.copy2(src / "__init__.py", pkg / "components" / "__init__.py")
+    shutil.copytree(src / "common", pkg / "components" / "common",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return pkg
 
 

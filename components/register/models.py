@@ -5,9 +5,9 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from components.common.errors import ClipmillError
-from components.common.evaluation import SUITE_FILE, read_suite_version
-from components.common.tracking import tracking_uri
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.evaluation import SUITE_FILE, read_suite_version
+from clipmill.components.common.tracking import tracking_uri
 
 from .promotion import TAG_OUTCOME, metrics_on_suite, promote_version, rollback
 from .registry import TAG_EVAL_PREFIX, TAG_METRIC_PREFIX, TAG_SUITE, all_versions, get_version

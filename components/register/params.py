@@ -5,7 +5,7 @@ import warnings
 
 from pydantic import Field
 
-from components.common.params import Section
+from clipmill.components.common.params import Section
 
 # The section is named after its stage; on the Params schema that name shadows ABCMeta.register, which nothing uses.
 warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from components.common.errors import ClipmillError
+from clipmill.components.common.errors import ClipmillError
 
 from .params import RegisterParams
 

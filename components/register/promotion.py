@@ -20,10 +20,10 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from components.common.errors import ClipmillError
-from components.common.evaluation import EvaluationRecord, evaluate_source, read_suite_version
-from components.common.hashing import hash_obj
-from components.common.log import get_logger
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.evaluation import EvaluationRecord, evaluate_source, read_suite_version
+from clipmill.components.common.hashing import hash_obj
+from clipmill.components.common.log import get_logger
 
 from .params import RegisterParams
 from .policy import PROMOTED, REJECTED, Decision, decide, metric_value

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.common.errors import ConfigError, InputError
-from components.common.evaluation import EvaluationRecord, model_hash
-from components.common.hashing import content_hash
-from components.common.io import read_json, write_json, write_text
-from components.common.log import get_logger
-from components.common.params import TrackingParams
-from components.common.tracking import lineage_tags, stage_run, tracking_uri
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.evaluation import EvaluationRecord, model_hash
+from clipmill.components.common.hashing import content_hash
+from clipmill.components.common.io import read_json, write_json, write_text
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.tracking import lineage_tags, stage_run, tracking_uri
 
 from .export import log_clip_model
 from .params import RegisterParams

@@ -28,8 +28,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from components.common.errors import ClipmillError
-from components.common.evaluation import EvaluationRecord
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.evaluation import EvaluationRecord
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

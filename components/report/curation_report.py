@@ -21,15 +21,15 @@ import mlflow
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from components.common.curation import (output_path, read_step_table, step_classes, step_dir, unit_path,
+from clipmill.components.common.curation import (output_path, read_step_table, step_classes, step_dir, unit_path,
                                         units_of)
-from components.common.errors import InputError
-from components.common.io import atomic_path, read_json, read_parquet
-from components.common.log import get_logger
-from components.common.params import TrackingParams
-from components.common.shards import ShardReader, shard_file_name
-from components.common.steps import Step
-from components.common.tracking import stage_run
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import atomic_path, read_json, read_parquet
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.shards import ShardReader, shard_file_name
+from clipmill.components.common.steps import Step
+from clipmill.components.common.tracking import stage_run
 
 from .defects import defect_scores
 from .funnel import StageCounts, curation_funnel

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.common.curation import read_step_table
-from components.common.errors import InputError
-from components.common.io import read_parquet
+from clipmill.components.common.curation import read_step_table
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import read_parquet
 
 GROUND_TRUTH_COLUMNS = ["uid", "mismatched", "exact_duplicate", "near_duplicate", "duplicate_of", "caption_noise"]
 # step -> (what it targets, the planted kind)

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from components.common.curation import output_path, read_step, unit_path, units_of
-from components.common.errors import InputError
-from components.common.io import read_parquet
-from components.common.steps import DECISION_COLUMNS
+from clipmill.components.common.curation import output_path, read_step, unit_path, units_of
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import read_parquet
+from clipmill.components.common.steps import DECISION_COLUMNS
 
 URL_LIST = "URL list"
 DOWNLOAD = "download"

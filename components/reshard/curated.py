@@ -24,16 +24,16 @@ import pyarrow as pa
 import webdataset as wds
 from tqdm import tqdm
 
-from components.common.curation import output_path, read_step, step_classes, unit_path, units_of
-from components.common.errors import InputError
-from components.common.hashing import content_hash, file_sha256
-from components.common.io import atomic_path
-from components.common.log import get_logger, progress_disabled
-from components.common.params import TrackingParams
-from components.common.shards import ShardReader, shard_file_name
-from components.common.steps import Step
-from components.common.storage import is_url, location, publish_dir, read_parquet
-from components.common.tracking import stage_run
+from clipmill.components.common.curation import output_path, read_step, step_classes, unit_path, units_of
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.hashing import content_hash, file_sha256
+from clipmill.components.common.io import atomic_path
+from clipmill.components.common.log import get_logger, progress_disabled
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.shards import ShardReader, shard_file_name
+from clipmill.components.common.steps import Step
+from clipmill.components.common.storage import is_url, location, publish_dir, read_parquet
+from clipmill.components.common.tracking import stage_run
 
 from .params import ReshardParams
 

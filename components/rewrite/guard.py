@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
-from components.common.text import missing_entries
+from clipmill.components.common.text import missing_entries
 
 from .generated import Generated
 from .params import RewriteParams

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.common.errors import ConfigError
+from clipmill.components.common.errors import ConfigError
 
 from .generated import Generated
 from .params import RewriteParams

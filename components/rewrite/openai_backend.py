@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import httpx
 
-from components.common.errors import ClipmillError
-from components.common.hashing import hash_obj
-from components.common.io import write_json
-from components.common.log import get_logger
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.hashing import hash_obj
+from clipmill.components.common.io import write_json
+from clipmill.components.common.log import get_logger
 
 from .generated import Generated
 from .guard import GuardRules, guard_rewrites

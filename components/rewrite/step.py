@@ -10,8 +10,8 @@ from collections import Counter
 import pandas as pd
 import pyarrow as pa
 
-from components.common.errors import ClipmillError
-from components.common.steps import Step, decisions
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.steps import Step, decisions
 
 from .backends import model_name
 from .captions import CaptionRewriter, summarize

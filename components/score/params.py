@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from components.common.params import Section
-from components.common.training.params import TrainParams
+from clipmill.components.common.params import Section
+from clipmill.components.common.training.params import TrainParams
 
 BOOTSTRAP = "bootstrap"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.common.errors import ConfigError
-from components.common.log import get_logger
-from components.common.model import (LOCAL_DIR_PREFIX, ClipModel, ImageError, create_clip, decode_image, embed_images,
+from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.model import (LOCAL_DIR_PREFIX, ClipModel, ImageError, create_clip, decode_image, embed_images,
                                      embed_texts, load_clip)
 
 LOW_SCORE_REASON = "low_clip_score"

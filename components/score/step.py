@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from components.common.engine import GPU_IF_AVAILABLE
-from components.common.errors import ConfigError, InputError
-from components.common.model import LOCAL_DIR_PREFIX
-from components.common.shards import ShardReader, shard_file_name
-from components.common.steps import PoolStep, decisions
-from components.common.storage import location, read_json
+from clipmill.components.common.engine import GPU_IF_AVAILABLE
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.model import LOCAL_DIR_PREFIX
+from clipmill.components.common.shards import ShardReader, shard_file_name
+from clipmill.components.common.steps import PoolStep, decisions
+from clipmill.components.common.storage import location, read_json
 
 from .params import BOOTSTRAP, ScoreParams
 from .scoring import (LOW_SCORE_REASON, UNREADABLE_IMAGE_REASON, clip_scores, key_buckets, load_scorer,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from components.common.errors import ConfigError, InputError
-from components.common.io import read_json
-from components.common.layout import add_path_option, resolve_paths
-from components.common.params import section_at
-from components.common.training.params import TrainParams
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.io import read_json
+from clipmill.components.common.layout import add_path_option, resolve_paths
+from clipmill.components.common.params import section_at
+from clipmill.components.common.training.params import TrainParams
 
 HELP = "train a CLIP-style model (Lightning over open_clip) on webdataset shards and export it (open_clip local-dir)"
 
@@ -54,10 +54,10 @@ def apply_best_params(section: TrainParams, path: str | None, key: str) -> Train
 
 
 def run(args: argparse.Namespace, params) -> int:
-    from components.common.log import get_logger
-    from components.common.tracking import tracking_uri
+    from clipmill.components.common.log import get_logger
+    from clipmill.components.common.tracking import tracking_uri
 
-    from components.common.training.fit import train
+    from clipmill.components.common.training.fit import train
 
     from .warm_start import continual_section, read_warm_start, warm_start_weights
 

@@ -1,13 +1,13 @@
 """Params of the train stage's own sections: ``continual:`` (the shared ``TrainParams`` lives in the core library,
-``components.common.training.params``)."""
+``clipmill.components.common.training.params``)."""
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import Field
 
-from components.common.params import Section
-from components.common.training.params import TrainParams
+from clipmill.components.common.params import Section
+from clipmill.components.common.training.params import TrainParams
 
 
 class ContinualParams(Section):

@@ -20,12 +20,12 @@ from typing import Iterator, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from components.common.errors import InputError
-from components.common.io import write_text
-from components.common.log import get_logger
-from components.common.params import Section
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import write_text
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.params import Section
 
-from components.common.training.params import TrainParams
+from clipmill.components.common.training.params import TrainParams
 
 from .params import ContinualParams
 
@@ -83,7 +83,7 @@ def continual_section(train: TrainParams, continual: ContinualParams, warm: Warm
 
 def weights_sha256(export_dir: str | os.PathLike) -> str:
     """sha256 of the weights file of a local-dir export (read in full: never a cached digest)."""
-    from components.common.model import WEIGHTS_FILE
+    from clipmill.components.common.model import WEIGHTS_FILE
 
     path = Path(export_dir) / WEIGHTS_FILE
     if not path.is_file():
@@ -94,7 +94,7 @@ def weights_sha256(export_dir: str | os.PathLike) -> str:
 
 def export_weights(source_dir: str | os.PathLike, dest: str | os.PathLike) -> str:
     """Copy the local-dir export at ``source_dir`` (config and weights only) to ``dest``; returns the sha256."""
-    from components.common.model import CONFIG_FILE, WEIGHTS_FILE
+    from clipmill.components.common.model import CONFIG_FILE, WEIGHTS_FILE
 
     dest = Path(dest)
     if dest.exists():
@@ -127,7 +127,7 @@ def warm_start_weights(warm: WarmStart, warm_file: str | os.PathLike,
 
 
 def _check_sha256(export_dir: Path, warm: WarmStart, warm_file: str | os.PathLike) -> None:
-    from components.common.model import WEIGHTS_FILE
+    from clipmill.components.common.model import WEIGHTS_FILE
 
     got = weights_sha256(export_dir)
     if got != warm.sha256:
@@ -141,7 +141,7 @@ def _check_sha256(export_dir: Path, warm: WarmStart, warm_file: str | os.PathLik
 def _registry_copy(warm: WarmStart, warm_file: str | os.PathLike, local: Path,
                    tracking_uri: str | None) -> Iterator[Path]:
     """The registry's copy of ``warm.init_from``, when its weights hash to ``warm.sha256``."""
-    from components.common.model import MLFLOW_SCHEMES, resolve_model_source
+    from clipmill.components.common.model import MLFLOW_SCHEMES, resolve_model_source
 
     missing = f"the warm-start weights {local} are missing: run `dvc pull` to restore them"
     if not str(warm.init_from).startswith(MLFLOW_SCHEMES):

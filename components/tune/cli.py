@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from components.common.layout import add_path_option, resolve_paths
+from clipmill.components.common.layout import add_path_option, resolve_paths
 
 HELP = "sweep training hyperparameters with Ray Tune (ASHA); write the best config to best_params.json"
 
@@ -15,9 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params) -> int:
-    from components.common.errors import ConfigError
-    from components.common.params import section_at
-    from components.common.training.params import TrainParams
+    from clipmill.components.common.errors import ConfigError
+    from clipmill.components.common.params import section_at
+    from clipmill.components.common.training.params import TrainParams
 
     from .tune import run_sweep
 

@@ -1,6 +1,6 @@
 """A Ray Tune sweep over short training runs; the best configuration goes to ``best_params.json``.
 
-Each trial is a training run (``components.common.training.fit.train``) of ``steps_per_trial`` steps that validates
+Each trial is a training run (``clipmill.components.common.training.fit.train``) of ``steps_per_trial`` steps that validates
 and calls ``ray.tune.report`` every ``report_every_n_steps``; ASHA stops weak trials at those reports. Every
 trial is an MLflow child run of the sweep's run. ``best_params.json``:
 ``{"config_key": "train", "overrides": {lr, weight_decay, warmup_steps, batch_size, loss}, "metric": ...,
@@ -17,13 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.common.engine import GPU_IF_AVAILABLE, check_fits, ray_session, resolve_gpus
-from components.common.errors import ClipmillError
-from components.common.io import write_json
-from components.common.log import get_logger
-from components.common.params import RayParams, TrackingParams
-from components.common.tracking import PARENT_RUN_ENV, stage_run, tracking_uri
-from components.common.training.params import TrainParams
+from clipmill.components.common.engine import GPU_IF_AVAILABLE, check_fits, ray_session, resolve_gpus
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.io import write_json
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.params import RayParams, TrackingParams
+from clipmill.components.common.tracking import PARENT_RUN_ENV, stage_run, tracking_uri
+from clipmill.components.common.training.params import TrainParams
 
 from .params import SearchSpace, TuneParams
 
@@ -60,7 +60,7 @@ def run_trial(config: dict[str, Any], *, base: dict, tune_params: dict, shards: 
     import mlflow
     from ray import tune
 
-    from components.common.training.fit import train
+    from clipmill.components.common.training.fit import train
 
     if os.path.isdir(cwd):  # lineage tags read git and dvc.lock from the repository (absent on other nodes)
         os.chdir(cwd)
@@ -98,7 +98,7 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from components.common.training.data import scan_shards
+    from clipmill.components.common.training.data import scan_shards
 
     shard_set = scan_shards(shards)  # bad input fails here, before Ray starts
     out_dir = Path(out_dir)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from components.common.layout import add_path_option, resolve_paths
+from clipmill.components.common.layout import add_path_option, resolve_paths
 
 from .boundaries import BOUNDARIES
 

@@ -9,10 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from components.common.errors import ClipmillError
-from components.common.io import atomic_path, check_replaceable, write_json
-from components.common.log import get_logger
-from components.common.tracking import stage_run
+from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.io import atomic_path, check_replaceable, write_json
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.tracking import stage_run
 
 from .boundaries import BOUNDARIES
 

@@ -17,11 +17,11 @@ import great_expectations as gx
 import pandas as pd
 from great_expectations.expectations.row_conditions import Column
 
-from components.common.curation import read_step_table, step_classes, step_dir, step_params, units_of
-from components.common.errors import InputError
-from components.common.io import read_parquet
-from components.common.shards import index_shard
-from components.common.steps import DECISION_COLUMNS, Step
+from clipmill.components.common.curation import read_step_table, step_classes, step_dir, step_params, units_of
+from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import read_parquet
+from clipmill.components.common.shards import index_shard
+from clipmill.components.common.steps import DECISION_COLUMNS, Step
 
 
 @dataclass

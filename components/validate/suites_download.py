@@ -6,7 +6,7 @@ import os
 import great_expectations as gx
 from great_expectations.expectations.row_conditions import Column
 
-from components.common.io import read_parquet
+from clipmill.components.common.io import read_parquet
 
 from .params import DownloadBoundaryParams
 from .suites_curation import TableCheck

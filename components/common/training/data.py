@@ -23,11 +23,11 @@ import webdataset
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from components.common.errors import ConfigError, InputError
-from components.common.hashing import content_hash
-from components.common.log import get_logger
-from components.common.model import ImageError, decode_image
-from components.common.storage import location, open_input, register_webdataset_schemes
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.hashing import content_hash
+from clipmill.components.common.log import get_logger
+from clipmill.components.common.model import ImageError, decode_image
+from clipmill.components.common.storage import location, open_input, register_webdataset_schemes
 
 log = get_logger("train.data")
 register_webdataset_schemes()  # shards may be s3://… URLs

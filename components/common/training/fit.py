@@ -20,13 +20,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 
-from components.common.evalsets import load_eval_suite
-from components.common.hashing import content_hash, hash_obj
-from components.common.io import read_json, write_json
-from components.common.log import get_logger, progress_disabled, step_progress
-from components.common.model import ClipModel, create_clip, export_local_dir
-from components.common.params import TrackingParams
-from components.common.tracking import stage_run, tracking_uri
+from clipmill.components.common.evalsets import load_eval_suite
+from clipmill.components.common.hashing import content_hash, hash_obj
+from clipmill.components.common.io import read_json, write_json
+from clipmill.components.common.log import get_logger, progress_disabled, step_progress
+from clipmill.components.common.model import ClipModel, create_clip, export_local_dir
+from clipmill.components.common.params import TrackingParams
+from clipmill.components.common.tracking import stage_run, tracking_uri
 
 from .data import ShardDataModule, ShardSet, scan_shards
 from .module import ClipModule, initial_logits

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import open_clip
 import torch
 
-from components.common.model import ClipModel
+from clipmill.components.common.model import ClipModel
 
 from .params import TrainParams
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from components.common.params import Section
+from clipmill.components.common.params import Section
 
 
 class TrainParams(Section):

@@ -6,8 +6,8 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 
-from components.common.evalsets import EvalSuite, evaluate_clip
-from components.common.log import get_logger
+from clipmill.components.common.evalsets import EvalSuite, evaluate_clip
+from clipmill.components.common.log import get_logger
 
 log = get_logger("train.validation")
 
