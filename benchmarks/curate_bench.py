@@ -46,7 +46,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from clipmill.components.download.stage import MANIFEST_ROW_GROUP  # the synthetic manifests are laid out as the stage writes them
+from clipmill.components.download.stage import (
+    MANIFEST_ROW_GROUP,  # the synthetic manifests are laid out as the stage writes them
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_PIXEL_STEPS = ["rules", "dedup", "balance", "rewrite"]
@@ -500,12 +502,12 @@ def print_table(kind: str, runs: list[dict], fit: dict) -> None:
           f"samples (manifest split | combine, state and summary of every step)")
     print(head)
     for r in runs:
-        cells = " ".join(f"{'%.3f|%.3f' % (r['steps'][n]['task_s_per_1k'], r['steps'][n]['wall_s_per_1k']):>16}"
+        cells = " ".join(f"{r['steps'][n]['task_s_per_1k']:.3f}|{r['steps'][n]['wall_s_per_1k']:.3f}".rjust(16)
                          if n in r["steps"] else f"{'-':>16}" for n in names)
-        load = "%.1f>%.1f" % tuple(r["loadavg_1min"])
-        serial = "%.3f|%s" % (r["split_s_per_1k"], "-" if r["steps_driver_s_per_1k"] is None
-                               else "%.3f" % r["steps_driver_s_per_1k"])
-        print(f"{'x%d' % r['scale']:>5} {r['rows']:>8} {r['samples']:>8} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} "
+        load = "{:.1f}>{:.1f}".format(*r["loadavg_1min"])
+        driver = r["steps_driver_s_per_1k"]
+        serial = f"{r['split_s_per_1k']:.3f}|" + ("-" if driver is None else f"{driver:.3f}")
+        print(f"{'x' + str(r['scale']):>5} {r['rows']:>8} {r['samples']:>8} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} "
               f"{cells} "
               f"{serial:>15} {r['driver_peak_rss_mb']:>9.1f} {r['worker_peak_rss_mb']:>9.1f} {load:>9}")
     exps = "; ".join(f"{n} {fit['steps'][n]['task_exponent']}|{fit['steps'][n]['wall_exponent']}" for n in names)

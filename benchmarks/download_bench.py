@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from clipmill.params import load_params
 from clipmill.components.common.params import TrackingParams
 from clipmill.components.demo_corpus import DEMO_BASE_URL, serve_web
 from clipmill.components.download.params import DownloadParams
 from clipmill.components.download.stage import download
+from clipmill.params import load_params
 
 
 def img2dataset_cli_args(url_list: Path, out: Path, params: DownloadParams) -> list[str]:

@@ -32,8 +32,9 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -45,12 +46,12 @@ from PIL import Image, ImageDraw
 
 from clipmill.components.common.model import create_clip, export_local_dir
 from clipmill.components.common.steps import StepContext
-from clipmill.components.score.params import ScoreParams
-from clipmill.components.score.step import ScoreStep
 from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
+from clipmill.components.common.training.fit import _trainer, resolve_precision
 from clipmill.components.common.training.module import MAX_LOGIT_SCALE, ClipModule, _no_weight_decay, initial_logits
 from clipmill.components.common.training.params import TrainParams
-from clipmill.components.common.training.fit import _trainer, resolve_precision
+from clipmill.components.score.params import ScoreParams
+from clipmill.components.score.step import ScoreStep
 
 from .score_bench import bare_loop as bare_score_loop
 

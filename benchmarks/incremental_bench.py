@@ -63,9 +63,9 @@ def _tables(curate_dir: Path) -> dict[str, pd.DataFrame]:
 def _prepare(work: Path, pairs: int, new_pairs: int) -> Path:
     import torch
 
-    from clipmill.params import load_params
     from clipmill.components.common.model import create_clip, export_local_dir
     from clipmill.components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
+    from clipmill.params import load_params
 
     params = load_params(REPO / "params.yaml")
     corpus = params.demo_corpus.model_copy(update={"num_pairs": pairs, "zeroshot_per_class": 1, "retrieval_size": 1,
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         params = _prepare(work, args.pairs, new_pairs)
         first = _run(work, params, "curate")
         append_url_list(work / "batch1" / "urls.parquet", work / "additions",
-                        now=dt.datetime(2026, 12, 7, 3, 0, tzinfo=dt.timezone.utc))
+                        now=dt.datetime(2026, 12, 7, 3, 0, tzinfo=dt.UTC))
         second = _run(work, params, "curate")
         scratch = _run(work, params, "curate_scratch", download=False)
         incremental, from_scratch = _tables(work / "curate"), _tables(work / "curate_scratch")

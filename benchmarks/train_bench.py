@@ -28,7 +28,13 @@ from torch.utils.data import DataLoader
 
 from clipmill.components.common.model import create_clip
 from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
-from clipmill.components.common.training.module import MAX_LOGIT_SCALE, ClipModule, _no_weight_decay, initial_logits, lr_factor
+from clipmill.components.common.training.module import (
+    MAX_LOGIT_SCALE,
+    ClipModule,
+    _no_weight_decay,
+    initial_logits,
+    lr_factor,
+)
 from clipmill.components.common.training.params import TrainParams
 from tests.test_train_shapes import write_shape_shards
 

@@ -25,13 +25,21 @@ import hashlib
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
-from clipmill.components.ablate.ablation import (Inputs, log_outputs, log_to_run, parent_run, progress, work_dir,
-                                        write_outputs)
+from clipmill.components.ablate.ablation import (
+    Inputs,
+    log_outputs,
+    log_to_run,
+    parent_run,
+    progress,
+    work_dir,
+    write_outputs,
+)
 from clipmill.components.ablate.arms import Arm, resolve_arms
 from clipmill.components.common.curation import STEPS_DIR, UNITS_DIR, step_dir
 from clipmill.components.common.errors import ConfigError

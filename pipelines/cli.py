@@ -22,8 +22,8 @@ def _run(args: argparse.Namespace, params) -> int:
     import signal
     import sys
 
-    from clipmill.params import load_params
     from clipmill.components.common.tracking import check_tracking
+    from clipmill.params import load_params
 
     from .runlock import RUN_LOCKED_EXIT, RunLocked, run_lock
 

@@ -18,7 +18,13 @@ from pathlib import Path
 
 from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.log import get_logger
-from clipmill.components.train.warm_start import WARM_START_DIR, WARM_START_FILE, WarmStart, export_weights, write_warm_start
+from clipmill.components.train.warm_start import (
+    WARM_START_DIR,
+    WARM_START_FILE,
+    WarmStart,
+    export_weights,
+    write_warm_start,
+)
 
 log = get_logger("pipeline")
 

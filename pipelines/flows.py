@@ -28,8 +28,15 @@ from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.io import write_text
 from clipmill.components.common.log import Progress, quiet_third_party
 from clipmill.components.common.params import TrackingParams
-from clipmill.components.common.tracking import (DVC_STAGE_ENV, DVC_STAGE_TAG, PARENT_RUN_ENV, check_tracking, lineage_tags,
-                                        tracking_uri, use_experiment)
+from clipmill.components.common.tracking import (
+    DVC_STAGE_ENV,
+    DVC_STAGE_TAG,
+    PARENT_RUN_ENV,
+    check_tracking,
+    lineage_tags,
+    tracking_uri,
+    use_experiment,
+)
 
 from .dag import FLOW_TARGETS, load_dag, select
 from .runlock import run_lock

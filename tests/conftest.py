@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.object_store"]  # the `s3` fixture: a moto S3 server on loopback
 
 
 @pytest.fixture(autouse=True)

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
-from clipmill.params import Params, load_params
 from clipmill.components.common.curation import read_step_table
 from clipmill.components.common.model import create_clip, export_local_dir
 from clipmill.components.curate.stage import curate
 from clipmill.components.reshard.curated import reshard
 from clipmill.components.reshard.params import ReshardParams
-
+from clipmill.params import Params, load_params
 from tests.curation_fixtures import make_download
 
 REPO = Path(__file__).resolve().parents[1]

@@ -132,8 +132,8 @@ def test_ablate_trains_each_arm_and_seed_and_writes_the_table_cis_and_child_runs
 
 def test_an_all_but_arm_curates_again_without_touching_the_curate_stage_outputs(tmp_path):
     from clipmill.components.ablate.ablation import Inputs
-    from clipmill.pipelines.ablate import build_arm
     from clipmill.components.common.curation import read_step_table
+    from clipmill.pipelines.ablate import build_arm
 
     curation = make_curation(tmp_path / "crawl", n=120, per_shard=60, steps=["rules", "spam", "dedup"])
     p, params = curation["paths"], curation["params"]

@@ -15,14 +15,20 @@ import yaml
 from mlflow import MlflowClient
 
 from clipmill.cli import main
-from clipmill.params import load_params
 from clipmill.components.common.errors import InputError
 from clipmill.components.common.model import WEIGHTS_FILE
-from clipmill.components.train import cli as train_cli
 from clipmill.components.common.training.params import TrainParams
+from clipmill.components.train import cli as train_cli
 from clipmill.components.train.params import ContinualParams
-from clipmill.components.train.warm_start import (WarmStart, continual_section, read_warm_start, warm_start_weights,
-                                         weights_sha256, write_warm_start)
+from clipmill.components.train.warm_start import (
+    WarmStart,
+    continual_section,
+    read_warm_start,
+    warm_start_weights,
+    weights_sha256,
+    write_warm_start,
+)
+from clipmill.params import load_params
 from clipmill.pipelines import continual as cont
 from tests.conftest import REPO
 from tests.registry_fixtures import policy_metrics, tiny_model, write_eval_suite, write_record

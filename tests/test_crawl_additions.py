@@ -8,8 +8,8 @@ import pytest
 
 from clipmill.components.common.errors import InputError
 from clipmill.components.common.params import RayParams, TrackingParams
-from clipmill.components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
 from clipmill.components.demo_corpus import DEMO_BASE_URL
+from clipmill.components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
 from clipmill.components.demo_corpus.params import DemoCorpusParams
 from clipmill.components.download.additions import append_url_list, list_additions, read_crawl
 from clipmill.components.download.params import DownloadParams
@@ -38,7 +38,7 @@ def test_a_batch_is_new_urls_on_the_same_web(crawl):
 def test_appended_lists_download_after_the_base_list_with_counts_that_add_up(crawl, tmp_path):
     additions = tmp_path / "additions"
     first = append_url_list(crawl / "batch1" / "urls.parquet", additions,
-                            now=dt.datetime(2026, 11, 2, 3, 0, tzinfo=dt.timezone.utc))
+                            now=dt.datetime(2026, 11, 2, 3, 0, tzinfo=dt.UTC))
     assert first.id.startswith("20261102T030000Z-") and first.web is not None
     with pytest.raises(InputError, match="appended to the crawl before"):
         append_url_list(crawl / "batch1" / "urls.parquet", additions)
@@ -49,7 +49,7 @@ def test_appended_lists_download_after_the_base_list_with_counts_that_add_up(cra
     (tmp_path / "repeat").mkdir()
     repeat.to_parquet(tmp_path / "repeat" / "urls.parquet", index=False)
     second = append_url_list(tmp_path / "repeat" / "urls.parquet", additions,
-                             now=dt.datetime(2026, 11, 9, 3, 0, tzinfo=dt.timezone.utc))
+                             now=dt.datetime(2026, 11, 9, 3, 0, tzinfo=dt.UTC))
     assert [a.id for a in list_additions(additions)] == [first.id, second.id] and second.web is None
 
     c = read_crawl(crawl / "crawl" / "urls.parquet", additions)
@@ -120,7 +120,7 @@ def test_new_urls_that_fail_the_crawl_checks_are_refused_before_anything_is_copi
     base = _list(tmp_path / "crawl" / "urls.parquet", ["a1", "a2"], site=["x", "y"])
     additions = tmp_path / "additions"
     append_url_list(_list(tmp_path / "week1" / "urls.parquet", ["b1"], site=["z"]), additions, crawl_urls=base,
-                    now=dt.datetime(2026, 11, 2, tzinfo=dt.timezone.utc))
+                    now=dt.datetime(2026, 11, 2, tzinfo=dt.UTC))
     before = sorted(p.name for p in additions.iterdir())
     new = tmp_path / "week2" / "urls.parquet"
     if case == "url_list_column":

@@ -22,7 +22,6 @@ import torch
 import yaml
 
 from clipmill.cli import main
-from clipmill.params import Params, load_params, parse_params
 from clipmill.components.common.curation import STEP_NAMES, read_step, read_step_table, step_class
 from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.hashing import make_uid
@@ -30,9 +29,9 @@ from clipmill.components.common.model import create_clip, export_local_dir
 from clipmill.components.common.params import section_at
 from clipmill.components.common.steps import PoolStep
 from clipmill.components.curate.stage import curate
+from clipmill.params import Params, load_params, parse_params
 from tests.conftest import REPO
 from tests.curation_fixtures import make_download
-from tests.object_store import s3  # noqa: F401 (a fixture)
 
 
 def shrunk_params(changes: dict | None = None) -> Params:

@@ -13,7 +13,6 @@ import yaml
 from PIL import Image, ImageOps
 
 from clipmill.cli import main
-from clipmill.params import parse_params
 from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.hashing import content_hash, make_uid
 from clipmill.components.demo_corpus import DEMO_BASE_URL, load_ground_truth
@@ -22,6 +21,7 @@ from clipmill.components.demo_corpus.crawl import BEHAVIOURS, plan_crawl
 from clipmill.components.demo_corpus.params import DemoCorpusParams
 from clipmill.components.demo_corpus.render import render_scene
 from clipmill.components.demo_corpus.vocabulary import COLOR_SYNONYMS, COLORS, CONCEPTS, SHAPE_WORDS
+from clipmill.params import parse_params
 
 from .conftest import REPO
 

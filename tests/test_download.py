@@ -32,7 +32,6 @@ from clipmill.components.download.stage import MANIFEST_COLUMNS, claim_output_di
 from clipmill.components.download.url_list import read_url_list
 
 from .conftest import REPO
-from .object_store import s3  # noqa: F401 (a fixture)
 
 FAULTS = ["not_found", "transient_5xx", "slow", "truncated", "html_as_image", "redirect", "robots_noai"]
 EXPECTED = {  # demo server behaviour -> (status, error_reason)

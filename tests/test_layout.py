@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from clipmill.cli import build_parser
-from clipmill.params import load_params
 from clipmill.components.common.layout import STAGES, Layout, layout, resolve_paths
+from clipmill.params import load_params
 
 from .conftest import REPO
 

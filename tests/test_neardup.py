@@ -10,8 +10,17 @@ import webdataset as wds
 from PIL import Image
 
 from clipmill.components.common.steps import StepContext
-from clipmill.components.filter.neardup import (BAND_BITS, HASH_COLUMNS, NEAR_DUPLICATE_REASON, WORDS, NearDupStep,
-                                       band_values, clusters, hamming, linked_pairs)
+from clipmill.components.filter.neardup import (
+    BAND_BITS,
+    HASH_COLUMNS,
+    NEAR_DUPLICATE_REASON,
+    WORDS,
+    NearDupStep,
+    band_values,
+    clusters,
+    hamming,
+    linked_pairs,
+)
 from clipmill.components.filter.params import FilterParams
 
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from clipmill.cli import main
-from clipmill.params import load_params, parse_params
 from clipmill.components.common.errors import ConfigError
+from clipmill.params import load_params, parse_params
 
 from .conftest import REPO
 

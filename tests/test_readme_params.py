@@ -6,6 +6,7 @@ import difflib
 import pytest
 from pydantic import BaseModel
 
+from clipmill.components.common.errors import ClipmillError
 from clipmill.docs import (
     BEGIN,
     END,
@@ -16,7 +17,6 @@ from clipmill.docs import (
     updated_readme,
 )
 from clipmill.params import Params, load_params
-from clipmill.components.common.errors import ClipmillError
 
 from .conftest import REPO
 

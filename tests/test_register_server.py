@@ -13,7 +13,14 @@ from mlflow import MlflowClient
 from clipmill.cli import main
 from clipmill.components.common.model import embed_texts, load_clip
 from tests.conftest import REPO
-from tests.registry_fixtures import free_port, policy_metrics, running_server, tiny_model, write_eval_suite, write_record
+from tests.registry_fixtures import (
+    free_port,
+    policy_metrics,
+    running_server,
+    tiny_model,
+    write_eval_suite,
+    write_record,
+)
 
 PARAMS = str(REPO / "params.yaml")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import threading
 from contextlib import contextmanager
-from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
@@ -14,8 +14,15 @@ from clipmill.components.common.evaluation import EvaluationRecord
 from clipmill.components.register import promotion
 from clipmill.components.register.params import RegisterParams
 from clipmill.components.register.promotion import TAG_OUTCOME, TAG_PREVIOUS, apply_policy, move_champion, rollback
-from clipmill.components.register.registry import (CHAMPION, RegistryError, alias_version, champion_history, find_by_hash,
-                                          get_version, record_metrics)
+from clipmill.components.register.registry import (
+    CHAMPION,
+    RegistryError,
+    alias_version,
+    champion_history,
+    find_by_hash,
+    get_version,
+    record_metrics,
+)
 from tests.registry_fixtures import policy_metrics
 
 POLICY = RegisterParams(min_improvement=0.01, guardrail_tolerance=0.02)

@@ -161,7 +161,7 @@ def test_prompt_has_three_examples_chosen_per_caption():
 def write_inputs(tmp_path, table: pd.DataFrame, unmatched: int = 5, per_shard: int = 50) -> None:
     """A manifest of successful downloads (``per_shard`` per shard) with the captions, the first ``unmatched`` of
     them replaced by captions that match no metadata entry; and the metadata file (ENTRIES)."""
-    captions = ["zzz qqq number %d" % i if i < unmatched else c for i, c in enumerate(table["caption"])]
+    captions = [f"zzz qqq number {i}" if i < unmatched else c for i, c in enumerate(table["caption"])]
     n = len(table)
     pd.DataFrame({"uid": table["uid"], "shard": [f"{i // per_shard:05d}.tar" for i in range(n)],
                   "key": [f"{i:09d}" for i in range(n)], "caption": captions, "original_width": 64,

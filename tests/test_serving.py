@@ -17,7 +17,15 @@ from PIL import Image
 from clipmill.cli import main
 from clipmill.components.common.model import embed_images, embed_texts, load_clip
 from tests.conftest import REPO
-from tests.registry_fixtures import free_port, png, policy_metrics, running_server, tiny_model, write_eval_suite, write_record
+from tests.registry_fixtures import (
+    free_port,
+    png,
+    policy_metrics,
+    running_server,
+    tiny_model,
+    write_eval_suite,
+    write_record,
+)
 
 
 def model_with_limits(tmp_path, **limits):

@@ -20,14 +20,23 @@ from safetensors.torch import load_file
 from clipmill.components.common.errors import InputError
 from clipmill.components.common.hashing import content_hash
 from clipmill.components.common.io import OUTPUT_MARKER
-from clipmill.components.common.model import (CONFIG_FILE, WEIGHTS_FILE, create_clip, embed_images, embed_texts,
-                                     export_local_dir, load_clip, read_state_dict)
+from clipmill.components.common.model import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    create_clip,
+    embed_images,
+    embed_texts,
+    export_local_dir,
+    load_clip,
+    read_state_dict,
+)
 from clipmill.components.common.params import TrackingParams
 from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
-from clipmill.components.common.training.params import TrainParams
 from clipmill.components.common.training.fit import train
+from clipmill.components.common.training.params import TrainParams
 from clipmill.components.train import cli as train_cli
 from tests.test_train_shapes import CLASSES, render, run_stage, write_shape_evalsets, write_shape_shards
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
@@ -60,8 +69,9 @@ def test_export_round_trip_loads_in_open_clip_with_the_same_embeddings(tmp_path)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'model'}")
     model.eval()
     images, texts = _images(), ["a red circle", "a blue square", "green triangle"]
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     with torch.no_grad():
         pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])

@@ -17,8 +17,8 @@ from clipmill.components.common.hashing import bytes_hashed, content_hash
 from clipmill.components.common.model import MAX_IMAGE_PIXELS, ImageError, create_clip, decode_image
 from clipmill.components.common.params import TrackingParams
 from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
-from clipmill.components.common.training.params import TrainParams
 from clipmill.components.common.training.fit import train
+from clipmill.components.common.training.params import TrainParams
 from tests.test_train_shapes import write_shape_shards
 
 

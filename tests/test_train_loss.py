@@ -13,7 +13,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from clipmill.components.common.model import create_clip
-from clipmill.components.common.training.module import (ClipModule, MAX_LOGIT_SCALE, contrastive_loss, initial_logits, lr_factor)
+from clipmill.components.common.training.module import (
+    MAX_LOGIT_SCALE,
+    ClipModule,
+    contrastive_loss,
+    initial_logits,
+    lr_factor,
+)
 from clipmill.components.common.training.params import TrainParams
 
 DDP_CASES = [("clip", False), ("clip", True), ("siglip", False)]  # (loss, local_loss)

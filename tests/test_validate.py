@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from clipmill.params import Params
 from clipmill.components.common.errors import ClipmillError
 from clipmill.components.download.stage import MANIFEST_COLUMNS, build_manifest
 from clipmill.components.validate.boundaries import BOUNDARIES
 from clipmill.components.validate.params import DownloadBoundaryParams
 from clipmill.components.validate.stage import ValidationFailed, validate
 from clipmill.components.validate.suites_download import MANIFEST_COLUMNS as EXPECTED_COLUMNS
+from clipmill.params import Params
 
 
 def make_manifest(n: int = 200, failures: int = 30, refused: int = 5) -> pd.DataFrame:

@@ -6,7 +6,7 @@ Combine: count_e over the pool. Decide: keep with probability 1 - prod(1 - t / m
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd

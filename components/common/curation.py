@@ -27,9 +27,10 @@ import hashlib
 import importlib
 import json
 import os
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,8 +40,8 @@ import pyarrow.parquet as pq
 from .errors import InputError
 from .hashing import hash_obj
 from .shards import shard_file_name
-from .storage import location, open_input, read_frame, read_json, read_table, relative, remove, write_json, write_table
 from .steps import Step
+from .storage import location, open_input, read_frame, read_json, read_table, relative, remove, write_json, write_table
 
 # name -> the step class, as module:Class (imported only when curation runs).
 STEPS: dict[str, str] = {
@@ -56,7 +57,7 @@ STEPS: dict[str, str] = {
 STEP_NAMES = tuple(STEPS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def step_class(name: str) -> type[Step]:
     module, _, cls = STEPS[name].partition(":")
     step = getattr(importlib.import_module(module), cls)

@@ -31,7 +31,7 @@ class EvaluationRecord:
         return write_json(asdict(self), path)
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "EvaluationRecord":
+    def read(cls, path: str | os.PathLike) -> EvaluationRecord:
         path = Path(path)
         data = read_json(path, missing="evaluation metrics file does not exist (run `clipmill stage evaluate` first)")
         if not isinstance(data, dict):

@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 _CHUNK = 1 << 20
 HASH_CACHE_ENV = "CLIPMILL_HASH_CACHE"

@@ -18,7 +18,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 PROGRESS_EVERY_ENV = "CLIPMILL_PROGRESS_EVERY_S"

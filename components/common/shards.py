@@ -58,7 +58,7 @@ class ShardReader:
         self._index: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
         self._files: OrderedDict[str, BinaryIO] = OrderedDict()
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc) -> None:

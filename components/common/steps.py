@@ -19,8 +19,9 @@ report and the boundary validation all read it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, ClassVar
 
 import pandas as pd
 import pyarrow as pa

@@ -5,7 +5,7 @@ spaces; an entry then matches when " entry " occurs in " spaced caption " (case-
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 PADDED_PUNCTUATION = (",", ".", ";", ":", "?", "!", "`")
 SPACED_CHARACTERS = ("\t", "\n", "\r")

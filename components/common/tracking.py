@@ -10,9 +10,10 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .errors import ClipmillError
 from .hashing import bytes_hashed, content_hash, file_sha256, hash_obj

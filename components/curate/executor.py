@@ -18,8 +18,15 @@ from typing import Any
 
 import pandas as pd
 
-from clipmill.components.common.curation import (load_state, output_path, read_marker, rows_fingerprint, step_class, unit_path,
-                                        write_output)
+from clipmill.components.common.curation import (
+    load_state,
+    output_path,
+    read_marker,
+    rows_fingerprint,
+    step_class,
+    unit_path,
+    write_output,
+)
 from clipmill.components.common.hashing import hash_obj
 from clipmill.components.common.log import Progress, get_logger
 from clipmill.components.common.params import RayParams
@@ -166,7 +173,7 @@ class Executor:
         self._stack = ExitStack()
         self._pool: ProcessPoolExecutor | None = None
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         if self.kind == "ray":
             from clipmill.components.common.engine import ray_session
 

@@ -5,9 +5,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from clipmill.components.common.params import Section
-
 from clipmill.components.common.curation import STEP_NAMES
+from clipmill.components.common.params import Section
 
 
 class CurateParams(Section):

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 
-from clipmill.components.common.curation import (STEPS_DIR, UNITS_DIR, output_path, read_marker, read_step, save_state,
-                                        split_manifest, step_classes, step_dir, step_params, unit_fingerprint)
+from clipmill.components.common.curation import (
+    STEPS_DIR,
+    UNITS_DIR,
+    output_path,
+    read_marker,
+    read_step,
+    save_state,
+    split_manifest,
+    step_classes,
+    step_dir,
+    step_params,
+    unit_fingerprint,
+)
 from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.funnel import funnel_metrics
 from clipmill.components.common.hashing import hash_obj
-from clipmill.components.common.storage import location, read_frame, relative, remove, remove_tree, write_json
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.steps import PoolStep, Step, StepContext
+from clipmill.components.common.storage import location, read_frame, relative, remove, remove_tree, write_json
 from clipmill.components.common.tracking import stage_run, tracking_uri
 
 from .executor import Executor, UnitTask
@@ -104,8 +116,8 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
             mapped = _fingerprints(step, section, context, "map", inputs)
             phases["map"] = executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream),
                                          resources)
-            state = step.combine(section, lambda: _frames(curate_dir, step.name, "partial", units),
-                                 lambda: _frames(curate_dir, step.name, "map", units))
+            state = step.combine(section, partial(_frames, curate_dir, step.name, "partial", units),
+                                 partial(_frames, curate_dir, step.name, "map", units))
             state_hash = save_state(curate_dir, step.name, state)
             decided = _fingerprints(step, section, context, "decide", mapped, state_hash)
             phases["decide"] = executor.run(_tasks(curate_dir, step, section, context, "decide", decided, upstream,

@@ -9,9 +9,21 @@ import random
 
 from .params import CaptionNoiseRates
 from .render import Scene, SceneObject
-from .vocabulary import (BACKGROUND_WORDS, BOILERPLATE, BOILERPLATE_ONLY, CLEAN_FRAMES, COLOR_SYNONYMS,
-                         FILENAME_PATTERNS, FOREIGN_FRAGMENTS, FRAMES, LONG_FILLER, NUMBER_WORDS, POSITIONS,
-                         SEO_WORDS, SHAPE_WORDS)
+from .vocabulary import (
+    BACKGROUND_WORDS,
+    BOILERPLATE,
+    BOILERPLATE_ONLY,
+    CLEAN_FRAMES,
+    COLOR_SYNONYMS,
+    FILENAME_PATTERNS,
+    FOREIGN_FRAGMENTS,
+    FRAMES,
+    LONG_FILLER,
+    NUMBER_WORDS,
+    POSITIONS,
+    SEO_WORDS,
+    SHAPE_WORDS,
+)
 
 _LARGE, _SMALL = 0.28, 0.1  # object radius (fraction of the short side) that captions call large / small
 

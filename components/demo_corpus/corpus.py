@@ -11,9 +11,9 @@ import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 from tqdm import tqdm
@@ -22,9 +22,9 @@ from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.hashing import hash_obj
 from clipmill.components.common.io import atomic_path
 from clipmill.components.common.log import get_logger, progress_disabled
+from clipmill.components.common.mirror import ROUTES_FILE, ROUTES_FORMAT
 from clipmill.components.common.params import TrackingParams
 from clipmill.components.common.tracking import stage_run
-from clipmill.components.common.mirror import ROUTES_FILE, ROUTES_FORMAT
 
 from .crawl import BEHAVIOURS, CAPTION_DEFECTS, IMAGE_DEFECTS, CrawlPlan, plan_crawl
 from .ground_truth import GROUND_TRUTH_COLUMNS

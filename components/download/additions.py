@@ -197,7 +197,7 @@ def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike,
     if copy_web:
         _check_plain_tree(web)
     root.mkdir(parents=True, exist_ok=True)
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     addition_id = f"{now:%Y%m%dT%H%M%SZ}-{sha[:8]}"
     addition = Addition(addition_id, root / addition_id)
     with atomic_path(addition.path) as tmp:

@@ -27,8 +27,8 @@ import ssl
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import urljoin, urlsplit
 
 from .safety import INVALID_URL, PRIVATE_HOST, UNRESOLVABLE_HOST, UNSUPPORTED_SCHEME, is_public_address, resolve_host

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 from urllib.parse import urlsplit
 
 from tqdm import tqdm

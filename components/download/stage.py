@@ -24,10 +24,10 @@ import shutil
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pandas as pd
@@ -35,17 +35,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipmill.components.common.errors import ClipmillError, InputError
-from clipmill.components.common.io import atomic_path, check_replaceable, mark_output, read_json, write_json, write_parquet
+from clipmill.components.common.io import (
+    atomic_path,
+    check_replaceable,
+    mark_output,
+    read_json,
+    write_json,
+    write_parquet,
+)
 from clipmill.components.common.log import Progress, get_logger
 from clipmill.components.common.mirror import check_mirror, serve_mirror, under_prefix
 from clipmill.components.common.params import RayParams, TrackingParams
 from clipmill.components.common.tracking import stage_run
 
+from .additions import Crawl, read_crawl
 from .fetch import FetchPolicy
 from .params import DownloadParams, MirrorParams
 from .reasons import error_reason
 from .safety import INVALID_URL, PRIVATE_HOST, UNRESOLVABLE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
-from .additions import Crawl, read_crawl
 from .shards import canonicalize_shard, finished_shards, is_canonical, read_shard, shard_files
 from .url_list import CRAWL_COLUMN
 

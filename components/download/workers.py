@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import importlib
 import io
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import albumentations as A
 import cv2
 import img2dataset.downloader as i2d_downloader
-from img2dataset.resizer import Resizer, ResizeMode, SuppressStdoutStderr
+from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
 
 from .decode import DecodeError, decode_image
 from .fetch import FetchPolicy, fetch_with_retry

@@ -20,7 +20,12 @@ import torch
 
 from clipmill.components.common import metrics as clip_metrics
 from clipmill.components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
-from clipmill.components.common.evaluation import EvaluationRecord, clip_benchmark_results, model_hash, read_suite_version
+from clipmill.components.common.evaluation import (
+    EvaluationRecord,
+    clip_benchmark_results,
+    model_hash,
+    read_suite_version,
+)
 from clipmill.components.common.io import atomic_path, write_json
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.model import ClipModel, embed_images, embed_texts, load_clip, resolve_model_source

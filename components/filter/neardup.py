@@ -11,15 +11,15 @@ the others are dropped as ``near_duplicate_image``. An image that does not decod
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import imagehash
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from clipmill.components.common.log import get_logger
 from clipmill.components.common.images import ImageError, decode_image
+from clipmill.components.common.log import get_logger
 from clipmill.components.common.shards import ShardReader, shard_file_name
 from clipmill.components.common.steps import PoolStep, decisions
 

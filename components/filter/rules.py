@@ -60,7 +60,8 @@ def rule_reasons(batch: pd.DataFrame, params: FilterParams) -> np.ndarray:
 
 def _parser():
     """The standard library's regex parser and its constants (Python 3.11's ``re._parser``)."""
-    from re import _constants as constants, _parser as parser
+    from re import _constants as constants
+    from re import _parser as parser
 
     return constants, parser
 

@@ -1,7 +1,7 @@
 """The rule filter as curation steps: ``rules`` (per sample) and ``dedup`` (exact-duplicate images, pool-wide)."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -27,8 +26,17 @@ from clipmill.components.common.log import get_logger
 
 from .params import RegisterParams
 from .policy import PROMOTED, REJECTED, Decision, decide, metric_value
-from .registry import (CHAMPION, alias_version, champion_history, get_version, record_metrics, recorded_metrics,
-                       registry_lock, require_model, set_champion_history)
+from .registry import (
+    CHAMPION,
+    alias_version,
+    champion_history,
+    get_version,
+    record_metrics,
+    recorded_metrics,
+    registry_lock,
+    require_model,
+    set_champion_history,
+)
 
 log = get_logger("register")
 
@@ -67,7 +75,7 @@ class PromotionRecord:
                            "policy_hash": self.policy_hash}, sort_keys=True)
 
     @classmethod
-    def from_tag(cls, raw: str) -> "PromotionRecord":
+    def from_tag(cls, raw: str) -> PromotionRecord:
         data = json.loads(raw)
         return cls(Decision(**data["decision"]), data["challenger_version"], data["champion_version"],
                    data["suite_version"], data["policy_hash"])

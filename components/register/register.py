@@ -25,8 +25,16 @@ from clipmill.components.common.tracking import lineage_tags, stage_run, trackin
 from .export import log_clip_model
 from .params import RegisterParams
 from .promotion import PromotionRecord, apply_policy, promotion_report
-from .registry import (CHALLENGER, TAG_METRIC_PREFIX, TAG_MODEL_HASH, TAG_SUITE, find_by_hash, get_version,
-                       record_metrics, recorded_metrics)
+from .registry import (
+    CHALLENGER,
+    TAG_METRIC_PREFIX,
+    TAG_MODEL_HASH,
+    TAG_SUITE,
+    find_by_hash,
+    get_version,
+    record_metrics,
+    recorded_metrics,
+)
 
 log = get_logger("register")
 

@@ -19,9 +19,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion

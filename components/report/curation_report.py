@@ -21,8 +21,14 @@ import mlflow
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipmill.components.common.curation import (output_path, read_step_table, step_classes, step_dir, unit_path,
-                                        units_of)
+from clipmill.components.common.curation import (
+    output_path,
+    read_step_table,
+    step_classes,
+    step_dir,
+    unit_path,
+    units_of,
+)
 from clipmill.components.common.errors import InputError
 from clipmill.components.common.io import atomic_path, read_json, read_parquet
 from clipmill.components.common.log import get_logger

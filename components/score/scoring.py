@@ -14,8 +14,16 @@ import torch
 
 from clipmill.components.common.errors import ConfigError
 from clipmill.components.common.log import get_logger
-from clipmill.components.common.model import (LOCAL_DIR_PREFIX, ClipModel, ImageError, create_clip, decode_image, embed_images,
-                                     embed_texts, load_clip)
+from clipmill.components.common.model import (
+    LOCAL_DIR_PREFIX,
+    ClipModel,
+    ImageError,
+    create_clip,
+    decode_image,
+    embed_images,
+    embed_texts,
+    load_clip,
+)
 
 LOW_SCORE_REASON = "low_clip_score"
 UNREADABLE_IMAGE_REASON = "unreadable_image"  # undecodable or oversized: no score (NaN), dropped with this reason

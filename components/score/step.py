@@ -8,8 +8,8 @@ histogram: no second pass). Decide: keep ``clip_score >= threshold``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -23,9 +23,19 @@ from clipmill.components.common.steps import PoolStep, decisions
 from clipmill.components.common.storage import location, read_json
 
 from .params import BOOTSTRAP, ScoreParams
-from .scoring import (LOW_SCORE_REASON, UNREADABLE_IMAGE_REASON, clip_scores, key_buckets, load_scorer,
-                      bucket_scores, fit_two_gaussians, mixture_threshold, resolve_device, sortable_keys,
-                      top_fraction_score)
+from .scoring import (
+    LOW_SCORE_REASON,
+    UNREADABLE_IMAGE_REASON,
+    bucket_scores,
+    clip_scores,
+    fit_two_gaussians,
+    key_buckets,
+    load_scorer,
+    mixture_threshold,
+    resolve_device,
+    sortable_keys,
+    top_fraction_score,
+)
 
 THRESHOLD_KEYS = ("top_fraction", "min_score", "mixture_posterior")
 

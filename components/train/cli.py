@@ -56,7 +56,6 @@ def apply_best_params(section: TrainParams, path: str | None, key: str) -> Train
 def run(args: argparse.Namespace, params) -> int:
     from clipmill.components.common.log import get_logger
     from clipmill.components.common.tracking import tracking_uri
-
     from clipmill.components.common.training.fit import train
 
     from .warm_start import continual_section, read_warm_start, warm_start_weights

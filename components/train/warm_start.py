@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -24,7 +25,6 @@ from clipmill.components.common.errors import InputError
 from clipmill.components.common.io import write_text
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.params import Section
-
 from clipmill.components.common.training.params import TrainParams
 
 from .params import ContinualParams

@@ -16,7 +16,7 @@ class SearchSpace(Section):
     loss: list[Literal["clip", "siglip"]] = Field(["clip", "siglip"], min_length=1, description="Loss: one of these.")
 
     @model_validator(mode="after")
-    def _check(self) -> "SearchSpace":
+    def _check(self) -> SearchSpace:
         for name in ("lr", "weight_decay"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
@@ -42,7 +42,7 @@ class TuneParams(Section):
     search_space: SearchSpace = Field(default_factory=SearchSpace, description="What the trials vary.")
 
     @model_validator(mode="after")
-    def _check(self) -> "TuneParams":
+    def _check(self) -> TuneParams:
         if self.steps_per_trial % self.report_every_n_steps:
             raise ValueError("steps_per_trial must be a multiple of report_every_n_steps")
         if self.gpus_per_trial != "auto" and self.gpus_per_trial < 0:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import random
 import tarfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np

@@ -54,7 +54,7 @@ class TrainParams(Section):
     log_every_n_steps: int = Field(10, ge=1, description="Log loss, logit scale, lr and samples/s every N steps.")
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainParams":
+    def _check(self) -> TrainParams:
         lo, hi = self.augment_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"augment_scale must satisfy 0 < low <= high <= 1, got {self.augment_scale}")
