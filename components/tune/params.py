@@ -37,6 +37,10 @@ class TuneParams(Section):
     gpus_per_trial: float | Literal["auto"] = Field(
         "auto", description="GPUs reserved per trial; auto: 1 when the Ray cluster has GPUs and the trained section's "
                             "accelerator is not cpu, else 0. More than the cluster has is an error before any trial starts.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials running at once (null: as many as the resources allow). ASHA stops trials by "
+                                "the order in which concurrent trials report, which varies from run to run; with 1 "
+                                "the sweep decides the same way in every reproduction.")
     trial_num_workers: int = Field(0, ge=0, description="DataLoader workers inside a trial (0: load in the trial process).")
     object_store_mb: int = Field(100, ge=80, description="Object store of the local Ray (the sweep passes no large objects).")
     search_space: SearchSpace = Field(default_factory=SearchSpace, description="What the trials vary.")
@@ -48,6 +52,7 @@ class TuneParams(Section):
         if self.gpus_per_trial != "auto" and self.gpus_per_trial < 0:
             raise ValueError(f"gpus_per_trial must be auto or >= 0, got {self.gpus_per_trial}")
         return self
+
 
 # The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).
 SECTIONS = {

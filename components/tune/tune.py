@@ -120,6 +120,7 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
                     trainable, param_space=search_space(tune_params.search_space),
                     tune_config=tune.TuneConfig(
                         metric=tune_params.metric, mode=tune_params.mode, num_samples=tune_params.trials,
+                        max_concurrent_trials=tune_params.max_concurrent_trials,
                         scheduler=ASHAScheduler(max_t=reports, grace_period=min(tune_params.grace_period, reports),
                                                 reduction_factor=tune_params.reduction_factor),
                         search_alg=BasicVariantGenerator(random_state=seed)),
