@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     params = load_params(args.params)
     source = Path(args.urls or params.download.urls)
     web = source.parent / "web"
-    slow_seconds = params.download.mirrors[0].slow_seconds if params.download.mirrors else params.demo_server.slow_seconds
+    mirrors = params.download.mirrors
+    slow_seconds = mirrors[0].slow_seconds if mirrors else params.demo_server.slow_seconds
     runs: dict[str, list[tuple[int, float]]] = {"stage": [], "img2dataset": []}
     with tempfile.TemporaryDirectory(prefix="download-bench-") as tmp:
         tmp = Path(tmp)
@@ -101,9 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if name == "stage":
                     runs[name].append(run_stage(urls, out, params, slow_seconds))
                 else:
-                    runs[name].append(run_cli(urls, web if demo else None, out / "shards", params.download, slow_seconds))
+                    runs[name].append(run_cli(urls, web if demo else None, out / "shards", params.download,
+                                              slow_seconds))
                 images, seconds = runs[name][-1]
-                print(f"round {repeat}: {name:11s} {images} images in {seconds:6.1f} s = {images / seconds:7.1f} images/s")
+                print(f"round {repeat}: {name:11s} {images} images in {seconds:6.1f} s "
+                      f"= {images / seconds:7.1f} images/s")
     result = {name: {"images": sum(i for i, _ in r), "seconds": sum(s for _, s in r)} for name, r in runs.items()}
     for r in result.values():
         r["images_per_s"] = r["images"] / r["seconds"]

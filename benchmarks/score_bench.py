@@ -36,7 +36,8 @@ def bare_loop(model, preprocess, tokenizer, images: list[bytes], captions: list[
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[i:i + batch_size]])
+            pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB"))
+                                  for b in images[i:i + batch_size]])
             image_features = model.encode_image(pixels.to(device), normalize=True)
             text_features = model.encode_text(tokenizer(captions[i:i + batch_size]).to(device), normalize=True)
             out.append((image_features * text_features).sum(-1).float().cpu())
@@ -45,7 +46,8 @@ def bare_loop(model, preprocess, tokenizer, images: list[bytes], captions: list[
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="clipmill-tiny", help="open_clip config (randomly initialised; nothing is downloaded)")
+    parser.add_argument("--model", default="clipmill-tiny",
+                        help="open_clip config (randomly initialised; nothing is downloaded)")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["ratio"] = round(result["stage_images_per_s"] / result["bare_open_clip_images_per_s"], 3)
     print(f"{args.model} on {args.device}, {len(table)} images, batch {args.batch_size}: stage "
-          f"{result['stage_images_per_s']} images/s | bare open_clip {result['bare_open_clip_images_per_s']} images/s | "
+          f"{result['stage_images_per_s']} images/s | "
+          f"bare open_clip {result['bare_open_clip_images_per_s']} images/s | "
           f"ratio {result['ratio']} | max |score diff| {max_diff:.2e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(sp)
         sp.set_defaults(handler=mod.run, needs_params=True)
 
-    for extra in ("clipmill.pipelines.cli", "clipmill.pipelines.serve", "clipmill.pipelines.ablate_cli", "clipmill.components.demo_corpus.server_cli",
-                  "clipmill.components.demo_corpus.batch_cli", "clipmill.components.register.models_cli", "clipmill.docs"):
+    for extra in ("clipmill.pipelines.cli", "clipmill.pipelines.serve", "clipmill.pipelines.ablate_cli",
+                  "clipmill.components.demo_corpus.server_cli", "clipmill.components.demo_corpus.batch_cli",
+                  "clipmill.components.register.models_cli", "clipmill.docs"):
         try:
             mod = importlib.import_module(extra)
         except ModuleNotFoundError as e:

@@ -20,7 +20,8 @@ from clipmill.components.common.errors import ClipmillError
 
 from .params import DEFAULT_PARAMS, Params, load_params
 
-BEGIN = "<!-- params-reference:begin (generated from the schema by `clipmill docs params`; edit the descriptions there) -->"
+BEGIN = ("<!-- params-reference:begin (generated from the schema by `clipmill docs params`; "
+         "edit the descriptions there) -->")
 END = "<!-- params-reference:end -->"
 README = "README.md"
 REGENERATE = "python -m clipmill.docs params"

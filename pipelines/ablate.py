@@ -77,7 +77,8 @@ def curate_again(arm: Arm, params, inputs: Inputs, out: Path) -> Path:
     _link_tree(inputs.curate / UNITS_DIR, out / UNITS_DIR)
     for step in steps[:steps.index(left_out)]:
         _link_tree(step_dir(inputs.curate, step), out / STEPS_DIR / step)
-    arm_params = _quiet(params).model_copy(update={"curate": params.curate.model_copy(update={"steps": list(arm.steps)})})
+    arm_curate = params.curate.model_copy(update={"steps": list(arm.steps)})
+    arm_params = _quiet(params).model_copy(update={"curate": arm_curate})
     extra = {"bootstrap_model": str(inputs.bootstrap_model)} if inputs.bootstrap_model else {}
     curate(inputs.manifest, inputs.shards, out, arm_params, inputs={**extra, "manifest": str(inputs.manifest)})
     return out
@@ -98,7 +99,8 @@ def build_arm(arm: Arm, params, inputs: Inputs, work: Path) -> dict:
             "uid_hash": hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16], "shards": str(work / "curated")}
 
 
-def train_and_evaluate(arm: Arm, seed: int, params, shards: Path, out: Path, suite: EvalSuite) -> tuple[dict, pd.DataFrame]:
+def train_and_evaluate(arm: Arm, seed: int, params, shards: Path, out: Path,
+                       suite: EvalSuite) -> tuple[dict, pd.DataFrame]:
     """One run of ``arm``: train at the ablation's samples per epoch with ``seed``, evaluate on ``suite``."""
     section = params.train.model_copy(update={"samples_per_epoch": params.ablate.samples_per_epoch, "seed": seed,
                                               "checkpoint_every_n_steps": 0})

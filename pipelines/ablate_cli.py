@@ -13,8 +13,10 @@ HELP = ("curation ablation: each arm (raw, the funnel cut after a step, all but 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_path_option(parser, "ablate", "curate", "the curate stage's directory (input)")
     add_path_option(parser, "ablate", "shards", "download shards directory (input)")
-    add_path_option(parser, "ablate", "manifest", "download manifest, for the arms that curate again without a step (input)")
-    add_path_option(parser, "ablate", "bootstrap-model", "bootstrap filtering network, for arms that curate again (input)")
+    add_path_option(parser, "ablate", "manifest",
+                    "download manifest, for the arms that curate again without a step (input)")
+    add_path_option(parser, "ablate", "bootstrap-model",
+                    "bootstrap filtering network, for arms that curate again (input)")
     add_path_option(parser, "ablate", "eval-dir", "held-out suite (input)")
     parser.add_argument("--out", default=None, help="reports directory (default: ablate.out_dir)")
     parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -23,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best-params", default=None, metavar="FILE",
                         help="apply the tuned values of a tune stage's best_params.json to train: (logged as "
                              "tuned.<key>; without this option no tuned value is applied)")
-    parser.add_argument("--prefect", action="store_true", help="run as a Prefect flow (each arm and each training run a task)")
+    parser.add_argument("--prefect", action="store_true",
+                        help="run as a Prefect flow (each arm and each training run a task)")
 
 
 def run(args: argparse.Namespace, params) -> int:

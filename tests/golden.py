@@ -103,7 +103,8 @@ def differences(fresh_dir: Path, golden_lock: Path, listings: Path = LISTINGS) -
         if want is None or got is None:
             lines.append(f"{where}: {'not in the golden dvc.lock' if want is None else 'not produced'}")
         elif want.endswith(".dir") and got.endswith(".dir"):
-            lines.append(f"{where}: {first_file_difference(golden_listing(output, listings), dir_listing(fresh_dir, got))}")
+            difference = first_file_difference(golden_listing(output, listings), dir_listing(fresh_dir, got))
+            lines.append(f"{where}: {difference}")
         else:
             lines.append(f"{where}: md5 {got}, golden {want}")
     return lines

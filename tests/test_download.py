@@ -48,7 +48,8 @@ UNCLEAN_ROWS = [5, 50, 150]  # captions given invalid UTF-8 bytes
 SLOW_SECONDS = 4.0
 FAULT_SEED = int(os.environ.get("CLIPMILL_FAULT_SEED", "7"))
 # The stage as `clipmill stage download` runs it, without importing every other stage's CLI.
-RUN_STAGE = ("import sys; from clipmill.params import load_params; from clipmill.components.download.stage import download; "
+RUN_STAGE = ("import sys; from clipmill.params import load_params; "
+             "from clipmill.components.download.stage import download; "
              "p = load_params(sys.argv[1]); download(p.download, p.download.urls, sys.argv[2], tracking=p.tracking, "
              "ray_params=p.ray)")
 PARAMS = {"timeout": 2, "retries": 1, "number_sample_per_shard": 70, "processes_count": 1, "thread_count": 8,
@@ -248,7 +249,8 @@ def _write(tmp_path: Path, df: pd.DataFrame) -> Path:
     ("uid_too_long", "uid", "1 to 128 characters"),
 ])
 def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, case, field, reason):
-    good = pd.DataFrame({"uid": ["a", "b"], "url": ["http://x.test/1.jpg", "http://x.test/2.jpg"], "caption": ["c", "d"]})
+    good = pd.DataFrame({"uid": ["a", "b"], "url": ["http://x.test/1.jpg", "http://x.test/2.jpg"],
+                         "caption": ["c", "d"]})
     path = tmp_path / "urls.parquet"
     if case == "missing_url":
         _write(tmp_path, good.drop(columns="url"))

@@ -115,8 +115,9 @@ class StubResolver:
 
 
 def _policy(public, resolver=None, **kw) -> FetchPolicy:
-    base = dict(timeout=3.0, max_body_bytes=64 * 1024, max_redirects=3, trusted_origins=frozenset({(PUBLIC_IP, public.port)}),
-                user_agent_token="clipmill", disallowed_directives=frozenset({"noai", "noimageai", "noindex", "noimageindex"}),
+    base = dict(timeout=3.0, max_body_bytes=64 * 1024, max_redirects=3,
+                trusted_origins=frozenset({(PUBLIC_IP, public.port)}), user_agent_token="clipmill",
+                disallowed_directives=frozenset({"noai", "noimageai", "noindex", "noimageindex"}),
                 resolver=resolver or StubResolver({"public.test": [[PUBLIC_IP]], "private.test": [[PRIVATE_IP]]}))
     return FetchPolicy(**{**base, **kw})
 
@@ -246,7 +247,8 @@ def test_content_encodings_are_decoded_and_bounded(sites):
     public.routes["/gzip"] = lambda h: h._answer(200, gzip.compress(BODY), {"Content-Encoding": "gzip"})
     public.routes["/deflate"] = lambda h: h._answer(200, zlib.compress(BODY), {"Content-Encoding": "deflate"})
     public.routes["/raw-deflate"] = lambda h: h._answer(200, raw, {"Content-Encoding": "deflate"})
-    public.routes["/gzip-bomb"] = lambda h: h._answer(200, gzip.compress(bytes(10 * 2**20)), {"Content-Encoding": "gzip"})
+    public.routes["/gzip-bomb"] = lambda h: h._answer(200, gzip.compress(bytes(10 * 2**20)),
+                                                      {"Content-Encoding": "gzip"})
     public.routes["/cut-gzip"] = lambda h: h._answer(200, gzip.compress(BODY)[:-12], {"Content-Encoding": "gzip"})
     public.routes["/br"] = lambda h: h._answer(200, brotli.compress(BODY), {"Content-Encoding": "br"})
     br_bomb = brotli.compress(bytes(64 * 2**20), quality=4)
@@ -312,7 +314,8 @@ def test_a_trickling_answer_times_out_on_the_total_not_per_read(sites, headers_t
 
 def test_a_body_shorter_than_announced_is_truncated_and_retried(sites):
     public, _ = sites
-    public.routes["/cut"] = lambda h: (h._answer(200, BODY[:100], length=len(BODY)), setattr(h, "close_connection", True))
+    public.routes["/cut"] = lambda h: (h._answer(200, BODY[:100], length=len(BODY)),
+                                       setattr(h, "close_connection", True))
     body, error, sent = fetch_with_retry(public.url("/cut"), _policy(public), retries=1)
     assert body is None and error.startswith("truncated: IncompleteRead(100 bytes read") and sent == 2
 

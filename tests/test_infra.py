@@ -87,7 +87,8 @@ def test_raycluster_manifest_has_token_auth_a_loopback_dashboard_and_a_network_p
     assert head["rayStartParams"].get("dashboard-host") == "127.0.0.1" \
         or head["rayStartParams"].get("include-dashboard") == "false"
     groups = [head] + spec["workerGroupSpecs"]
-    ports = [p["containerPort"] for g in groups for c in g["template"]["spec"]["containers"] for p in c.get("ports", [])]
+    ports = [p["containerPort"] for g in groups for c in g["template"]["spec"]["containers"]
+             for p in c.get("ports", [])]
     assert 8265 not in ports  # the dashboard and its job API are never published
     for group in groups:
         for container in group["template"]["spec"]["containers"]:

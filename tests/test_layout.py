@@ -46,7 +46,8 @@ def _check_paths(name: str, kind: str, listed: list[str], keys: tuple[str, ...])
                 for p in listed if not p.startswith(("<", "${"))]
     marked = {p for p in listed if p.startswith("<")}
     expected = _expected(keys, lay)
-    problems += [f"{name}: {kind} '{p}' is not declared in components/common/layout.py" for p in sorted(marked - expected)]
+    problems += [f"{name}: {kind} '{p}' is not declared in components/common/layout.py"
+                 for p in sorted(marked - expected)]
     problems += [f"{name}: declared {kind} '{p}' is missing from dvc.yaml" for p in sorted(expected - marked)]
     return problems
 

@@ -208,7 +208,8 @@ def test_a_failed_push_neither_skips_the_commit_nor_leaves_the_parent_run_runnin
     head = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=project, capture_output=True, text=True).stdout
     assert head.startswith("clipmill run full:")  # the commit was not skipped
     summary = (project / "reports" / "run_summary.md").read_text()
-    assert "Data commit: `" in summary and "DVC push: failed" in summary and "Failed after the stages: dvc push" in summary
+    assert ("Data commit: `" in summary and "DVC push: failed" in summary
+            and "Failed after the stages: dvc push" in summary)
     [parent] = parent_runs(mlflow_uri)
     assert parent.info.status == "FAILED" and parent.data.metrics["wall_seconds"] > 0
 

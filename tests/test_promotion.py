@@ -27,7 +27,8 @@ def test_policy_promotes_only_a_clear_improvement_without_guardrail_regressions(
     assert decide(policy_metrics(0.60, guard=0.485), champion, POLICY).outcome == PROMOTED  # drop within tolerance
     broken = decide(policy_metrics(0.60, guard=0.47), champion, POLICY)
     assert broken.outcome == REJECTED and "guardrail" in broken.reason
-    assert broken.delta == pytest.approx(0.20) and broken.guardrail_deltas["zeroshot/mean_per_class_recall"] == pytest.approx(-0.03)
+    assert (broken.delta == pytest.approx(0.20)
+            and broken.guardrail_deltas["zeroshot/mean_per_class_recall"] == pytest.approx(-0.03))
     with pytest.raises(Exception, match="no 'zeroshot/acc1'"):
         decide({"other": 1.0}, None, POLICY)
 

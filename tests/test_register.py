@@ -87,7 +87,8 @@ def test_registered_model_round_trips_through_both_exports(workspace, mlflow_uri
         assert not {f for f in model_files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".bin"))}
 
     # 3. models:/ URIs as a model source: loading for scoring, warm-starting training
-    assert embed_texts(load_clip("models:/clipmill@champion"), ["a red square"])[0] == pytest.approx(want_text, abs=1e-5)
+    assert embed_texts(load_clip("models:/clipmill@champion"), ["a red square"])[0] == pytest.approx(
+        want_text, abs=1e-5)
     warm = create_clip("clipmill-tiny", init_from="models:/clipmill/1").model.state_dict()
     assert all(torch.equal(v, warm[k]) for k, v in source.model.state_dict().items())
 

@@ -44,7 +44,8 @@ def test_register_and_load_back_through_a_tracking_server(tmp_path, monkeypatch,
 
         champion = MlflowClient(uri).get_model_version_by_alias("clipmill", "champion")
         assert str(champion.version) == "1" and champion.tags["metric.zeroshot/acc1"] == "0.3"
-        served = mlflow.pyfunc.load_model("models:/clipmill@champion").predict(pd.DataFrame({"text": ["a green square"]}))
+        served = mlflow.pyfunc.load_model("models:/clipmill@champion").predict(
+            pd.DataFrame({"text": ["a green square"]}))
         want = embed_texts(load_clip(str(model)), ["a green square"])[0]
         assert torch.tensor(served["text_embedding"][0]) == pytest.approx(want, abs=1e-5)
         capsys.readouterr()

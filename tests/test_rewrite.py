@@ -94,7 +94,8 @@ def test_guard_drops_each_bad_rewrite_with_its_reason():
     assert kept == ["A red circle, shown on a plain background.", "a picture of a red circle against a background"]
     assert dropped == ["empty", "same_as_caption", "lost_entry", "duplicate", "not_generated", "not_generated"]
     assert len(kept) + len(dropped) == 8
-    assert guard_rewrites(caption, entries, Generated(error="backend:timeout"), slots=3) == ([], ["backend:timeout"] * 3)
+    assert guard_rewrites(caption, entries, Generated(error="backend:timeout"),
+                          slots=3) == ([], ["backend:timeout"] * 3)
 
 
 @pytest.mark.parametrize("caption, rewrite, reason", [
@@ -121,8 +122,8 @@ def test_guard_keeps_faithful_reframed_and_reordered_rewrites():
 
 
 def test_guard_reads_numbers_as_numbers_not_as_file_name_digits():
-    kept, dropped = guard_rewrites("2 golden hearts IMG_0042.jpg", [], Generated(["two golden hearts", "3 golden hearts"]),
-                                   slots=2)
+    kept, dropped = guard_rewrites("2 golden hearts IMG_0042.jpg", [],
+                                   Generated(["two golden hearts", "3 golden hearts"]), slots=2)
     assert kept == ["two golden hearts"] and dropped == ["count_changed"]
 
 
@@ -138,8 +139,8 @@ def test_rules_rewrites_never_move_or_double_a_frame(caption, entries):
     rewrites = RulesBackend(params, seed=5).generate(["u1"], [caption], [entries])[0].candidates
     for rewrite in rewrites:
         assert not re.search(r"\band (a|an|the) (photo|picture|image|poster)", rewrite), rewrite
-        frames = re.findall(r"\b(photo|picture|image|view|poster|close-up)s? (of|showing|shows)\b|\bin an? (photo|picture)\b",
-                            rewrite)
+        frames = re.findall(r"\b(photo|picture|image|view|poster|close-up)s? (of|showing|shows)\b"
+                            r"|\bin an? (photo|picture)\b", rewrite)
         assert len(frames) <= 1, rewrite
     kept, dropped = guard_rewrites(caption, entries, Generated(rewrites), slots=12)
     assert not {"frame_moved", "frame_repeated", "count_changed", "colour_changed", "lost_entry"} & set(dropped)
@@ -148,7 +149,8 @@ def test_rules_rewrites_never_move_or_double_a_frame(caption, entries):
 
 def test_prompt_has_three_examples_chosen_per_caption():
     params = RewriteParams()
-    prompts = [build_prompt(f"uid{i}", "a red circle", params.instruction, params.examples, 3, seed=0) for i in range(20)]
+    prompts = [build_prompt(f"uid{i}", "a red circle", params.instruction, params.examples, 3, seed=0)
+               for i in range(20)]
     assert all(len(p.examples) == 3 and len(set(p.examples)) == 3 for p in prompts)
     assert len({p.examples for p in prompts}) > 1
     assert prompts[0] == build_prompt("uid0", "a red circle", params.instruction, params.examples, 3, seed=0)

@@ -113,8 +113,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             n = request.get("n", 1) if srv.max_choices is None else min(request.get("n", 1), srv.max_choices)
             offset = sum(1 for r in srv.requests if sent_caption(r) == caption) - 1
             variants = GARBAGE if caption in srv.garbage_captions else VARIANTS
-            content = [None if caption in srv.refuse_captions else variants[(i + offset) % len(variants)].format(c=caption)
-                       for i in range(n)]
+            content = [None if caption in srv.refuse_captions
+                       else variants[(i + offset) % len(variants)].format(c=caption) for i in range(n)]
             choices = [{"index": i, "finish_reason": "stop",
                         "message": {"role": "assistant", "content": content[i],
                                     **({"refusal": "I can't help with that."} if content[i] is None else {})}}

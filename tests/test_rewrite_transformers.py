@@ -24,10 +24,12 @@ def model_dir(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     params = RewriteParams()
-    corpus = CAPTIONS + [params.instruction] + [e.caption for e in params.examples] + [e.rewrite for e in params.examples]
+    corpus = (CAPTIONS + [params.instruction] + [e.caption for e in params.examples]
+              + [e.rewrite for e in params.examples])
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(corpus + ["=> \n"], trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
+    tokenizer.train_from_iterator(corpus + ["=> \n"],
+                                  trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
     config = GPT2Config(vocab_size=fast.vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
@@ -68,7 +70,8 @@ def test_prompt_form_follows_the_tokenizer(model_dir):
     backend.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
                                        "{% if add_generation_prompt %}<assistant>{% endif %}")
     chat = backend.prompt_text(prompt)
-    assert chat.startswith("<system> Rewrite") and chat.endswith(f"<user> <caption>{CAPTIONS[0]}</caption>\n<assistant>")
+    assert (chat.startswith("<system> Rewrite")
+            and chat.endswith(f"<user> <caption>{CAPTIONS[0]}</caption>\n<assistant>"))
 
 
 def test_the_step_runs_the_local_model_and_the_guard_counts_add_up(model_dir):

@@ -232,7 +232,8 @@ def test_an_undecodable_image_is_dropped_and_counted_instead_of_aborting_the_sco
     summary = run_curate(corrupt, tmp_path / "curate", params)
 
     scores = read_step_table(tmp_path / "curate", "score").set_index("uid")
-    assert scores.loc[victim["uid"], "reason"] == "unreadable_image" and np.isnan(scores.loc[victim["uid"], "clip_score"])
+    assert (scores.loc[victim["uid"], "reason"] == "unreadable_image"
+            and np.isnan(scores.loc[victim["uid"], "clip_score"]))
     others = scores.drop(index=victim["uid"])
     n = len(others)  # the threshold ranks the readable images only
     assert others["clip_score"].notna().all()

@@ -110,5 +110,6 @@ def test_served_champion_answers_embedding_requests(tmp_path, monkeypatch, mlflo
 
     source = load_clip(str(model))
     assert predictions[0]["image_embedding"] is None and predictions[1]["text_embedding"] is None
-    assert torch.tensor(predictions[0]["text_embedding"]) == pytest.approx(embed_texts(source, ["a blue square"])[0], abs=1e-5)
+    assert torch.tensor(predictions[0]["text_embedding"]) == pytest.approx(
+        embed_texts(source, ["a blue square"])[0], abs=1e-5)
     assert torch.tensor(predictions[1]["image_embedding"]) == pytest.approx(embed_images(source, [image])[0], abs=1e-5)

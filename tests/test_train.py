@@ -111,7 +111,8 @@ def test_stream_resumes_mid_epoch_with_the_same_batches(shards):
     full = _epoch(ResumableLoader(_stream(shards), num_workers=2, epoch_fn=lambda: 0))
     assert len(full) == 7 and all(len(uids) == 8 for uids, _ in full)
     again = _epoch(ResumableLoader(_stream(shards), num_workers=2, epoch_fn=lambda: 0))
-    assert [u for u, _ in again] == [u for u, _ in full] and all(torch.equal(a, b) for (_, a), (_, b) in zip(again, full))
+    assert ([u for u, _ in again] == [u for u, _ in full]
+            and all(torch.equal(a, b) for (_, a), (_, b) in zip(again, full)))
 
     resumed = ResumableLoader(_stream(shards), num_workers=2, epoch_fn=lambda: 0)
     resumed.load_state_dict({**resumed.state_dict(), "batches_taken": 3})  # odd: workers deliver out of order
@@ -214,8 +215,9 @@ def test_tiny_run_learns_and_is_tracked(tmp_path, shards, evalsets, mlflow_uri, 
 
 RESUME_PARAMS = dict(batch_size=16, samples_per_epoch=192, epochs=2, num_workers=2, shuffle_buffer=64, warmup_steps=2,
                      checkpoint_every_n_steps=5, val_every_n_steps=0, cpu_threads=1, log_every_n_steps=5)
-# A seeded random step (CLIPMILL_FAULT_SEED) between the first checkpoint and the end of the 24 steps; a checkpoint every
-# 5 steps, written after the step's other callbacks, so the resumed run starts from the last multiple of 5 before it.
+# A seeded random step (CLIPMILL_FAULT_SEED) between the first checkpoint and the end of the 24 steps; a checkpoint
+# every 5 steps, written after the step's other callbacks, so the resumed run starts from the last multiple of 5
+# before it.
 FAULT_SEED = int(os.environ.get("CLIPMILL_FAULT_SEED", "7"))
 KILL_AT_STEP = random.Random(f"{FAULT_SEED}:train").randint(6, 23)
 LAST_CHECKPOINT = 5 * ((KILL_AT_STEP - 1) // 5)

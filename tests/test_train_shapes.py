@@ -78,16 +78,16 @@ def write_shape_evalsets(out: Path, *, per_class: int = 4, retrieval_size: int =
     for label, name in enumerate(CLASSES):
         color, shape = name.split()
         for k in range(per_class):
-            rows.append({"uid": make_uid(f"http://eval.test/{label}/{k}.png", name), "image": render(color, shape, rng, "PNG"),
-                         "label": label, "class_name": name})
+            rows.append({"uid": make_uid(f"http://eval.test/{label}/{k}.png", name),
+                         "image": render(color, shape, rng, "PNG"), "label": label, "class_name": name})
     pd.DataFrame(rows).to_parquet(out / "zeroshot.parquet", index=False)
     (out / "zeroshot_classes.json").write_text(json.dumps({"classes": CLASSES, "templates": TEMPLATES}))
     rows = []
     for i in range(retrieval_size):
         color, shape = CLASSES[i % len(CLASSES)].split()
         captions = [f"a {color} {shape}", f"{shape} in {color}"]
-        rows.append({"uid": make_uid(f"http://eval.test/r/{i}.png", captions[0]), "image": render(color, shape, rng, "PNG"),
-                     "captions": captions})
+        rows.append({"uid": make_uid(f"http://eval.test/r/{i}.png", captions[0]),
+                     "image": render(color, shape, rng, "PNG"), "captions": captions})
     pd.DataFrame(rows).to_parquet(out / "retrieval.parquet", index=False)
     return out
 

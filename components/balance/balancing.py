@@ -21,7 +21,8 @@ def uid_uniform(uids: pd.Series, seed: int) -> np.ndarray:
                      for uid in uids], dtype=np.float64) / 2.0**64
 
 
-def keep_probabilities(matched_entries: pd.Series, t: int, counts: pd.Series | None = None) -> tuple[np.ndarray, pd.Series]:
+def keep_probabilities(matched_entries: pd.Series, t: int,
+                       counts: pd.Series | None = None) -> tuple[np.ndarray, pd.Series]:
     """Per text, 1 - prod(1 - p_e) over its matched entries (0 for none); and count_e per matched entry.
 
     ``counts``: count_e over the whole pool (default: over ``matched_entries``)."""

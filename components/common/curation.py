@@ -258,4 +258,6 @@ def read_step(curate_dir: str | os.PathLike, step: str, columns: list[str] | Non
 def read_step_table(curate_dir: str | os.PathLike, step: str, columns: list[str] | None = None) -> pd.DataFrame:
     """Every unit's decision table of ``step`` concatenated (for reports and checks of small crawls)."""
     frames = [table for _, table in read_step(curate_dir, step, columns)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or ["uid", "keep", "reason"])
+    if not frames:
+        return pd.DataFrame(columns=columns or ["uid", "keep", "reason"])
+    return pd.concat(frames, ignore_index=True)

@@ -1,5 +1,5 @@
-"""Ray for the curation executor, the sweep and the download: connect to a cluster, or start a local Ray for the duration of a
-stage; and what a task asks of the cluster, checked before it is submitted."""
+"""Ray for the curation executor, the sweep and the download: connect to a cluster, or start a local Ray for the
+duration of a stage; and what a task asks of the cluster, checked before it is submitted."""
 from __future__ import annotations
 
 import shutil

@@ -141,8 +141,8 @@ def load_image_folder(root: str | os.PathLike) -> ZeroShotSet:
     template_path = next((root / f for f in TEMPLATE_FILES if (root / f).is_file()), None)
     templates = list(DEFAULT_TEMPLATES)
     if template_path is not None:
-        templates = [line.strip().replace("{c}", "{}") for line in template_path.read_text(encoding="utf-8").splitlines()
-                     if line.strip()]
+        lines = template_path.read_text(encoding="utf-8").splitlines()
+        templates = [line.strip().replace("{c}", "{}") for line in lines if line.strip()]
         if not templates or not all("{}" in t for t in templates):
             raise InputError(template_path, "expected one or more templates, each with '{c}' or '{}'")
     folders = sorted(p for p in root.iterdir() if p.is_dir())

@@ -120,7 +120,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(path, "no state_dict of tensors in the checkpoint")
     if any(k.startswith(CHECKPOINT_MODULE_PREFIX) for k in state):
-        state = {k[len(CHECKPOINT_MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(CHECKPOINT_MODULE_PREFIX)}
+        state = {k[len(CHECKPOINT_MODULE_PREFIX):]: v for k, v in state.items()
+                 if k.startswith(CHECKPOINT_MODULE_PREFIX)}
     return state
 
 

@@ -16,7 +16,10 @@ class Section(BaseModel):
 
 class ProjectParams(Section):
     seed: int = Field(0, ge=0, description="Master seed; every stage derives its own from it.")
-    data_dir: str = Field("data", description="Root of the DVC-tracked stage outputs: dvc.yaml and the stage commands' path defaults follow it.")
+    data_dir: str = Field(
+        "data",
+        description="Root of the DVC-tracked stage outputs: dvc.yaml and the stage commands' path defaults follow it.",
+    )
     reports_dir: str = Field("reports", description="Where HTML/PNG reports and run_summary.md are written.")
 
 
@@ -30,7 +33,10 @@ class TrackingParams(Section):
 
 
 class RayParams(Section):
-    address: str | None = Field(None, description="Ray cluster address (ray://host:10001 or host:6379); null starts a local Ray.")
+    address: str | None = Field(
+        None,
+        description="Ray cluster address (ray://host:10001 or host:6379); null starts a local Ray.",
+    )
     num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray started when address is null.")
 
 

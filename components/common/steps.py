@@ -142,6 +142,7 @@ def check_output(step: type[Step], out: pd.DataFrame, batch: pd.DataFrame, colum
     if silent.any():
         raise TypeError(f"curation step {step.name!r} dropped uid {out['uid'][silent].iloc[0]!r} without a reason")
     unknown = set(out["reason"].dropna().astype(str)) - set(step.reasons)
-    if step.reasons and any(not any(r == known or r.startswith(known + ":") for known in step.reasons) for r in unknown):
+    if step.reasons and any(not any(r == known or r.startswith(known + ":") for known in step.reasons)
+                            for r in unknown):
         raise TypeError(f"curation step {step.name!r} gave undeclared reason(s) {sorted(unknown)[:3]}")
     return out.reset_index(drop=True)

@@ -7,8 +7,8 @@ walks a directory of per-shard outputs runs unchanged on either.
 Object stores take their settings from the standard environment: for S3 and S3-protocol servers
 ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION`` (or a profile).
 
-Writes are atomic either way: a local file is written to a temporary sibling and renamed (``clipmill.components.common.io``);
-an object is stored by one PUT, which readers see whole or not at all.
+Writes are atomic either way: a local file is written to a temporary sibling and renamed
+(``clipmill.components.common.io``); an object is stored by one PUT, which readers see whole or not at all.
 """
 from __future__ import annotations
 

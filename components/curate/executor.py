@@ -152,7 +152,8 @@ def run_task(task: UnitTask) -> dict:
                          {"fingerprint": task.fingerprint})
             counts = {"input": int(len(out))}
         else:
-            out = check_output(cls, _reuse(task, batch, step.apply, params_fp), batch, [*cls.columns, *cls.extra_columns])
+            out = check_output(cls, _reuse(task, batch, step.apply, params_fp), batch,
+                               [*cls.columns, *cls.extra_columns])
             counts = _counts(out)
     if task.phase != "map":
         kept = out[out["keep"].astype(bool)]

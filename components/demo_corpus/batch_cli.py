@@ -15,7 +15,8 @@ def register(subparsers, add_params_option) -> None:
     add_params_option(p)
     p.add_argument("--batch", type=int, default=1, help="batch number, 1 or more (default: %(default)s)")
     p.add_argument("--num-pairs", type=int, default=3000, help="URL/caption pairs in the batch (default: %(default)s)")
-    p.add_argument("--out", required=True, help="output directory (an earlier demo-urls output there is replaced; any other non-empty directory is refused)")
+    p.add_argument("--out", required=True, help="output directory (an earlier demo-urls output there is replaced; "
+                                                "any other non-empty directory is refused)")
     p.set_defaults(handler=run)
 
 

@@ -92,7 +92,8 @@ class DemoCorpusParams(Section):
     caption_defects: CaptionDefectRates = Field(default_factory=CaptionDefectRates,
                                                 description="Fractions of pairs with a defective caption (exclusive).")
     image_defects: ImageDefectRates = Field(default_factory=ImageDefectRates,
-                                            description="Fractions of pairs whose image duplicates another (exclusive).")
+                                            description="Fractions of pairs whose image duplicates another "
+                                                        "(exclusive).")
     caption_noise: CaptionNoiseRates = Field(default_factory=CaptionNoiseRates, description="Web noise in captions.")
     images: ImageKindRates = Field(default_factory=ImageKindRates, description="Image formats and modes.")
     zeroshot_per_class: int = Field(20, ge=1, description="Held-out zero-shot images per class (one class per concept, "
@@ -101,7 +102,10 @@ class DemoCorpusParams(Section):
     retrieval_captions: int = Field(5, ge=1, description="Clean captions per retrieval image.")
     trusted_size: int = Field(2500, ge=1, description="Clean trusted seed pairs (for the bootstrap filtering network).")
     trusted_shard_size: int = Field(1000, ge=1, description="Samples per trusted webdataset shard.")
-    workers: int = Field(2, ge=1, description="Rendering processes (1 renders in-process); the output does not depend on it.")
+    workers: int = Field(
+        2, ge=1,
+        description="Rendering processes (1 renders in-process); the output does not depend on it.",
+    )
 
     @model_validator(mode="after")
     def _px_range(self):

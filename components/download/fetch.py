@@ -175,7 +175,8 @@ def _decoder(encoding: str | None) -> Callable[[bytes, int], bytes] | None:
         def inflate(chunk: bytes, limit: int) -> bytes:
             if "d" not in state:
                 zlib_header = len(chunk) >= 2 and chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
-                wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else (zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+                deflate_wbits = zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
+                wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else deflate_wbits
                 state["d"] = zlib.decompressobj(wbits)
             out = state["d"].decompress(chunk, limit + 1)
             if len(out) > limit or state["d"].unconsumed_tail:

@@ -34,21 +34,31 @@ class MirrorParams(Section):
 
 
 class DownloadParams(Section):
-    urls: str = Field("data/crawl/urls.parquet", description="URL list (parquet: url, caption, optional uid, passthrough columns).")
+    urls: str = Field(
+        "data/crawl/urls.parquet",
+        description="URL list (parquet: url, caption, optional uid, passthrough columns).",
+    )
     additions: str = Field(
         "data/crawl_additions", description="Directory of URL lists appended to the crawl by "
                                             "`clipmill run full --new-urls` (one DVC-tracked directory per list), "
                                             "fetched after urls.")
-    image_size: int = Field(64, ge=8, le=4096, description="Target image size in pixels (meaning depends on resize_mode).")
+    image_size: int = Field(
+        64, ge=8, le=4096,
+        description="Target image size in pixels (meaning depends on resize_mode).",
+    )
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = Field(
         "center_crop", description="img2dataset resize mode: no, border, keep_ratio, keep_ratio_largest, center_crop.")
     resize_only_if_bigger: bool = Field(False, description="Only downscale; smaller images keep their size.")
     encode_quality: int = Field(95, ge=1, le=100, description="JPEG quality of the re-encoded images.")
-    number_sample_per_shard: int = Field(1000, ge=1, description="URLs per shard (one tar + parquet + stats file each).")
+    number_sample_per_shard: int = Field(
+        1000, ge=1,
+        description="URLs per shard (one tar + parquet + stats file each).",
+    )
     processes_count: int = Field(2, ge=1, description="Download processes (multiprocessing distributor).")
     thread_count: int = Field(16, ge=1, description="Download threads per process.")
     distributor: Literal["multiprocessing", "ray"] = Field(
-        "multiprocessing", description="img2dataset distributor; 'ray' runs shards as Ray tasks (see the ray: section).")
+        "multiprocessing",
+        description="img2dataset distributor; 'ray' runs shards as Ray tasks (see the ray: section).")
     timeout: int = Field(10, ge=1, description="Seconds one URL's request may take in all (connect, redirects, "
                                                "headers and body), not per read.")
     retries: int = Field(2, ge=0, description="Extra attempts per URL after an answer that may change (5xx, 408, "
@@ -63,8 +73,8 @@ class DownloadParams(Section):
         False, description="Download from loopback, private, link-local, reserved and cloud-metadata addresses.")
     max_redirects: int = Field(5, ge=0, le=30, description="Redirects followed per URL, each hop checked again.")
     max_body_bytes: int = Field(
-        32 * 2**20, ge=1024, description="Largest response body, in bytes, as announced, sent and after Content-Encoding "
-                                           "(larger: body_too_large).")
+        32 * 2**20, ge=1024, description="Largest response body, in bytes, as announced, sent and after "
+                                           "Content-Encoding (larger: body_too_large).")
     max_image_area: int = Field(
         40_000_000, ge=64, description="Largest image, in pixels (width x height, read from the header before "
                                        "decoding); larger ones fail as image_too_large.")

@@ -5,8 +5,8 @@ A crawl is untrusted input: a URL naming a loopback, private, link-local, reserv
 on or its network. Such URLs are refused unless ``allow_private_hosts`` is set, and so are schemes other
 than http(s) (urllib would read ``file://`` URLs from the local disk). IPv6 forms that carry an IPv4 address
 (IPv4-mapped ``::ffff:a.b.c.d``, IPv4-compatible ``::a.b.c.d``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``, 6to4
-``2002::/16``) count as the IPv4 address they lead to; Teredo tunnels are refused. A host that does not resolve is refused
-(``unresolvable_host``).
+``2002::/16``) count as the IPv4 address they lead to; Teredo tunnels are refused. A host that does not resolve is
+refused (``unresolvable_host``).
 
 This is the check of the listed URL, before anything is fetched; the fetch (``fetch.py``) checks again every
 address it connects to, redirects included, and connects to the address it checked.

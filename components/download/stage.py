@@ -328,7 +328,8 @@ def build_manifest(requests: pd.DataFrame, results: pd.DataFrame, list_name: str
     sent = requests.loc[requests["refusal"].isna(), "uid"]
     duplicated = results["uid"][results["uid"].duplicated()]
     if len(duplicated):
-        raise ClipmillError(f"uid {duplicated.iloc[0]!r} appears in more than one shard row ({len(duplicated)} duplicates)")
+        raise ClipmillError(f"uid {duplicated.iloc[0]!r} appears in more than one shard row "
+                            f"({len(duplicated)} duplicates)")
     missing = set(sent) - set(results["uid"])
     unexpected = set(results["uid"]) - set(sent)
     if missing or unexpected:
@@ -340,8 +341,8 @@ def build_manifest(requests: pd.DataFrame, results: pd.DataFrame, list_name: str
     manifest.loc[refused, "status"] = "refused"
     manifest.loc[refused, "error_reason"] = manifest.loc[refused, "refusal"]
     manifest.loc[refused, "error_message"] = manifest.loc[refused, "refusal"].map(REFUSAL_MESSAGES)
-    manifest.loc[~refused, "error_reason"] = [error_reason(s, m) for s, m in
-                                              zip(manifest.loc[~refused, "status"], manifest.loc[~refused, "error_message"])]
+    manifest.loc[~refused, "error_reason"] = [
+        error_reason(s, m) for s, m in zip(manifest.loc[~refused, "status"], manifest.loc[~refused, "error_message"])]
     failed = manifest["status"] != "success"
     manifest.loc[failed, ["key", "shard"]] = None
     manifest.loc[~failed, "shard"] = list_name + "/" + manifest.loc[~failed, "shard"].astype(str)

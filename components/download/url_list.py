@@ -119,7 +119,8 @@ def read_url_list(path: str | Path, max_caption_chars: int = DEFAULT_MAX_CAPTION
     schema = table.schema
     for required in ("url", "caption"):
         if required not in schema.names:
-            raise InputError(path, f"missing required column (columns: {', '.join(schema.names) or 'none'})", field=required)
+            raise InputError(path, f"missing required column (columns: {', '.join(schema.names) or 'none'})",
+                             field=required)
     if table.num_rows == 0:
         raise InputError(path, "the URL list is empty")
     if not _is_text(schema.field("url").type):
@@ -134,8 +135,8 @@ def read_url_list(path: str | Path, max_caption_chars: int = DEFAULT_MAX_CAPTION
         if name in RESERVED_COLUMNS:
             raise InputError(path, "column name is reserved for the download results; rename it", field=name)
         if not _is_json_scalar(schema.field(name).type):
-            raise InputError(path, f"passthrough columns must be text, numbers or booleans, got {schema.field(name).type}",
-                             field=name)
+            raise InputError(path, "passthrough columns must be text, numbers or booleans, "
+                             f"got {schema.field(name).type}", field=name)
 
     captions, cleaned, missing, truncated = _clean_captions(table.column("caption"), max_caption_chars)
     df = pd.DataFrame({"url": table.column("url").to_pylist(), "caption": captions})

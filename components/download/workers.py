@@ -72,7 +72,8 @@ class SafeResizer(Resizer):
             downscale = min(original_width, original_height) > self.image_size
             if not self.resize_only_if_bigger or downscale:
                 interpolation = self.downscale_interpolation if downscale else self.upscale_interpolation
-                img = A.SmallestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
+                img = A.SmallestMaxSize(max_size=self.image_size, interpolation=interpolation,
+                                        p=1.0)(image=img)["image"]
                 if self.resize_mode == ResizeMode.center_crop:
                     img = A.CenterCrop(height=self.image_size, width=self.image_size)(image=img)["image"]
         elif self.resize_mode in (ResizeMode.border, ResizeMode.keep_ratio_largest):
@@ -82,7 +83,8 @@ class SafeResizer(Resizer):
                 img = A.LongestMaxSize(max_size=self.image_size, interpolation=interpolation, p=1.0)(image=img)["image"]
                 if self.resize_mode == ResizeMode.border:
                     img = A.PadIfNeeded(min_height=self.image_size, min_width=self.image_size,
-                                        border_mode=cv2.BORDER_CONSTANT, value=[255, 255, 255], p=1.0)(image=img)["image"]
+                                        border_mode=cv2.BORDER_CONSTANT, value=[255, 255, 255],
+                                        p=1.0)(image=img)["image"]
         height, width = img.shape[:2]
         encoded = cv2.imencode(f".{self.encode_format}", img, params=self.encode_params)[1].tobytes()
         return encoded, width, height, original_width, original_height, None
@@ -90,7 +92,8 @@ class SafeResizer(Resizer):
 
 @contextmanager
 def patched_img2dataset(policy: FetchPolicy) -> Iterator[None]:
-    """Within the block, ``img2dataset.download`` builds a ``SafeDownloader`` (with ``policy``) and a ``SafeResizer``."""
+    """Within the block, ``img2dataset.download`` builds a ``SafeDownloader`` (with ``policy``) and a
+    ``SafeResizer``."""
     saved = i2d_main.Downloader, i2d_main.Resizer
     i2d_main.Downloader, i2d_main.Resizer = functools.partial(SafeDownloader, policy=policy), SafeResizer
     try:

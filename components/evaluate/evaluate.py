@@ -5,8 +5,8 @@ In: a model (local-dir export or MLflow URI) and the evaluation directory (``zer
 ``evaluate.extra_zeroshot`` name. Out: ``metrics.json`` (suite version, model hash, metrics), ``per_class.csv``
 (with each class's crawl count and head/mid/tail third) and ``clip_benchmark/*.json`` (the same numbers in
 CLIP_benchmark's result format) in the output directory; PNG plots in the reports directory (unless
-``evaluate.plots`` is false); all of it in an MLflow stage run. The numbers come from ``clipmill.components.common.evalsets.evaluate_clip``, the same function
-training's in-loop validation uses.
+``evaluate.plots`` is false); all of it in an MLflow stage run. The numbers come from
+``clipmill.components.common.evalsets.evaluate_clip``, the same function training's in-loop validation uses.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ class ZeroShotDetails:
 
 
 def zeroshot_details(clip: ClipModel, suite: EvalSuite, batch_size: int) -> ZeroShotDetails:
-    """Per-image zero-shot predictions with the template-ensemble classifier of ``clipmill.components.common.metrics``."""
+    """Per-image zero-shot predictions with the template-ensemble classifier of
+    ``clipmill.components.common.metrics``."""
     zs = suite.zeroshot
     prompts = [t.format(c) for c in zs.classes for t in zs.templates]
     text = embed_texts(clip, prompts, batch_size).view(len(zs.classes), len(zs.templates), -1)
@@ -150,5 +151,6 @@ def evaluate(model: str | Path, eval_dir: str | Path, out_dir: str | Path, repor
                     mlflow.log_artifact(str(path), artifact_path="evaluation")
                 if table is not None:
                     mlflow.log_artifact(str(out_dir / PER_CLASS_FILE), artifact_path="evaluation")
-                mlflow.log_artifacts(str(out_dir / CLIP_BENCHMARK_DIR), artifact_path=f"evaluation/{CLIP_BENCHMARK_DIR}")
+                mlflow.log_artifacts(str(out_dir / CLIP_BENCHMARK_DIR),
+                                     artifact_path=f"evaluation/{CLIP_BENCHMARK_DIR}")
     return record

@@ -29,25 +29,71 @@ DEFAULT_SPAM_WORDS = [
 
 
 class FilterParams(Section):
-    min_words: int | None = Field(3, ge=1, description="Drop captions with fewer whitespace-separated words (DataComp: more than 2); null: off.")
-    min_chars: int | None = Field(6, ge=1, description="Drop captions shorter than this many characters after stripping (DataComp: more than 5); null: off.")
-    min_image_side: int | None = Field(200, ge=1, description="Drop images whose original shorter side is below this many pixels (DataComp: 200); null: off.")
-    max_aspect_ratio: float | None = Field(3.0, ge=1.0, description="Drop images whose original longer/shorter side ratio exceeds this (DataComp: 3); null: off.")
-    max_caption_chars: int | None = Field(1000, ge=1, description="Step rules: drop captions longer than this many characters before any other rule reads them (page text, or a caption crafted to be costly); null: off.")
+    min_words: int | None = Field(
+        3, ge=1,
+        description="Drop captions with fewer whitespace-separated words (DataComp: more than 2); null: off.",
+    )
+    min_chars: int | None = Field(
+        6, ge=1,
+        description="Drop captions shorter than this many characters after stripping (DataComp: more than 5); null: "
+                    "off.",
+    )
+    min_image_side: int | None = Field(
+        200, ge=1,
+        description="Drop images whose original shorter side is below this many pixels (DataComp: 200); null: off.",
+    )
+    max_aspect_ratio: float | None = Field(
+        3.0, ge=1.0,
+        description="Drop images whose original longer/shorter side ratio exceeds this (DataComp: 3); null: off.",
+    )
+    max_caption_chars: int | None = Field(
+        1000, ge=1,
+        description="Step rules: drop captions longer than this many characters before any other rule reads them (page "
+                    "text, or a caption crafted to be costly); null: off.",
+    )
     boilerplate_patterns: list[str] = Field(
         default_factory=lambda: list(DEFAULT_BOILERPLATE),
-        description="Python regexes searched in the whitespace-normalised caption; a match drops the sample as boilerplate. Patterns that can backtrack super-linearly (a quantifier inside a quantifier, adjacent quantifiers over the same characters) are refused. Empty list: off.",
+        description="Python regexes searched in the whitespace-normalised caption; a match drops the sample as "
+                    "boilerplate. Patterns that can backtrack super-linearly (a quantifier inside a quantifier, "
+                    "adjacent quantifiers over the same characters) are refused. Empty list: off.",
     )
-    max_caption_words: int | None = Field(60, ge=1, description="Step spam: drop captions of more words than this (page text, not a description) as caption_too_long; null: off.")
+    max_caption_words: int | None = Field(
+        60, ge=1,
+        description="Step spam: drop captions of more words than this (page text, not a description) as "
+                    "caption_too_long; null: off.",
+    )
     spam_words: list[str] = Field(
         default_factory=lambda: list(DEFAULT_SPAM_WORDS),
-        description="Step spam: shop and search-engine terms; a caption holding max_spam_words of them is keyword stuffing.",
+        description="Step spam: shop and search-engine terms; a caption holding max_spam_words of them is keyword "
+                    "stuffing.",
     )
-    max_spam_words: int | None = Field(4, ge=1, description="Step spam: drop captions with at least this many spam_words (counted with repeats) as keyword_stuffing; null: off.")
-    dedup_images: bool = Field(True, description="Drop exact-duplicate images (same sha256) as duplicate_image, keeping the one with the smallest uid.")
-    near_duplicate_distance: int | None = Field(None, ge=0, le=256, description="Step neardup: images whose 256-bit perceptual hashes (pHash) differ in at most this many bits are near-duplicates; each cluster keeps its smallest uid, the others are dropped as near_duplicate_image (24 on the demo crawl: precision 0.92, recall 0.63); null: off.")
-    languages: list[str] = Field(default_factory=lambda: ["en"], description="Step langid: ISO 639-1 codes of the caption languages kept (py3langid's model); a caption with a part confidently in another language is dropped as foreign_language:<code>. Empty list: off.")
-    language_min_odds: float = Field(50.0, gt=1, description="Step langid: a part of a caption counts as another language only when that language is at least this many times as likely as the likeliest kept language (short or ambiguous text, whose probabilities are flat, is kept).")
+    max_spam_words: int | None = Field(
+        4, ge=1,
+        description="Step spam: drop captions with at least this many spam_words (counted with repeats) as "
+                    "keyword_stuffing; null: off.",
+    )
+    dedup_images: bool = Field(
+        True,
+        description="Drop exact-duplicate images (same sha256) as duplicate_image, keeping the one with the smallest "
+                    "uid.",
+    )
+    near_duplicate_distance: int | None = Field(
+        None, ge=0, le=256,
+        description="Step neardup: images whose 256-bit perceptual hashes (pHash) differ in at most this many bits are "
+                    "near-duplicates; each cluster keeps its smallest uid, the others are dropped as "
+                    "near_duplicate_image (24 on the demo crawl: precision 0.92, recall 0.63); null: off.",
+    )
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"],
+        description="Step langid: ISO 639-1 codes of the caption languages kept (py3langid's model); a caption with a "
+                    "part confidently in another language is dropped as foreign_language:<code>. Empty list: off.",
+    )
+    language_min_odds: float = Field(
+        50.0, gt=1,
+        description="Step langid: a part of a caption counts as another language only when that language is at least "
+                    "this many times as likely as the likeliest kept language (short or ambiguous text, whose "
+                    "probabilities are flat, is kept).",
+    )
 
     @field_validator("boilerplate_patterns")
     @classmethod

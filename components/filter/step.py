@@ -27,8 +27,9 @@ class RulesStep(Step):
     def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
         for column in ("original_width", "original_height"):
             if batch[column].isna().any():
-                raise InputError(self.context.inputs.get("manifest", "manifest"), f"missing for successful download uid "
-                                             f"{batch['uid'][batch[column].isna()].iloc[0]!r}", field=column)
+                raise InputError(self.context.inputs.get("manifest", "manifest"),
+                                 f"missing for successful download uid {batch['uid'][batch[column].isna()].iloc[0]!r}",
+                                 field=column)
         return decisions(batch["uid"], rule_reasons(batch, self.params))
 
 

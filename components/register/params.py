@@ -23,7 +23,10 @@ class ServingLimits(Section):
 class RegisterParams(Section):
     model_name: str = Field("clipmill", min_length=1, description="Registered model name in the MLflow registry.")
     promote: bool = Field(True, description="Apply the promotion policy after registering (false: only `challenger`).")
-    primary_metric: str = Field("zeroshot/acc1", description="Metric (a key of metrics.json) a challenger must improve.")
+    primary_metric: str = Field(
+        "zeroshot/acc1",
+        description="Metric (a key of metrics.json) a challenger must improve.",
+    )
     min_improvement: float = Field(
         0.005, ge=0, description="Absolute gain in the primary metric needed to replace the champion."
     )
@@ -31,7 +34,8 @@ class RegisterParams(Section):
         0.0, ge=0, description="Minimum bar: a model whose primary metric is below this never becomes champion."
     )
     guardrails: list[str] = Field(
-        ["zeroshot/mean_per_class_recall", "retrieval/image_to_text_recall_at_5", "retrieval/text_to_image_recall_at_5"],
+        ["zeroshot/mean_per_class_recall", "retrieval/image_to_text_recall_at_5",
+         "retrieval/text_to_image_recall_at_5"],
         description="Metrics (higher is better) that may not regress by more than guardrail_tolerance.",
     )
     guardrail_tolerance: float = Field(0.01, ge=0, description="Largest allowed absolute drop of a guardrail metric.")

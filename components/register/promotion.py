@@ -121,7 +121,8 @@ def _still_valid(recorded: PromotionRecord, suite_version: str, phash: str, cham
 
 def metrics_on_suite(client: MlflowClient, version: ModelVersion, suite_version: str, eval_dir: str | os.PathLike,
                      batch_size: int = 64, device: str = "cpu") -> dict[str, float]:
-    """``version``'s metrics on ``suite_version``: the recorded ones, or a re-evaluation on ``eval_dir`` (then recorded)."""
+    """``version``'s metrics on ``suite_version``: the recorded ones, or a re-evaluation on ``eval_dir``
+    (then recorded)."""
     metrics = recorded_metrics(version, suite_version)
     if metrics is not None:
         return metrics

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace, params) -> int:
     from .curation_report import build_report
 
     args = resolve_paths(args, params, "report")
-    build_report(args.manifest, args.download_summary, args.shards, args.curate, args.curated, args.validation, args.out,
-                 params.report, params.project.seed + params.report.seed_offset, params.tracking,
+    build_report(args.manifest, args.download_summary, args.shards, args.curate, args.curated, args.validation,
+                 args.out, params.report, params.project.seed + params.report.seed_offset, params.tracking,
                  params.curate.steps, ground_truth=args.ground_truth)
     return 0

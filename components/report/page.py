@@ -36,19 +36,23 @@ TEMPLATE = """<!DOCTYPE html>
 <table>
 <tr><th>stage</th><th>in</th><th>kept</th><th>dropped</th><th>dropped by reason</th></tr>
 {% for s in funnel %}
-<tr><td>{{ s.stage }}</td><td class="num">{{ "{:,}".format(s.input) }}</td><td class="num">{{ "{:,}".format(s.kept) }}</td>
+<tr><td>{{ s.stage }}</td><td class="num">{{ "{:,}".format(s.input) }}</td>\
+<td class="num">{{ "{:,}".format(s.kept) }}</td>
 <td class="num">{{ "{:,}".format(s.input - s.kept) }}</td>
-<td>{% for reason, n in s.dropped.items() %}<span class="reason">{{ reason }}</span> {{ "{:,}".format(n) }}{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
+<td>{% for reason, n in s.dropped.items() %}<span class="reason">{{ reason }}</span> {{ "{:,}".format(n) }}\
+{% if not loop.last %}, {% endif %}{% endfor %}</td></tr>
 {% endfor %}
 <tr class="total"><td>total</td><td class="num">{{ "{:,}".format(funnel[0].input) }}</td>
-<td class="num">{{ "{:,}".format(funnel[-1].kept) }}</td><td class="num">{{ "{:,}".format(total_dropped) }}</td><td>curated + dropped = URL list</td></tr>
+<td class="num">{{ "{:,}".format(funnel[-1].kept) }}</td><td class="num">{{ "{:,}".format(total_dropped) }}</td>\
+<td>curated + dropped = URL list</td></tr>
 </table>
 
 <h2>Validation at the boundaries</h2>
 <table>
 <tr><th>boundary</th><th>Great Expectations</th><th>expectations passed</th><th>failed</th></tr>
 {% for v in validation %}
-<tr><td>{{ v.boundary }}</td><td><span class="{{ 'ok' if v.status == 'passed' else 'reason' }}">{{ v.status }}</span></td>
+<tr><td>{{ v.boundary }}</td>\
+<td><span class="{{ 'ok' if v.status == 'passed' else 'reason' }}">{{ v.status }}</span></td>
 <td class="num">{{ v.passed }} / {{ v.total }}</td><td>{{ v.failed | join(", ") }}</td></tr>
 {% endfor %}
 </table>
@@ -58,9 +62,11 @@ TEMPLATE = """<!DOCTYPE html>
 <p class="meta">From the crawl's ground truth: of the samples that reached each step, how many carry the defect it
 targets (planted), how many it dropped, and how many of those were planted.</p>
 <table>
-<tr><th>step</th><th>targets</th><th>reached</th><th>planted</th><th>dropped</th><th>dropped planted</th><th>precision</th><th>recall</th></tr>
+<tr><th>step</th><th>targets</th><th>reached</th><th>planted</th><th>dropped</th><th>dropped planted</th>\
+<th>precision</th><th>recall</th></tr>
 {% for d in defects %}
-<tr><td>{{ d.step }}</td><td>{{ d.defect }}</td><td class="num">{{ "{:,}".format(d.reached) }}</td><td class="num">{{ "{:,}".format(d.planted) }}</td>
+<tr><td>{{ d.step }}</td><td>{{ d.defect }}</td><td class="num">{{ "{:,}".format(d.reached) }}</td>\
+<td class="num">{{ "{:,}".format(d.planted) }}</td>
 <td class="num">{{ "{:,}".format(d.dropped) }}</td><td class="num">{{ "{:,}".format(d.dropped_planted) }}</td>
 <td class="num">{{ "%.3f" | format(d.precision) if d.precision is not none else "–" }}</td>
 <td class="num">{{ "%.3f" | format(d.recall) if d.recall is not none else "–" }}</td></tr>
@@ -81,7 +87,8 @@ targets (planted), how many it dropped, and how many of those were planted.</p>
 <table>
 <tr><th>entry</th><th>texts before</th><th>texts after</th></tr>
 {% for e in entry_balance.head_entries %}
-<tr><td>{{ e.entry }}</td><td class="num">{{ "{:,}".format(e.count_before) }}</td><td class="num">{{ "{:,}".format(e.count_after) }}</td></tr>
+<tr><td>{{ e.entry }}</td><td class="num">{{ "{:,}".format(e.count_before) }}</td>\
+<td class="num">{{ "{:,}".format(e.count_after) }}</td></tr>
 {% endfor %}
 </table>
 {% endif %}
@@ -94,24 +101,28 @@ targets (planted), how many it dropped, and how many of those were planted.</p>
 {% endfor %}</div>
 <h3>Dropped</h3>
 <div class="grid">
-{% for x in dropped_examples %}<div class="card dropped">{% if x.thumbnail %}<img src="{{ x.thumbnail }}" alt="">{% else %}<div class="noimg">no image</div>{% endif %}
+{% for x in dropped_examples %}<div class="card dropped">{% if x.thumbnail %}<img src="{{ x.thumbnail }}" alt="">\
+{% else %}<div class="noimg">no image</div>{% endif %}
 <span class="reason">{{ x.stage }}: {{ x.reason }}</span><div class="caption">{{ x.caption }}</div></div>
 {% endfor %}</div>
 
 {% if caption_rewrites %}{% set rs = caption_rewrites.summary %}
 <h2>Caption rewrites</h2>
-<p class="meta">Step <code>{{ caption_rewrites.step }}</code>: backend <code>{{ rs.backend }}</code>, model <code>{{ rs.model }}</code>:
+<p class="meta">Step <code>{{ caption_rewrites.step }}</code>: backend <code>{{ rs.backend }}</code>,\
+ model <code>{{ rs.model }}</code>:
 {{ "{:,}".format(rs.kept) }} of {{ "{:,}".format(rs.slots) }} rewrites kept
 ({{ rs.rewrites_per_caption }} asked per caption).</p>
 <table>
 <tr><th>dropped rewrites: reason</th><th>count</th></tr>
-{% for reason, n in rs.dropped.items() %}<tr><td><span class="reason">{{ reason }}</span></td><td class="num">{{ "{:,}".format(n) }}</td></tr>
+{% for reason, n in rs.dropped.items() %}<tr><td><span class="reason">{{ reason }}</span></td>\
+<td class="num">{{ "{:,}".format(n) }}</td></tr>
 {% else %}<tr><td colspan="2">none dropped</td></tr>{% endfor %}
 </table>
 <table>
 <tr><th>original caption</th><th>rewrites</th></tr>
 {% for x in caption_rewrites.examples %}
-<tr><td class="caption">{{ x.caption }}</td><td><ul class="rewrites">{% for r in x.rewrites %}<li>{{ r }}</li>{% else %}<li><em>none kept</em></li>{% endfor %}</ul></td></tr>
+<tr><td class="caption">{{ x.caption }}</td><td><ul class="rewrites">{% for r in x.rewrites %}<li>{{ r }}</li>\
+{% else %}<li><em>none kept</em></li>{% endfor %}</ul></td></tr>
 {% endfor %}
 </table>
 {% endif %}

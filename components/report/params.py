@@ -7,7 +7,10 @@ from clipmill.components.common.params import Section
 
 
 class ReportParams(Section):
-    examples_per_group: int = Field(12, ge=0, description="Thumbnails of kept samples, and of dropped samples, in the example grid.")
+    examples_per_group: int = Field(
+        12, ge=0,
+        description="Thumbnails of kept samples, and of dropped samples, in the example grid.",
+    )
     rewrite_examples: int = Field(10, ge=0, description="Captions shown with their rewrites.")
     thumbnail_px: int = Field(128, ge=16, description="Longer side of the example thumbnails, in pixels.")
     histogram_bins: int = Field(50, ge=5, description="Bins of the CLIP-score histogram.")

@@ -7,7 +7,10 @@ from clipmill.components.common.params import Section
 
 
 class ReshardParams(Section):
-    samples_per_shard: int = Field(1000, ge=1, description="Samples per curated webdataset shard (the last one holds the rest).")
+    samples_per_shard: int = Field(
+        1000, ge=1,
+        description="Samples per curated webdataset shard (the last one holds the rest).",
+    )
     seed_offset: int = Field(0, ge=0, description="Added to project.seed for the shuffle across shards.")
 
 # The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).

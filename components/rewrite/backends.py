@@ -13,7 +13,8 @@ _BACKENDS = {"openai": OpenAIBackend, "transformers": LocalModelBackend, "rules"
 
 def model_name(params: RewriteParams) -> str:
     """What the ``model`` column records: the served model name, the model directory, or ``rules``."""
-    return {"rules": "rules", "openai": params.openai.model, "transformers": params.transformers.model_dir}[params.backend]
+    names = {"rules": "rules", "openai": params.openai.model, "transformers": params.transformers.model_dir}
+    return names[params.backend]
 
 
 def make_backend(params: RewriteParams, seed: int) -> Backend:

@@ -74,26 +74,49 @@ DEFAULT_FRAME_PREFIXES = [
 
 class OpenAIBackendParams(Section):
     base_url: str = Field("http://127.0.0.1:8000/v1",
-                          description="OpenAI-compatible API root (vLLM, Ollama, llama.cpp server); /chat/completions is appended.")
+                          description="OpenAI-compatible API root (vLLM, Ollama, llama.cpp server); /chat/completions "
+                                      "is appended.")
     model: str = Field("llama-3.1-8b-instruct", min_length=1, description="Model name sent with each request.")
     api_key_env: str = Field("OPENAI_API_KEY",
                              description="Environment variable holding the API key (sent as a Bearer token when set).")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once per worker.")
     timeout_s: float = Field(60.0, gt=0, description="Timeout of one request, in seconds.")
-    connect_timeout_s: float = Field(5.0, gt=0, description="Timeout of connecting to the server; the first request (GET base_url/models) that cannot connect stops the stage at once.")
-    max_retries: int = Field(5, ge=0, description="Retries of a request after a 429, a 5xx, a timeout or a malformed body (a refusal or another 4xx is not retried).")
-    backoff_s: float = Field(1.0, ge=0, description="First retry delay; doubles with each retry (a Retry-After header wins).")
-    max_backoff_s: float = Field(60.0, ge=0, description="Upper bound of the client's own retry delay; a server's Retry-After is waited for as asked, within deadline_s.")
-    deadline_s: float = Field(600.0, gt=0, description="Most seconds one caption's request may take with its retries and waits; a wait past it fails the caption instead.")
+    connect_timeout_s: float = Field(
+        5.0, gt=0,
+        description="Timeout of connecting to the server; the first request (GET base_url/models) that cannot connect "
+                    "stops the stage at once.",
+    )
+    max_retries: int = Field(
+        5, ge=0,
+        description="Retries of a request after a 429, a 5xx, a timeout or a malformed body (a refusal or another 4xx "
+                    "is not retried).",
+    )
+    backoff_s: float = Field(
+        1.0, ge=0,
+        description="First retry delay; doubles with each retry (a Retry-After header wins).",
+    )
+    max_backoff_s: float = Field(
+        60.0, ge=0,
+        description="Upper bound of the client's own retry delay; a server's Retry-After is waited for as asked, "
+                    "within deadline_s.",
+    )
+    deadline_s: float = Field(
+        600.0, gt=0,
+        description="Most seconds one caption's request may take with its retries and waits; a wait past it fails the "
+                    "caption instead.",
+    )
     cache_dir: str = Field("data/cache/rewrite",
-                           description="On-disk cache of answers keyed by model, prompt and sampling settings; a rerun pays nothing twice.")
+                           description="On-disk cache of answers keyed by model, prompt and sampling settings; a rerun "
+                                       "pays nothing twice.")
     max_failed_fraction: float = Field(0.01, ge=0, le=1,
-                                       description="Captions whose requests still fail after the retries keep no rewrites; more than this fraction fails the stage.")
+                                       description="Captions whose requests still fail after the retries keep no "
+                                                   "rewrites; more than this fraction fails the stage.")
 
 
 class TransformersBackendParams(Section):
     model_dir: str = Field("models/rewriter",
-                           description="Local directory of a causal language model and its tokenizer (save_pretrained layout).")
+                           description="Local directory of a causal language model and its tokenizer (save_pretrained "
+                                       "layout).")
     device: str = Field("cpu", description="torch device for generation (cpu, cuda, cuda:1, ...).")
     batch_size: int = Field(8, ge=1, description="Captions per generate() call.")
 
@@ -116,10 +139,16 @@ class RewriteParams(Section):
     synonyms: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_SYNONYMS.items()},
                                            description="rules backend: word -> interchangeable words.")
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES),
-                                 description="rules backend: frames around the caption's content; {d} marks the content.")
+                                 description="rules backend: frames around the caption's content; {d} marks the "
+                                             "content.")
     frame_prefixes: list[str] = Field(default_factory=lambda: list(DEFAULT_FRAME_PREFIXES),
-                                      description="rules backend: leading frames stripped from a caption before a template is applied.")
-    max_new_words: int | None = Field(3, ge=0, description="Faithfulness guard: most words a rewrite may add that are neither its caption's nor function, frame, synonym or template words (more: dropped as added_text); null: off.")
+                                      description="rules backend: leading frames stripped from a caption before a "
+                                                  "template is applied.")
+    max_new_words: int | None = Field(
+        3, ge=0,
+        description="Faithfulness guard: most words a rewrite may add that are neither its caption's nor function, "
+                    "frame, synonym or template words (more: dropped as added_text); null: off.",
+    )
     openai: OpenAIBackendParams = Field(default_factory=OpenAIBackendParams, description="The openai backend.")
     transformers: TransformersBackendParams = Field(default_factory=TransformersBackendParams,
                                                     description="The transformers backend.")
@@ -137,7 +166,8 @@ class RewriteParams(Section):
     @model_validator(mode="after")
     def _enough_examples(self):
         if len(self.examples) < self.examples_per_prompt:
-            raise ValueError(f"examples_per_prompt is {self.examples_per_prompt} but only {len(self.examples)} examples are given")
+            raise ValueError(f"examples_per_prompt is {self.examples_per_prompt} "
+                             f"but only {len(self.examples)} examples are given")
         return self
 
 # The sections of params.yaml this package owns (clipmill/params.py collects them): name -> (schema, what it is).

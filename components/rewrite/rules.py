@@ -2,8 +2,8 @@
 
 Each rewrite strips a leading frame ("a photo of"), swaps words for configured synonyms, reorders
 listed items ("A, B and C" -> "C, A and B") or fronts a trailing place phrase ("X in the center" -> "in the center, X"),
-and wraps the content in a template ("a picture of X"). Words inside the caption's matched metadata entries are never changed,
-so the entries survive; the faithfulness guard checks it anyway.
+and wraps the content in a template ("a picture of X"). Words inside the caption's matched metadata entries are never
+changed, so the entries survive; the faithfulness guard checks it anyway.
 
 A caption keeps one frame at most: a leading frame that holds a matched entry ("photo") stays at the front and
 never moves with the listed items, and content that still has a frame anywhere gets only templates without one,

@@ -13,7 +13,10 @@ BOOTSTRAP = "bootstrap"
 
 class ScoreParams(Section):
     batch_size: int = Field(64, ge=1, description="Image-caption pairs per forward pass.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device of the scorer; auto: cuda when available.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Torch device of the scorer; auto: cuda when available.",
+    )
     scorer: str = Field(
         BOOTSTRAP,
         description="The scoring model: 'bootstrap' (the data-filtering network of the score_bootstrap stage), a "
@@ -25,13 +28,19 @@ class ScoreParams(Section):
         description="Training params of the bootstrap data-filtering network: the score_bootstrap stage runs "
                     "`clipmill stage train --config-key score.bootstrap` on the trusted shards.",
     )
-    checkpoint: str | None = Field(None, description="Local weights (.safetensors or checkpoint) for an open_clip config name in score.scorer.")
+    checkpoint: str | None = Field(
+        None,
+        description="Local weights (.safetensors or checkpoint) for an open_clip config name in score.scorer.",
+    )
     top_fraction: float | None = Field(
         0.3, gt=0, le=1,
         description="DataComp top fraction f: the threshold is the score at rank floor(n*f) of the descending scores "
                     "(ties kept); null: off.",
     )
-    min_score: float | None = Field(None, ge=-1, le=1, description="Absolute cosine threshold (DataComp ViT-B/32: 0.25, LAION: 0.28); null: off.")
+    min_score: float | None = Field(
+        None, ge=-1, le=1,
+        description="Absolute cosine threshold (DataComp ViT-B/32: 0.25, LAION: 0.28); null: off.",
+    )
     mixture_posterior: float | None = Field(
         None, gt=0, lt=1,
         description="Calibrated threshold: a two-component Gaussian mixture is fitted to the pool's scores (from the "

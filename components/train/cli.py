@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="warm_start.yaml: when it names a model, train from it with the continual: section "
                         "(default: none, from scratch)")
     p.add_argument("--config-key", default="train", metavar="KEY",
-                   help="dotted params.yaml key of the TrainParams section to use, e.g. score.bootstrap (default: %(default)s)")
+                   help="dotted params.yaml key of the TrainParams section to use, e.g. score.bootstrap "
+                        "(default: %(default)s)")
 
 
 def resolve_section(params: object, key: str) -> TrainParams:

@@ -42,10 +42,23 @@ log = get_logger("train")
 
 
 class WarmStart(Section):
-    init_from: str | None = Field(None, description="Model to start from (models:/NAME/VERSION, runs:/, a local export); null: from scratch.")
-    loss: Literal["clip", "siglip"] | None = Field(None, description="The loss the warm-start model was trained with (kept, so its logit parameters fit).")
-    weights: str | None = Field(None, description="The DVC-tracked local copy of init_from (a local-dir export), relative to this file's directory; null: read init_from itself.")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the weights file of `weights`: any other bytes are refused.")
+    init_from: str | None = Field(
+        None,
+        description="Model to start from (models:/NAME/VERSION, runs:/, a local export); null: from scratch.",
+    )
+    loss: Literal["clip", "siglip"] | None = Field(
+        None,
+        description="The loss the warm-start model was trained with (kept, so its logit parameters fit).",
+    )
+    weights: str | None = Field(
+        None,
+        description="The DVC-tracked local copy of init_from (a local-dir export), relative to this file's directory; "
+                    "null: read init_from itself.",
+    )
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the weights file of `weights`: any other bytes are refused.",
+    )
     reason: str = Field("", description="Why this warm start (for people reading the file and the run summary).")
 
 

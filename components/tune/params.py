@@ -25,24 +25,44 @@ class SearchSpace(Section):
 
 
 class TuneParams(Section):
-    config_key: str = Field("train", description="Dotted key of the TrainParams section every trial starts from (and best_params.json is for).")
+    config_key: str = Field(
+        "train",
+        description="Dotted key of the TrainParams section every trial starts from (and best_params.json is for).",
+    )
     trials: int = Field(4, ge=1, description="Configurations sampled from the search space.")
     steps_per_trial: int = Field(60, ge=1, description="Optimizer steps of a trial that is not stopped early.")
-    report_every_n_steps: int = Field(20, ge=1, description="Validate and report to Ray Tune every N steps (the ASHA time unit).")
+    report_every_n_steps: int = Field(
+        20, ge=1,
+        description="Validate and report to Ray Tune every N steps (the ASHA time unit).",
+    )
     metric: str = Field("val/zeroshot/acc1", description="Reported validation metric that ranks trials.")
     mode: Literal["max", "min"] = Field("max", description="Whether the metric is better high or low.")
     grace_period: int = Field(1, ge=1, description="ASHA: reports every trial gets before it can be stopped.")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA: the top 1/reduction_factor of trials go on at each rung.")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs reserved per trial (trials run concurrently as resources allow); more than the Ray cluster has is an error before any trial starts.")
+    reduction_factor: float = Field(
+        2.0, gt=1,
+        description="ASHA: the top 1/reduction_factor of trials go on at each rung.",
+    )
+    cpus_per_trial: float = Field(
+        1.0, gt=0,
+        description="CPUs reserved per trial (trials run concurrently as resources allow); more than the Ray cluster "
+                    "has is an error before any trial starts.",
+    )
     gpus_per_trial: float | Literal["auto"] = Field(
         "auto", description="GPUs reserved per trial; auto: 1 when the Ray cluster has GPUs and the trained section's "
-                            "accelerator is not cpu, else 0. More than the cluster has is an error before any trial starts.")
+                            "accelerator is not cpu, else 0. More than the cluster has is an error before any trial "
+                            "starts.")
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials running at once (null: as many as the resources allow). ASHA stops trials by "
                                 "the order in which concurrent trials report, which varies from run to run; with 1 "
                                 "the sweep decides the same way in every reproduction.")
-    trial_num_workers: int = Field(0, ge=0, description="DataLoader workers inside a trial (0: load in the trial process).")
-    object_store_mb: int = Field(100, ge=80, description="Object store of the local Ray (the sweep passes no large objects).")
+    trial_num_workers: int = Field(
+        0, ge=0,
+        description="DataLoader workers inside a trial (0: load in the trial process).",
+    )
+    object_store_mb: int = Field(
+        100, ge=80,
+        description="Object store of the local Ray (the sweep passes no large objects).",
+    )
     search_space: SearchSpace = Field(default_factory=SearchSpace, description="What the trials vary.")
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """A Ray Tune sweep over short training runs; the best configuration goes to ``best_params.json``.
 
-Each trial is a training run (``clipmill.components.common.training.fit.train``) of ``steps_per_trial`` steps that validates
-and calls ``ray.tune.report`` every ``report_every_n_steps``; ASHA stops weak trials at those reports. Every
+Each trial is a training run (``clipmill.components.common.training.fit.train``) of ``steps_per_trial`` steps that
+validates and calls ``ray.tune.report`` every ``report_every_n_steps``; ASHA stops weak trials at those reports. Every
 trial is an MLflow child run of the sweep's run. ``best_params.json``:
 ``{"config_key": "train", "overrides": {lr, weight_decay, warmup_steps, batch_size, loss}, "metric": ...,
 "value": ..., "trial": ...}``; ``clipmill stage train`` applies the overrides over the section named by

@@ -7,7 +7,8 @@ from clipmill.components.common.layout import add_path_option, resolve_paths
 
 from .boundaries import BOUNDARIES
 
-HELP = "validate a data boundary with Great Expectations -> data/validation/<boundary>.json, reports/validation/<boundary>/"
+HELP = ("validate a data boundary with Great Expectations -> data/validation/<boundary>.json, "
+        "reports/validation/<boundary>/")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

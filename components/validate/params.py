@@ -7,8 +7,14 @@ from clipmill.components.common.params import Section
 
 
 class DownloadBoundaryParams(Section):
-    min_success_rate: float = Field(0.5, ge=0, le=1, description="Fewest URLs that must download, as a fraction of all.")
-    max_success_rate: float = Field(1.0, ge=0, le=1, description="Most URLs that may download (below 1 catches a crawl that should fail some).")
+    min_success_rate: float = Field(
+        0.5, ge=0, le=1,
+        description="Fewest URLs that must download, as a fraction of all.",
+    )
+    max_success_rate: float = Field(
+        1.0, ge=0, le=1,
+        description="Most URLs that may download (below 1 catches a crawl that should fail some).",
+    )
     min_width: int = Field(16, ge=1, description="Smallest width of a downloaded image, px.")
     max_width: int = Field(4096, ge=1, description="Largest width of a downloaded image, px.")
     min_height: int = Field(16, ge=1, description="Smallest height of a downloaded image, px.")

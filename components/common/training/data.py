@@ -3,8 +3,9 @@
 Each (rank, worker) reads its own seeded stream: shards drawn with replacement (``resampled``) or its share of
 the shard list, a seeded shuffle buffer, then batches. Worker w of W produces batches w, w+W, w+2W, ... of the
 epoch, and every batch's content is a function of (seed, epoch, rank, batch index) for a given number of
-workers: augmentation is seeded per batch and the caption choice (LaCLIP) per sample. To resume mid-epoch, workers replay the raw stream
-up to the saved position without decoding it, so the run continues with exactly the samples it would have seen.
+workers: augmentation is seeded per batch and the caption choice (LaCLIP) per sample. To resume mid-epoch, workers
+replay the raw stream up to the saved position without decoding it, so the run continues with exactly the samples it
+would have seen.
 """
 from __future__ import annotations
 
