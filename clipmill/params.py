@@ -34,10 +34,12 @@ def package_sections() -> dict[str, tuple[type[Section], str]]:
     from clipmill.components.common.packages import package_modules
 
     found: dict[str, tuple[type[Section], str]] = {}
-    for package, module in package_modules("params").items():
+    modules = [(package, module) for kind in ("params", "cli") for package, module in package_modules(kind).items()]
+    for package, module in modules:  # a small stage may declare its section next to its command, in cli.py
         for name, section in getattr(module, "SECTIONS", {}).items():
             if name in found or name in CORE_SECTIONS:
-                raise ConfigError(f"components/{package}/params.py: section '{name}' is declared twice")
+                raise ConfigError(f"components/{package}/{module.__name__.rsplit('.', 1)[-1]}.py: section '{name}' "
+                                  "is declared twice")
             found[name] = section
     rank = {name: i for i, name in enumerate(ORDER)}
     return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))

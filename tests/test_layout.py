@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from clipmill.cli import build_parser
-from clipmill.components.common.layout import STAGES, Layout, layout, resolve_paths
+from clipmill.components.common.layout import Layout, layout, resolve_paths, stages
 from clipmill.params import load_params
 
 from .conftest import REPO
@@ -18,7 +18,7 @@ DATA, REPORTS = "<data_dir>", "<reports_dir>"
 TEMPLATES = {"${project.data_dir}": DATA, "${project.reports_dir}": REPORTS}
 
 # The CLI command of each declared stage (the validate boundaries are subcommands).
-CLI_ARGV = {name: ["stage", name] for name in STAGES if name not in ("score_bootstrap", "ablate")}
+CLI_ARGV = {name: ["stage", name] for name in stages() if name not in ("score_bootstrap", "ablate")}
 CLI_ARGV.update({f"validate_{b}": ["stage", "validate", b] for b in ("download", "curate", "curated")})
 CLI_ARGV["ablate"] = ["ablate"]
 
@@ -54,7 +54,7 @@ def _check_paths(name: str, kind: str, listed: list[str], keys: tuple[str, ...])
 
 def _check_cmd(name: str, cmd: str) -> list[str]:
     """Problems of one stage's command: a path option whose value is not the declared path."""
-    spec, lay = STAGES[name], Layout(DATA, REPORTS)
+    spec, lay = stages()[name], Layout(DATA, REPORTS)
     declared = {**spec.options, **spec.passed}
     tokens = shlex.split(cmd)
     problems = [f"{name}: cmd has a literal data path '{t}'" for t in tokens
@@ -72,14 +72,14 @@ def _check_cmd(name: str, cmd: str) -> list[str]:
 
 def test_every_dvc_stage_is_declared():
     dvc = set(_dvc_stages())
-    declared = {n for n, s in STAGES.items() if s.dvc}
+    declared = {n for n, s in stages().items() if s.dvc}
     assert dvc == declared, f"dvc.yaml only: {sorted(dvc - declared)}; layout only: {sorted(declared - dvc)}"
 
 
 def test_dvc_yaml_paths_follow_the_declaration():
     problems: list[str] = []
     for name, stage in _dvc_stages().items():
-        spec = STAGES[name]
+        spec = stages()[name]
         outs = _paths(stage.get("outs")) + _paths(stage.get("metrics")) + _paths(stage.get("plots"))
         problems += _check_paths(name, "dep", _paths(stage.get("deps")), spec.deps)
         problems += _check_paths(name, "out", outs, spec.outs)
@@ -89,7 +89,7 @@ def test_dvc_yaml_paths_follow_the_declaration():
 
 def test_a_wrong_dvc_path_is_named():
     listed = ["<data_dir>/download/manifest.parquet", "<data_dir>/download/shards", "<data_dir>/scorer/model", "data/x"]
-    assert _check_paths("curate", "dep", listed, STAGES["curate"].deps) == [
+    assert _check_paths("curate", "dep", listed, stages()["curate"].deps) == [
         "curate: dep 'data/x' is a literal path (use ${project.data_dir} / ${project.reports_dir})",
         "curate: declared dep '<data_dir>/validation/download.json' is missing from dvc.yaml",
     ]
@@ -113,7 +113,7 @@ def test_cli_path_defaults_follow_data_dir(name, tmp_path):
     args = build_parser().parse_args([*CLI_ARGV[name], "--params", str(tmp_path / "params.yaml")])
     params = load_params(args.params)
     args = resolve_paths(args, params, name)
-    for option, key in STAGES[name].options.items():
+    for option, key in stages()[name].options.items():
         value = getattr(args, option.replace("-", "_"))
         assert value == layout(params).resolve(key), (name, option)
         root = tmp_path / ("out" if key.startswith("reports") else "elsewhere")

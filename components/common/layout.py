@@ -58,6 +58,7 @@ class Layout(PathGroup):
     """The data tree (``layout.download.manifest``) and, as ``layout.reports``, the reports tree."""
 
     def __init__(self, data_dir: str, reports_dir: str) -> None:
+        stages()  # the stage packages' own directories join DATA and REPORTS
         super().__init__(data_dir, DATA)
         self.reports = PathGroup(reports_dir, REPORTS)
 
@@ -146,15 +147,34 @@ STAGES: dict[str, StagePaths] = {
 }
 
 
+_declarations_loaded = False
+
+
+def stages() -> dict[str, StagePaths]:
+    """Every stage's paths: those above, and those a stage package declares next to its command (``PATHS`` in
+    its ``cli.py``, with its own directories in ``DATA`` / ``REPORTS``), so that a new stage edits no list here."""
+    global _declarations_loaded
+    if not _declarations_loaded:
+        _declarations_loaded = True
+        from .packages import package_modules
+
+        for name, module in package_modules("cli").items():
+            if hasattr(module, "PATHS"):
+                STAGES[name] = module.PATHS
+                DATA.update(getattr(module, "DATA", {}))
+                REPORTS.update(getattr(module, "REPORTS", {}))
+    return STAGES
+
+
 def stage_path(stage: str, option: str, params: Any = None) -> str:
     """The default of ``stage``'s path option ``option`` under the layout of ``params``."""
-    return layout(params).resolve(STAGES[stage].options[option])
+    return layout(params).resolve(stages()[stage].options[option])
 
 
 def add_path_option(parser: argparse.ArgumentParser, stage: str, option: str, help: str, **kwargs: Any) -> None:
     """``--option`` whose default is the declared path: None on the parser (filled by ``resolve_paths`` from the
     loaded params), shown in ``--help`` as it is with the schema's project directories."""
-    key = STAGES[stage].options[option]
+    key = stages()[stage].options[option]
     root = "project.reports_dir" if key.startswith("reports") else "project.data_dir"
     parser.add_argument(f"--{option}", default=None,
                         help=f"{help} (default: {stage_path(stage, option)}, under {root})", **kwargs)
@@ -162,7 +182,7 @@ def add_path_option(parser: argparse.ArgumentParser, stage: str, option: str, he
 
 def resolve_paths(args: argparse.Namespace, params: Any, stage: str) -> argparse.Namespace:
     """``args`` with every path option of ``stage`` left unset replaced by its path under ``params``' layout."""
-    for option in STAGES[stage].options:
+    for option in stages()[stage].options:
         dest = option.replace("-", "_")
         if getattr(args, dest, "") is None:
             setattr(args, dest, stage_path(stage, option, params))
