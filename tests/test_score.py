@@ -294,3 +294,21 @@ def test_changing_the_threshold_mode_recomputes_no_scores():
     base, calibrated = ScoreParams(), ScoreParams(top_fraction=None, mixture_posterior=0.5)
     assert ScoreStep.fingerprint(base, context, "map") == ScoreStep.fingerprint(calibrated, context, "map")
     assert ScoreStep.fingerprint(base, context, "decide") != ScoreStep.fingerprint(calibrated, context, "decide")
+
+
+def test_the_bootstrap_scorer_is_fingerprinted_by_its_bytes_not_its_place(tiny_export, tmp_path):
+    """The same scorer export in another checkout gives the same curation fingerprints (a reproduction in a fresh
+    clone reuses nothing, but writes the same markers); other bytes give another fingerprint."""
+    import shutil
+
+    copy = shutil.copytree(tiny_export, tmp_path / "elsewhere" / tiny_export.name)
+    params = ScoreParams(scorer="bootstrap")
+
+    def fingerprint(model) -> str:
+        return ScoreStep.fingerprint(params, StepContext(shards_dir="s", inputs={"bootstrap_model": str(model)}), "map")
+
+    assert fingerprint(copy) == fingerprint(tiny_export)
+    weights = next(p for p in copy.iterdir() if p.suffix == ".safetensors")
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert fingerprint(copy) != fingerprint(tiny_export)

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from clipmill.components.common.engine import GPU_IF_AVAILABLE
 from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.hashing import content_hash
 from clipmill.components.common.model import LOCAL_DIR_PREFIX
 from clipmill.components.common.shards import ShardReader, shard_file_name
 from clipmill.components.common.steps import PoolStep, decisions
@@ -72,7 +73,9 @@ class ScoreStep(PoolStep):
         part = {k: dump[k] for k in THRESHOLD_KEYS} if phase == "decide" else \
             {k: v for k, v in dump.items() if k not in THRESHOLD_KEYS and k != "bootstrap"}
         if phase != "decide" and params.scorer == BOOTSTRAP:
-            part["bootstrap_model"] = context.inputs.get("bootstrap_model")
+            # the export's bytes, not where it lies: the same scorer in another checkout scores the same
+            model = context.inputs.get("bootstrap_model")
+            part["bootstrap_model"] = content_hash([model]) if model else None
         return super().fingerprint(part, context, phase)
 
     @classmethod
