@@ -27,9 +27,10 @@ from clipmill.components.demo_corpus.params import DemoCorpusParams
 from clipmill.components.download.params import DownloadParams
 from clipmill.components.download.reasons import error_reason
 from clipmill.components.download.safety import is_public_address, refusal_reasons
-from clipmill.components.download.shards import read_shard
+from clipmill.components.download.shards import canonicalize_shard, read_shard
 from clipmill.components.download.stage import MANIFEST_COLUMNS, claim_output_dir, download
 from clipmill.components.download.url_list import read_url_list
+from clipmill.components.download.workers import in_process_distributor
 
 from .conftest import REPO
 
@@ -350,6 +351,27 @@ def test_damaged_shards_are_detected(downloaded, tmp_path):
     (shards / "00002_stats.json").unlink()
     with pytest.raises(InputError, match="not finished"):
         read_shard(shards, 2)
+
+
+def test_canonicalizing_a_shard_returns_what_reading_it_back_gives(downloaded, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(downloaded["out"] / "shards" / "crawl", shards)
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    listed = dict(zip(downloaded["manifest"]["uid"], downloaded["manifest"]["url"]))
+    rows = canonicalize_shard(shards, 1, listed)
+    pd.testing.assert_frame_equal(rows, read_shard(shards, 1))
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before  # a canonical shard stays as it is
+
+
+def test_the_in_process_distributor_runs_every_shard_and_retries_the_failed_ones():
+    calls = []
+
+    def downloader(row):
+        calls.append(row)
+        return calls.count(row) > 1 or row != "b", row  # shard b fails once
+
+    in_process_distributor(1, downloader, iter(["a", "b", "c"]), None, max_shard_retry=1)
+    assert calls == ["a", "b", "c", "b"]
 
 
 @pytest.mark.parametrize("status, message, reason", [

@@ -4,13 +4,20 @@ Ray tasks. The same ``run_task`` does the work everywhere.
 A task finds its input (the shard's manifest rows that every earlier step kept, with their columns), reuses
 the rows of an earlier output of the same step params (a step's per-sample work is a pure function of the
 sample, so only samples new to the step are computed), and writes its output and then its completion marker.
+
+A local pool's worker imports the modules of the steps it runs and builds them (a scorer's import alone takes
+seconds of CPU), which a small increment would pay for little work. So the driver, which has imported every step
+already, runs a phase itself when it has a single unfinished task, and a decision phase (one stored map output and
+the small state per shard) of at most ``DRIVER_DECISIONS`` tasks; the pool's workers start only for the rest.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -34,6 +41,8 @@ from clipmill.components.common.steps import PoolStep, Step, StepContext, check_
 from clipmill.components.common.storage import location, read_frame
 
 log = get_logger("curate")
+
+DRIVER_DECISIONS = 64  # decision tasks of one phase that the driver runs itself rather than on the pool
 
 
 @dataclass(frozen=True)
@@ -189,13 +198,18 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def in_driver(self, tasks: list[UnitTask]) -> bool:
+        """Whether the driver runs these unfinished tasks itself (see the module docstring)."""
+        return self._pool is None or len(tasks) <= 1 or (tasks[0].phase == "decide" and len(tasks) <= DRIVER_DECISIONS)
+
     def _local(self, tasks: list[UnitTask], bar: Progress) -> float:
         seconds = 0.0
-        if self._pool is None:
-            for task in tasks:
-                result = run_task(task)
-                seconds += result["seconds"]
-                bar.update(1, samples=result.get("input", 0))
+        if self.in_driver(tasks):
+            with _threads_like_a_worker(self.workers if self._pool is not None else 1):
+                for task in tasks:
+                    result = run_task(task)
+                    seconds += result["seconds"]
+                    bar.update(1, samples=result.get("input", 0))
             return seconds
         pending = {self._pool.submit(run_task, task) for task in tasks}
         try:
@@ -248,8 +262,27 @@ class Executor:
         return timing
 
 
+def _thread_share(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _worker_threads(workers: int) -> None:
     """Each pool worker gets its share of the cores for torch and BLAS (set before they are imported)."""
-    share = str(max(1, (os.cpu_count() or 1) // workers))
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(name, share)
+        os.environ.setdefault(name, str(_thread_share(workers)))
+
+
+@contextmanager
+def _threads_like_a_worker(workers: int) -> Iterator[None]:
+    """Tasks the driver runs use a worker's share of torch threads, as the pool's workers would: a model's
+    outputs then do not depend on where its task ran (its import is already done, so the setting is torch's own)."""
+    torch = sys.modules.get("torch")
+    if torch is None or workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(_thread_share(workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

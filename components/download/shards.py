@@ -115,8 +115,9 @@ def _rewrite_tar(tar_path: Path, listed_urls: dict[str, str]) -> None:
             out.addfile(info, io.BytesIO(data))
 
 
-def canonicalize_shard(shards_dir: Path, shard_id: int, listed_urls: dict[str, str]) -> None:
-    """Rewrite a checked shard so that its bytes depend on its inputs alone, not on the run that fetched it.
+def canonicalize_shard(shards_dir: Path, shard_id: int, listed_urls: dict[str, str]) -> pd.DataFrame:
+    """Rewrite a checked shard so that its bytes depend on its inputs alone, not on the run that fetched it;
+    returns its per-URL results as ``read_shard`` reads them back (the shard is not read again).
 
     img2dataset writes samples in the order its threads finish, records the URL it fetched (a mirror's address
     has a port of the run) and the tar members' times, and puts clock readings in the stats file. The canonical
@@ -134,3 +135,4 @@ def canonicalize_shard(shards_dir: Path, shard_id: int, listed_urls: dict[str, s
     stats = {k: v for k, v in json.loads(stats_file.read_text()).items() if k not in RUN_STATS}
     with atomic_path(stats_file) as tmp:
         tmp.write_text(json.dumps(stats, indent=4, sort_keys=True) + "\n")
+    return rows.to_pandas().assign(shard=f"{shard_name(shard_id)}.tar")

@@ -217,9 +217,12 @@ def _ray_session(params: DownloadParams, ray_params: RayParams) -> Iterator[None
 
 
 def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str],
-                    policy: FetchPolicy | None = None) -> None:
+                    policy: FetchPolicy | None = None, pending: int | None = None) -> None:
     """One img2dataset run over ``url_list`` (parquet: url, caption, extra columns), resuming finished shards,
-    fetching with ``fetch.fetch`` under ``policy`` and decoding with ``decode.decode_image``."""
+    fetching with ``fetch.fetch`` under ``policy`` and decoding with ``decode.decode_image``.
+
+    ``pending`` (the shards left to download, when known) caps the processes: a worker without a shard would
+    only pay img2dataset's import; one process runs its shards here rather than in a spawned worker."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # inherited by the workers: no network check at import
     # OpenCV's own pixel limit, for formats whose header PIL cannot read (inherited by the workers)
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(params.max_image_area)
@@ -227,15 +230,17 @@ def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, ex
 
     from .workers import patched_img2dataset
 
+    processes = max(1, min(params.processes_count, pending if pending is not None else params.processes_count))
+    in_process = params.distributor == "multiprocessing" and processes == 1
     previous_handler = signal.getsignal(signal.SIGINT)
     try:
-        with patched_img2dataset(policy or fetch_policy(params)):
+        with patched_img2dataset(policy or fetch_policy(params), in_process):
             img2dataset.download(
                 url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
                 save_additional_columns=extra_columns, output_folder=str(shards_dir), output_format="webdataset",
                 image_size=params.image_size, resize_mode=params.resize_mode,
                 resize_only_if_bigger=params.resize_only_if_bigger, encode_quality=params.encode_quality,
-                number_sample_per_shard=params.number_sample_per_shard, processes_count=params.processes_count,
+                number_sample_per_shard=params.number_sample_per_shard, processes_count=processes,
                 thread_count=params.thread_count, distributor=params.distributor, timeout=params.timeout,
                 retries=params.retries, max_shard_retry=params.max_shard_retry,
                 user_agent_token=params.user_agent_token,
@@ -293,7 +298,8 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
         write_parquet(requests.loc[sent, ["caption", *columns]].assign(url=fetch_urls[sent]), input_file)
         for attempt in range(2):
             started = time.perf_counter()
-            run_img2dataset(input_file, shards_dir, params, columns, policy)
+            pending = len(shard_ids) - len(finished_shards(shards_dir) & set(shard_ids))
+            run_img2dataset(input_file, shards_dir, params, columns, policy, pending)
             stats["download_seconds"] += time.perf_counter() - started
             good, bad = _check_shards(shards_dir, shard_ids)
             if not bad:
@@ -309,8 +315,7 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
     listed = dict(zip(requests.loc[sent, "uid"], requests.loc[sent, "url"]))
     for shard_id in shard_ids:
         if not is_canonical(shards_dir, shard_id):
-            canonicalize_shard(shards_dir, shard_id, listed)
-            good[shard_id] = read_shard(shards_dir, shard_id)
+            good[shard_id] = canonicalize_shard(shards_dir, shard_id, listed)
     results = pd.concat([good[i] for i in shard_ids], ignore_index=True)
     new_shards = [i for i in shard_ids if i not in done_before]
     stats["new_successes"] = int(sum((good[i]["status"] == "success").sum() for i in new_shards))

@@ -3,6 +3,11 @@
 img2dataset still shards, resizes, writes and distributes; ``patched_img2dataset`` makes ``img2dataset.download``
 build these two classes in place of its own. Both are picklable (the multiprocessing distributor spawns its
 workers, which import this module).
+
+Each process that img2dataset spawns imports img2dataset again (torch, albumentations and wandb with it: seconds of
+CPU each), which a small increment pays in full: ``patched_img2dataset`` also replaces img2dataset's progress
+process (it only prints totals, which the stage computes from the checked shards) with ``QuietLogger``, and with
+``in_process`` runs the shards in this process, one after another, instead of in a pool of one spawned worker.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from contextlib import contextmanager
 import albumentations as A
 import cv2
 import img2dataset.downloader as i2d_downloader
+from img2dataset.distributor import retrier
 from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
 
 from .decode import DecodeError, decode_image
@@ -90,13 +96,44 @@ class SafeResizer(Resizer):
         return encoded, width, height, original_width, original_height, None
 
 
+class QuietLogger:
+    """Stands in for img2dataset's ``LoggerProcess`` (a spawned process that reads the stats files and prints
+    totals): nothing to start, nothing to print."""
+
+    def __init__(self, *args, **kwargs):
+        self.done_shards: set = set()
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout=None) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+def in_process_distributor(processes_count, downloader, reader, subjob_size, max_shard_retry) -> None:
+    """img2dataset's distributor for one process: each shard in this process, failed shards retried as img2dataset's
+    own distributors retry them."""
+
+    def run(rows) -> list:
+        return [row for status, row in map(downloader, rows) if status is False]
+
+    retrier(run, run(reader), max_shard_retry)
+
+
 @contextmanager
-def patched_img2dataset(policy: FetchPolicy) -> Iterator[None]:
-    """Within the block, ``img2dataset.download`` builds a ``SafeDownloader`` (with ``policy``) and a
-    ``SafeResizer``."""
-    saved = i2d_main.Downloader, i2d_main.Resizer
+def patched_img2dataset(policy: FetchPolicy, in_process: bool = False) -> Iterator[None]:
+    """Within the block, ``img2dataset.download`` builds a ``SafeDownloader`` (with ``policy``), a ``SafeResizer``
+    and a ``QuietLogger``; with ``in_process``, its multiprocessing distributor runs the shards in this process."""
+    saved = i2d_main.Downloader, i2d_main.Resizer, i2d_main.LoggerProcess, i2d_main.multiprocessing_distributor
     i2d_main.Downloader, i2d_main.Resizer = functools.partial(SafeDownloader, policy=policy), SafeResizer
+    i2d_main.LoggerProcess = QuietLogger
+    if in_process:
+        i2d_main.multiprocessing_distributor = in_process_distributor
     try:
         yield
     finally:
-        i2d_main.Downloader, i2d_main.Resizer = saved
+        (i2d_main.Downloader, i2d_main.Resizer, i2d_main.LoggerProcess,
+         i2d_main.multiprocessing_distributor) = saved
