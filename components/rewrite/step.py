@@ -15,7 +15,19 @@ from clipmill.components.common.steps import Step, decisions
 
 from .backends import model_name
 from .captions import CaptionRewriter, summarize
+from .local_model import model_source
 from .params import RewriteParams
+from .prompt import stable_seed
+
+NOT_SAMPLED = "not_sampled"
+
+
+def sampled(uids: pd.Series, fraction: float | None, seed: int) -> pd.Series:
+    """Which captions go to the backend: all, or the ``fraction`` whose hash of (seed, uid) falls below it; the
+    choice of a uid does not depend on its shard or on the other uids."""
+    if fraction is None or fraction >= 1:
+        return pd.Series(True, index=uids.index)
+    return uids.map(lambda uid: stable_seed(seed, "rewrite.sample", uid) < fraction * 2**64)
 
 
 class RewriteStep(Step):
@@ -27,21 +39,31 @@ class RewriteStep(Step):
 
     def __init__(self, params: RewriteParams, context):
         super().__init__(params, context)
-        self.rewriter = CaptionRewriter(params, context.seed + params.seed_offset)
+        self.seed = context.seed + params.seed_offset
+        self.rewriter = CaptionRewriter(params, self.seed)
 
     @classmethod
     def fingerprint(cls, params, context, phase="apply"):
-        return super().fingerprint({"params": params.model_dump(mode="json"), "seed": context.seed}, context, phase)
+        dump = params.model_dump(mode="json")
+        # Options that are off leave the fingerprint as it was before they existed, so that outputs made without
+        # them stay reusable (and the demo's recorded outputs unchanged); set, they change it like any other.
+        for section, name in ((dump, "sample_fraction"), (dump["transformers"], "gguf_file")):
+            if section.get(name) is None:
+                section.pop(name, None)
+        return super().fingerprint({"params": dump, "seed": context.seed}, context, phase)
+
+    @classmethod
+    def check_params(cls, params: RewriteParams, context) -> None:
+        """A local model that is not there stops the stage before any work (not in the first worker that loads it)."""
+        if params.backend == "transformers":
+            model_source(params.transformers)
 
     def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
         entries = batch["matched_entries"] if "matched_entries" in batch else pd.Series([[]] * len(batch))
         captions = pd.DataFrame({"uid": batch["uid"].to_numpy(),
                                  "caption": batch["caption"].fillna("").astype(str).to_numpy(),
                                  "matched_entries": [list(e) for e in entries]})
-        # A shard that earlier steps emptied still gets its (empty) table with every column.
-        out = pd.concat([self.rewriter(captions.iloc[i:i + self.params.batch_size].reset_index(drop=True))
-                         for i in range(0, len(captions), self.params.batch_size)]
-                        or [pd.DataFrame({"uid": [], "rewrites": [], "rewrite_dropped": []})], ignore_index=True)
+        out = self._rewrite(captions)
         counts = summarize(out, self.params, model_name(self.params))
         failed = sum(counts["failed_captions"].values())
         if len(out) and failed / len(out) > self.params.openai.max_failed_fraction:
@@ -50,6 +72,24 @@ class RewriteStep(Step):
                                 f"{self.params.openai.max_failed_fraction}; rerun to retry them (answers are cached)")
         return decisions(out["uid"], [None] * len(out), rewrites=out["rewrites"].map(list),
                          rewrite_dropped=out["rewrite_dropped"].map(list))
+
+    def _rewrite(self, captions: pd.DataFrame) -> pd.DataFrame:
+        """(uid, rewrites, rewrite_dropped) in the order of ``captions``; captions outside ``sample_fraction`` are
+        not sent to the backend and drop every slot as ``not_sampled``."""
+        chosen = sampled(captions["uid"], self.params.sample_fraction, self.seed).to_numpy(dtype=bool)
+        todo = captions[chosen].reset_index(drop=True)
+        size = self.params.batch_size
+        # A shard that earlier steps emptied still gets its (empty) table with every column.
+        done = pd.concat([self.rewriter(todo.iloc[i:i + size].reset_index(drop=True))
+                          for i in range(0, len(todo), size)]
+                         or [pd.DataFrame({"uid": [], "rewrites": [], "rewrite_dropped": []})], ignore_index=True)
+        if chosen.all():
+            return done
+        rewrites: list[list[str]] = [[] for _ in range(len(captions))]
+        dropped = [[NOT_SAMPLED] * self.params.rewrites_per_caption for _ in range(len(captions))]
+        for position, kept, reasons in zip(chosen.nonzero()[0], done["rewrites"], done["rewrite_dropped"]):
+            rewrites[position], dropped[position] = list(kept), list(reasons)
+        return pd.DataFrame({"uid": captions["uid"].to_numpy(), "rewrites": rewrites, "rewrite_dropped": dropped})
 
     @classmethod
     def summarize(cls, params: RewriteParams, decided, out_dir: str) -> dict:
