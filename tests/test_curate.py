@@ -26,8 +26,9 @@ from clipmill.components.common.curation import STEP_NAMES, read_step, read_step
 from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.hashing import make_uid
 from clipmill.components.common.model import create_clip, export_local_dir
-from clipmill.components.common.params import section_at
+from clipmill.components.common.params import RayParams, section_at
 from clipmill.components.common.steps import PoolStep
+from clipmill.components.curate.executor import DRIVER_DECISIONS, Executor, UnitTask
 from clipmill.components.curate.stage import curate
 from clipmill.params import Params, load_params, parse_params
 from tests.conftest import REPO
@@ -39,7 +40,9 @@ def shrunk_params(changes: dict | None = None) -> Params:
     ``changes`` maps dotted keys (``curate.steps``) to values."""
     params = load_params(REPO / "params.yaml")
     defaults = {"tracking.enabled": False, "curate.workers": 0, "filter.min_image_side": 32, "score.device": "cpu",
-                "balance.t": 5}
+                "balance.t": 5,
+                "filter.near_duplicate_distance": None,  # one drawing per concept: all look alike
+                "score.top_fraction": 0.7, "score.null_recall": None}  # a threshold that drops at any size
     for key, value in {**defaults, **(changes or {})}.items():
         section, _, field = key.rpartition(".")
         setattr(section_at(params, section), field, value)
@@ -160,6 +163,17 @@ def test_a_process_pool_and_ray_give_the_same_tables(executor, download, scorer,
     summary = run_curate(download, tmp_path / "curate", params, scorer)
     assert_same_tables(step_tables(tmp_path / "curate"), reference["tables"])
     assert counts_only(summary) == counts_only(reference["summary"])
+
+
+def test_the_driver_runs_a_single_task_and_small_decision_phases_itself(tmp_path):
+    def tasks(phase: str, n: int) -> list[UnitTask]:
+        return [UnitTask(str(tmp_path), "score", {}, None, f"crawl/{i:05d}", phase, "fp", ()) for i in range(n)]
+
+    with Executor("local", 2, RayParams()) as pool:
+        assert pool.in_driver(tasks("map", 1)) and pool.in_driver(tasks("decide", DRIVER_DECISIONS))
+        assert not pool.in_driver(tasks("map", 2)) and not pool.in_driver(tasks("decide", DRIVER_DECISIONS + 1))
+    with Executor("local", 1, RayParams()) as here:
+        assert here.in_driver(tasks("map", 100))
 
 
 def write_params(path: Path, params: Params) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import mlflow
@@ -18,6 +19,7 @@ from clipmill.components.common.hashing import content_hash, make_uid
 from clipmill.components.demo_corpus import DEMO_BASE_URL, load_ground_truth
 from clipmill.components.demo_corpus.corpus import generate_demo_corpus
 from clipmill.components.demo_corpus.crawl import BEHAVIOURS, plan_crawl
+from clipmill.components.demo_corpus.heldout import plan_retrieval, plan_trusted
 from clipmill.components.demo_corpus.params import DemoCorpusParams
 from clipmill.components.demo_corpus.render import render_scene
 from clipmill.components.demo_corpus.vocabulary import COLOR_SYNONYMS, COLORS, CONCEPTS, SHAPE_WORDS
@@ -232,6 +234,33 @@ def test_trusted_shards_follow_the_sample_format(corpus):
         assert json.loads(sample["json"])["uid"] == key and sample["txt"].decode() == captions[key]
         assert Image.open(io.BytesIO(sample["jpg"])).format == "JPEG"
     assert not set(samples) & set(truth["uid"])
+
+
+def _color_synonym_share(captions: list[str]) -> float:
+    """Of the colour words in ``captions``, the share that are synonyms ('lemon', not 'yellow')."""
+    synonyms = {w for ws in COLOR_SYNONYMS.values() for w in ws}
+    words = [w for c in captions for w in re.findall(r"[a-z]+", c.lower()) if w in synonyms or w in COLORS]
+    return sum(w in synonyms for w in words) / len(words)
+
+
+def test_trusted_captions_use_synonyms_at_the_crawl_rate_and_heldout_ones_none():
+    params = tiny_params(trusted_size=400, retrieval_size=20)
+    trusted = [s.row["caption"] for s in plan_trusted(params, SEED)]
+    assert abs(_color_synonym_share(trusted) - params.caption_noise.synonym) < 0.06
+    assert _color_synonym_share([s.row["caption"] for s in plan_trusted(tiny_params(trusted_synonym=0.7), SEED)]) > 0.6
+    assert _color_synonym_share([s.row["caption"] for s in plan_trusted(tiny_params(trusted_synonym=0), SEED)]) == 0
+    assert _color_synonym_share([c for s in plan_retrieval(params, SEED) for c in s.row["captions"]]) == 0
+
+
+def test_grayscale_trusted_images_have_captions_without_colors():
+    planned = plan_trusted(tiny_params(trusted_size=200, trusted_grayscale=0.5), SEED)
+    gray = [s for s in planned if s.encoding.mode == "L"]
+    assert 0.4 < len(gray) / len(planned) < 0.6
+    color_words = set(COLORS) | {w for ws in COLOR_SYNONYMS.values() for w in ws}
+    for sample in planned:
+        named = bool(set(re.findall(r"[a-z]+", sample.row["caption"].lower())) & color_words)
+        assert named == (sample.encoding.mode != "L")
+    assert all(s.encoding.mode != "L" for s in plan_trusted(tiny_params(trusted_grayscale=0), SEED))
 
 
 def test_negative_rate_is_a_config_error_naming_the_key():

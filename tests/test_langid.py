@@ -1,5 +1,6 @@
-"""Language step: captions with a part confidently in another language are dropped; short or ambiguous English,
-file names and numbers are kept; the model ships inside the py3langid wheel."""
+"""Language step: captions with a part confidently in another language are dropped, two-word fragments and
+non-Latin scripts included; short or ambiguous English, file names, numbers, entities and upper case are kept; the
+models ship inside the py3langid and wordfreq wheels."""
 from __future__ import annotations
 
 import pandas as pd
@@ -7,18 +8,28 @@ import pytest
 
 from clipmill.components.common.errors import ConfigError
 from clipmill.components.common.steps import StepContext, check_output
-from clipmill.components.filter.langid import FOREIGN_REASON, LangIdStep, caption_parts
+from clipmill.components.filter.langid import (
+    FOREIGN_REASON,
+    LangIdStep,
+    caption_parts,
+    language_text,
+    script_odds,
+    word_odds,
+)
 from clipmill.components.filter.params import FilterParams
 
 CONTEXT = StepContext(shards_dir=".")
 
 FOREIGN = {  # caption -> the language its foreign part is identified as
-    "写真: a red circle on a blue background": "zh",
+    "写真: a red circle on a blue background": "ja",
     "a green star in the middle (zdjęcie)": "pl",
     "그림: two yellow hearts": "ko",
     "télécharger gratuitement: an orange diamond": "fr",
     "un cercle rouge sur un fond bleu avec une étoile jaune": "fr",
     "ein rotes Quadrat und ein blauer Kreis auf weißem Hintergrund": "de",
+    "a red car (fondos de pantalla)": "es",          # two-word fragments: py3langid alone is flat on these
+    "gratis downloaden: a city at night": "nl",
+    "壁纸: a cozy cabin in the woods": "zh",            # a script English is not written in
 }
 ENGLISH = [
     "a blue star",                       # short: the model's probabilities are flat, so it stays undecided
@@ -29,6 +40,12 @@ ENGLISH = [
     "Drawing: An Orange Diamond And Two Blue Dots",
     "",
     "two emerald hearts on a noisy background, vector illustration",
+    "IMG_0042.JPG A LARGE YELLOW HEART IN THE CENTER",
+    "&quot;a salmon circle &amp; a purple triangle&quot; - royalty free | click to enlarge",
+    "cute kawaii clipart png aesthetic printable",
+    "Tokyo 東京 skyline at dusk",
+    "Mexican food: tacos, burritos, enchiladas and salsa",
+    "ＦＲＥＥ 𝐯𝐞𝐜𝐭𝐨𝐫 𝐢𝐜𝐨𝐧 of a star",     # full-width and bold letters are Latin ones
 ]
 
 
@@ -87,3 +104,15 @@ def test_expectations_accept_named_foreign_languages_and_fail_a_kept_or_missing_
         result = batches.get_batch(batch_parameters={"dataframe": checked}).validate(suite)
         results[name] = (result.success, result.results[0].result.get("unexpected_count"))
     assert results == {"good": (True, 0), "bad": (False, 2), "empty": (True, 0)}
+
+
+def test_file_names_numbers_and_entities_are_no_language_evidence():
+    assert language_text("IMG_0042.jpg &quot;A RED Circle&quot; 4k download (7).png") == '"a red circle" download'
+
+
+def test_the_word_and_script_evidence_needs_a_word_list_for_every_kept_language():
+    english, afrikaans = frozenset({"en"}), frozenset({"en", "af"})  # wordfreq has no Afrikaans list
+    assert word_odds("foto van", english)[0] == "nl" and word_odds("foto van", english)[1] > 2
+    assert word_odds("foto van", afrikaans) == ("", 0.0)
+    assert script_odds("фото", english)[1] == float("inf") and script_odds("фото", afrikaans) == ("", 0.0)
+    assert script_odds("фото", frozenset({"en", "bg"})) == ("", 0.0)  # Cyrillic is kept

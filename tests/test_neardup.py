@@ -17,19 +17,24 @@ from clipmill.components.filter.neardup import (
     WORDS,
     NearDupStep,
     band_values,
+    candidate_bits,
     clusters,
     hamming,
     linked_pairs,
+    signatures,
+    similar,
+    thumbnail,
 )
 from clipmill.components.filter.params import FilterParams
 
 
-def scene(seed: int, size: int = 96) -> Image.Image:
-    """A distinct picture per seed: a few coloured blocks on a coloured background."""
+def scene(seed: int, size: int = 96, shift: int = 0) -> Image.Image:
+    """A distinct picture per seed: a few coloured blocks on a coloured background (the blocks moved by ``shift``
+    pixels right and down, the background not)."""
     rng = np.random.default_rng(seed)
     pixels = np.zeros((size, size, 3), dtype=np.uint8) + rng.integers(0, 256, 3, dtype=np.uint8)
     for _ in range(6):
-        x, y = rng.integers(0, size - 24, 2)
+        x, y = rng.integers(0, size - 24, 2) + shift
         w, h = rng.integers(12, 40, 2)
         pixels[y:y + h, x:x + w] = rng.integers(0, 256, 3, dtype=np.uint8)
     return Image.fromarray(pixels)
@@ -79,7 +84,7 @@ def run_pool(step: NearDupStep, batches: list[pd.DataFrame]) -> pd.DataFrame:
 
 def test_reencoded_and_rescaled_copies_across_shards_are_dropped_and_the_smallest_uid_kept(crawl):
     shards, batches = crawl
-    step = NearDupStep(FilterParams(near_duplicate_distance=24), StepContext(shards_dir=str(shards)))
+    step = NearDupStep(FilterParams(near_duplicate_distance=0.025), StepContext(shards_dir=str(shards)))
     out = run_pool(step, batches).set_index("uid")
     dropped = set(out.index[~out["keep"]])
     # 'a-copy0' < 'u00' and 'b-copy5' < 'u05': the copy with the smallest uid is the one kept
@@ -98,10 +103,68 @@ def test_distance_null_hashes_nothing_and_drops_nothing(crawl):
     assert out["keep"].all() and not step.map(batches[0])["hashed"].any()
 
 
-def test_distance_zero_links_only_identical_hashes(crawl):
+def test_distance_zero_links_only_identical_thumbnails(crawl):
     shards, batches = crawl
     out = run_pool(NearDupStep(FilterParams(near_duplicate_distance=0), StepContext(shards_dir=str(shards))), batches)
-    assert out["keep"].sum() >= len(out) - 2  # a rescaled copy differs in some bits
+    assert out["keep"].sum() >= len(out) - 2  # a rescaled copy differs in some thumbnail values
+
+
+def test_a_distance_in_pHash_bits_is_refused():
+    with pytest.raises(ValueError, match="near_duplicate_distance"):
+        FilterParams(near_duplicate_distance=24)
+
+
+def thumbs(*images: Image.Image) -> np.ndarray:
+    return np.stack([thumbnail(jpeg(image, quality=85)) for image in images])
+
+
+def test_a_copy_whose_objects_moved_a_pixel_is_similar_and_other_pictures_are_not():
+    copies = thumbs(scene(3), scene(3, shift=1))  # large saturated blocks: a 3 px move is beyond 0.025 here
+    others = thumbs(scene(3), scene(4))
+    assert similar(copies[:1], copies[1:], 0.025, 0.95).all()
+    assert not similar(others[:1], others[1:], 0.025, 0.95).any()
+
+
+def faint(image: Image.Image, contrast: float = 0.04) -> Image.Image:
+    pixels = np.asarray(image, dtype=np.float32)
+    return Image.fromarray((128 + (pixels - pixels.mean()) * contrast).round().astype(np.uint8))
+
+
+def test_faint_pictures_are_close_in_rms_but_only_alike_when_their_layout_correlates():
+    a, b, a_again = thumbs(faint(scene(1)), faint(scene(2)), faint(scene(1, shift=2)))[:, None]
+    assert similar(a, b, 0.025, 0.0).all()          # the colours alone cannot tell them apart
+    assert not similar(a, b, 0.025, 0.95).any()
+    assert similar(a, a_again, 0.025, 0.95).all()
+
+
+def test_blank_images_of_one_colour_are_alike_and_unlike_a_picture():
+    blank = Image.new("RGB", (80, 80), (200, 30, 30))
+    other_blank = Image.new("RGB", (80, 80), (30, 30, 200))
+    t = thumbs(blank, blank.resize((100, 100)), other_blank, scene(5))
+    assert similar(t[[0, 0, 0]], t[[1, 2, 3]], 0.025, 0.95).tolist() == [True, False, False]
+    assert (signatures(t[:1]) == signatures(t[1:2])).all()  # one signature: banding pairs them
+    gray = thumbs(Image.new("RGB", (64, 64), (90, 90, 90)), Image.new("RGB", (90, 90), (91, 91, 91)),
+                  faint(scene(6), contrast=0.05))
+    other_gray = thumbs(Image.new("RGB", (64, 64), (150, 150, 150)))
+    assert (signatures(gray[:1]) == signatures(gray[1:2])).all()  # no layout: the signature of their grey level
+    assert hamming(signatures(gray[:1]), signatures(other_gray)[0])[0] > candidate_bits(0.95)
+    assert similar(gray[[0, 0]], gray[[1, 2]], 0.025, 0.95).tolist() == [True, False]
+
+
+def test_thumbnails_at_the_least_correlation_fall_within_the_candidate_bits():
+    rng = np.random.default_rng(7)
+    base = rng.normal(0, 1, (200, 192))
+    noise = rng.normal(0, 1, (200, 192))
+    noise -= (noise * base).sum(1, keepdims=True) / (base * base).sum(1, keepdims=True) * base
+    noise *= np.linalg.norm(base, axis=1, keepdims=True) / np.linalg.norm(noise, axis=1, keepdims=True)
+    near = 0.95 * base + np.sqrt(1 - 0.95 ** 2) * noise     # correlation 0.95 with base
+
+    def to_uint8(x):
+        return np.clip(128 + 12 * x, 0, 255).astype(np.uint8)
+
+    a, b = signatures(to_uint8(base)), signatures(to_uint8(near))
+    distances = np.array([hamming(a[i:i + 1], b[i])[0] for i in range(len(a))])
+    assert distances.max() <= candidate_bits(0.95) < 256 // 2
 
 
 def test_banding_finds_pairs_within_the_distance_and_links_no_pair_beyond_it():
@@ -128,7 +191,7 @@ def test_clusters_are_transitive_and_won_by_their_smallest_uid():
 
 def test_partial_holds_only_hashed_rows_with_their_words(crawl):
     shards, batches = crawl
-    step = NearDupStep(FilterParams(near_duplicate_distance=24), StepContext(shards_dir=str(shards)))
+    step = NearDupStep(FilterParams(near_duplicate_distance=0.025), StepContext(shards_dir=str(shards)))
     mapped = step.map(batches[0])
     partial = step.partial(mapped)
     assert list(partial.columns) == ["uid", *HASH_COLUMNS]
@@ -140,7 +203,7 @@ def test_expectations_fail_when_a_dropped_uids_winner_was_not_kept(tmp_path):
 
     (tmp_path / "state").mkdir()
     pd.DataFrame({"uid": ["c", "z"], "winner": ["a", "x"]}).to_parquet(tmp_path / "state" / "losers.parquet")
-    params = FilterParams(near_duplicate_distance=24)
+    params = FilterParams(near_duplicate_distance=0.025)
     good = pd.DataFrame({"uid": ["a", "c", "x", "z"], "keep": [True, False, True, False]})
     bad = good.assign(keep=[True, False, False, False])
     context = gx.get_context(mode="ephemeral")

@@ -19,7 +19,13 @@ from clipmill.components.common.model import create_clip, export_local_dir
 from clipmill.components.common.shards import shard_file_name
 from clipmill.components.common.steps import StepContext
 from clipmill.components.score.params import ScoreParams
-from clipmill.components.score.scoring import key_buckets, sortable_keys, top_fraction_score
+from clipmill.components.score.scoring import (
+    key_buckets,
+    null_scores,
+    shuffled_partners,
+    sortable_keys,
+    top_fraction_score,
+)
 from clipmill.components.score.step import ScoreStep
 from tests.curation_fixtures import make_download
 from tests.test_curate import run_curate, shrunk_params
@@ -63,11 +69,17 @@ def read_images(download, rows: pd.DataFrame) -> list[bytes]:
     return out
 
 
+def mapped_frame(scores: np.ndarray, null: np.ndarray | None = None, prefix: str = "u") -> pd.DataFrame:
+    """One shard's map output: its scores and its permutation-null scores (NaN: none)."""
+    null = np.full(len(scores), np.nan, np.float32) if null is None else null
+    return pd.DataFrame({"uid": [f"{prefix}{i}" for i in range(len(scores))], "clip_score": scores, "null_score": null})
+
+
 def step_threshold(scores: np.ndarray, top_fraction: float | None, min_score: float | None) -> float | None:
     """The score step's threshold over one shard holding ``scores``."""
     params = ScoreParams(top_fraction=top_fraction, min_score=min_score)
     step = ScoreStep(params, StepContext(shards_dir="."))
-    mapped = pd.DataFrame({"uid": [str(i) for i in range(len(scores))], "clip_score": scores})
+    mapped = mapped_frame(scores)
     return ScoreStep.combine(params, lambda: iter([step.partial(mapped)]), lambda: iter([mapped]))["threshold"]
 
 
@@ -127,7 +139,7 @@ def test_the_radix_top_fraction_is_the_exact_sorted_rank(scores, top_fraction, s
     # The step's own partial and combine over the same shards.
     step = ScoreStep(ScoreParams(scorer=f"local-dir:{tiny_export}", top_fraction=top_fraction, device="cpu"),
                      StepContext(shards_dir="."))
-    mapped = [pd.DataFrame({"uid": [f"u{i}" for i in range(len(s))], "clip_score": s}) for s in shards]
+    mapped = [mapped_frame(s) for s in shards]
     state = ScoreStep.combine(step.params, lambda: (step.partial(m) for m in mapped), lambda: iter(mapped))
     assert state["threshold"] == expected
     kept = sum(int(step.decide(m, state)["keep"].sum()) for m in mapped)
@@ -144,6 +156,18 @@ def test_scores_equal_bare_open_clip_cosine(download, tiny_export, tmp_path):
 
     reference = bare_open_clip_scores(tiny_export, read_images(download, kept), kept["caption"].tolist())
     np.testing.assert_allclose(scores["clip_score"], reference, atol=1e-5)
+    # the permutation null: each image with the caption of the next uid of its shard, cosine as open_clip's
+    mapped = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "steps" / "score" / "map").rglob("*.parquet"))])
+    mapped = mapped.set_index("uid").loc[kept["uid"]]
+    partner_caption = {}
+    for _, shard in kept.groupby("shard"):
+        uids = sorted(shard["uid"])
+        partner_caption.update({u: shard.set_index("uid").loc[uids[(i + 1) % len(uids)], "caption"]
+                                for i, u in enumerate(uids)})
+    null_reference = bare_open_clip_scores(tiny_export, read_images(download, kept),
+                                           [partner_caption[u] for u in kept["uid"]])
+    np.testing.assert_allclose(mapped["null_score"], null_reference, atol=1e-5)
+    np.testing.assert_allclose(mapped["clip_score"], reference, atol=1e-5)
 
     n = len(scores)
     threshold = np.sort(scores["clip_score"].to_numpy())[::-1][n // 2]
@@ -255,11 +279,12 @@ def planted_pool(n_matched: int = 3000, n_mismatched: int = 600, seed: int = 0) 
     return np.clip(scores, -1, 1).astype(np.float32), np.r_[np.zeros(n_matched, bool), np.ones(n_mismatched, bool)]
 
 
-def mixture_state(scores: np.ndarray, sizes: list[int], **threshold) -> dict:
+def mixture_state(scores: np.ndarray, sizes: list[int], null: np.ndarray | None = None, **threshold) -> dict:
     params = ScoreParams(top_fraction=None, **threshold)
     step = ScoreStep(params, StepContext(shards_dir="."))
-    mapped = [pd.DataFrame({"uid": [f"u{i}" for i in range(len(s))], "clip_score": s})
-              for s in np.split(scores, np.cumsum(sizes)[:-1])]
+    cuts = np.cumsum(sizes)[:-1]
+    nulls = np.split(null, cuts) if null is not None else [None] * len(sizes)
+    mapped = [mapped_frame(s, n, f"s{i}-") for i, (s, n) in enumerate(zip(np.split(scores, cuts), nulls))]
     return ScoreStep.combine(params, lambda: (step.partial(m) for m in mapped), lambda: iter(mapped))
 
 
@@ -312,3 +337,45 @@ def test_the_bootstrap_scorer_is_fingerprinted_by_its_bytes_not_its_place(tiny_e
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     assert fingerprint(copy) != fingerprint(tiny_export)
+
+
+# --- the calibrated threshold of the permutation null (images scored against other samples' captions) -----------
+
+def test_the_null_partner_is_another_sample_fixed_by_the_uids_alone():
+    uids = np.array([f"{i:04x}" for i in np.random.default_rng(0).permutation(50)])
+    partners = shuffled_partners(uids)
+    assert sorted(partners) == list(range(50)) and (partners != np.arange(50)).all()
+    order = np.random.default_rng(1).permutation(50)  # the same samples in another order: the same pairs
+    again = shuffled_partners(uids[order])
+    assert {(uids[order][i], uids[order][j]) for i, j in enumerate(again)} == \
+        {(uids[i], uids[j]) for i, j in enumerate(partners)}
+    assert shuffled_partners(np.array(["only"])).tolist() == [-1]
+    image, text = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)[[1, 2, 0]]
+    np.testing.assert_array_equal(null_scores(image, text, np.array([2, -1, 0])), [1.0, np.nan, 0.0])
+
+
+def test_null_recall_threshold_is_the_exact_null_quantile_and_drops_that_share_of_planted_mismatches():
+    scores, mismatched = planted_pool()
+    rng = np.random.default_rng(2)
+    order = rng.permutation(len(scores))
+    scores, mismatched = scores[order], mismatched[order]
+    null = np.clip(rng.normal(0.05, 0.1, len(scores)), -1, 1).astype(np.float32)  # pairs mismatched on purpose
+    null[:7] = np.nan  # unreadable images and one-sample shards have no null score
+    state = mixture_state(scores, [1000, 0, 1500, 1100], null, null_recall=0.8)
+    valid = np.sort(null[~np.isnan(null)])
+    assert state["threshold"] == state["null_threshold"] == valid[int(np.floor(len(valid) * 0.8))]
+    dropped = scores < state["threshold"]
+    recall = (dropped & mismatched).sum() / mismatched.sum()
+    assert recall == pytest.approx(0.8, abs=0.05) and (dropped & mismatched).sum() / dropped.sum() >= 0.9
+    assert mixture_state(scores, [3600], null, null_recall=0.8)["threshold"] == state["threshold"]
+    assert mixture_state(scores, [3600], null, null_recall=0.5)["threshold"] < state["threshold"]
+    assert mixture_state(scores, [3600], null, null_recall=0.8, min_score=0.5)["threshold"] == 0.5
+    assert mixture_state(scores, [3600], null)["null_threshold"] is None  # off unless asked for
+    assert mixture_state(scores, [3600], np.full(3600, np.nan, np.float32), null_recall=0.8)["threshold"] is None
+
+
+def test_changing_the_null_recall_recomputes_no_scores():
+    context = StepContext(shards_dir=".")
+    base, null = ScoreParams(), ScoreParams(top_fraction=None, null_recall=0.8)
+    assert ScoreStep.fingerprint(base, context, "map") == ScoreStep.fingerprint(null, context, "map")
+    assert ScoreStep.fingerprint(base, context, "decide") != ScoreStep.fingerprint(null, context, "decide")

@@ -106,10 +106,15 @@ def true_caption(scene: Scene, colors: bool = True) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def clean_caption(scene: Scene, rng: random.Random) -> str:
-    """A correct caption with canonical names in a plain frame (held-out sets, trusted pairs)."""
+def clean_caption(scene: Scene, rng: random.Random, synonym: float = 0.0, colors: bool = True) -> str:
+    """A correct caption in a plain frame, free of web noise (held-out sets, trusted pairs).
+
+    ``synonym`` is the per-word rate of synonyms ('crimson disc'): 0 (canonical names) for the held-out sets,
+    whose prompts name the concepts; the trusted pairs use the crawl's rate, so a scorer trained on them knows
+    the words the web uses. ``colors``: False for a grayscale image.
+    """
     frame = rng.choice(CLEAN_FRAMES)
-    return frame.format(d=describe(scene, rng), bg=rng.choice(BACKGROUND_WORDS[scene.background.kind]))
+    return frame.format(d=describe(scene, rng, synonym, colors), bg=rng.choice(BACKGROUND_WORDS[scene.background.kind]))
 
 
 def _filename(rng: random.Random) -> str:

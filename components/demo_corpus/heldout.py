@@ -1,7 +1,9 @@
 """Planning the clean sets beside the crawl: zero-shot and retrieval evaluation, and the trusted seed pairs.
 
 Each set has its own seed stream, so none shares a scene with the crawl or with another set; concepts are
-uniform (not long-tailed) and captions are correct and free of web noise.
+uniform (not long-tailed) and captions are correct and free of web noise. The held-out captions use the canonical
+names; the trusted captions use synonyms as often as the crawl's do, and as many of its images are grayscale, as a
+real trusted set (CC12M, MSCOCO) speaks the web's vocabulary and holds the web's kinds of images.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ EVAL_BASE_URL = "http://eval.clipmill.test"
 TRUSTED_BASE_URL = "http://trusted.clipmill.test"
 EVAL_ENCODING = Encoding("png")
 TRUSTED_ENCODING = Encoding("jpeg", quality=90)
+TRUSTED_GRAY_ENCODING = Encoding("jpeg", mode="L", quality=90)
 _UNIFORM = np.full(len(CONCEPTS), 1.0 / len(CONCEPTS))
 _MAX_CAPTION_TRIES = 10  # per wanted caption, to find distinct wordings
 
@@ -70,14 +73,21 @@ def plan_retrieval(params: DemoCorpusParams, seed: int) -> list[PlannedSample]:
 
 
 def plan_trusted(params: DemoCorpusParams, seed: int) -> list[PlannedSample]:
-    """``trusted_size`` clean pairs: uniform concepts, correct captions, JPEG."""
+    """``trusted_size`` clean pairs: uniform concepts, correct captions with the web's synonyms, JPEG.
+
+    A share of the images is grayscale with captions that name no colour, as in the crawl: a scorer that never
+    saw such a pair ranks the crawl's honest grayscale pairs among the mismatched ones.
+    """
     rng = np.random.default_rng([seed, params.seed_offset, STREAM_TRUSTED])
     text_rng = random.Random(int(rng.integers(2**63)))
+    synonym = params.caption_noise.synonym if params.trusted_synonym is None else params.trusted_synonym
+    grayscale = params.images.grayscale if params.trusted_grayscale is None else params.trusted_grayscale
     out = []
     for i in range(params.trusted_size):
         scene = sample_scene(rng, _UNIFORM, sample_size(rng, params.min_px, params.max_px), params.max_objects)
-        caption = clean_caption(scene, text_rng)
+        gray = text_rng.random() < grayscale
+        caption = clean_caption(scene, text_rng, synonym, colors=not gray)
         uid = make_uid(f"{TRUSTED_BASE_URL}/{i:06d}.jpg", caption)
         out.append(PlannedSample({"uid": uid, "caption": caption, "width": scene.width, "height": scene.height},
-                                 scene, TRUSTED_ENCODING))
+                                 scene, TRUSTED_GRAY_ENCODING if gray else TRUSTED_ENCODING))
     return out

@@ -101,6 +101,14 @@ class DemoCorpusParams(Section):
     retrieval_size: int = Field(500, ge=1, description="Held-out retrieval images.")
     retrieval_captions: int = Field(5, ge=1, description="Clean captions per retrieval image.")
     trusted_size: int = Field(2500, ge=1, description="Clean trusted seed pairs (for the bootstrap filtering network).")
+    trusted_synonym: float | None = Field(
+        None, ge=0, le=1,
+        description="Per word: a synonym instead of the concept's name in the trusted captions (null: "
+                    "caption_noise.synonym), so the bootstrap scorer learns the words the crawl uses.")
+    trusted_grayscale: float | None = Field(
+        None, ge=0, le=1,
+        description="Grayscale trusted images, their captions naming no colors (null: images.grayscale), "
+                    "so the bootstrap scorer has seen the crawl's grayscale pairs.")
     trusted_shard_size: int = Field(1000, ge=1, description="Samples per trusted webdataset shard.")
     workers: int = Field(
         2, ge=1,

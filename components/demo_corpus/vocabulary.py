@@ -81,7 +81,7 @@ FRAMES: tuple[str, ...] = (
     "close-up of {d}", "a poster showing {d}", "minimalist {d}", "{d} pattern", "my kid drew {d}",
 )
 
-# clean templates for held-out captions and trusted pairs (no noise, names always canonical)
+# clean templates for held-out captions and trusted pairs (no noise; held-out names always canonical)
 CLEAN_FRAMES: tuple[str, ...] = (
     "{d}", "a photo of {d}", "an image of {d}", "{d} on a {bg} background", "a picture showing {d}",
     "a drawing of {d}", "an illustration of {d}",

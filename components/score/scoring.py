@@ -2,8 +2,10 @@
 
 The threshold is DataComp's top fraction (the score at rank floor(n*f) of the descending scores, ties kept),
 an absolute minimum, and/or a calibrated one: a two-component Gaussian mixture fitted to the pool's score
-histogram (matching and mismatched pairs), cut where the matching component's posterior reaches a set value.
-With several, the highest applies.
+histogram (matching and mismatched pairs), cut where the matching component's posterior reaches a set value, or
+a quantile of a permutation null (each image scored against another sample's caption: the scores mismatched
+pairs of this very pool get, with no trusted set and no model of the matching pairs). With several, the highest
+applies.
 """
 from __future__ import annotations
 
@@ -43,23 +45,54 @@ def load_scorer(source: str, device: str, checkpoint: str | None = None, mlflow_
     return clip
 
 
-def clip_scores(clip: ClipModel, images: list[bytes], captions: list[str], batch_size: int) -> np.ndarray:
-    """Cosine similarity of each image with its caption (both embeddings L2-normalized), float32; NaN for an
-    image that does not decode or is oversized (``decode_image``), which is skipped, not fatal."""
-    scores = np.full(len(images), np.nan, dtype=np.float32)
+def clip_embeddings(clip: ClipModel, images: list[bytes], captions: list[str],
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalized (image, caption) embeddings [n, D], float32; an image that does not decode or is oversized
+    (``decode_image``) is skipped, not fatal: its image row is NaN (its caption is still embedded)."""
+    dim = clip.model_cfg["embed_dim"]
+    image_emb = np.full((len(images), dim), np.nan, dtype=np.float32)
+    text_emb = np.zeros((len(images), dim), dtype=np.float32)
     for start in range(0, len(images), batch_size):  # decoded a batch at a time: a shard's pixels never all in memory
+        stop = min(start + batch_size, len(images))
         usable, pixels = [], []
-        for i in range(start, min(start + batch_size, len(images))):
+        for i in range(start, stop):
             try:
                 pixels.append(decode_image(images[i]))
                 usable.append(i)
             except ImageError as e:
                 log.warning("image %d of %d skipped: %s", i, len(images), e)
-        if usable:
-            with torch.inference_mode():
-                image_emb = embed_images(clip, pixels, batch_size=batch_size)
-                text_emb = embed_texts(clip, [captions[i] for i in usable], batch_size=batch_size)
-            scores[usable] = (image_emb * text_emb).sum(dim=-1).numpy()
+        with torch.inference_mode():
+            if usable:
+                image_emb[usable] = embed_images(clip, pixels, batch_size=batch_size).numpy()
+            text_emb[start:stop] = embed_texts(clip, captions[start:stop], batch_size=batch_size).numpy()
+    return image_emb, text_emb
+
+
+def clip_scores(clip: ClipModel, images: list[bytes], captions: list[str], batch_size: int) -> np.ndarray:
+    """Cosine similarity of each image with its caption, float32; NaN for an image that does not decode."""
+    image_emb, text_emb = clip_embeddings(clip, images, captions, batch_size)
+    return (image_emb * text_emb).sum(axis=1).astype(np.float32)
+
+
+def shuffled_partners(uids: np.ndarray) -> np.ndarray:
+    """For each sample, the index of the sample whose caption it is paired with in the permutation null: the next
+    one in uid order (cyclic). Uids are content hashes, so the pairing is pseudo-random, yet fixed by the samples
+    alone (not by their order or by a seed), and no sample is its own partner. -1 for a batch of one."""
+    n = len(uids)
+    if n < 2:
+        return np.full(n, -1, dtype=np.int64)
+    order = np.argsort(np.asarray(uids, dtype=str), kind="stable")
+    partners = np.empty(n, dtype=np.int64)
+    partners[order] = np.roll(order, -1)
+    return partners
+
+
+def null_scores(image_emb: np.ndarray, text_emb: np.ndarray, partners: np.ndarray) -> np.ndarray:
+    """The cosine of each image with its partner's caption (a deliberately mismatched pair), float32; NaN where
+    the image is unreadable or there is no partner."""
+    scores = np.full(len(partners), np.nan, dtype=np.float32)
+    paired = partners >= 0
+    scores[paired] = (image_emb[paired] * text_emb[partners[paired]]).sum(axis=1)
     return scores
 
 
@@ -90,13 +123,9 @@ def key_buckets(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(sortable_keys(scores[~np.isnan(scores)]) >> 16, return_counts=True)
 
 
-def top_fraction_score(buckets: np.ndarray, counts: np.ndarray, top_fraction: float, scores_in_bucket) -> float | None:
-    """The score at descending rank floor(n*f) of the pool, exactly, from the bucket counts of every shard and one
-    more pass over the scores of the one bucket holding that rank (``scores_in_bucket(bucket)``: an array)."""
-    n = int(counts.sum())
-    if n == 0:
-        return None
-    ascending_rank = n - 1 - min(int(np.floor(n * top_fraction)), n - 1)
+def rank_score(buckets: np.ndarray, counts: np.ndarray, ascending_rank: int, scores_in_bucket) -> float:
+    """The score at ``ascending_rank`` of the pool, exactly, from the bucket counts of every shard and one more
+    pass over the scores of the one bucket holding that rank (``scores_in_bucket(bucket)``: an array)."""
     order = np.argsort(buckets)
     buckets, counts = buckets[order], counts[order]
     ends = np.cumsum(counts)
@@ -104,6 +133,24 @@ def top_fraction_score(buckets: np.ndarray, counts: np.ndarray, top_fraction: fl
     before = int(ends[index - 1]) if index else 0
     keys = np.sort(sortable_keys(scores_in_bucket(int(buckets[index]))))
     return score_of_key(int(keys[ascending_rank - before]))
+
+
+def top_fraction_score(buckets: np.ndarray, counts: np.ndarray, top_fraction: float, scores_in_bucket) -> float | None:
+    """The score at descending rank floor(n*f) of the pool, exactly (``rank_score``); None for an empty pool."""
+    n = int(counts.sum())
+    if n == 0:
+        return None
+    return rank_score(buckets, counts, n - 1 - min(int(np.floor(n * top_fraction)), n - 1), scores_in_bucket)
+
+
+def null_quantile_score(buckets: np.ndarray, counts: np.ndarray, recall: float, scores_in_bucket) -> float | None:
+    """The null score at ascending rank floor(n*r), exactly: a fraction ``recall`` of the deliberately mismatched
+    pairs score below it, so a threshold there drops about that share of the pool's mismatched pairs. None
+    without null scores."""
+    n = int(counts.sum())
+    if n == 0:
+        return None
+    return rank_score(buckets, counts, min(int(np.floor(n * recall)), n - 1), scores_in_bucket)
 
 
 def bucket_scores(buckets: np.ndarray) -> np.ndarray:

@@ -1,10 +1,12 @@
 """The CLIP-score filter as a pool step: scores per shard, one pool-wide threshold, keep decisions per shard.
 
 Map: the cosine of each sample's image and caption embeddings (images read from the download shards by shard
-and key). Partial: counts of the scores' high 16 key bits. Combine: the exact DataComp top-fraction threshold
-(a radix select: the bucket counts, then the scores of the one bucket that holds the rank), the absolute
-minimum and/or the calibrated threshold of a two-component mixture fitted to the summed bucket counts (a
-histogram: no second pass). Decide: keep ``clip_score >= threshold``.
+and key), and a permutation null: the cosine of each image with another sample's caption of the same batch
+(``shuffled_partners``: no extra forward pass). Partial: counts of the high 16 key bits of both. Combine: the
+exact DataComp top-fraction threshold (a radix select: the bucket counts, then the scores of the one bucket that
+holds the rank), the absolute minimum, the calibrated threshold of a two-component mixture fitted to the summed
+bucket counts (a histogram: no second pass) and/or the exact null quantile (the same radix select over the null
+scores). Decide: keep ``clip_score >= threshold``.
 """
 from __future__ import annotations
 
@@ -28,28 +30,50 @@ from .scoring import (
     LOW_SCORE_REASON,
     UNREADABLE_IMAGE_REASON,
     bucket_scores,
-    clip_scores,
+    clip_embeddings,
     fit_two_gaussians,
     key_buckets,
     load_scorer,
     mixture_threshold,
+    null_quantile_score,
+    null_scores,
     resolve_device,
+    shuffled_partners,
     sortable_keys,
     top_fraction_score,
 )
 
-THRESHOLD_KEYS = ("top_fraction", "min_score", "mixture_posterior")
+THRESHOLD_KEYS = ("top_fraction", "min_score", "mixture_posterior", "null_recall")
 
 
 def scorer_source(params: ScoreParams, bootstrap_model: str | None) -> str:
     return f"{LOCAL_DIR_PREFIX}{bootstrap_model}" if params.scorer == BOOTSTRAP else params.scorer
 
 
+def summed_counts(partials: Callable[[], Iterator[pd.DataFrame]]) -> tuple[np.ndarray, np.ndarray]:
+    """The pool's bucket counts of the scores and of the null scores: running sums over the shards' partials."""
+    counts, null_counts = np.zeros(1 << 16, dtype=np.int64), np.zeros(1 << 16, dtype=np.int64)
+    for partial in partials():
+        buckets = partial["bucket"].to_numpy(np.int64)
+        np.add.at(counts, buckets, partial["count"].to_numpy(np.int64))
+        np.add.at(null_counts, buckets, partial["null_count"].to_numpy(np.int64))
+    return counts, null_counts
+
+
+def scores_in_bucket(mapped: Callable[[], Iterator[pd.DataFrame]], column: str, bucket: int) -> np.ndarray:
+    """The pool's values of ``column`` whose key's high 16 bits are ``bucket`` (the radix select's second pass)."""
+    parts = []
+    for table in mapped():
+        scores = table[column].to_numpy(np.float32)
+        parts.append(scores[(sortable_keys(scores) >> 16) == bucket])
+    return np.concatenate(parts)
+
+
 class ScoreStep(PoolStep):
     name = "score"
     section = "score"
     columns = {"clip_score": pa.float32()}
-    map_columns = {"clip_score": pa.float32()}
+    map_columns = {"clip_score": pa.float32(), "null_score": pa.float32()}
     reasons = (LOW_SCORE_REASON, UNREADABLE_IMAGE_REASON)
     needs = ("shard", "key", "caption")
 
@@ -72,6 +96,8 @@ class ScoreStep(PoolStep):
         # The scores do not depend on the threshold, and the decisions depend on nothing else.
         part = {k: dump[k] for k in THRESHOLD_KEYS} if phase == "decide" else \
             {k: v for k, v in dump.items() if k not in THRESHOLD_KEYS and k != "bootstrap"}
+        if phase != "decide":
+            part["map_columns"] = sorted(cls.map_columns)  # a map stored without the null scores is redone
         if phase != "decide" and params.scorer == BOOTSTRAP:
             # the export's bytes, not where it lies: the same scorer in another checkout scores the same
             model = context.inputs.get("bootstrap_model")
@@ -100,39 +126,45 @@ class ScoreStep(PoolStep):
     def map(self, batch: pd.DataFrame) -> pd.DataFrame:
         images = [self.shards.read(shard_file_name(shard), key, "jpg")
                   for shard, key in zip(batch["shard"], batch["key"])]
-        scores = clip_scores(self.clip, images, batch["caption"].fillna("").astype(str).tolist(),
-                             self.params.batch_size) if len(batch) else np.zeros(0, np.float32)
-        return pd.DataFrame({"uid": batch["uid"].to_numpy(), "clip_score": scores.astype(np.float32)})
+        if len(batch):
+            image_emb, text_emb = clip_embeddings(self.clip, images, batch["caption"].fillna("").astype(str).tolist(),
+                                                  self.params.batch_size)
+            scores = (image_emb * text_emb).sum(axis=1)
+            null = null_scores(image_emb, text_emb, shuffled_partners(batch["uid"].to_numpy()))
+        else:
+            scores = null = np.zeros(0, np.float32)
+        return pd.DataFrame({"uid": batch["uid"].to_numpy(), "clip_score": scores.astype(np.float32),
+                             "null_score": null.astype(np.float32)})
 
     def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
-        buckets, counts = key_buckets(mapped["clip_score"].to_numpy(np.float32))
-        return pd.DataFrame({"bucket": buckets.astype(np.int64), "count": counts.astype(np.int64)})
+        """The shard's bucket counts of its scores (``count``) and of its null scores (``null_count``)."""
+        counts = {}
+        for column, name in (("clip_score", "count"), ("null_score", "null_count")):
+            buckets, n = key_buckets(mapped[column].to_numpy(np.float32))
+            counts[name] = pd.Series(n.astype(np.int64), index=buckets.astype(np.int64))
+        table = pd.DataFrame(counts).fillna(0).astype(np.int64).sort_index()
+        return pd.DataFrame({"bucket": table.index.to_numpy(np.int64), "count": table["count"].to_numpy(),
+                             "null_count": table["null_count"].to_numpy()})
 
     @classmethod
     def combine(cls, params: ScoreParams, partials: Callable[[], Iterator[pd.DataFrame]],
                 mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
-        top = calibrated = mixture = None
-        if params.top_fraction is not None or params.mixture_posterior is not None:
-            counts = np.zeros(1 << 16, dtype=np.int64)  # a running sum over the shards' bucket counts
-            for partial in partials():
-                np.add.at(counts, partial["bucket"].to_numpy(np.int64), partial["count"].to_numpy(np.int64))
-            buckets = np.flatnonzero(counts)
+        top = calibrated = mixture = null = None
+        if any(getattr(params, k) is not None for k in ("top_fraction", "mixture_posterior", "null_recall")):
+            counts, null_counts = summed_counts(partials)
+            buckets, null_buckets = np.flatnonzero(counts), np.flatnonzero(null_counts)
         if params.mixture_posterior is not None and len(buckets) >= 2:
             mixture = fit_two_gaussians(bucket_scores(buckets), counts[buckets])
             calibrated = mixture_threshold(mixture, params.mixture_posterior)
         if params.top_fraction is not None:
-
-            def scores_in_bucket(bucket: int) -> np.ndarray:
-                parts = []
-                for table in mapped():
-                    scores = table["clip_score"].to_numpy(np.float32)
-                    parts.append(scores[(sortable_keys(scores) >> 16) == bucket])
-                return np.concatenate(parts)
-
-            top = top_fraction_score(buckets, counts[buckets], params.top_fraction, scores_in_bucket)
-        thresholds = [t for t in (top, params.min_score, calibrated) if t is not None]
+            top = top_fraction_score(buckets, counts[buckets], params.top_fraction,
+                                     lambda bucket: scores_in_bucket(mapped, "clip_score", bucket))
+        if params.null_recall is not None:
+            null = null_quantile_score(null_buckets, null_counts[null_buckets], params.null_recall,
+                                       lambda bucket: scores_in_bucket(mapped, "null_score", bucket))
+        thresholds = [t for t in (top, params.min_score, calibrated, null) if t is not None]
         return {"threshold": max(thresholds) if thresholds else None, "calibrated_threshold": calibrated,
-                "mixture": mixture}
+                "mixture": mixture, "null_threshold": null}
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
         scores = mapped["clip_score"].to_numpy(np.float32)
@@ -151,6 +183,7 @@ class ScoreStep(PoolStep):
         return {"scorer": params.scorer, "threshold": state["threshold"], "top_fraction": params.top_fraction,
                 "min_score": params.min_score, "mixture_posterior": params.mixture_posterior,
                 "calibrated_threshold": state.get("calibrated_threshold"), "mixture": state.get("mixture"),
+                "null_recall": params.null_recall, "null_threshold": state.get("null_threshold"),
                 "mean_clip_score": total / n if n else None}
 
     @classmethod
