@@ -4,9 +4,9 @@ A synthetic download output (manifest with the download manifest's columns, capt
 crawl's: Zipf-distributed concepts, synonyms, boilerplate, filenames, SEO spam, mismatched and boilerplate-only
 captions, failed downloads and a few % exact-duplicate images) is cut into shards of ``--shard-rows`` rows; x1,
 x4 and x16 are prefixes of one generated crawl. Each size runs as a fresh ``clipmill stage curate`` process
-(tracking off, local executor) over the steps that need no pixels (rules, dedup, balance, rewrite); the sizes in
-``--image-scales`` also get webdataset shards of small JPEGs and run the full list (with score, by a randomly
-initialised clipmill-tiny export).
+(tracking off, local executor) over the steps that need no pixels (rules, spam, langid, dedup, balance,
+rewrite); the sizes in ``--image-scales`` also get webdataset shards of small JPEGs and run the full list (with
+neardup and score, by a randomly initialised clipmill-tiny export).
 
 Measured per run: wall and CPU time; per step the seconds per 1,000 of its input samples, both as task time (the
 seconds of its per-shard work, over every phase) and as the step's wall time (both from the run's
@@ -51,7 +51,7 @@ from clipmill.components.download.stage import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_PIXEL_STEPS = ["rules", "dedup", "balance", "rewrite"]
+NO_PIXEL_STEPS = ["rules", "spam", "langid", "dedup", "balance", "rewrite"]
 LIST_NAME = "crawl"  # shards live under <shards>/crawl/, as the download stage writes them
 IMAGE_PX = 64
 # Failed downloads: (share of rows, status, error_message, error_reason), as img2dataset and the download stage

@@ -172,8 +172,38 @@ def test_the_driver_runs_a_single_task_and_small_decision_phases_itself(tmp_path
     with Executor("local", 2, RayParams()) as pool:
         assert pool.in_driver(tasks("map", 1)) and pool.in_driver(tasks("decide", DRIVER_DECISIONS))
         assert not pool.in_driver(tasks("map", 2)) and not pool.in_driver(tasks("decide", DRIVER_DECISIONS + 1))
+        # The last run's timing of the phase: 1 s a task; a worker took 8 s to import and build the step. Here n
+        # tasks take n s; on two workers 8 + n / 2 s: the driver wins up to 16 tasks.
+        last = {"ran": 12, "task_seconds": 12.0, "worker_startup_seconds": 8.0}
+        assert pool.in_driver(tasks("map", 3), last) and pool.in_driver(tasks("map", 16), last)
+        assert not pool.in_driver(tasks("map", 17), last)
+        assert not pool.in_driver(tasks("map", 3), {"ran": 0, "task_seconds": 0.0, "worker_startup_seconds": 8.0})
+        assert not pool.in_driver(tasks("map", 3), {"ran": 12, "task_seconds": 12.0})  # no start-up measured
     with Executor("local", 1, RayParams()) as here:
         assert here.in_driver(tasks("map", 100))
+
+
+def test_a_rerun_weighs_the_driver_against_the_pool_with_the_last_runs_timings(download, scorer, reference, tmp_path):
+    """A run on the pool records what a worker paid to start each phase; a rerun with new shards reads it, and
+    outputs never depend on where a phase ran."""
+    import json
+
+    out = tmp_path / "curate"
+    params = shrunk_params({"curate.workers": 2})
+    run_curate(download, out, params, scorer)
+    first = json.loads((out / "timings.json").read_text())
+    score_map = first["steps"]["score"]["phases"]["map"]
+    assert score_map["where"] == "pool" and score_map["worker_startup_seconds"] > 0
+    # Two shards of the score step to redo, under last timings that make the driver cheaper, then the pool.
+    for startup, where in ((1e6, "driver"), (0.0, "pool")):
+        first["steps"]["score"]["phases"]["map"]["worker_startup_seconds"] = startup
+        (out / "timings.json").write_text(json.dumps(first))
+        for marker in sorted((out / "steps" / "score" / "map").rglob("*.done"))[:2]:
+            marker.unlink()
+        run_curate(download, out, params, scorer)
+        rerun = json.loads((out / "timings.json").read_text())["steps"]["score"]["phases"]["map"]
+        assert (rerun["ran"], rerun["where"]) == (2, where)
+        assert_same_tables(step_tables(out), reference["tables"])
 
 
 def write_params(path: Path, params: Params) -> Path:

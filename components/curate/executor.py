@@ -7,8 +7,11 @@ sample, so only samples new to the step are computed), and writes its output and
 
 A local pool's worker imports the modules of the steps it runs and builds them (a scorer's import alone takes
 seconds of CPU), which a small increment would pay for little work. So the driver, which has imported every step
-already, runs a phase itself when it has a single unfinished task, and a decision phase (one stored map output and
-the small state per shard) of at most ``DRIVER_DECISIONS`` tasks; the pool's workers start only for the rest.
+already, runs a phase itself when it has a single unfinished task, a decision phase (one stored map output and
+the small state per shard) of at most ``DRIVER_DECISIONS`` tasks, and any phase that the last run's timings of the
+same step and phase say is cheaper here: n tasks of t seconds each in the driver (n t) against the workers' start-up
+for the step s plus the tasks shared out (s + n t / workers). The pool's workers start only for the rest. Where a
+task runs never changes its output (the driver runs it with a worker's share of torch threads).
 """
 from __future__ import annotations
 
@@ -135,8 +138,10 @@ def run_task(task: UnitTask) -> dict:
     (the uids it kept) and ``kept_columns`` (its columns on those uids; None for a step without columns).
     """
     if task.done():
-        return {**read_marker(task.output), "seconds": 0.0}
+        return {**read_marker(task.output), "seconds": 0.0, "build_seconds": 0.0}
+    started = time.perf_counter()
     step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
+    build_seconds = time.perf_counter() - started
     started = time.perf_counter()
     cls = type(step)
     curate_dir = location(task.curate_dir)
@@ -171,7 +176,7 @@ def run_task(task: UnitTask) -> dict:
                                   if cls.columns else None)
     marker = {"fingerprint": task.fingerprint, "params": params_fp, **counts}
     write_output(out, task.output, marker)
-    return {**marker, "seconds": time.perf_counter() - started}
+    return {**marker, "seconds": time.perf_counter() - started, "build_seconds": build_seconds}
 
 
 class Executor:
@@ -198,28 +203,40 @@ class Executor:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def in_driver(self, tasks: list[UnitTask]) -> bool:
-        """Whether the driver runs these unfinished tasks itself (see the module docstring)."""
-        return self._pool is None or len(tasks) <= 1 or (tasks[0].phase == "decide" and len(tasks) <= DRIVER_DECISIONS)
+    def in_driver(self, tasks: list[UnitTask], previous: dict | None = None) -> bool:
+        """Whether the driver runs these unfinished tasks itself (see the module docstring); ``previous`` is the
+        last run's timing of the same step and phase (``Executor.run``'s result), when there is one."""
+        if self._pool is None or len(tasks) <= 1 or (tasks[0].phase == "decide" and len(tasks) <= DRIVER_DECISIONS):
+            return True
+        if not previous or not previous.get("ran") or previous.get("worker_startup_seconds") is None:
+            return False
+        per_task = previous["task_seconds"] / previous["ran"]
+        n = len(tasks)
+        return n * per_task <= previous["worker_startup_seconds"] + n * per_task / self.workers
 
-    def _local(self, tasks: list[UnitTask], bar: Progress) -> float:
-        seconds = 0.0
-        if self.in_driver(tasks):
+    def _local(self, tasks: list[UnitTask], bar: Progress, timing: dict, previous: dict | None) -> None:
+        def done(result: dict) -> None:
+            timing["task_seconds"] += result["seconds"]
+            bar.update(1, samples=result.get("input", 0))
+
+        if self.in_driver(tasks, previous):
+            timing["where"] = "driver"
             with _threads_like_a_worker(self.workers if self._pool is not None else 1):
                 for task in tasks:
-                    result = run_task(task)
-                    seconds += result["seconds"]
-                    bar.update(1, samples=result.get("input", 0))
-            return seconds
+                    done(run_task(task))
+            return
+        timing["where"] = "pool"
+        startup = 0.0
         pending = {self._pool.submit(run_task, task) for task in tasks}
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     result = future.result()  # re-raises a worker's error here, with its message
-                    seconds += result["seconds"]
-                    bar.update(1, samples=result.get("input", 0))
-            return seconds
+                    startup = max(startup, result["build_seconds"])
+                    done(result)
+            # what a worker paid to import and build the step: the cost of sending this phase to the pool
+            timing["worker_startup_seconds"] = startup
         finally:
             for future in pending:
                 future.cancel()
@@ -240,11 +257,15 @@ class Executor:
             bar.update(len(finished), samples=sum(result.get("input", 0) for result in results))
         return seconds
 
-    def run(self, tasks: list[UnitTask], resources: dict | None = None) -> dict:
+    def run(self, tasks: list[UnitTask], resources: dict | None = None, previous: dict | None = None) -> dict:
         """Run the unfinished ``tasks`` (all of one step and phase); returns how many ran, the seconds their work
-        took (summed over the tasks) and the phase's wall seconds."""
+        took (summed over the tasks), the phase's wall seconds, where it ran (driver, pool or ray) and, for the
+        local executor, the seconds a pool worker took to import and build the step (measured when the pool ran the
+        phase, else ``previous``'s: the last run's result for the same step and phase, which ``in_driver`` reads)."""
         todo = [t for t in tasks if not t.done()]
         timing = {"shards": len(tasks), "ran": len(todo), "task_seconds": 0.0, "wall_seconds": 0.0}
+        if self.kind == "local" and previous and previous.get("worker_startup_seconds") is not None:
+            timing["worker_startup_seconds"] = previous["worker_startup_seconds"]
         if not todo:
             if tasks:
                 log.info("%s:%s: all %d shards finished earlier", tasks[0].step, tasks[0].phase, len(tasks))
@@ -253,12 +274,13 @@ class Executor:
         started = time.perf_counter()
         with Progress(f"curate {label}", len(todo), "shards") as bar:
             if self.kind == "ray":
+                timing["where"] = "ray"
                 timing["task_seconds"] = self._ray(todo, resources or {"num_cpus": 1}, bar)
             else:
-                timing["task_seconds"] = self._local(todo, bar)
+                self._local(todo, bar, timing, previous)
         timing["wall_seconds"] = time.perf_counter() - started
-        log.info("%s: %d of %d shards in %.1f s (%d finished earlier)", label, len(todo), len(tasks),
-                 timing["wall_seconds"], len(tasks) - len(todo))
+        log.info("%s: %d of %d shards in %.1f s (%d finished earlier; %s)", label, len(todo), len(tasks),
+                 timing["wall_seconds"], len(tasks) - len(todo), timing["where"])
         return timing
 
 

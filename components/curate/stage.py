@@ -33,7 +33,15 @@ from clipmill.components.common.funnel import funnel_metrics
 from clipmill.components.common.hashing import hash_obj
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.steps import PoolStep, Step, StepContext
-from clipmill.components.common.storage import location, read_frame, relative, remove, remove_tree, write_json
+from clipmill.components.common.storage import (
+    location,
+    read_frame,
+    read_json,
+    relative,
+    remove,
+    remove_tree,
+    write_json,
+)
 from clipmill.components.common.tracking import stage_run, tracking_uri
 
 from .executor import Executor, UnitTask
@@ -98,10 +106,16 @@ def _remove_stale(curate_dir: Path, names: list[str], units: list[str]) -> None:
                 remove(marker.with_suffix(".parquet"))
 
 
+def _phase(timings: dict, step: str, phase: str) -> dict | None:
+    return timings.get(step, {}).get("phases", {}).get(phase)
+
+
 def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
-              executor: Executor, timings: dict) -> list[dict]:
+              executor: Executor, timings: dict, previous: dict | None = None) -> list[dict]:
     """Every step over every unit, in order; returns the per-step summaries and fills ``timings`` (per step: its
-    wall seconds and, per phase, the shards that ran and their seconds)."""
+    wall seconds and, per phase, the shards that ran and their seconds). ``previous`` is the last run's timings:
+    the executor weighs running a phase in the driver against starting the pool's workers with them."""
+    before = (previous or {}).get("steps", {})
     unit_fps = {unit: unit_fingerprint(curate_dir, unit) for unit in units}
     inputs = dict(unit_fps)  # fingerprints of each step's input rows, per unit
     columns_made: dict[str, list] = {unit: [] for unit in units}  # per unit: the columns earlier steps added
@@ -115,17 +129,17 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
             phases = {}
             mapped = _fingerprints(step, section, context, "map", inputs)
             phases["map"] = executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream),
-                                         resources)
+                                         resources, _phase(before, step.name, "map"))
             state = step.combine(section, partial(_frames, curate_dir, step.name, "partial", units),
                                  partial(_frames, curate_dir, step.name, "map", units))
             state_hash = save_state(curate_dir, step.name, state)
             decided = _fingerprints(step, section, context, "decide", mapped, state_hash)
             phases["decide"] = executor.run(_tasks(curate_dir, step, section, context, "decide", decided, upstream,
-                                                   state_hash))
+                                                   state_hash), previous=_phase(before, step.name, "decide"))
         else:
             applied = _fingerprints(step, section, context, "apply", inputs)
             phases = {"apply": executor.run(_tasks(curate_dir, step, section, context, "apply", applied, upstream),
-                                            resources)}
+                                            resources, _phase(before, step.name, "apply"))}
         # The next step's input is the shard's rows that every step so far kept, with the columns they added: its
         # fingerprint follows from those alone, so a shard whose survivors did not change (a new shard moved a pool
         # state, not them; a step that drops nothing here was added or left out) is not redone downstream.
@@ -180,8 +194,9 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
         if not units:
             raise ClipmillError(f"{manifest_path}: no successful downloads to curate")
         _remove_stale(out_dir, list(names), units)
+        previous = _previous_timings(out_dir)
         with Executor(params.curate.executor, params.curate.workers, params.ray) as executor:
-            summaries = run_steps(out_dir, steps, params, context, units, executor, timings)
+            summaries = run_steps(out_dir, steps, params, context, units, executor, timings, previous)
         samples = sum(read_marker(out_dir / UNITS_DIR / f"{u}.parquet")["rows"] for u in units)
         summary = {"shards": len(units), "samples": samples, "steps": summaries,
                    "kept": summaries[-1]["kept"] if summaries else samples}
@@ -193,6 +208,14 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     log.info("curate: %d samples in %d shards -> %d kept (%s) in %.1f s", samples, len(units), summary["kept"],
              " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), timings["wall_seconds"])
     return summary
+
+
+def _previous_timings(out_dir) -> dict | None:
+    """The last run's timings, if it left them (they only weigh where a phase runs, never what it outputs)."""
+    try:
+        return read_json(out_dir / TIMINGS_FILE)
+    except (ClipmillError, OSError, ValueError):
+        return None
 
 
 def _step_context(params, manifest_path: Path, shards_dir: str | os.PathLike,

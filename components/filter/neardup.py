@@ -9,8 +9,10 @@ perceptual hash of the fine detail does not (on the demo crawl a 256-bit pHash p
 their source, median, and unrelated pictures 30 bits from their nearest neighbour, 0.5th percentile).
 Partial: the shard's (uid, signature) rows, 32 bytes a sample. Combine, in two passes, never comparing all pairs:
 (1) locality-sensitive banding: the signature is cut into ``BAND_BITS``-bit bands; only images that share a band
-value are compared, and those within ``candidate_bits`` of each other become candidates (one band and one of
-``COMBINE_BUCKETS`` band-value buckets at a time, so the driver holds that share of the pool's signatures);
+value are compared, and those within ``candidate_bits`` of each other become candidates. The partials are read
+once when the pool's signatures fit in ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is
+worked through one band and one band-value bucket at a time, in as many buckets as keep each within that bound,
+reading the partials once per (band, bucket). The candidates do not depend on which way was taken;
 (2) each candidate pair is checked on its thumbnails (streamed from the map outputs, kept only for candidates):
 both their RMS difference is at most ``filter.near_duplicate_distance`` (the colours match) and their correlation
 at least ``filter.near_duplicate_min_correlation`` (the layout matches: low-contrast pictures are close in RMS
@@ -41,13 +43,13 @@ THUMB_BYTES = THUMB_SIDE * THUMB_SIDE * 3
 SIGNATURE_BITS = 256     # SimHash of the centred thumbnail
 WORDS = SIGNATURE_BITS // 64
 BAND_BITS = 16           # 16 bands of 16 bits: a pair at correlation 0.95 shares a band with probability ~0.96
-COMBINE_BUCKETS = 8
+COMBINE_MEMORY = 256 * 2**20  # bytes of signatures (and their uids) the driver holds at a time
+ENTRY_BYTES = WORDS * 8 + 72   # one image's signature, its uid (a short str) and the pointer to it
 HASH_COLUMNS = [f"sig{i}" for i in range(WORDS)]
 FLAT_STD = 1.0 / 255     # a thumbnail whose values vary less than this is flat (blank): it has no layout
 _PLANES = np.random.default_rng(20240614).standard_normal((SIGNATURE_BITS, THUMB_BYTES)).astype(np.float32)
 FLAT_LEVEL_STEP = 4      # blank images within one bin of 4 grey levels differ by less than the distance 0.025
 _FLAT_SIGNATURES = np.random.default_rng(20240615).integers(0, 2**63, (256 // FLAT_LEVEL_STEP, WORDS), dtype=np.uint64)
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 log = get_logger("neardup")
 
@@ -108,9 +110,8 @@ def similar(a: np.ndarray, b: np.ndarray, max_distance: float, min_correlation: 
 
 
 def hamming(words: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """Bit differences between each row of ``words`` (n x WORDS uint64) and the row ``other``."""
-    diff = np.ascontiguousarray(words ^ other).view(np.uint8)
-    return _POPCOUNT[diff].reshape(len(words), -1).sum(axis=1)
+    """Bit differences between each row of ``words`` (n x WORDS uint64) and ``other`` (one row, or n rows)."""
+    return np.bitwise_count(words ^ other).sum(axis=1, dtype=np.int64)
 
 
 def band_values(words: np.ndarray, band: int) -> np.ndarray:
@@ -122,7 +123,11 @@ def band_values(words: np.ndarray, band: int) -> np.ndarray:
 
 def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_distance: int) -> list[tuple[str, str]]:
     """(uid, uid) pairs that link every two images sharing a band value in ``keys`` and differing in at most
-    ``max_distance`` bits (images with identical hashes are linked to the first of them, then compared once)."""
+    ``max_distance`` bits (images with identical hashes are linked to the first of them, then compared once).
+
+    Vectorised over the groups of equal keys: with the keys sorted, the pairs at offset d within a group are the
+    positions i with keys[i] == keys[i + d], so a group of s images costs s - 1 array passes, not s Python loops.
+    """
     pairs = []
     if not len(uids):
         return pairs
@@ -133,12 +138,14 @@ def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_dist
     keep = np.sort(first)
     order = keep[np.argsort(keys[keep], kind="stable")]
     keys, uids, words = keys[order], uids[order], words[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    ends = np.r_[starts[1:], len(keys)]
-    for start, end in zip(starts, ends):
-        for i in range(start, end - 1):
-            close = np.flatnonzero(hamming(words[i + 1:end], words[i]) <= max_distance) + i + 1
-            pairs.extend((uids[i], uids[j]) for j in close)
+    at = np.flatnonzero(keys[:-1] == keys[1:])  # i whose group goes on at i + 1
+    offset = 1
+    while len(at):
+        close = at[hamming(words[at], words[at + offset]) <= max_distance]
+        pairs.extend(zip(uids[close], uids[close + offset]))
+        offset += 1
+        at = at[at + offset < len(keys)]
+        at = at[keys[at] == keys[at + offset]]
     return pairs
 
 
@@ -160,23 +167,54 @@ def clusters(pairs: list[tuple[str, str]]) -> pd.DataFrame:
     return pd.DataFrame({"uid": uids, "winner": [root(u) for u in uids]}, columns=["uid", "winner"])
 
 
-def candidate_pairs(partials: Callable[[], Iterator[pd.DataFrame]], max_bits: int) -> list[tuple[str, str]]:
-    """Pairs whose signatures share a band value and differ in at most ``max_bits`` bits, one (band, bucket) at a
-    time over every shard's partial (each pair once)."""
+def _band_pairs(uids: np.ndarray, words: np.ndarray, max_bits: int, buckets: int = 1, bucket: int = 0,
+                bands=range(SIGNATURE_BITS // BAND_BITS)) -> set[tuple[str, str]]:
+    """Candidate pairs among ``uids``/``words`` in ``bands``, of the band values in ``bucket`` of ``buckets``."""
+    pairs: set[tuple[str, str]] = set()
+    for band in bands:
+        values = band_values(words, band)
+        mine = values % buckets == bucket if buckets > 1 else slice(None)
+        found = linked_pairs(uids[mine], words[mine], values[mine], max_bits)
+        pairs.update((min(a, b), max(a, b)) for a, b in found)
+    return pairs
+
+
+def _read_signatures(frames) -> tuple[np.ndarray, np.ndarray]:
+    uids, words = [], []
+    for partial in frames:
+        uids.append(partial["uid"].to_numpy(object))
+        words.append(partial[HASH_COLUMNS].to_numpy(np.uint64))
+    if not uids:
+        return np.array([], dtype=object), np.zeros((0, WORDS), dtype=np.uint64)
+    return np.concatenate(uids), np.concatenate(words)
+
+
+def candidate_pairs(partials: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
+                    memory: int = COMBINE_MEMORY) -> list[tuple[str, str]]:
+    """Pairs whose signatures share a band value and differ in at most ``max_bits`` bits (each pair once, sorted).
+
+    The partials are read once while their signatures fit in ``memory`` bytes; a larger pool is worked through in
+    (band, bucket) slices that each fit, reading the partials once per slice."""
+    held, size = [], 0
+    for partial in partials():
+        held.append(partial)
+        size += len(partial) * ENTRY_BYTES
+        if size > memory:
+            break
+    else:
+        uids, words = _read_signatures(held)
+        return sorted(_band_pairs(uids, words, max_bits))
+    held.clear()
+    total = sum(len(partial) for partial in partials())
+    buckets = math.ceil(total * ENTRY_BYTES / memory)
+    log.info("near-duplicate combine: %d signatures, %d bucket(s) per band", total, buckets)
     pairs: set[tuple[str, str]] = set()
     for band in range(SIGNATURE_BITS // BAND_BITS):
-        for bucket in range(COMBINE_BUCKETS):
-            uids, words, keys = [], [], []
-            for partial in partials():
-                part_words = partial[HASH_COLUMNS].to_numpy(np.uint64)
-                values = band_values(part_words, band)
-                mine = values % COMBINE_BUCKETS == bucket
-                uids.append(partial["uid"].to_numpy(object)[mine])
-                words.append(part_words[mine])
-                keys.append(values[mine])
-            if uids:
-                found = linked_pairs(np.concatenate(uids), np.concatenate(words), np.concatenate(keys), max_bits)
-                pairs.update((min(a, b), max(a, b)) for a, b in found)
+        for bucket in range(buckets):
+            uids, words = _read_signatures(
+                part[band_values(part[HASH_COLUMNS].to_numpy(np.uint64), band) % buckets == bucket]
+                for part in partials())
+            pairs |= _band_pairs(uids, words, max_bits, buckets, bucket, bands=[band])
     return sorted(pairs)
 
 
