@@ -322,13 +322,15 @@ def bare_rules(rows: pd.DataFrame, filt: dict) -> np.ndarray:
     width = rows["original_width"].astype("float64").to_numpy()
     height = rows["original_height"].astype("float64").to_numpy()
     drop = np.zeros(len(rows), dtype=bool)
+    if filt.get("max_caption_chars") is not None:
+        drop |= (caption.str.len() > filt["max_caption_chars"]).to_numpy()
     if filt.get("min_words") is not None:
         drop |= (caption.str.split().str.len() < filt["min_words"]).to_numpy()
     if filt.get("min_chars") is not None:
         drop |= (caption.str.strip().str.len() < filt["min_chars"]).to_numpy()
     if filt.get("boilerplate_patterns"):
         patterns = [re.compile(p) for p in filt["boilerplate_patterns"]]
-        drop |= np.array([any(p.search(t) for p in patterns) for t in caption], dtype=bool)
+        drop |= np.array([any(p.search(" ".join(t.split())) for p in patterns) for t in caption], dtype=bool)
     if filt.get("min_image_side") is not None:
         drop |= np.minimum(width, height) < filt["min_image_side"]
     if filt.get("max_aspect_ratio") is not None:
@@ -417,13 +419,17 @@ def fit_exponent(samples: list[float], seconds: list[float]) -> float | None:
 
 
 def write_params(path: Path, steps: list[str], workers: int, device: str | None) -> dict:
+    """The run's params.yaml (the demo's, tracking off, ``steps`` on the local executor); returns every section
+    with the schema's defaults filled in (params.yaml states only the demo's choices)."""
+    from clipmill.params import load_params
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tracking"]["enabled"] = False
-    params["curate"].update(steps=steps, executor="local", workers=workers)
+    params.setdefault("tracking", {})["enabled"] = False
+    params.setdefault("curate", {}).update(steps=steps, executor="local", workers=workers)
     if device:
-        params["score"]["device"] = device
+        params.setdefault("score", {})["device"] = device
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return params
+    return load_params(path).model_dump(mode="json")
 
 
 def summarize_run(kind: str, scale: int, rows: int, run: dict, costs: dict, bare: dict) -> dict:

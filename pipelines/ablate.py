@@ -3,7 +3,11 @@ evaluation suite. It composes the curate and reshard stages and the core library
 (MLflow runs, tables, plot) are ``clipmill.components.ablate.ablation``'s.
 
 In: the curate stage's outputs (``data/curate``: every step's per-shard decisions), the download shards, the
-held-out suite, and the whole params (``ablate:``, ``train:``, ``evaluate:``, ``curate.steps``). For each arm
+held-out suite, and the whole params (``ablate:``, ``train:``, ``evaluate:``, ``curate.steps``). The arms are cut
+from the curation under the ablation's own params: the curate stage's directory is hard-linked into
+``<work>/curate`` and the curate stage runs over it with them, so a ``-S`` override of a step's section
+(``filter.*``, ``score.*``, ``balance.*``, ``rewrite.*``) redoes that step and the later ones, and with the stage's
+own params every shard is found finished (nothing is redone). For each arm
 (``clipmill.components.ablate.arms``) the reshard code writes the uids that the arm's steps kept into
 ``<work>/<arm>/curated``; an "all but X" arm is first curated again without X (``<work>/<arm>/curate``, the
 outputs of the steps before X reused through hard links), so the later steps see what X would have dropped.
@@ -26,6 +30,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +89,18 @@ def curate_again(arm: Arm, params, inputs: Inputs, out: Path) -> Path:
     return out
 
 
+def variant_curation(params, inputs: Inputs, out: Path) -> Inputs:
+    """``inputs`` whose curation is the curate stage's directory curated again in ``out`` under ``params`` (see
+    the module docstring); without a download manifest, the stage's directory as it is."""
+    if inputs.manifest is None:
+        return inputs
+    shutil.rmtree(out, ignore_errors=True)  # a work_dir of an earlier ablation
+    _link_tree(inputs.curate, out)
+    extra = {"bootstrap_model": str(inputs.bootstrap_model)} if inputs.bootstrap_model else {}
+    curate(inputs.manifest, inputs.shards, out, _quiet(params), inputs={**extra, "manifest": str(inputs.manifest)})
+    return replace(inputs, curate=out)
+
+
 def build_arm(arm: Arm, params, inputs: Inputs, work: Path) -> dict:
     """The arm's curated shards (``work/curated``) from the curation's per-step decisions, by the reshard code."""
     source = curate_again(arm, params, inputs, work / "curate") if arm.recurate else inputs.curate
@@ -131,6 +148,7 @@ def ablate(params, inputs: Inputs, call: Call = _direct) -> dict:
     built, rows, per_class = [], [], []
     try:
         with parent_run(params, inputs, arms) as run_id:
+            inputs = call(variant_curation, "curate", params, inputs, work / "curate")
             for i, arm in enumerate(arms, 1):
                 arm_started = time.perf_counter()
                 info = call(build_arm, f"build-{arm.name}", arm, params, inputs, work / arm.name)

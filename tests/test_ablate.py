@@ -159,3 +159,33 @@ def test_an_arm_that_keeps_no_samples_is_one_clear_error_before_training(tmp_pat
     (arm,) = resolve_arms(["-spam"], params.curate.steps)
     with pytest.raises(ConfigError, match="arm '-spam' .all but spam. keeps no samples"):
         build_arm(arm, params, Inputs(p["curate"], p["shards"], tmp_path, p["manifest"]), tmp_path / "arm")
+
+
+def test_an_override_of_a_steps_params_changes_the_arms_cut_after_it(tmp_path):
+    """-S filter.min_words=... must reach the rules' decisions (the arms are cut from the curation under the
+    ablation's params), and with the stage's own params nothing differs from the stage's decisions."""
+    from clipmill.components.ablate.ablation import Inputs
+    from clipmill.components.common.curation import read_step_table
+    from clipmill.pipelines.ablate import build_arm, variant_curation
+
+    curation = make_curation(tmp_path / "crawl", n=120, per_shard=60, steps=["rules", "spam", "dedup"])
+    p, params = curation["paths"], curation["params"]
+    before = {f: f.read_bytes() for f in p["curate"].rglob("*") if f.is_file()}
+    inputs = Inputs(p["curate"], p["shards"], tmp_path, p["manifest"])
+    (arm,) = resolve_arms(["rules"], params.curate.steps)
+
+    same = variant_curation(params, inputs, tmp_path / "same" / "curate")
+    kept_same = build_arm(arm, params, same, tmp_path / "same" / "rules")["samples"]
+    rules = curation["tables"]["rules"]
+    assert kept_same == int(rules["keep"].sum())
+    assert read_step_table(same.curate, "dedup").equals(read_step_table(p["curate"], "dedup"))
+
+    stricter = params.model_copy(deep=True)
+    stricter.filter.boilerplate_patterns = [*params.filter.boilerplate_patterns, r"^a red [a-z]+ on .*$"]
+    variant = variant_curation(stricter, inputs, tmp_path / "variant" / "curate")
+    kept_variant = build_arm(arm, stricter, variant, tmp_path / "variant" / "rules")["samples"]
+    redone = read_step_table(variant.curate, "rules")
+    assert kept_variant == int(redone["keep"].sum()) < kept_same
+    assert set(redone.loc[redone["reason"] == "boilerplate", "uid"]) \
+        > set(rules.loc[rules["reason"] == "boilerplate", "uid"])
+    assert {f: f.read_bytes() for f in p["curate"].rglob("*") if f.is_file()} == before
