@@ -14,6 +14,7 @@ from clipmill.components.filter.neardup import (
     BAND_BITS,
     HASH_COLUMNS,
     NEAR_DUPLICATE_REASON,
+    THUMB_BYTES,
     WORDS,
     NearDupStep,
     band_values,
@@ -253,3 +254,41 @@ def test_candidates_do_not_depend_on_how_many_passes_the_memory_bound_takes():
     assert {(f"u{i:03d}", f"u{i + 40:03d}") for i in range(40)} <= set(one_pass)
     assert {(f"u{i:03d}", f"u{i + 120:03d}") for i in range(5)} <= set(one_pass)
     assert not any(int(a[1:]) >= 80 and int(a[1:]) < 120 or 80 <= int(b[1:]) < 120 for a, b in one_pass)
+
+
+def test_the_colour_mean_bound_never_prunes_a_pair_the_thumbnail_check_would_link():
+    """Two thumbnails within RMS d differ in their three channel means by at most mean_gap(d), squared and summed:
+    pruning candidates by it changes nothing but their number."""
+    from clipmill.components.filter.neardup import mean_gap, similar
+
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 256, size=(20000, THUMB_BYTES)).astype(np.uint8)
+    shift = rng.integers(-30, 31, size=(20000, 3)).repeat(THUMB_BYTES // 3, axis=0).reshape(20000, -1, 3)
+    noise = rng.integers(-3, 4, size=(20000, THUMB_BYTES))
+    b = np.clip(a.astype(int) + shift.reshape(20000, -1) + noise, 0, 255).astype(np.uint8)
+    for d in (0.01, 0.025, 0.05):
+        linked = similar(a, b, d, -1.0)  # any correlation: the RMS alone
+        gaps = (((a.reshape(-1, 64, 3).mean(axis=1) - b.reshape(-1, 64, 3).mean(axis=1)) / 255) ** 2).sum(axis=1)
+        assert linked.any() and (gaps[linked] <= mean_gap(d)).all()
+        assert (gaps > mean_gap(d)).any()  # the bound does prune
+
+
+def test_same_layout_in_another_colour_is_no_candidate_under_the_mean_bound():
+    """A brighter copy has the same centred thumbnail (the same signature) but other channel means: the banding
+    alone makes it a candidate, the mean bound does not."""
+    from clipmill.components.filter.neardup import candidate_pairs, mean_gap, signature_frames
+
+    rng = np.random.default_rng(2)
+    picture = rng.integers(0, 120, size=THUMB_BYTES).astype(np.uint8)
+    brighter = (picture + 60 + rng.integers(0, 3, size=THUMB_BYTES)).astype(np.uint8)
+    again = (picture + 1 + rng.integers(0, 3, size=THUMB_BYTES)).astype(np.uint8)
+    thumbs = np.stack([picture, brighter, again])
+    words = signatures(thumbs)
+    assert len(np.unique(words, axis=0)) == 3  # not copies: linked only if compared
+    frame = pd.DataFrame({"uid": ["p", "q", "r"], **{c: words[:, i] for i, c in enumerate(HASH_COLUMNS)},
+                          "thumb": [t.tobytes() for t in thumbs], "hashed": True})
+    loose = candidate_pairs(lambda: iter([frame[["uid", *HASH_COLUMNS]]]), max_bits=40)
+    pruned = candidate_pairs(lambda: signature_frames(lambda: iter([frame])), max_bits=40,
+                             max_mean_gap=mean_gap(0.025))
+    assert {("p", "q"), ("p", "r")} <= set(loose)
+    assert pruned == [("p", "r")]

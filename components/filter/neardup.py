@@ -9,7 +9,9 @@ perceptual hash of the fine detail does not (on the demo crawl a 256-bit pHash p
 their source, median, and unrelated pictures 30 bits from their nearest neighbour, 0.5th percentile).
 Partial: the shard's (uid, signature) rows, 32 bytes a sample. Combine, in two passes, never comparing all pairs:
 (1) locality-sensitive banding: the signature is cut into ``BAND_BITS``-bit bands; only images that share a band
-value are compared, and those within ``candidate_bits`` of each other become candidates. The partials are read
+value are compared, and those within ``candidate_bits`` of each other, whose thumbnails' channel means are close
+enough for the check below to pass (``mean_gap``: a bound, so no pair that would link is lost), become candidates;
+the signatures and means come from the map outputs (``signature_frames``), their thumbnails left behind. They are read
 once when the pool's signatures fit in ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is
 worked through one band and one band-value bucket at a time, in as many buckets as keep each within that bound,
 reading the partials once per (band, bucket). The candidates do not depend on which way was taken;
@@ -44,7 +46,9 @@ SIGNATURE_BITS = 256     # SimHash of the centred thumbnail
 WORDS = SIGNATURE_BITS // 64
 BAND_BITS = 16           # 16 bands of 16 bits: a pair at correlation 0.95 shares a band with probability ~0.96
 COMBINE_MEMORY = 256 * 2**20  # bytes of signatures (and their uids) the driver holds at a time
-ENTRY_BYTES = WORDS * 8 + 72   # one image's signature, its uid (a short str) and the pointer to it
+MEAN_COLUMNS = ["mean_r", "mean_g", "mean_b"]
+ENTRY_BYTES = WORDS * 8 + 3 * 8 + 72  # one image's signature, channel means, uid (a short str) and its pointer
+CHECK_CHUNK = 32768            # candidate pairs whose thumbnails are compared at once
 HASH_COLUMNS = [f"sig{i}" for i in range(WORDS)]
 FLAT_STD = 1.0 / 255     # a thumbnail whose values vary less than this is flat (blank): it has no layout
 _PLANES = np.random.default_rng(20240614).standard_normal((SIGNATURE_BITS, THUMB_BYTES)).astype(np.float32)
@@ -121,9 +125,12 @@ def band_values(words: np.ndarray, band: int) -> np.ndarray:
     return ((words[:, word] >> np.uint64(shift * BAND_BITS)) & np.uint64((1 << BAND_BITS) - 1)).astype(np.int64)
 
 
-def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_distance: int) -> list[tuple[str, str]]:
+def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_distance: int,
+                 means: np.ndarray | None = None, max_mean_gap: float = math.inf) -> list[tuple[str, str]]:
     """(uid, uid) pairs that link every two images sharing a band value in ``keys`` and differing in at most
-    ``max_distance`` bits (images with identical hashes are linked to the first of them, then compared once).
+    ``max_distance`` bits (images with identical hashes are linked to the first of them, then compared once);
+    with ``means`` (n x 3 channel means of the thumbnails), also at most ``max_mean_gap`` apart in squared
+    distance of those means.
 
     Vectorised over the groups of equal keys: with the keys sorted, the pairs at offset d within a group are the
     positions i with keys[i] == keys[i + d], so a group of s images costs s - 1 array passes, not s Python loops.
@@ -138,10 +145,13 @@ def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_dist
     keep = np.sort(first)
     order = keep[np.argsort(keys[keep], kind="stable")]
     keys, uids, words = keys[order], uids[order], words[order]
+    means = means[order] if means is not None else None
     at = np.flatnonzero(keys[:-1] == keys[1:])  # i whose group goes on at i + 1
     offset = 1
     while len(at):
         close = at[hamming(words[at], words[at + offset]) <= max_distance]
+        if means is not None:
+            close = close[((means[close] - means[close + offset]) ** 2).sum(axis=1) <= max_mean_gap]
         pairs.extend(zip(uids[close], uids[close + offset]))
         offset += 1
         at = at[at + offset < len(keys)]
@@ -167,54 +177,77 @@ def clusters(pairs: list[tuple[str, str]]) -> pd.DataFrame:
     return pd.DataFrame({"uid": uids, "winner": [root(u) for u in uids]}, columns=["uid", "winner"])
 
 
-def _band_pairs(uids: np.ndarray, words: np.ndarray, max_bits: int, buckets: int = 1, bucket: int = 0,
-                bands=range(SIGNATURE_BITS // BAND_BITS)) -> set[tuple[str, str]]:
+def _band_pairs(uids: np.ndarray, words: np.ndarray, means: np.ndarray | None, max_bits: int, max_mean_gap: float,
+                buckets: int = 1, bucket: int = 0, bands=range(SIGNATURE_BITS // BAND_BITS)) -> set[tuple[str, str]]:
     """Candidate pairs among ``uids``/``words`` in ``bands``, of the band values in ``bucket`` of ``buckets``."""
     pairs: set[tuple[str, str]] = set()
     for band in bands:
         values = band_values(words, band)
         mine = values % buckets == bucket if buckets > 1 else slice(None)
-        found = linked_pairs(uids[mine], words[mine], values[mine], max_bits)
+        found = linked_pairs(uids[mine], words[mine], values[mine], max_bits,
+                             means[mine] if means is not None else None, max_mean_gap)
         pairs.update((min(a, b), max(a, b)) for a, b in found)
     return pairs
 
 
-def _read_signatures(frames) -> tuple[np.ndarray, np.ndarray]:
-    uids, words = [], []
-    for partial in frames:
-        uids.append(partial["uid"].to_numpy(object))
-        words.append(partial[HASH_COLUMNS].to_numpy(np.uint64))
+def _read_signatures(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    uids, words, means = [], [], []
+    for frame in frames:
+        uids.append(frame["uid"].to_numpy(object))
+        words.append(frame[HASH_COLUMNS].to_numpy(np.uint64))
+        if MEAN_COLUMNS[0] in frame:
+            means.append(frame[MEAN_COLUMNS].to_numpy(np.float64))
     if not uids:
-        return np.array([], dtype=object), np.zeros((0, WORDS), dtype=np.uint64)
-    return np.concatenate(uids), np.concatenate(words)
+        return np.array([], dtype=object), np.zeros((0, WORDS), dtype=np.uint64), None
+    return np.concatenate(uids), np.concatenate(words), np.concatenate(means) if means else None
 
 
-def candidate_pairs(partials: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
-                    memory: int = COMBINE_MEMORY) -> list[tuple[str, str]]:
-    """Pairs whose signatures share a band value and differ in at most ``max_bits`` bits (each pair once, sorted).
+def signature_frames(mapped: Callable[[], Iterator[pd.DataFrame]]) -> Iterator[pd.DataFrame]:
+    """Per map output: its images with a thumbnail, as uid, signature words and the thumbnail's three channel
+    means (values 0-1), the thumbnails themselves left behind."""
+    for frame in mapped():
+        rows = frame[frame["hashed"].astype(bool)]
+        thumbs = np.frombuffer(b"".join(rows["thumb"]), dtype=np.uint8).reshape(len(rows), THUMB_SIDE ** 2, 3)
+        means = thumbs.mean(axis=1) / 255
+        yield pd.DataFrame({"uid": rows["uid"].to_numpy(), **{c: rows[c].to_numpy(np.uint64) for c in HASH_COLUMNS},
+                            **{c: means[:, i] for i, c in enumerate(MEAN_COLUMNS)}})
 
-    The partials are read once while their signatures fit in ``memory`` bytes; a larger pool is worked through in
-    (band, bucket) slices that each fit, reading the partials once per slice."""
+
+def mean_gap(max_distance: float) -> float:
+    """The largest squared distance of two thumbnails' channel means (0-1) at which their RMS difference can be
+    ``max_distance``: each channel's mean difference is at most its RMS (Cauchy-Schwarz), so the three squared
+    differences add up to at most 3 x max_distance^2 (with room for float rounding: a bound, never a test)."""
+    return 3 * max_distance ** 2 * (1 + 1e-4) + 1e-9
+
+
+def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int, memory: int = COMBINE_MEMORY,
+                    max_mean_gap: float = math.inf) -> list[tuple[str, str]]:
+    """Pairs whose signatures share a band value and differ in at most ``max_bits`` bits (each pair once, sorted);
+    where the frames carry channel means, also at most ``max_mean_gap`` apart in them.
+
+    ``frames`` yields per shard uid and the signature words (a partial, or ``signature_frames``). They are read once
+    while their signatures fit in ``memory`` bytes; a larger pool is worked through in (band, bucket) slices that
+    each fit, reading the frames once per slice."""
     held, size = [], 0
-    for partial in partials():
-        held.append(partial)
-        size += len(partial) * ENTRY_BYTES
+    for frame in frames():
+        held.append(frame)
+        size += len(frame) * ENTRY_BYTES
         if size > memory:
             break
     else:
-        uids, words = _read_signatures(held)
-        return sorted(_band_pairs(uids, words, max_bits))
+        uids, words, means = _read_signatures(held)
+        return sorted(_band_pairs(uids, words, means, max_bits, max_mean_gap))
     held.clear()
-    total = sum(len(partial) for partial in partials())
+    total = sum(len(frame) for frame in frames())
     buckets = math.ceil(total * ENTRY_BYTES / memory)
     log.info("near-duplicate combine: %d signatures, %d bucket(s) per band", total, buckets)
     pairs: set[tuple[str, str]] = set()
     for band in range(SIGNATURE_BITS // BAND_BITS):
         for bucket in range(buckets):
-            uids, words = _read_signatures(
-                part[band_values(part[HASH_COLUMNS].to_numpy(np.uint64), band) % buckets == bucket]
-                for part in partials())
-            pairs |= _band_pairs(uids, words, max_bits, buckets, bucket, bands=[band])
+            uids, words, means = _read_signatures(
+                frame[band_values(frame[HASH_COLUMNS].to_numpy(np.uint64), band) % buckets == bucket]
+                for frame in frames())
+            pairs |= _band_pairs(uids, words, means, max_bits, max_mean_gap, buckets, bucket, bands=[band])
     return sorted(pairs)
 
 
@@ -229,10 +262,14 @@ def checked_pairs(pairs: list[tuple[str, str]], mapped: Callable[[], Iterator[pd
     for frame in mapped():
         rows = frame[frame["hashed"].astype(bool) & frame["uid"].isin(wanted)]
         thumbs.update(zip(rows["uid"], rows["thumb"]))
-    first = np.frombuffer(b"".join(thumbs[a] for a, _ in pairs), dtype=np.uint8).reshape(len(pairs), THUMB_BYTES)
-    second = np.frombuffer(b"".join(thumbs[b] for _, b in pairs), dtype=np.uint8).reshape(len(pairs), THUMB_BYTES)
-    keep = similar(first, second, max_distance, min_correlation)
-    return [pair for pair, ok in zip(pairs, keep) if ok]
+    linked = []
+    for start in range(0, len(pairs), CHECK_CHUNK):  # a chunk at a time: the arithmetic holds ~4 KB a pair
+        chunk = pairs[start:start + CHECK_CHUNK]
+        first = np.frombuffer(b"".join(thumbs[a] for a, _ in chunk), dtype=np.uint8).reshape(len(chunk), -1)
+        second = np.frombuffer(b"".join(thumbs[b] for _, b in chunk), dtype=np.uint8).reshape(len(chunk), -1)
+        keep = similar(first, second, max_distance, min_correlation)
+        linked.extend(pair for pair, ok in zip(chunk, keep) if ok)
+    return linked
 
 
 class NearDupStep(PoolStep):
@@ -284,7 +321,12 @@ class NearDupStep(PoolStep):
         """The winner of every uid in a near-duplicate cluster: candidates by banding, then the thumbnail check."""
         if params.near_duplicate_distance is None:
             return {}
-        pairs = candidate_pairs(partials, candidate_bits(params.near_duplicate_min_correlation))
+        # The map outputs hold the signatures and the thumbnails: the candidates are also pruned by the thumbnails'
+        # channel means, which two images within near_duplicate_distance cannot differ by more than mean_gap (the
+        # check below would reject those pairs; with them in, a crawl of look-alike layouts has many candidates).
+        pairs = candidate_pairs(lambda: signature_frames(mapped),
+                                candidate_bits(params.near_duplicate_min_correlation),
+                                max_mean_gap=mean_gap(params.near_duplicate_distance))
         pairs = checked_pairs(pairs, mapped, params.near_duplicate_distance, params.near_duplicate_min_correlation)
         table = clusters(pairs)
         return {"losers": table[table["uid"] != table["winner"]].reset_index(drop=True)}
