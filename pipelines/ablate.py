@@ -47,7 +47,7 @@ from clipmill.components.ablate.ablation import (
 )
 from clipmill.components.ablate.arms import Arm, resolve_arms
 from clipmill.components.common.curation import STEPS_DIR, UNITS_DIR, step_dir
-from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
 from clipmill.components.common.model import load_clip
 from clipmill.components.common.training.fit import train
@@ -92,6 +92,9 @@ def curate_again(arm: Arm, params, inputs: Inputs, out: Path) -> Path:
 def variant_curation(params, inputs: Inputs, out: Path) -> Inputs:
     """``inputs`` whose curation is the curate stage's directory curated again in ``out`` under ``params`` (see
     the module docstring); without a download manifest, the stage's directory as it is."""
+    if not (inputs.curate / "summary.json").is_file():
+        raise InputError(inputs.curate, "not a finished curation (no summary.json): run the curate stage first "
+                                        "(dvc repro curate)")
     if inputs.manifest is None:
         return inputs
     shutil.rmtree(out, ignore_errors=True)  # a work_dir of an earlier ablation

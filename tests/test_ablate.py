@@ -189,3 +189,13 @@ def test_an_override_of_a_steps_params_changes_the_arms_cut_after_it(tmp_path):
     assert set(redone.loc[redone["reason"] == "boilerplate", "uid"]) \
         > set(rules.loc[rules["reason"] == "boilerplate", "uid"])
     assert {f: f.read_bytes() for f in p["curate"].rglob("*") if f.is_file()} == before
+
+
+def test_an_ablation_without_a_finished_curation_is_one_clear_error(tmp_path):
+    from clipmill.components.ablate.ablation import Inputs
+    from clipmill.components.common.errors import InputError
+    from clipmill.pipelines.ablate import variant_curation
+
+    with pytest.raises(InputError, match="not a finished curation .*run the curate stage first"):
+        variant_curation(None, Inputs(tmp_path / "missing", tmp_path, tmp_path, tmp_path / "m.parquet"),
+                         tmp_path / "work" / "curate")

@@ -468,3 +468,14 @@ def test_a_stage_sigkilled_at_a_seeded_random_point_reruns_to_identical_outputs(
                 params.project.seed + params.reshard.seed_offset, params.tracking, list(params.curate.steps))
         assert _tree_bytes(out) == _tree_bytes(expected)
     assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary output left behind
+
+
+def test_a_malformed_timings_file_only_costs_the_choice_of_where_a_phase_runs():
+    from clipmill.components.curate.stage import _phase
+
+    good = {"score": {"phases": {"map": {"ran": 3, "task_seconds": 2.0, "worker_startup_seconds": 8.0}}}}
+    assert _phase(good, "score", "map")["ran"] == 3
+    for bad in ([], {"score": []}, {"score": {"phases": {"map": "x"}}},
+                {"score": {"phases": {"map": {"ran": "3", "task_seconds": 2.0}}}}):
+        assert _phase(bad, "score", "map") is None
+    assert _phase(good, "rules", "apply") is None

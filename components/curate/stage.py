@@ -107,7 +107,15 @@ def _remove_stale(curate_dir: Path, names: list[str], units: list[str]) -> None:
 
 
 def _phase(timings: dict, step: str, phase: str) -> dict | None:
-    return timings.get(step, {}).get("phases", {}).get(phase)
+    """The last run's timing of ``step``'s ``phase``, if it is a well-formed one (the file is not an output: a
+    hand-edited or truncated one only costs the choice of where a phase runs)."""
+    found = timings.get(step, {}) if isinstance(timings, dict) else {}
+    found = found.get("phases", {}) if isinstance(found, dict) else {}
+    found = found.get(phase) if isinstance(found, dict) else None
+    numbers = ("ran", "task_seconds", "worker_startup_seconds")
+    if not isinstance(found, dict) or not all(isinstance(found.get(k, 0.0), (int, float)) for k in numbers):
+        return None
+    return found
 
 
 def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
@@ -115,7 +123,7 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
     """Every step over every unit, in order; returns the per-step summaries and fills ``timings`` (per step: its
     wall seconds and, per phase, the shards that ran and their seconds). ``previous`` is the last run's timings:
     the executor weighs running a phase in the driver against starting the pool's workers with them."""
-    before = (previous or {}).get("steps", {})
+    before = previous.get("steps", {}) if isinstance(previous, dict) else {}
     unit_fps = {unit: unit_fingerprint(curate_dir, unit) for unit in units}
     inputs = dict(unit_fps)  # fingerprints of each step's input rows, per unit
     columns_made: dict[str, list] = {unit: [] for unit in units}  # per unit: the columns earlier steps added
