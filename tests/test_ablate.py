@@ -82,7 +82,9 @@ def test_ablate_trains_each_arm_and_seed_and_writes_the_table_cis_and_child_runs
     curation = make_curation(tmp_path / "crawl", n=160, per_shard=80, steps=["rules", "spam", "dedup"])
     suite = write_shape_suite(tmp_path / "eval")
     params_file = tmp_path / "params.yaml"
-    params_file.write_text("tracking: {experiment: ablation-test}\ncurate: {steps: [rules, spam, dedup]}\n")
+    # the fixture curation's own choices: the arms are cut from the curation under these params (curated again)
+    params_file.write_text("tracking: {experiment: ablation-test}\ncurate: {steps: [rules, spam, dedup]}\n"
+                           f"filter: {{min_image_side: {curation['params'].filter.min_image_side}}}\n")
     monkeypatch.chdir(tmp_path)
     p = curation["paths"]
     overrides = ["ablate.arms=[raw, rules]", "ablate.seeds=2", "ablate.samples_per_epoch=64", "ablate.bootstrap=200",
