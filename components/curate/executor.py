@@ -100,14 +100,24 @@ def _state(task: UnitTask) -> dict:
 
 def step_input(curate_dir, unit: str, needs: tuple[str, ...],
                upstream: tuple[tuple[str, tuple[str, ...], str | None], ...]) -> pd.DataFrame:
-    """The unit's rows that every earlier step kept: uid, the manifest columns ``needs`` and earlier columns."""
+    """The unit's rows that every earlier step kept: uid, the manifest columns ``needs`` and earlier columns.
+
+    A step decides exactly the samples that every step before it kept, so the last earlier step's kept uids are
+    the samples every one of them kept: only that output and those of steps that add columns are read.
+    """
     rows = read_frame(unit_path(curate_dir, unit), columns=["uid", *[c for c in needs if c != "uid"]])
+    if not upstream:
+        return rows
+    last, last_columns, _ = upstream[-1]
+    decided = read_frame(output_path(curate_dir, last, unit), columns=["uid", "keep", *last_columns])
+    rows = rows[rows["uid"].isin(decided.loc[decided["keep"].astype(bool), "uid"])].reset_index(drop=True)
     for name, columns, _ in upstream:
-        decided = read_frame(output_path(curate_dir, name, unit), columns=["uid", "keep", *columns])
-        kept = decided[decided["keep"].astype(bool)].set_index("uid")
-        rows = rows[rows["uid"].isin(kept.index)].reset_index(drop=True)
+        if not columns:
+            continue
+        table = decided if name == last else read_frame(output_path(curate_dir, name, unit), columns=["uid", *columns])
+        table = table.set_index("uid")
         for column in columns:
-            rows[column] = kept[column].reindex(rows["uid"]).to_numpy()
+            rows[column] = table[column].reindex(rows["uid"]).to_numpy()
     return rows
 
 
