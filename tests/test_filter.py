@@ -181,6 +181,19 @@ def test_duplicates_are_found_across_shards_and_the_smallest_uid_wins():
     assert keep_all.apply(pd.concat(shards, ignore_index=True))["keep"].all()
 
 
+def test_a_pool_steps_map_fingerprint_holds_its_map_columns():
+    """A map output stored with other columns than the step now makes is redone; its decisions' fingerprint does
+    not depend on them."""
+    import pyarrow as pa
+
+    class Wider(DedupStep):
+        map_columns = {**DedupStep.map_columns, "size": pa.int64()}
+
+    params = FilterParams()
+    assert Wider.fingerprint(params, CONTEXT, "map") != DedupStep.fingerprint(params, CONTEXT, "map")
+    assert Wider.fingerprint(params, CONTEXT, "decide") == DedupStep.fingerprint(params, CONTEXT, "decide")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_manifest_names_file_and_field(download, tmp_path, workers):
     table = download["table"]

@@ -13,6 +13,7 @@ from clipmill.components.common.steps import StepContext
 from clipmill.components.filter.neardup import (
     BAND_BITS,
     HASH_COLUMNS,
+    MEAN_COLUMNS,
     NEAR_DUPLICATE_REASON,
     THUMB_BYTES,
     WORDS,
@@ -190,13 +191,16 @@ def test_clusters_are_transitive_and_won_by_their_smallest_uid():
     assert table.to_dict() == {"b": "b", "c": "b", "d": "b", "x": "x", "y": "x"}
 
 
-def test_partial_holds_only_hashed_rows_with_their_words(crawl):
+def test_partial_holds_only_hashed_rows_with_their_words_and_channel_means(crawl):
     shards, batches = crawl
     step = NearDupStep(FilterParams(near_duplicate_distance=0.025), StepContext(shards_dir=str(shards)))
     mapped = step.map(batches[0])
     partial = step.partial(mapped)
-    assert list(partial.columns) == ["uid", *HASH_COLUMNS]
+    assert list(partial.columns) == ["uid", *HASH_COLUMNS, *MEAN_COLUMNS]
     assert len(partial) == int(mapped["hashed"].sum()) == len(mapped) - ("u99" in set(mapped["uid"]))
+    hashed = mapped[mapped["hashed"]]
+    thumbs = np.stack([np.frombuffer(t, dtype=np.uint8) for t in hashed["thumb"]]).reshape(len(hashed), -1, 3)
+    np.testing.assert_allclose(partial[MEAN_COLUMNS].to_numpy(), thumbs.mean(axis=1) / 255)
 
 
 def test_expectations_fail_when_a_dropped_uids_winner_was_not_kept(tmp_path):
@@ -276,7 +280,7 @@ def test_the_colour_mean_bound_never_prunes_a_pair_the_thumbnail_check_would_lin
 def test_same_layout_in_another_colour_is_no_candidate_under_the_mean_bound():
     """A brighter copy has the same centred thumbnail (the same signature) but other channel means: the banding
     alone makes it a candidate, the mean bound does not."""
-    from clipmill.components.filter.neardup import candidate_pairs, mean_gap, signature_frames
+    from clipmill.components.filter.neardup import candidate_pairs, mean_gap, signature_frame
 
     rng = np.random.default_rng(2)
     picture = rng.integers(0, 120, size=THUMB_BYTES).astype(np.uint8)
@@ -288,7 +292,7 @@ def test_same_layout_in_another_colour_is_no_candidate_under_the_mean_bound():
     frame = pd.DataFrame({"uid": ["p", "q", "r"], **{c: words[:, i] for i, c in enumerate(HASH_COLUMNS)},
                           "thumb": [t.tobytes() for t in thumbs], "hashed": True})
     loose = candidate_pairs(lambda: iter([frame[["uid", *HASH_COLUMNS]]]), max_bits=40)
-    pruned = candidate_pairs(lambda: signature_frames(lambda: iter([frame])), max_bits=40,
+    pruned = candidate_pairs(lambda: iter([signature_frame(frame)]), max_bits=40,
                              max_mean_gap=mean_gap(0.025))
     assert {("p", "q"), ("p", "r")} <= set(loose)
     assert pruned == [("p", "r")]

@@ -94,6 +94,14 @@ class PoolStep(Step):
     # Columns of the map output beside uid (a superset of what decide needs; the step's ``columns`` come from it).
     map_columns: ClassVar[dict[str, pa.DataType]] = {}
 
+    @classmethod
+    def fingerprint(cls, params: Any, context: StepContext, phase: str = "apply") -> str:
+        """As a step's, and a map's also holds its ``map_columns``: a map output stored with other columns is redone."""
+        dump = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
+        if phase == "map":
+            dump = {**dump, "map_columns": sorted(cls.map_columns)}
+        return super().fingerprint(dump, context, phase)
+
     def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Both phases on one batch as if it were the whole pool (for tests and tiny inputs)."""
         mapped = self.map(batch)

@@ -7,12 +7,12 @@ whose Hamming distance estimates the angle between two thumbnails; a blank one, 
 makes a copy whose objects moved by a pixel or two, or that was rescaled or re-encoded, look like its source; a
 perceptual hash of the fine detail does not (on the demo crawl a 256-bit pHash puts shifted copies 58 bits from
 their source, median, and unrelated pictures 30 bits from their nearest neighbour, 0.5th percentile).
-Partial: the shard's (uid, signature) rows, 32 bytes a sample. Combine, in two passes, never comparing all pairs:
+Partial: the shard's (uid, signature, channel means) rows, 56 bytes a sample. Combine, in two passes, never
+comparing all pairs:
 (1) locality-sensitive banding: the signature is cut into ``BAND_BITS``-bit bands; only images that share a band
 value are compared, and those within ``candidate_bits`` of each other, whose thumbnails' channel means are close
 enough for the check below to pass (``mean_gap``: a bound, so no pair that would link is lost), become candidates;
-the signatures and means come from the map outputs (``signature_frames``), their thumbnails left behind. They are read
-once when the pool's signatures fit in ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is
+the signatures and means come from the partials, the thumbnails are not read in this pass. They are read once when the pool's signatures fit in ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is
 worked through one band and one band-value bucket at a time, in as many buckets as keep each within that bound,
 reading the partials once per (band, bucket). The candidates do not depend on which way was taken;
 (2) each candidate pair is checked on its thumbnails (streamed from the map outputs, kept only for candidates):
@@ -202,15 +202,14 @@ def _read_signatures(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
     return np.concatenate(uids), np.concatenate(words), np.concatenate(means) if means else None
 
 
-def signature_frames(mapped: Callable[[], Iterator[pd.DataFrame]]) -> Iterator[pd.DataFrame]:
-    """Per map output: its images with a thumbnail, as uid, signature words and the thumbnail's three channel
-    means (values 0-1), the thumbnails themselves left behind."""
-    for frame in mapped():
-        rows = frame[frame["hashed"].astype(bool)]
-        thumbs = np.frombuffer(b"".join(rows["thumb"]), dtype=np.uint8).reshape(len(rows), THUMB_SIDE ** 2, 3)
-        means = thumbs.mean(axis=1) / 255
-        yield pd.DataFrame({"uid": rows["uid"].to_numpy(), **{c: rows[c].to_numpy(np.uint64) for c in HASH_COLUMNS},
-                            **{c: means[:, i] for i, c in enumerate(MEAN_COLUMNS)}})
+def signature_frame(mapped: pd.DataFrame) -> pd.DataFrame:
+    """A map output's images with a thumbnail, as uid, signature words and the thumbnail's three channel means
+    (values 0-1), the thumbnails themselves left behind."""
+    rows = mapped[mapped["hashed"].astype(bool)]
+    thumbs = np.frombuffer(b"".join(rows["thumb"]), dtype=np.uint8).reshape(len(rows), THUMB_SIDE ** 2, 3)
+    means = thumbs.mean(axis=1) / 255
+    return pd.DataFrame({"uid": rows["uid"].to_numpy(), **{c: rows[c].to_numpy(np.uint64) for c in HASH_COLUMNS},
+                         **{c: means[:, i] for i, c in enumerate(MEAN_COLUMNS)}})
 
 
 def mean_gap(max_distance: float) -> float:
@@ -225,7 +224,7 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     """Pairs whose signatures share a band value and differ in at most ``max_bits`` bits (each pair once, sorted);
     where the frames carry channel means, also at most ``max_mean_gap`` apart in them.
 
-    ``frames`` yields per shard uid and the signature words (a partial, or ``signature_frames``). They are read once
+    ``frames`` yields per shard uid, the signature words and optionally the means (the partials). They are read once
     while their signatures fit in ``memory`` bytes; a larger pool is worked through in (band, bucket) slices that
     each fit, reading the frames once per slice."""
     held, size = [], 0
@@ -292,7 +291,7 @@ class NearDupStep(PoolStep):
     def fingerprint(cls, params, context, phase="apply"):
         distance = params.near_duplicate_distance
         # The thumbnails depend only on whether the step looks at images at all; the decisions on the thresholds.
-        part = ({"hashing": distance is not None} if phase == "map" else
+        part = ({"hashing": distance is not None, "partial": ["signature", "channel_means"]} if phase == "map" else
                 {"near_duplicate_distance": distance, "min_correlation": params.near_duplicate_min_correlation})
         method = {"work_side": WORK_SIDE, "blur": BLUR, "thumb_side": THUMB_SIDE, "signature_bits": SIGNATURE_BITS,
                   "band_bits": BAND_BITS, "flat_level_step": FLAT_LEVEL_STEP}
@@ -312,8 +311,8 @@ class NearDupStep(PoolStep):
                              "thumb": stored, "hashed": hashed})
 
     def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
-        """The shard's images with a thumbnail: uid and signature words (64 bytes a sample)."""
-        return mapped.loc[mapped["hashed"], ["uid", *HASH_COLUMNS]].reset_index(drop=True)
+        """The shard's images with a thumbnail: uid, signature words and the thumbnail's channel means."""
+        return signature_frame(mapped)
 
     @classmethod
     def combine(cls, params, partials: Callable[[], Iterator[pd.DataFrame]],
@@ -321,10 +320,10 @@ class NearDupStep(PoolStep):
         """The winner of every uid in a near-duplicate cluster: candidates by banding, then the thumbnail check."""
         if params.near_duplicate_distance is None:
             return {}
-        # The map outputs hold the signatures and the thumbnails: the candidates are also pruned by the thumbnails'
-        # channel means, which two images within near_duplicate_distance cannot differ by more than mean_gap (the
-        # check below would reject those pairs; with them in, a crawl of look-alike layouts has many candidates).
-        pairs = candidate_pairs(lambda: signature_frames(mapped),
+        # The candidates are also pruned by the thumbnails' channel means, which two images within
+        # near_duplicate_distance cannot differ by more than mean_gap (the check below would reject those pairs;
+        # with them in, a crawl of look-alike layouts has many candidates). Only the check reads thumbnails.
+        pairs = candidate_pairs(partials,
                                 candidate_bits(params.near_duplicate_min_correlation),
                                 max_mean_gap=mean_gap(params.near_duplicate_distance))
         pairs = checked_pairs(pairs, mapped, params.near_duplicate_distance, params.near_duplicate_min_correlation)

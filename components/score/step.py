@@ -96,8 +96,6 @@ class ScoreStep(PoolStep):
         # The scores do not depend on the threshold, and the decisions depend on nothing else.
         part = {k: dump[k] for k in THRESHOLD_KEYS} if phase == "decide" else \
             {k: v for k, v in dump.items() if k not in THRESHOLD_KEYS and k != "bootstrap"}
-        if phase != "decide":
-            part["map_columns"] = sorted(cls.map_columns)  # a map stored without the null scores is redone
         if phase != "decide" and params.scorer == BOOTSTRAP:
             # the export's bytes, not where it lies: the same scorer in another checkout scores the same
             model = context.inputs.get("bootstrap_model")
