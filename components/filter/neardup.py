@@ -12,9 +12,10 @@ comparing all pairs:
 (1) locality-sensitive banding: the signature is cut into ``BAND_BITS``-bit bands; only images that share a band
 value are compared, and those within ``candidate_bits`` of each other, whose thumbnails' channel means are close
 enough for the check below to pass (``mean_gap``: a bound, so no pair that would link is lost), become candidates;
-the signatures and means come from the partials, the thumbnails are not read in this pass. They are read once when the pool's signatures fit in ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is
-worked through one band and one band-value bucket at a time, in as many buckets as keep each within that bound,
-reading the partials once per (band, bucket). The candidates do not depend on which way was taken;
+the signatures and means come from the partials, the thumbnails are not read in this pass. The partials are read
+once when the pool's signatures fit in ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is worked
+through one band and one band-value bucket at a time, in as many buckets as keep each within that bound, reading
+the partials once per (band, bucket). The candidates do not depend on which way was taken;
 (2) each candidate pair is checked on its thumbnails (streamed from the map outputs, kept only for candidates):
 both their RMS difference is at most ``filter.near_duplicate_distance`` (the colours match) and their correlation
 at least ``filter.near_duplicate_min_correlation`` (the layout matches: low-contrast pictures are close in RMS
