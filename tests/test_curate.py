@@ -206,6 +206,33 @@ def test_a_rerun_weighs_the_driver_against_the_pool_with_the_last_runs_timings(d
         assert_same_tables(step_tables(out), reference["tables"])
 
 
+def test_the_driver_imports_torch_only_to_score_shards_itself(download, scorer, reference, tmp_path):
+    """The curate process decides from stored scores without torch (seconds of import); when it scores shards
+    itself, it imports torch with a pool worker's share of threads, and the scores are the pool's."""
+    out = tmp_path / "curate"
+    params = shrunk_params({"curate.workers": 2})
+    run_curate(download, out, params, scorer)
+    timings = json.loads((out / "timings.json").read_text())
+    timings["steps"]["score"]["phases"]["map"]["worker_startup_seconds"] = 1e6  # the driver is cheaper
+    (out / "timings.json").write_text(json.dumps(timings))
+    for marker in sorted((out / "steps" / "score" / "map").rglob("*.done"))[:2]:
+        marker.unlink()
+    args = cli_args(write_params(tmp_path / "params.yaml", params), download, scorer, out)
+    probe = ("import json, sys; from clipmill.cli import main; rc = main(json.loads(sys.argv[1])); "
+             "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+
+    def curate_process() -> dict:
+        done = subprocess.run([sys.executable, "-c", probe, json.dumps(args)], capture_output=True, text=True,
+                              check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert curate_process() == {"rc": 0, "torch": True}
+    rerun = json.loads((out / "timings.json").read_text())["steps"]["score"]["phases"]["map"]
+    assert (rerun["ran"], rerun["where"]) == (2, "driver")
+    assert_same_tables(step_tables(out), reference["tables"])
+    assert curate_process() == {"rc": 0, "torch": False}  # every shard finished: decisions only
+
+
 def write_params(path: Path, params: Params) -> Path:
     path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     return path

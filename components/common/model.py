@@ -23,11 +23,11 @@ from PIL import Image
 from .errors import ConfigError, InputError
 from .images import MAX_IMAGE_PIXELS, ImageError, decode_image  # noqa: F401 (also imported from here)
 from .io import atomic_path
+from .storage import LOCAL_DIR_PREFIX
 
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
 CONFIG_FILE = "open_clip_config.json"  # the names open_clip's local-dir loader looks for
 WEIGHTS_FILE = "open_clip_model.safetensors"
-LOCAL_DIR_PREFIX = "local-dir:"
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 CHECKPOINT_MODULE_PREFIX = "model."  # the LightningModule keeps the open_clip model as `self.model`
 

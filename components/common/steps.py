@@ -51,6 +51,8 @@ class Step:
     reasons: ClassVar[tuple[str, ...]] = ()
     # Manifest columns the step reads (besides uid and the columns of earlier steps).
     needs: ClassVar[tuple[str, ...]] = ()
+    # Its tasks run torch: a driver that runs them itself gives torch a pool worker's share of threads first.
+    uses_torch: ClassVar[bool] = False
 
     def __init__(self, params: Any, context: StepContext):
         self.params = params
@@ -71,6 +73,10 @@ class Step:
     @classmethod
     def check_params(cls, params: Any, context: StepContext) -> None:
         """Raise a ConfigError/InputError before any work starts when the step cannot run (default: nothing)."""
+
+    def prepare(self) -> None:
+        """Load what the per-sample work needs (a model) before a process's first map or apply: a start-up
+        cost of the step, not a shard's (default: nothing)."""
 
     def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
         raise NotImplementedError

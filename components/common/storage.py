@@ -159,6 +159,7 @@ def publish_dir(local_dir: str | os.PathLike, url: str | os.PathLike, last: str 
 
 
 OBJECT_STORE_SCHEMES = ("s3", "gcs", "abfs", "az")
+LOCAL_DIR_PREFIX = "local-dir:"  # a model export's directory, as open_clip names it (local-dir:<path>)
 
 
 def register_webdataset_schemes() -> None:

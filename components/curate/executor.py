@@ -151,6 +151,8 @@ def run_task(task: UnitTask) -> dict:
         return {**read_marker(task.output), "seconds": 0.0, "build_seconds": 0.0}
     started = time.perf_counter()
     step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
+    if task.phase != "decide":
+        step.prepare()
     build_seconds = time.perf_counter() - started
     started = time.perf_counter()
     cls = type(step)
@@ -231,7 +233,8 @@ class Executor:
 
         if self.in_driver(tasks, previous):
             timing["where"] = "driver"
-            with _threads_like_a_worker(self.workers if self._pool is not None else 1):
+            with _threads_like_a_worker(self.workers if self._pool is not None else 1,
+                                        step_class(tasks[0].step).uses_torch):
                 for task in tasks:
                     done(run_task(task))
             return
@@ -305,11 +308,17 @@ def _worker_threads(workers: int) -> None:
 
 
 @contextmanager
-def _threads_like_a_worker(workers: int) -> Iterator[None]:
+def _threads_like_a_worker(workers: int, uses_torch: bool = False) -> Iterator[None]:
     """Tasks the driver runs use a worker's share of torch threads, as the pool's workers would: a model's
-    outputs then do not depend on where its task ran (its import is already done, so the setting is torch's own)."""
+    outputs then do not depend on where its task ran. Torch is imported here for a step that ``uses_torch`` (the
+    driver does not import it otherwise), so the setting is torch's own."""
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
     torch = sys.modules.get("torch")
-    if torch is None or workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+    if torch is None and uses_torch:
+        import torch
+    if torch is None:
         yield
         return
     before = torch.get_num_threads()

@@ -10,22 +10,20 @@ applies.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.images import ImageError, decode_image
 from clipmill.components.common.log import get_logger
-from clipmill.components.common.model import (
-    LOCAL_DIR_PREFIX,
-    ClipModel,
-    ImageError,
-    create_clip,
-    decode_image,
-    embed_images,
-    embed_texts,
-    load_clip,
-)
+from clipmill.components.common.storage import LOCAL_DIR_PREFIX
+
+if TYPE_CHECKING:
+    from clipmill.components.common.model import ClipModel
+
+# torch and open_clip are imported by the functions that run a model: the curation driver, which decides from
+# stored scores, does not pay their import (seconds) unless it scores shards itself.
 
 LOW_SCORE_REASON = "low_clip_score"
 UNREADABLE_IMAGE_REASON = "unreadable_image"  # undecodable or oversized: no score (NaN), dropped with this reason
@@ -35,6 +33,8 @@ log = get_logger("score")
 
 def load_scorer(source: str, device: str, checkpoint: str | None = None, mlflow_uri: str | None = None) -> ClipModel:
     """The scoring model of ``source``: an export or MLflow URI, or an open_clip config name with ``checkpoint``."""
+    from clipmill.components.common.model import create_clip, load_clip
+
     if source.startswith((LOCAL_DIR_PREFIX, "models:/", "runs:/")) or Path(source).is_dir():
         return load_clip(source, device=device, tracking_uri=mlflow_uri)
     if checkpoint is None:
@@ -49,6 +49,10 @@ def clip_embeddings(clip: ClipModel, images: list[bytes], captions: list[str],
                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalized (image, caption) embeddings [n, D], float32; an image that does not decode or is oversized
     (``decode_image``) is skipped, not fatal: its image row is NaN (its caption is still embedded)."""
+    import torch
+
+    from clipmill.components.common.model import embed_images, embed_texts
+
     dim = clip.model_cfg["embed_dim"]
     image_emb = np.full((len(images), dim), np.nan, dtype=np.float32)
     text_emb = np.zeros((len(images), dim), dtype=np.float32)
@@ -97,6 +101,10 @@ def null_scores(image_emb: np.ndarray, text_emb: np.ndarray, partners: np.ndarra
 
 
 def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

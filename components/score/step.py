@@ -20,10 +20,9 @@ import pyarrow as pa
 from clipmill.components.common.engine import GPU_IF_AVAILABLE
 from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.hashing import content_hash
-from clipmill.components.common.model import LOCAL_DIR_PREFIX
 from clipmill.components.common.shards import ShardReader, shard_file_name
 from clipmill.components.common.steps import PoolStep, decisions
-from clipmill.components.common.storage import location, read_json
+from clipmill.components.common.storage import LOCAL_DIR_PREFIX, location, read_json
 
 from .params import BOOTSTRAP, ScoreParams
 from .scoring import (
@@ -76,6 +75,7 @@ class ScoreStep(PoolStep):
     map_columns = {"clip_score": pa.float32(), "null_score": pa.float32()}
     reasons = (LOW_SCORE_REASON, UNREADABLE_IMAGE_REASON)
     needs = ("shard", "key", "caption")
+    uses_torch = True
 
     def __init__(self, params: ScoreParams, context):
         super().__init__(params, context)
@@ -89,6 +89,9 @@ class ScoreStep(PoolStep):
                                      resolve_device(self.params.device), self.params.checkpoint,
                                      self.context.tracking_uri)
         return self._clip
+
+    def prepare(self) -> None:
+        _ = self.clip  # the property loads the scorer once per process
 
     @classmethod
     def fingerprint(cls, params, context, phase="apply"):
@@ -111,7 +114,8 @@ class ScoreStep(PoolStep):
 
     @classmethod
     def check_params(cls, params: ScoreParams, context) -> None:
-        resolve_device(params.device)
+        if params.device == "cuda":  # auto and cpu always resolve; only cuda needs torch to say whether it can
+            resolve_device(params.device)
         source = scorer_source(params, context.inputs.get("bootstrap_model"))
         if params.scorer == BOOTSTRAP and not Path(context.inputs.get("bootstrap_model") or "").is_dir():
             raise InputError(context.inputs.get("bootstrap_model"), "no bootstrap scorer export here "
