@@ -27,7 +27,8 @@ def write_shape_suite(out, per_class: int = 2):
     rows = [{"uid": f"z{i}-{k}", "image": draw(name.split()[1], name.split()[0], mark=200 + k), "label": i,
              "class_name": name} for i, name in enumerate(classes) for k in range(per_class)]
     pd.DataFrame(rows).to_parquet(out / "zeroshot.parquet", index=False)
-    (out / "zeroshot_classes.json").write_text(json.dumps({"classes": classes, "templates": ["a {}."]}))
+    (out / "zeroshot_classes.json").write_text(json.dumps({"classes": classes, "templates": ["a {}."], "attributes": {
+        "colour": [c for c in COLORS for _ in SHAPES], "shape": [s for _ in COLORS for s in SHAPES]}}))
     pd.DataFrame([{"uid": f"r{i}", "image": draw(n.split()[1], n.split()[0], mark=100 + i), "captions": [f"a {n}"]}
                   for i, n in enumerate(classes)]).to_parquet(out / "retrieval.parquet", index=False)
     (out / "suite.json").write_text(json.dumps({"version": "shapes-1"}))
@@ -112,13 +113,14 @@ def test_ablate_trains_each_arm_and_seed_and_writes_the_table_cis_and_child_runs
     assert set(runs["samples_seen"]) == {64}  # equal samples seen in every run
     means = pd.read_csv(report / "means.csv")
     assert means["arm"].tolist() == ["raw", "rules"] and {"zeroshot/acc1", "zeroshot/recall_tail"} <= set(means)
+    assert {"zeroshot/acc1_colour", "zeroshot/acc1_shape"} <= set(means)  # the suite's attributes follow
     effects = pd.read_csv(report / "effects.csv")
     assert set(effects["metric"]) == {"zeroshot/mean_per_class_recall", "zeroshot/recall_head",
                                       "zeroshot/recall_mid", "zeroshot/recall_tail"}
     assert (effects["arm"] == "rules").all() and (effects["ci_low"] <= effects["delta"]).all() \
         and (effects["delta"] <= effects["ci_high"]).all()
     table = (report / "table.md").read_text()
-    assert "| raw download |" in table and "| + rules |" in table and "CI" in table
+    assert "| raw download |" in table and "| + rules |" in table and "CI" in table and "acc1_shape" in table
     assert (report / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     mlflow.set_tracking_uri(mlflow_uri)

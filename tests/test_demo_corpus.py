@@ -206,6 +206,8 @@ def test_heldout_sets_are_clean_and_disjoint_from_the_crawl(corpus):
     suite = json.loads((root / "eval/suite.json").read_text())
     assert classes["classes"] == list(CONCEPTS) and all("{}" in t for t in classes["templates"])
     assert (zeroshot["class_name"] == [classes["classes"][k] for k in zeroshot["label"]]).all()
+    attributes = classes["attributes"]  # each class is its colour and its shape
+    assert [f"{c} {s}" for c, s in zip(attributes["colour"], attributes["shape"])] == classes["classes"]
     assert suite["sets"]["zeroshot"]["size"] == len(zeroshot) == len(CONCEPTS)
     assert suite["sets"]["retrieval"]["size"] == len(retrieval) == 40 and suite["version"].startswith("demo-")
     assert all(len(set(c)) == 5 for c in retrieval["captions"])

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from clipmill.cli import main
+from clipmill.components.common.errors import InputError
 from clipmill.components.common.evalsets import concept_counts, evaluate_clip, frequency_buckets, load_eval_suite
 from clipmill.components.common.evaluation import EvaluationRecord, model_hash
 from clipmill.components.common.model import load_clip
@@ -149,3 +150,24 @@ def test_captions_count_a_class_only_where_its_name_stands_as_words(tmp_path):
     assert concept_counts(urls, ["red circle", "blue star", "green ring"]).tolist() == [2, 1, 0]
     # thirds by count, most frequent first; ties keep the class order
     assert frequency_buckets(np.array([5, 9, 0, 5, 1, 7])).tolist() == ["mid", "head", "tail", "mid", "tail", "head"]
+
+
+def test_class_attributes_score_the_part_of_a_class_the_top1_gets_right(tmp_path):
+    """acc1_<name>: the share of images whose top-1 class has their class's value. One value per class is acc1,
+    one value for all classes is 1, and a coarser grouping lies between (a right class has a right value)."""
+    eval_dir = write_eval_suite(tmp_path / "eval")
+    spec = json.loads((eval_dir / "zeroshot_classes.json").read_text())
+    warmth = {"red": "warm", "yellow": "warm", "green": "cool", "blue": "cool"}
+    spec["attributes"] = {"name": list(spec["classes"]), "any": ["x"] * len(spec["classes"]),
+                          "warmth": [warmth[c] for c in spec["classes"]]}
+    (eval_dir / "zeroshot_classes.json").write_text(json.dumps(spec))
+    scores = evaluate_clip(load_clip(str(tiny_model(tmp_path / "model"))), load_eval_suite(eval_dir), 64)
+    assert scores["zeroshot/acc1_name"] == scores["zeroshot/acc1"]
+    assert scores["zeroshot/acc1_any"] == 1.0
+    assert scores["zeroshot/acc1"] <= scores["zeroshot/acc1_warmth"] <= 1.0
+
+    spec["attributes"] = {"warmth": ["warm", "cool"]}  # not one value per class
+    (eval_dir / "zeroshot_classes.json").write_text(json.dumps(spec))
+    with pytest.raises(InputError, match="attribute") as caught:
+        load_eval_suite(eval_dir)
+    assert caught.value.field == "attributes" and "zeroshot_classes.json" in str(caught.value)

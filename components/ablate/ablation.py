@@ -105,7 +105,9 @@ def write_outputs(params, arms: list[Arm], built: list[dict], rows: list[dict], 
     ab = params.ablate
     runs = pd.DataFrame(rows)
     classes = pd.concat(per_class, ignore_index=True)
-    means = stats.means_table(runs, arms, ab.metrics)
+    # the suite's attribute accuracies (e.g. the colour and the shape of a class) come with the chosen metrics
+    metrics = ab.metrics + sorted(c for c in runs.columns if c.startswith("zeroshot/acc1_") and c not in ab.metrics)
+    means = stats.means_table(runs, arms, metrics)
     effects = (stats.effects_table(classes, arms, ab.bootstrap, ab.confidence, params.project.seed)
                if len(classes) else pd.DataFrame())
     facts = {"Arms": ", ".join(f"{a.name} ({a.label})" for a in arms),
@@ -118,14 +120,14 @@ def write_outputs(params, arms: list[Arm], built: list[dict], rows: list[dict], 
                "means": means.to_dict(orient="records"), "effects": effects.to_dict(orient="records")}
     with atomic_path(ab.out_dir) as tmp:
         tmp.mkdir()
-        (tmp / "table.md").write_text(report.markdown(means, effects, ab.metrics, facts, ab.confidence))
+        (tmp / "table.md").write_text(report.markdown(means, effects, metrics, facts, ab.confidence))
         means.to_csv(tmp / "means.csv", index=False)
         effects.to_csv(tmp / "effects.csv", index=False)
         runs.to_csv(tmp / "runs.csv", index=False)
         classes.to_csv(tmp / "per_class.csv", index=False)
         pd.DataFrame(built).drop(columns="shards").to_csv(tmp / "arms.csv", index=False)
         write_json(summary, tmp / "ablation.json")
-        report.plot(means, effects, ab.metrics, tmp / "ablation.png")
+        report.plot(means, effects, metrics, tmp / "ablation.png")
     print((Path(ab.out_dir) / "table.md").read_text(), flush=True)
     return summary
 

@@ -21,7 +21,8 @@ class AblateParams(Section):
     bootstrap: int = Field(2000, ge=100, description="Class-bootstrap resamples of each marginal effect's CI.")
     confidence: float = Field(0.95, gt=0, lt=1, description="Coverage of the bootstrap confidence intervals.")
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS),
-                               description="Metrics in the table of means (keys of the evaluation's metrics).")
+                               description="Metrics in the table of means (keys of the evaluation's metrics); the "
+                                           "suite's attribute accuracies (zeroshot/acc1_<attribute>) follow them.")
     out_dir: str = Field("reports/ablation", description="Table, effects with CIs, per-run results and the plot.")
     work_dir: str | None = Field(None, description="Each arm's curated shards and trained models; null: a temporary "
                                                    "directory, removed at the end.")

@@ -1,7 +1,8 @@
 """The held-out evaluation sets (``data/eval/``) and the one function that scores a model on them.
 
 Files: ``zeroshot.parquet`` (uid, image bytes, label, class_name) with ``zeroshot_classes.json``
-({"classes": [...], "templates": ["a photo of a {}.", ...]}), and ``retrieval.parquet`` (uid, image bytes,
+({"classes": [...], "templates": ["a photo of a {}.", ...]}, optionally "attributes": {name: one value per
+class}, e.g. the colour and the shape of "red circle"), and ``retrieval.parquet`` (uid, image bytes,
 captions: list of str). In-loop validation during training and the evaluation stage both call
 ``evaluate_clip``, so they report the same numbers under the same names.
 """
@@ -41,6 +42,9 @@ class ZeroShotSet:
     labels: np.ndarray          # index into ``classes``
     classes: list[str]
     templates: list[str]        # each with one "{}" for the class name
+    # attribute name -> one value per class: zeroshot/acc1_<name> is the share of images whose top-1 class has
+    # the true class's value (which part of a composite class name the model gets right)
+    attributes: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +106,12 @@ def load_zeroshot(eval_dir: Path) -> ZeroShotSet:
         raise InputError(classes_path, "expected a non-empty list of class names", field="classes")
     if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
         raise InputError(classes_path, "expected a non-empty list of templates containing '{}'", field="templates")
+    attributes = spec.get("attributes", {})
+    if not isinstance(attributes, dict) or not all(
+            isinstance(name, str) and name.isidentifier() and isinstance(values, list) and len(values) == len(classes)
+            and all(isinstance(v, str) for v in values) for name, values in attributes.items()):
+        raise InputError(classes_path, f"expected a mapping of attribute names (identifiers) to lists of "
+                                       f"{len(classes)} strings, one per class", field="attributes")
     table = _read_table(path, ["uid", "image", "label", "class_name"])
     labels = table["label"].to_numpy()
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(classes):
@@ -112,7 +122,7 @@ def load_zeroshot(eval_dir: Path) -> ZeroShotSet:
         raise InputError(path, f"row {i}: class_name {table['class_name'].iloc[i]!r} is not classes[{labels[i]}] "
                                f"= {classes[labels[i]]!r}", field="class_name")
     return ZeroShotSet(table["uid"].tolist(), table["image"].tolist(), labels.astype(np.int64), list(classes),
-                       list(templates))
+                       list(templates), {name: list(values) for name, values in attributes.items()})
 
 
 def load_retrieval(eval_dir: Path) -> RetrievalSet:
@@ -254,7 +264,12 @@ def _zeroshot(clip: ClipModel, zs: ZeroShotSet, pixels: torch.Tensor, batch_size
     classifier = metrics.zeroshot_classifier(text)
     labels = torch.from_numpy(zs.labels)
     scores = metrics.zeroshot_metrics(images, classifier, labels)
-    hits = (metrics.target_ranks(metrics.zeroshot_logits(images, classifier), labels) == 0).numpy()
+    logits = metrics.zeroshot_logits(images, classifier)
+    hits = (metrics.target_ranks(logits, labels) == 0).numpy()
+    top1 = logits.argmax(dim=1).numpy()
+    for name, values in zs.attributes.items():
+        values = np.asarray(values, dtype=object)
+        scores[f"acc1_{name}"] = float((values[top1] == values[zs.labels]).mean())
     support = np.bincount(zs.labels, minlength=len(zs.classes))
     correct = np.bincount(zs.labels, weights=hits.astype(float), minlength=len(zs.classes))
     present = support > 0

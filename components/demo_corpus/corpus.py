@@ -32,7 +32,7 @@ from .heldout import PlannedSample, plan_retrieval, plan_trusted, plan_zeroshot
 from .params import DemoCorpusParams
 from .render import Encoding, Scene, render_job
 from .scenes import zipf_probabilities
-from .vocabulary import CONCEPTS, ZEROSHOT_TEMPLATES
+from .vocabulary import COLORS, CONCEPTS, SHAPES, ZEROSHOT_TEMPLATES
 
 log = get_logger("demo_corpus")
 
@@ -98,7 +98,10 @@ def _write_eval(zeroshot: pd.DataFrame, retrieval: pd.DataFrame, version_of: dic
     zeroshot[["uid", "image", "label", "class_name"]].to_parquet(out / "zeroshot.parquet", index=False)
     retrieval[["uid", "image", "captions"]].to_parquet(out / "retrieval.parquet", index=False)
     (out / "zeroshot_classes.json").write_text(
-        json.dumps({"classes": list(CONCEPTS), "templates": list(ZEROSHOT_TEMPLATES)}, indent=2) + "\n")
+        json.dumps({"classes": list(CONCEPTS), "templates": list(ZEROSHOT_TEMPLATES),
+                    # each class is a colour and a shape: acc1_colour and acc1_shape tell which the model gets
+                    "attributes": {"colour": [c for c in COLORS for _ in SHAPES],
+                                   "shape": [s for _ in COLORS for s in SHAPES]}}, indent=2) + "\n")
     suite = {
         "version": f"demo-{SUITE_FORMAT}-{hash_obj(version_of)[:12]}",
         "sets": {
