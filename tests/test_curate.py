@@ -209,6 +209,8 @@ def test_a_rerun_weighs_the_driver_against_the_pool_with_the_last_runs_timings(d
 def test_the_driver_imports_torch_only_to_score_shards_itself(download, scorer, reference, tmp_path):
     """The curate process decides from stored scores without torch (seconds of import); when it scores shards
     itself, it imports torch with a pool worker's share of threads, and the scores are the pool's."""
+    from clipmill.components.curate.executor import DRIVER_DECISIONS
+
     out = tmp_path / "curate"
     params = shrunk_params({"curate.workers": 2})
     run_curate(download, out, params, scorer)
@@ -221,16 +223,24 @@ def test_the_driver_imports_torch_only_to_score_shards_itself(download, scorer, 
     probe = ("import json, sys; from clipmill.cli import main; rc = main(json.loads(sys.argv[1])); "
              "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
 
-    def curate_process() -> dict:
+    def curate_process(args: list[str]) -> dict:
         done = subprocess.run([sys.executable, "-c", probe, json.dumps(args)], capture_output=True, text=True,
                               check=True)
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    assert curate_process() == {"rc": 0, "torch": True}
+    assert curate_process(args) == {"rc": 0, "torch": True}
     rerun = json.loads((out / "timings.json").read_text())["steps"]["score"]["phases"]["map"]
     assert (rerun["ran"], rerun["where"]) == (2, "driver")
     assert_same_tables(step_tables(out), reference["tables"])
-    assert curate_process() == {"rc": 0, "torch": False}  # every shard finished: decisions only
+    assert curate_process(args) == {"rc": 0, "torch": False}  # every shard finished
+    # Another threshold: the driver decides every shard again from the stored scores, still without torch.
+    other = cli_args(write_params(tmp_path / "other.yaml", shrunk_params({"curate.workers": 2,
+                                                                         "score.top_fraction": 0.6})),
+                     download, scorer, out)
+    assert curate_process(other) == {"rc": 0, "torch": False}
+    score = json.loads((out / "timings.json").read_text())["steps"]["score"]["phases"]
+    assert score["map"]["ran"] == 0 and 0 < score["decide"]["ran"] <= DRIVER_DECISIONS
+    assert score["decide"]["where"] == "driver"
 
 
 def write_params(path: Path, params: Params) -> Path:

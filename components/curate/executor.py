@@ -233,8 +233,9 @@ class Executor:
 
         if self.in_driver(tasks, previous):
             timing["where"] = "driver"
-            with _threads_like_a_worker(self.workers if self._pool is not None else 1,
-                                        step_class(tasks[0].step).uses_torch):
+            # decisions read stored outputs: only map and apply run the step's model
+            uses_torch = step_class(tasks[0].step).uses_torch and tasks[0].phase != "decide"
+            with _threads_like_a_worker(self.workers if self._pool is not None else 1, uses_torch):
                 for task in tasks:
                     done(run_task(task))
             return
