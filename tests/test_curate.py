@@ -27,8 +27,8 @@ from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.hashing import make_uid
 from clipmill.components.common.model import create_clip, export_local_dir
 from clipmill.components.common.params import RayParams, section_at
-from clipmill.components.common.steps import PoolStep
-from clipmill.components.curate.executor import DRIVER_DECISIONS, Executor, UnitTask
+from clipmill.components.common.steps import PoolStep, StepContext
+from clipmill.components.curate.executor import _PREPARED, DRIVER_DECISIONS, Executor, UnitTask, _build_key
 from clipmill.components.curate.stage import curate
 from clipmill.params import Params, load_params, parse_params
 from tests.conftest import REPO
@@ -167,14 +167,18 @@ def test_a_process_pool_and_ray_give_the_same_tables(executor, download, scorer,
 
 def test_the_driver_runs_a_single_task_and_small_decision_phases_itself(tmp_path):
     def tasks(phase: str, n: int) -> list[UnitTask]:
-        return [UnitTask(str(tmp_path), "score", {}, None, f"crawl/{i:05d}", phase, "fp", ()) for i in range(n)]
+        return [UnitTask(str(tmp_path), "score", {}, StepContext(shards_dir=str(tmp_path)), f"crawl/{i:05d}", phase,
+                         "fp", ()) for i in range(n)]
 
     with Executor("local", 2, RayParams()) as pool:
         assert pool.in_driver(tasks("map", 1)) and pool.in_driver(tasks("decide", DRIVER_DECISIONS))
         assert not pool.in_driver(tasks("map", 2)) and not pool.in_driver(tasks("decide", DRIVER_DECISIONS + 1))
-        # The last run's timing of the phase: 1 s a task; a worker took 8 s to import and build the step. Here n
-        # tasks take n s; on two workers 8 + n / 2 s: the driver wins up to 16 tasks.
+        # The last run's timing of the phase: 1 s a task; a worker took 8 s to import, build and prepare the step.
+        # The driver would pay those 8 s too: on two workers 8 + n / 2 s always wins.
         last = {"ran": 12, "task_seconds": 12.0, "worker_startup_seconds": 8.0}
+        assert not pool.in_driver(tasks("map", 2), last)
+        # Once the driver has prepared the step (it ran a task of it), n tasks take n s here: it wins up to 16.
+        _PREPARED.add(_build_key(tasks("map", 1)[0]))
         assert pool.in_driver(tasks("map", 3), last) and pool.in_driver(tasks("map", 16), last)
         assert not pool.in_driver(tasks("map", 17), last)
         assert not pool.in_driver(tasks("map", 3), {"ran": 0, "task_seconds": 0.0, "worker_startup_seconds": 8.0})
@@ -194,31 +198,26 @@ def test_a_rerun_weighs_the_driver_against_the_pool_with_the_last_runs_timings(d
     first = json.loads((out / "timings.json").read_text())
     score_map = first["steps"]["score"]["phases"]["map"]
     assert score_map["where"] == "pool" and score_map["worker_startup_seconds"] > 0
-    # Two shards of the score step to redo, under last timings that make the driver cheaper, then the pool.
-    for startup, where in ((1e6, "driver"), (0.0, "pool")):
+    # Shards of the score step to redo: one (the driver runs a single task, and so prepares the step), then two
+    # under last timings that make the driver cheaper now that it holds the scorer, then two that make the pool.
+    for redo, startup, where in ((1, 1e6, "driver"), (2, 1e6, "driver"), (2, 0.0, "pool")):
         first["steps"]["score"]["phases"]["map"]["worker_startup_seconds"] = startup
         (out / "timings.json").write_text(json.dumps(first))
-        for marker in sorted((out / "steps" / "score" / "map").rglob("*.done"))[:2]:
+        for marker in sorted((out / "steps" / "score" / "map").rglob("*.done"))[:redo]:
             marker.unlink()
         run_curate(download, out, params, scorer)
         rerun = json.loads((out / "timings.json").read_text())["steps"]["score"]["phases"]["map"]
-        assert (rerun["ran"], rerun["where"]) == (2, where)
+        assert (rerun["ran"], rerun["where"]) == (redo, where)
         assert_same_tables(step_tables(out), reference["tables"])
 
 
 def test_the_driver_imports_torch_only_to_score_shards_itself(download, scorer, reference, tmp_path):
-    """The curate process decides from stored scores without torch (seconds of import); when it scores shards
+    """The curate process decides from stored scores without torch (seconds of import); when it scores a shard
     itself, it imports torch with a pool worker's share of threads, and the scores are the pool's."""
-    from clipmill.components.curate.executor import DRIVER_DECISIONS
-
     out = copy_of(reference, tmp_path)
     params = shrunk_params({"curate.workers": 2})
-    timings = json.loads((out / "timings.json").read_text())
-    assert timings["steps"]["score"]["phases"]["map"]["ran"] > 0
-    timings["steps"]["score"]["phases"]["map"]["worker_startup_seconds"] = 1e6  # the driver is cheaper
-    (out / "timings.json").write_text(json.dumps(timings))
-    for marker in sorted((out / "steps" / "score" / "map").rglob("*.done"))[:2]:
-        marker.unlink()
+    for marker in sorted((out / "steps" / "score" / "map").rglob("*.done"))[:1]:
+        marker.unlink()  # a single task: the driver runs it
     args = cli_args(write_params(tmp_path / "params.yaml", params), download, scorer, out)
     probe = ("import json, sys; from clipmill.cli import main; rc = main(json.loads(sys.argv[1])); "
              "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
@@ -230,7 +229,7 @@ def test_the_driver_imports_torch_only_to_score_shards_itself(download, scorer, 
 
     assert curate_process(args) == {"rc": 0, "torch": True}
     rerun = json.loads((out / "timings.json").read_text())["steps"]["score"]["phases"]["map"]
-    assert (rerun["ran"], rerun["where"]) == (2, "driver")
+    assert (rerun["ran"], rerun["where"]) == (1, "driver")
     assert_same_tables(step_tables(out), reference["tables"])
     assert curate_process(args) == {"rc": 0, "torch": False}  # every shard finished
     # Another threshold: the driver decides every shard again from the stored scores, still without torch.

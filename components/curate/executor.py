@@ -5,12 +5,13 @@ A task finds its input (the shard's manifest rows that every earlier step kept, 
 the rows of an earlier output of the same step params (a step's per-sample work is a pure function of the
 sample, so only samples new to the step are computed), and writes its output and then its completion marker.
 
-A local pool's worker imports the modules of the steps it runs and builds them (a scorer's import alone takes
-seconds of CPU), which a small increment would pay for little work. So the driver, which has imported every step
-already, runs a phase itself when it has a single unfinished task, a decision phase (one stored map output and
-the small state per shard) of at most ``DRIVER_DECISIONS`` tasks, and any phase that the last run's timings of the
-same step and phase say is cheaper here: n tasks of t seconds each in the driver (n t) against the workers' start-up
-for the step s plus the tasks shared out (s + n t / workers). The pool's workers start only for the rest. Where a
+A local pool's worker builds each step it runs and prepares it (a scorer's import and weights take seconds of
+CPU), which a small increment would pay for little work. So the driver runs a phase itself when it has a single
+unfinished task, a decision phase (one stored map output and the small state per shard) of at most
+``DRIVER_DECISIONS`` tasks, and any phase that the last run's timings of the same step and phase say is cheaper
+here: n tasks of t seconds each in the driver, plus the step's start-up s unless this process has prepared the
+step already (s + n t, or n t), against the workers' start-up plus the tasks shared out (s + n t / workers). The
+pool's workers start only for the rest. Where a
 task runs never changes its output (the driver runs it with a worker's share of torch threads).
 """
 from __future__ import annotations
@@ -74,13 +75,18 @@ class UnitTask:
 
 
 _BUILT: dict[str, tuple[str, Step]] = {}
+_PREPARED: set[str] = set()  # build keys of the steps this process has prepared (e.g. loaded a scorer)
 _STATES: dict[tuple, dict] = {}
+
+
+def _build_key(task: UnitTask) -> str:
+    params = task.params.model_dump(mode="json") if hasattr(task.params, "model_dump") else task.params
+    return hash_obj({"step": task.step, "params": params, "context": asdict(task.context)})
 
 
 def _step(task: UnitTask) -> Step:
     """The step object of ``task``, built once per process for its params and context (one per step kept)."""
-    params = task.params.model_dump(mode="json") if hasattr(task.params, "model_dump") else task.params
-    key = hash_obj({"params": params, "context": asdict(task.context)})
+    key = _build_key(task)
     if task.step not in _BUILT or _BUILT[task.step][0] != key:
         _BUILT[task.step] = (key, step_class(task.step)(task.params, task.context))
     return _BUILT[task.step][1]
@@ -153,6 +159,7 @@ def run_task(task: UnitTask) -> dict:
     step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
     if task.phase != "decide":
         step.prepare()
+        _PREPARED.add(_build_key(task))
     build_seconds = time.perf_counter() - started
     started = time.perf_counter()
     cls = type(step)
@@ -223,8 +230,9 @@ class Executor:
         if not previous or not previous.get("ran") or previous.get("worker_startup_seconds") is None:
             return False
         per_task = previous["task_seconds"] / previous["ran"]
-        n = len(tasks)
-        return n * per_task <= previous["worker_startup_seconds"] + n * per_task / self.workers
+        n, startup = len(tasks), previous["worker_startup_seconds"]
+        here = 0.0 if _build_key(tasks[0]) in _PREPARED else startup  # the driver pays it too, once
+        return here + n * per_task <= startup + n * per_task / self.workers
 
     def _local(self, tasks: list[UnitTask], bar: Progress, timing: dict, previous: dict | None) -> None:
         def done(result: dict) -> None:
