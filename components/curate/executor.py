@@ -11,8 +11,8 @@ unfinished task, a decision phase (one stored map output and the small state per
 ``DRIVER_DECISIONS`` tasks, and any phase that the last run's timings of the same step and phase say is cheaper
 here: n tasks of t seconds each in the driver, plus the step's start-up s unless this process has prepared the
 step already (s + n t, or n t), against the workers' start-up plus the tasks shared out (s + n t / workers). The
-pool's workers start only for the rest. Where a
-task runs never changes its output (the driver runs it with a worker's share of torch threads).
+pool's workers start only for the rest. Where a task runs never changes its output (the driver runs it with a
+worker's share of torch threads).
 """
 from __future__ import annotations
 
