@@ -248,25 +248,34 @@ def load_eval_suite(eval_dir: str | os.PathLike, concept_source: str | os.PathLi
 
 
 @dataclass
+class ZeroShotDetails:
+    labels: np.ndarray       # true class per image
+    predictions: np.ndarray  # top-1 class per image
+    hits: np.ndarray         # top-1 correct, ties counted as misses (as in the metric)
+
+
+@dataclass
 class EvalResult:
     """``metrics`` (as ``evaluate_clip``) and ``per_class``: one row per zero-shot class with images (class_name,
-    support, recall = top-1 recall, crawl_count and bucket when the suite has class counts)."""
+    support, recall = top-1 recall, crawl_count and bucket when the suite has class counts); ``zeroshot``: the
+    main zero-shot set's per-image predictions, and ``retrieval_images``: the retrieval images' embeddings (the
+    plots draw on both)."""
 
     metrics: dict[str, float]
     per_class: pd.DataFrame | None = None
+    zeroshot: ZeroShotDetails | None = None
+    retrieval_images: torch.Tensor | None = None
 
 
 def _zeroshot(clip: ClipModel, zs: ZeroShotSet, pixels: torch.Tensor, batch_size: int,
-              counts: np.ndarray | None) -> tuple[dict[str, float], pd.DataFrame]:
+              counts: np.ndarray | None) -> tuple[dict[str, float], pd.DataFrame, ZeroShotDetails]:
     prompts = [t.format(c) for c in zs.classes for t in zs.templates]
     text = embed_texts(clip, prompts, batch_size).view(len(zs.classes), len(zs.templates), -1)
     images = embed_images(clip, pixels, batch_size)
-    classifier = metrics.zeroshot_classifier(text)
     labels = torch.from_numpy(zs.labels)
-    scores = metrics.zeroshot_metrics(images, classifier, labels)
-    logits = metrics.zeroshot_logits(images, classifier)
-    hits = (metrics.target_ranks(logits, labels) == 0).numpy()
-    top1 = logits.argmax(dim=1).numpy()
+    ranks, top1 = metrics.zeroshot_ranks(images, metrics.zeroshot_classifier(text), labels)
+    scores = metrics.rank_metrics(ranks, labels)
+    hits, top1 = (ranks == 0).numpy(), top1.numpy()
     for name, values in zs.attributes.items():
         values = np.asarray(values, dtype=object)
         scores[f"acc1_{name}"] = float((values[top1] == values[zs.labels]).mean())
@@ -282,18 +291,18 @@ def _zeroshot(clip: ClipModel, zs: ZeroShotSet, pixels: torch.Tensor, batch_size
             chosen = table["recall"][table["bucket"] == bucket]
             if len(chosen):
                 scores[f"recall_{bucket}"] = float(chosen.mean())
-    return scores, table
+    return scores, table, ZeroShotDetails(zs.labels, top1, hits)
 
 
 def evaluate_details(clip: ClipModel, suite: EvalSuite, batch_size: int = 256) -> EvalResult:
     """``evaluate_clip``'s metrics plus the per-class table of the main zero-shot set."""
     out: dict[str, float] = {}
-    table = None
+    table = details = images = None
     if (zs := suite.zeroshot) is not None:
-        scores, table = _zeroshot(clip, zs, suite.pixels("zeroshot", clip), batch_size, suite.class_counts)
+        scores, table, details = _zeroshot(clip, zs, suite.pixels("zeroshot", clip), batch_size, suite.class_counts)
         out.update({f"zeroshot/{k}": v for k, v in scores.items()})
     for name, extra in suite.extra_zeroshot.items():
-        scores, _ = _zeroshot(clip, extra, suite.pixels(name, clip), batch_size, None)
+        scores, *_ = _zeroshot(clip, extra, suite.pixels(name, clip), batch_size, None)
         out.update({f"zeroshot_{name}/{k}": v for k, v in scores.items()})
     if (rt := suite.retrieval) is not None:
         flat = [c for caps in rt.captions for c in caps]
@@ -302,7 +311,7 @@ def evaluate_details(clip: ClipModel, suite: EvalSuite, batch_size: int = 256) -
         images = embed_images(clip, suite.pixels("retrieval", clip), batch_size)
         out.update({f"retrieval/{k}": v for k, v in metrics.retrieval_metrics(images, text, text_image).items()})
         out["retrieval/modality_gap"] = metrics.modality_gap(images, text)
-    return EvalResult(out, table)
+    return EvalResult(out, table, details, images)
 
 
 def evaluate_clip(clip: ClipModel, suite: EvalSuite, batch_size: int = 256) -> dict[str, float]:

@@ -32,17 +32,34 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (scores >= target_scores).sum(dim=1) - 1
 
 
-def zeroshot_metrics(image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
-                     ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """``acc{k}`` for each k and ``mean_per_class_recall`` (top-1 recall averaged over the classes present)."""
+def zeroshot_ranks(image_embeddings: torch.Tensor, classifier: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: the rank of its true class (``target_ranks``: 0 = top-1, ties count against it) and its top-1
+    class; the logits are made once, a chunk of images at a time."""
     labels = labels.long()
-    ranks = torch.cat([target_ranks(zeroshot_logits(image_embeddings[i:i + _CHUNK], classifier), labels[i:i + _CHUNK])
-                       for i in range(0, len(labels), _CHUNK)])
+    ranks, top1 = [], []
+    for i in range(0, len(labels), _CHUNK):
+        logits = zeroshot_logits(image_embeddings[i:i + _CHUNK], classifier)
+        ranks.append(target_ranks(logits, labels[i:i + _CHUNK]))
+        top1.append(logits.argmax(dim=1))
+    return torch.cat(ranks), torch.cat(top1)
+
+
+def rank_metrics(ranks: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """``acc{k}`` for each k and ``mean_per_class_recall`` (top-1 recall averaged over the classes present) from
+    the true classes' ranks."""
+    labels = labels.long()
     out = {f"acc{k}": (ranks < k).float().mean().item() for k in ks}
     hit = (ranks == 0).float()
     present = labels.unique()
     out["mean_per_class_recall"] = torch.stack([hit[labels == c].mean() for c in present]).mean().item()
     return out
+
+
+def zeroshot_metrics(image_embeddings: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor,
+                     ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """``acc{k}`` for each k and ``mean_per_class_recall`` (top-1 recall averaged over the classes present)."""
+    return rank_metrics(zeroshot_ranks(image_embeddings, classifier, labels)[0], labels, ks)
 
 
 def retrieval_metrics(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, text_image: torch.Tensor,

@@ -84,12 +84,13 @@ def _build_key(task: UnitTask) -> str:
     return hash_obj({"step": task.step, "params": params, "context": asdict(task.context)})
 
 
-def _step(task: UnitTask) -> Step:
-    """The step object of ``task``, built once per process for its params and context (one per step kept)."""
+def _step(task: UnitTask) -> tuple[str, Step]:
+    """The build key and step object of ``task``, built once per process for its params and context (one per
+    step kept)."""
     key = _build_key(task)
     if task.step not in _BUILT or _BUILT[task.step][0] != key:
         _BUILT[task.step] = (key, step_class(task.step)(task.params, task.context))
-    return _BUILT[task.step][1]
+    return _BUILT[task.step]
 
 
 def _state(task: UnitTask) -> dict:
@@ -156,10 +157,10 @@ def run_task(task: UnitTask) -> dict:
     if task.done():
         return {**read_marker(task.output), "seconds": 0.0, "build_seconds": 0.0}
     started = time.perf_counter()
-    step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
+    key, step = _step(task)  # built once per process: its start-up (e.g. loading a scorer) is not the shard's work
     if task.phase != "decide":
         step.prepare()
-        _PREPARED.add(_build_key(task))
+        _PREPARED.add(key)
     build_seconds = time.perf_counter() - started
     started = time.perf_counter()
     cls = type(step)

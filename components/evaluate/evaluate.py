@@ -11,15 +11,12 @@ CLIP_benchmark's result format) in the output directory; PNG plots in the report
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
-from clipmill.components.common import metrics as clip_metrics
-from clipmill.components.common.evalsets import EvalSuite, evaluate_details, load_eval_suite
+from clipmill.components.common.evalsets import EvalResult, EvalSuite, evaluate_details, load_eval_suite
 from clipmill.components.common.evaluation import (
     EvaluationRecord,
     clip_benchmark_results,
@@ -28,7 +25,7 @@ from clipmill.components.common.evaluation import (
 )
 from clipmill.components.common.io import atomic_path, write_json
 from clipmill.components.common.log import get_logger
-from clipmill.components.common.model import ClipModel, embed_images, embed_texts, load_clip, resolve_model_source
+from clipmill.components.common.model import ClipModel, embed_texts, load_clip, resolve_model_source
 from clipmill.components.common.params import TrackingParams
 from clipmill.components.common.tracking import stage_run, tracking_uri
 
@@ -43,60 +40,28 @@ CLIP_BENCHMARK_DIR = "clip_benchmark"
 EXAMPLES_TOP_K = 5
 
 
-@dataclass
-class ZeroShotDetails:
-    labels: np.ndarray       # true class per image
-    predictions: np.ndarray  # top-1 class per image
-    hits: np.ndarray         # top-1 correct, ties counted as misses (as in the metric)
-
-
-def zeroshot_details(clip: ClipModel, suite: EvalSuite, batch_size: int) -> ZeroShotDetails:
-    """Per-image zero-shot predictions with the template-ensemble classifier of
-    ``clipmill.components.common.metrics``."""
-    zs = suite.zeroshot
-    prompts = [t.format(c) for c in zs.classes for t in zs.templates]
-    text = embed_texts(clip, prompts, batch_size).view(len(zs.classes), len(zs.templates), -1)
-    images = embed_images(clip, suite.pixels("zeroshot", clip), batch_size)
-    logits = clip_metrics.zeroshot_logits(images, clip_metrics.zeroshot_classifier(text))
-    labels = torch.from_numpy(zs.labels)
-    hits = clip_metrics.target_ranks(logits, labels) == 0
-    return ZeroShotDetails(zs.labels, logits.argmax(dim=1).numpy(), hits.numpy())
-
-
-def per_class_table(classes: list[str], details: ZeroShotDetails) -> pd.DataFrame:
-    """Support and top-1 recall of every class that has evaluation images."""
-    support = np.bincount(details.labels, minlength=len(classes))
-    correct = np.bincount(details.labels, weights=details.hits.astype(float), minlength=len(classes))
-    present = support > 0
-    return pd.DataFrame({
-        "class_name": np.asarray(classes, dtype=object)[present],
-        "support": support[present],
-        "recall": correct[present] / support[present],
-    })
-
-
-def retrieval_ranking(clip: ClipModel, suite: EvalSuite, queries: int, batch_size: int):
-    """Text-to-image top-k for the first caption of ``queries`` evenly spaced retrieval images.
+def retrieval_ranking(clip: ClipModel, suite: EvalSuite, images: torch.Tensor, queries: int, batch_size: int):
+    """Text-to-image top-k for the first caption of ``queries`` evenly spaced retrieval images (``images``: the
+    retrieval images' embeddings).
 
     Returns (query texts, ranked image indices [Q, k], index of each query's own image [Q]).
     """
     rt = suite.retrieval
     own = np.unique(np.linspace(0, len(rt.images) - 1, num=min(queries, len(rt.images))).astype(int))
     texts = [rt.captions[i][0] for i in own]
-    scores = embed_texts(clip, texts, batch_size) @ embed_images(clip, suite.pixels("retrieval", clip), batch_size).T
+    scores = embed_texts(clip, texts, batch_size) @ images.T
     k = min(EXAMPLES_TOP_K, len(rt.images))
     ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].numpy()
     return texts, ranked, own
 
 
-def draw_plots(clip: ClipModel, suite: EvalSuite, suite_version: str, params: EvaluateParams,
+def draw_plots(clip: ClipModel, suite: EvalSuite, result: EvalResult, suite_version: str, params: EvaluateParams,
                reports_dir: Path) -> list[Path]:
-    """The PNG plots in ``reports_dir``."""
+    """The PNG plots in ``reports_dir``, from the evaluation's ``result`` (its predictions and embeddings)."""
     paths = []
     if suite.zeroshot is not None:
-        zs = suite.zeroshot
-        details = zeroshot_details(clip, suite, params.batch_size)
-        table = per_class_table(zs.classes, details)
+        zs, details = suite.zeroshot, result.zeroshot
+        table = result.per_class
         paths.append(plots.per_class_accuracy(
             table["class_name"].tolist(), table["recall"].to_numpy(), table["support"].to_numpy(),
             f"Zero-shot top-1 recall per class (suite {suite_version})", reports_dir / "per_class_accuracy.png"))
@@ -104,7 +69,8 @@ def draw_plots(clip: ClipModel, suite: EvalSuite, suite_version: str, params: Ev
             zs.classes, details.labels, details.predictions, params.confusion_max_classes,
             f"Zero-shot confusion matrix (suite {suite_version})", reports_dir / "confusion_matrix.png"))
     if suite.retrieval is not None:
-        texts, ranked, own = retrieval_ranking(clip, suite, params.example_queries, params.batch_size)
+        texts, ranked, own = retrieval_ranking(clip, suite, result.retrieval_images, params.example_queries,
+                                               params.batch_size)
         paths.append(plots.retrieval_examples(
             texts, ranked, own, suite.retrieval.images,
             f"Text-to-image retrieval: top {ranked.shape[1]} (green: the caption's own image)",
@@ -132,7 +98,7 @@ def evaluate(model: str | Path, eval_dir: str | Path, out_dir: str | Path, repor
             log.info("suite %s: %d images scored in %.1fs (%.0f images/s): %s", suite_version, n_images, seconds,
                      n_images / max(seconds, 1e-9), ", ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items())))
             record = EvaluationRecord(suite_version, digest, scores)
-            plot_paths = draw_plots(clip, suite, suite_version, params, reports_dir) if params.plots else []
+            plot_paths = draw_plots(clip, suite, result, suite_version, params, reports_dir) if params.plots else []
             with atomic_path(out_dir, owner="evaluate") as tmp:
                 tmp.mkdir()
                 record.write(tmp / METRICS_FILE)
