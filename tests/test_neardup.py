@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pandas as pd
@@ -296,3 +297,25 @@ def test_same_layout_in_another_colour_is_no_candidate_under_the_mean_bound():
                              max_mean_gap=mean_gap(0.025))
     assert {("p", "q"), ("p", "r")} <= set(loose)
     assert pruned == [("p", "r")]
+
+
+def test_identical_hashes_are_linked_once_for_all_bands_with_the_pairs_each_band_links_alone(monkeypatch):
+    """_band_pairs takes identical hashes out before the bands (they share every band value): the same pairs as
+    linking each band on its own, and the uniqueness pass runs once, not once per band."""
+    from clipmill.components.filter import neardup
+
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 2**63, size=(30, WORDS), dtype=np.uint64)
+    near = base.copy()
+    near[:, 0] ^= np.uint64(0b101)
+    words = np.vstack([base, near, base[:10], rng.integers(0, 2**63, size=(20, WORDS), dtype=np.uint64)])
+    uids = np.array([f"u{i:03d}" for i in rng.permutation(len(words))], dtype=object)
+    bands = range(WORDS * 64 // BAND_BITS)
+    expected = {tuple(sorted(p)) for band in bands
+                for p in linked_pairs(uids, words, band_values(words, band), max_distance=8)}
+    calls = []
+    real = neardup.identical_copies
+    monkeypatch.setattr(neardup, "identical_copies", lambda u, w: calls.append(len(u)) or real(u, w))
+    found = neardup._band_pairs(uids, words, None, 8, math.inf)
+    assert found == expected and len(found) == 40  # 30 near pairs and 10 copies
+    assert calls == [len(words)]

@@ -126,24 +126,31 @@ def band_values(words: np.ndarray, band: int) -> np.ndarray:
     return ((words[:, word] >> np.uint64(shift * BAND_BITS)) & np.uint64((1 << BAND_BITS) - 1)).astype(np.int64)
 
 
+def identical_copies(uids: np.ndarray, words: np.ndarray) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """Images with identical hashes: (first uid, copy uid) for every copy, and the positions of the first of each
+    hash (sorted), which alone go on to the banding."""
+    if not len(uids):
+        return [], np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    copies = np.flatnonzero(first[inverse] != np.arange(len(uids)))
+    return list(zip(uids[first[inverse[copies]]], uids[copies])), np.sort(first)
+
+
 def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_distance: int,
-                 means: np.ndarray | None = None, max_mean_gap: float = math.inf) -> list[tuple[str, str]]:
+                 means: np.ndarray | None = None, max_mean_gap: float = math.inf,
+                 distinct: bool = False) -> list[tuple[str, str]]:
     """(uid, uid) pairs that link every two images sharing a band value in ``keys`` and differing in at most
-    ``max_distance`` bits (images with identical hashes are linked to the first of them, then compared once);
-    with ``means`` (n x 3 channel means of the thumbnails), also at most ``max_mean_gap`` apart in squared
-    distance of those means.
+    ``max_distance`` bits (images with identical hashes are linked to the first of them, then compared once; with
+    ``distinct``, the caller has done that already: no two rows have identical hashes); with ``means`` (n x 3
+    channel means of the thumbnails), also at most ``max_mean_gap`` apart in squared distance of those means.
 
     Vectorised over the groups of equal keys: with the keys sorted, the pairs at offset d within a group are the
     positions i with keys[i] == keys[i + d], so a group of s images costs s - 1 array passes, not s Python loops.
     """
-    pairs = []
     if not len(uids):
-        return pairs
-    _, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    copies = np.flatnonzero(first[inverse] != np.arange(len(uids)))
-    pairs.extend(zip(uids[first[inverse[copies]]], uids[copies]))
-    keep = np.sort(first)
+        return []
+    pairs, keep = ([], np.arange(len(uids))) if distinct else identical_copies(uids, words)
     order = keep[np.argsort(keys[keep], kind="stable")]
     keys, uids, words = keys[order], uids[order], words[order]
     means = means[order] if means is not None else None
@@ -181,12 +188,16 @@ def clusters(pairs: list[tuple[str, str]]) -> pd.DataFrame:
 def _band_pairs(uids: np.ndarray, words: np.ndarray, means: np.ndarray | None, max_bits: int, max_mean_gap: float,
                 buckets: int = 1, bucket: int = 0, bands=range(SIGNATURE_BITS // BAND_BITS)) -> set[tuple[str, str]]:
     """Candidate pairs among ``uids``/``words`` in ``bands``, of the band values in ``bucket`` of ``buckets``."""
-    pairs: set[tuple[str, str]] = set()
+    # Identical hashes share every band value (and so every bucket): they are linked once, here, not per band.
+    copies, distinct = identical_copies(uids, words)
+    pairs: set[tuple[str, str]] = {(min(a, b), max(a, b)) for a, b in copies}
+    uids, words = uids[distinct], words[distinct]
+    means = means[distinct] if means is not None else None
     for band in bands:
         values = band_values(words, band)
         mine = values % buckets == bucket if buckets > 1 else slice(None)
         found = linked_pairs(uids[mine], words[mine], values[mine], max_bits,
-                             means[mine] if means is not None else None, max_mean_gap)
+                             means[mine] if means is not None else None, max_mean_gap, distinct=True)
         pairs.update((min(a, b), max(a, b)) for a, b in found)
     return pairs
 
@@ -257,10 +268,10 @@ def checked_pairs(pairs: list[tuple[str, str]], mapped: Callable[[], Iterator[pd
     pass over the map outputs)."""
     if not pairs:
         return []
-    wanted = {u for pair in pairs for u in pair}
+    wanted = pd.Index(sorted({u for pair in pairs for u in pair}))  # its hash table is built once, not per shard
     thumbs: dict[str, bytes] = {}
     for frame in mapped():
-        rows = frame[frame["hashed"].astype(bool) & frame["uid"].isin(wanted)]
+        rows = frame[frame["hashed"].astype(bool).to_numpy() & (wanted.get_indexer(frame["uid"]) >= 0)]
         thumbs.update(zip(rows["uid"], rows["thumb"]))
     linked = []
     for start in range(0, len(pairs), CHECK_CHUNK):  # a chunk at a time: the arithmetic holds ~4 KB a pair
