@@ -116,3 +116,15 @@ def test_the_word_and_script_evidence_needs_a_word_list_for_every_kept_language(
     assert word_odds("foto van", afrikaans) == ("", 0.0)
     assert script_odds("фото", english)[1] == float("inf") and script_odds("фото", afrikaans) == ("", 0.0)
     assert script_odds("фото", frozenset({"en", "bg"})) == ("", 0.0)  # Cyrillic is kept
+
+
+def test_prepare_loads_the_models_as_the_steps_start_up_and_nothing_when_the_step_is_off():
+    from clipmill.components.filter import langid
+
+    for cached in (langid.kept_scripts, langid.word_lists):
+        cached.cache_clear()
+    LangIdStep(FilterParams(languages=[]), CONTEXT).prepare()
+    assert langid.word_lists.cache_info().currsize == 0
+    LangIdStep(FilterParams(languages=["en"]), CONTEXT).prepare()
+    assert langid.word_lists.cache_info().currsize == 1 and langid.kept_scripts.cache_info().currsize == 1
+    assert run(["写真: a red circle"])["reason"].tolist() == [f"{FOREIGN_REASON}:ja"]

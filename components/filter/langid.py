@@ -187,6 +187,11 @@ class LangIdStep(Step):
             raise ConfigError(f"filter.languages: {unknown} not among the language identifier's codes "
                               f"(ISO 639-1, e.g. en, de, fr; {len(identifier().labels)} known)")
 
+    def prepare(self) -> None:
+        """Load py3langid's model, the word lists and the kept scripts (about 2 s): the step's start-up."""
+        if self.params.languages:
+            kept_scripts(frozenset(self.params.languages))
+
     def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
         if not self.params.languages:
             return decisions(batch["uid"], [None] * len(batch))
