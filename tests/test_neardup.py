@@ -319,3 +319,19 @@ def test_identical_hashes_are_linked_once_for_all_bands_with_the_pairs_each_band
     found = neardup._band_pairs(uids, words, None, 8, math.inf)
     assert found == expected and len(found) == 40  # 30 near pairs and 10 copies
     assert calls == [len(words)]
+
+
+def test_the_thumbnail_check_gives_the_same_pairs_whatever_its_chunk(monkeypatch):
+    from clipmill.components.filter import neardup
+
+    rng = np.random.default_rng(7)
+    thumbs = rng.integers(0, 256, size=(12, neardup.THUMB_BYTES), dtype=np.uint8)
+    close = np.clip(thumbs.astype(int) + rng.integers(-2, 3, size=thumbs.shape), 0, 255).astype(np.uint8)
+    uids = [f"a{i:02d}" for i in range(12)] + [f"b{i:02d}" for i in range(12)]
+    frame = pd.DataFrame({"uid": uids, "thumb": [t.tobytes() for t in np.vstack([thumbs, close])], "hashed": True})
+    pairs = sorted([(f"a{i:02d}", f"b{i:02d}") for i in range(12)]
+                   + [(f"a{i:02d}", f"a{i + 1:02d}") for i in range(11)])
+    whole = neardup.checked_pairs(pairs, lambda: iter([frame]), 0.05, 0.9)
+    monkeypatch.setattr(neardup, "CHECK_CHUNK", 5)
+    assert neardup.checked_pairs(pairs, lambda: iter([frame]), 0.05, 0.9) == whole
+    assert whole == sorted((f"a{i:02d}", f"b{i:02d}") for i in range(12))
