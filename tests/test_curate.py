@@ -334,6 +334,35 @@ def test_a_step_added_to_the_list_reuses_the_later_steps_per_sample_work(downloa
     assert_same_tables(step_tables(out), reference["tables"])
 
 
+def test_pool_steps_combine_again_only_when_their_params_or_map_outputs_changed(download, scorer, reference,
+                                                                               tmp_path, monkeypatch):
+    params = shrunk_params({"score.top_fraction": 0.6})
+    run_curate(download, tmp_path / "scratch", params, scorer)
+    out = copy_of(reference, tmp_path)
+    combined = []
+    for name in STEP_NAMES:
+        step = step_class(name)
+        if issubclass(step, PoolStep):
+            monkeypatch.setattr(step, "combine", classmethod(
+                lambda cls, *args, _real=step.combine: combined.append(cls.name) or _real(*args)))
+    run_curate(download, out, shrunk_params(), scorer)
+    assert combined == []  # nothing changed
+    run_curate(download, out, params, scorer)
+    assert combined == ["score", "balance"]  # score's threshold; balance's input (score's survivors)
+    assert_same_tables(step_tables(out), step_tables(tmp_path / "scratch"))
+    # Score's state and decisions as another run left them (a checkout of other outputs): the stored state is not
+    # the one the last combine made, so it is combined again, and decided again from it.
+    score_dir = out / "steps" / "score"
+    shutil.copy(reference["out"] / "steps" / "score" / "state.json", score_dir / "state.json")  # the threshold
+    for marker in score_dir.rglob("*.done"):
+        if marker.relative_to(score_dir).parts[0] not in ("map", "partial"):
+            marker.unlink()
+    combined.clear()
+    run_curate(download, out, params, scorer)
+    assert combined == ["score"]
+    assert_same_tables(step_tables(out), step_tables(tmp_path / "scratch"))
+
+
 def test_a_changed_step_redoes_what_depends_on_it(download, scorer, reference, tmp_path):
     """Other metadata: balance matches again, and rewrite (whose paraphrases keep the matched entries) rewrites again
     ("background" is no longer matched, so the rules backend may say "backdrop")."""

@@ -14,6 +14,9 @@ Under the curation directory (``data/curate``):
 - Pool steps also keep ``steps/<step>/map/<unit>.parquet`` (the per-sample work), ``steps/<step>/partial/
   <unit>.parquet`` (a small statistic) and ``steps/<step>/state.json`` (+ ``state/<key>.parquet``).
 - ``steps/<step>/summary.json`` and ``summary.json``: the funnel counts.
+- Beside them, not outputs (``dvc.yaml`` tracks neither): ``timings.json``, the last run's seconds, and
+  ``combined.json``, what each pool step's stored state was combined from (a rerun whose params and map outputs of
+  a pool step are unchanged, and whose stored state is the one recorded, does not combine it again).
 
 A file counts only when its ``.done`` marker exists and holds the expected fingerprint; data files are written
 atomically before their marker, so a killed run leaves nothing that looks complete.
@@ -37,7 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputError
+from .errors import ClipmillError, InputError
 from .hashing import hash_obj
 from .shards import shard_file_name
 from .steps import Step
@@ -223,8 +226,10 @@ def unit_fingerprint(curate_dir: Path, unit: str) -> str:
 
 
 def save_state(curate_dir: Path, step: str, state: dict) -> str:
-    """Store a pool step's combined state (frames as parquet, the rest as JSON); returns its hash."""
+    """Store a pool step's combined state (frames as parquet, the rest as JSON, last); returns its hash. The old
+    ``state.json`` goes first: a state cut off while its frames are written has none."""
     base = step_dir(curate_dir, step)
+    remove(base / "state.json")
     plain, frames = {}, {}
     for key, value in state.items():
         (frames if isinstance(value, pd.DataFrame) else plain)[key] = value
@@ -233,6 +238,15 @@ def save_state(curate_dir: Path, step: str, state: dict) -> str:
         write_table(frame, base / "state" / f"{key}.parquet")
     write_json({"hash": digest, "state": plain, "frames": sorted(frames)}, base / "state.json")
     return digest
+
+
+def stored_state_hash(curate_dir: Path, step: str) -> str | None:
+    """The hash of a pool step's stored state, or None when there is none (or it cannot be read)."""
+    try:
+        stored = read_json(step_dir(curate_dir, step) / "state.json")
+    except (ClipmillError, OSError, ValueError):
+        return None
+    return stored.get("hash") if isinstance(stored, dict) else None
 
 
 def load_state(curate_dir: Path, step: str) -> tuple[dict, str]:

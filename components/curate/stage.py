@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from clipmill.components.common.curation import (
     step_classes,
     step_dir,
     step_params,
+    stored_state_hash,
     unit_fingerprint,
 )
 from clipmill.components.common.errors import ClipmillError
@@ -51,6 +53,9 @@ log = get_logger("curate")
 # Seconds of this run (split, each step, each phase): beside the outputs, not in them, since the outputs must
 # not depend on how long a run took (dvc.yaml does not track it; MLflow records it).
 TIMINGS_FILE = "timings.json"
+# Per pool step: what its stored state was combined from (its params, the context and every shard's map
+# fingerprint) and the state's hash. Beside the outputs too: a cache that only saves a combine, never decides one.
+COMBINED_FILE = "combined.json"
 
 
 def _fingerprints(step: type[Step], params, context: StepContext, phase: str, inputs: dict[str, str],
@@ -118,6 +123,32 @@ def _phase(timings: dict, step: str, phase: str) -> dict | None:
     return found
 
 
+def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: StepContext, mapped: dict[str, str],
+                    units: list[str]) -> str:
+    """Combine the partials of a pool step into its stored state; returns the state's hash.
+
+    A combine is a pure function of the step's params, the context and the map outputs (their fingerprints, per
+    shard): when those and the stored state are what the last combine saw and made (a rerun that changed only a
+    later step, or nothing), the stored state is used as it is."""
+    dump = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+    key = hash_obj({"step": step.name, "params": dump, "context": asdict(context), "maps": list(mapped.items())})
+    try:
+        done = read_json(curate_dir / COMBINED_FILE)
+    except (ClipmillError, OSError, ValueError):
+        done = {}
+    done = done if isinstance(done, dict) else {}
+    last = done.get(step.name)
+    if isinstance(last, dict) and last.get("key") == key and last.get("hash") == stored_state_hash(curate_dir,
+                                                                                                  step.name):
+        log.info("%s: combined state unchanged (same params and map outputs)", step.name)
+        return last["hash"]
+    state = step.combine(section, partial(_frames, curate_dir, step.name, "partial", units),
+                         partial(_frames, curate_dir, step.name, "map", units))
+    state_hash = save_state(curate_dir, step.name, state)
+    write_json({**done, step.name: {"key": key, "hash": state_hash}}, curate_dir / COMBINED_FILE)
+    return state_hash
+
+
 def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
               executor: Executor, timings: dict, previous: dict | None = None) -> list[dict]:
     """Every step over every unit, in order; returns the per-step summaries and fills ``timings`` (per step: its
@@ -138,9 +169,7 @@ def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepCo
             mapped = _fingerprints(step, section, context, "map", inputs)
             phases["map"] = executor.run(_tasks(curate_dir, step, section, context, "map", mapped, upstream),
                                          resources, _phase(before, step.name, "map"))
-            state = step.combine(section, partial(_frames, curate_dir, step.name, "partial", units),
-                                 partial(_frames, curate_dir, step.name, "map", units))
-            state_hash = save_state(curate_dir, step.name, state)
+            state_hash = _combined_state(curate_dir, step, section, context, mapped, units)
             decided = _fingerprints(step, section, context, "decide", mapped, state_hash)
             phases["decide"] = executor.run(_tasks(curate_dir, step, section, context, "decide", decided, upstream,
                                                    state_hash), previous=_phase(before, step.name, "decide"))
@@ -176,7 +205,8 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     """The download manifest and shards in; ``out_dir`` (laid out as ``components/common/curation.py`` says) and
     ``out_dir/summary.json`` out.
 
-    ``out_dir/timings.json`` holds this run's seconds. ``params`` is the whole params.yaml (each step reads its
+    ``out_dir/timings.json`` holds this run's seconds and ``out_dir/combined.json`` what each pool step's state was
+    combined from. ``params`` is the whole params.yaml (each step reads its
     own section; ``curate`` says which steps run and where); ``inputs`` are extra named inputs of steps
     (``bootstrap_model``; ``manifest``, the path that errors name, defaults to ``manifest_path``). Returns the
     summary.
