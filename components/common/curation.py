@@ -40,11 +40,22 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ClipmillError, InputError
+from .errors import InputError
 from .hashing import hash_obj
 from .shards import shard_file_name
 from .steps import Step
-from .storage import location, open_input, read_frame, read_json, read_table, relative, remove, write_json, write_table
+from .storage import (
+    location,
+    open_input,
+    read_frame,
+    read_json,
+    read_json_object,
+    read_table,
+    relative,
+    remove,
+    write_json,
+    write_table,
+)
 
 # name -> the step class, as module:Class (imported only when curation runs).
 STEPS: dict[str, str] = {
@@ -242,11 +253,8 @@ def save_state(curate_dir: Path, step: str, state: dict) -> str:
 
 def stored_state_hash(curate_dir: Path, step: str) -> str | None:
     """The hash of a pool step's stored state, or None when there is none (or it cannot be read)."""
-    try:
-        stored = read_json(step_dir(curate_dir, step) / "state.json")
-    except (ClipmillError, OSError, ValueError):
-        return None
-    return stored.get("hash") if isinstance(stored, dict) else None
+    stored = read_json_object(step_dir(curate_dir, step) / "state.json")
+    return stored.get("hash") if stored is not None else None
 
 
 def load_state(curate_dir: Path, step: str) -> tuple[dict, str]:

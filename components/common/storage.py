@@ -70,6 +70,18 @@ def read_json(path: str | os.PathLike, missing: str = "no such file") -> Any:
     return local_io.read_json(location(path) if is_url(path) else path, missing)
 
 
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON object that a run keeps for itself beside its outputs (timings, caches), or None when the file is
+    missing, unreadable or not an object: such a file may only cost work, never decide an output."""
+    from .errors import ClipmillError
+
+    try:
+        found = read_json(path)
+    except (ClipmillError, OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def write_table(table: pa.Table | pd.DataFrame, path: str | os.PathLike) -> None:
     """A parquet file (a DataFrame without its index), written atomically."""
     target = location(path)

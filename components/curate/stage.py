@@ -38,7 +38,7 @@ from clipmill.components.common.steps import PoolStep, Step, StepContext
 from clipmill.components.common.storage import (
     location,
     read_frame,
-    read_json,
+    read_json_object,
     relative,
     remove,
     remove_tree,
@@ -132,11 +132,7 @@ def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: St
     later step, or nothing), the stored state is used as it is."""
     dump = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
     key = hash_obj({"step": step.name, "params": dump, "context": asdict(context), "maps": list(mapped.items())})
-    try:
-        done = read_json(curate_dir / COMBINED_FILE)
-    except (ClipmillError, OSError, ValueError):
-        done = {}
-    done = done if isinstance(done, dict) else {}
+    done = read_json_object(curate_dir / COMBINED_FILE) or {}
     last = done.get(step.name)
     if isinstance(last, dict) and last.get("key") == key and last.get("hash") == stored_state_hash(curate_dir,
                                                                                                   step.name):
@@ -250,10 +246,7 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
 
 def _previous_timings(out_dir) -> dict | None:
     """The last run's timings, if it left them (they only weigh where a phase runs, never what it outputs)."""
-    try:
-        return read_json(out_dir / TIMINGS_FILE)
-    except (ClipmillError, OSError, ValueError):
-        return None
+    return read_json_object(out_dir / TIMINGS_FILE)
 
 
 def _step_context(params, manifest_path: Path, shards_dir: str | os.PathLike,
