@@ -67,6 +67,23 @@ def test_a_routes_file_that_breaks_a_rule_is_refused_at_start(plain, route, prob
     assert err.value.field == "routes" and err.value.file == str(plain / "routes.json")
 
 
+def test_route_files_are_checked_folder_by_folder_with_the_answer_of_a_full_resolve(plain, tmp_path):
+    """A routes file's names are checked with each parent folder resolved once; every answer, for links in and
+    out, dots, absolute paths and missing files, is that of resolving the name in full."""
+    from clipmill.components.common.mirror import _inside, _Names
+
+    (plain / "sub" / "up").symlink_to(tmp_path)          # a folder link out of the mirror
+    (plain / "sub" / "same").symlink_to(plain / "sub")   # a folder link that stays inside
+    (plain / "inner.png").symlink_to(plain / "a.png")    # a file link that stays inside
+    names = ["a.png", "sub/b c.png", "link.png", "inner.png", "missing.png", "sub/missing/x.png", "sub/up/secret.txt",
+             "sub/same/b c.png", "sub/../a.png", "sub/../../secret.txt", "../secret.txt", "/etc/passwd", ".", "..",
+             "sub/", "sub/.", "sub//b c.png", "./a.png", "", None, 3]
+    checker = _Names(plain)
+    for name in names * 2:  # the second round answers from the folders already resolved
+        assert checker.inside(name) == _inside(plain, name), name
+    assert checker.inside("sub/up/secret.txt") is None and checker.inside("sub/same/b c.png") is not None
+
+
 def test_mirror_params_are_checked_with_the_key_path():
     from clipmill.params import parse_params
 

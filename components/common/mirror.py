@@ -79,15 +79,49 @@ def _inside(root: Path, name: object) -> Path | None:
     return path if path.is_relative_to(base) and path != base else None
 
 
-def _route_problem(directory: Path, route: object) -> str | None:
-    """Why a route is unusable (it reads outside ``directory``, redirects off the server, lacks a field)."""
+class _Names:
+    """``_inside`` for the many file names of one routes file: each distinct parent folder of a name is resolved
+    once, and only a name that is itself a symbolic link (read from its folder's listing) is resolved on its own.
+    A routes file names one file per URL path; resolving each in full would read every folder of every path."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._folders: dict[str, tuple[Path | None, frozenset[str]]] = {}
+
+    def _folder(self, parent: str) -> tuple[Path | None, frozenset[str]]:
+        """(the resolved folder when it lies inside the root or is the root, names of the links it holds)."""
+        if parent not in self._folders:
+            base = self.root.resolve()
+            folder = (base / parent).resolve()
+            if not folder.is_relative_to(base):
+                folder = None
+            try:
+                links = frozenset(e.name for e in os.scandir(folder) if e.is_symlink()) if folder else frozenset()
+            except OSError:  # not a folder (yet): none of its names is a link
+                links = frozenset()
+            self._folders[parent] = (folder, links)
+        return self._folders[parent]
+
+    def inside(self, name: object) -> Path | None:
+        """As ``_inside(root, name)``."""
+        if not isinstance(name, str) or not name:
+            return None
+        parent, _, leaf = name.rpartition("/")
+        folder, links = self._folder(parent)
+        if leaf in ("", ".", "..") or leaf in links:
+            return _inside(self.root, name)
+        return folder / leaf if folder is not None else None
+
+
+def _route_problem(names: _Names, route: object) -> str | None:
+    """Why a route is unusable (it reads outside its directory, redirects off the server, lacks a field)."""
     if not isinstance(route, dict):
         return "a route is an object"
     behaviour = route.get("behaviour")
     if behaviour not in BEHAVIOURS:
         return f"behaviour {str(behaviour)[:50]!r} is not one of {', '.join(sorted(BEHAVIOURS))}"
-    if ("file" in route or behaviour in FILE_BEHAVIOURS) and _inside(directory, route.get("file")) is None:
-        return f"file {str(route.get('file'))[:200]!r} is not a file name inside {directory}"
+    if ("file" in route or behaviour in FILE_BEHAVIOURS) and names.inside(route.get("file")) is None:
+        return f"file {str(route.get('file'))[:200]!r} is not a file name inside {names.root}"
     if behaviour in FILE_BEHAVIOURS | {"html_as_image"} and not isinstance(route.get("content_type"), str):
         return "a route that answers a body needs a content_type"
     target = route.get("target")
@@ -105,8 +139,9 @@ def merge_routes(directories: Sequence[Path]) -> dict[str, dict]:
         if not (Path(directory) / ROUTES_FILE).is_file():
             continue
         where = Path(directory) / ROUTES_FILE
+        names = _Names(Path(directory))
         for path, route in load_routes(directory).items():
-            problem = _route_problem(Path(directory), route)
+            problem = _route_problem(names, route)
             if problem:
                 raise InputError(where, f"URL path {path!r}: {problem}", field="routes")
             if path in merged:
@@ -128,8 +163,9 @@ def check_mirror(directories: Sequence[str | os.PathLike]) -> dict[str, dict]:
 class MirrorServer(ThreadingHTTPServer):
     """A threading HTTP server over mirror directories; per-path request counts drive transient failures."""
 
-    def __init__(self, address: tuple[str, int], directories: Sequence[Path], slow_seconds: float):
-        routes = check_mirror(directories)
+    def __init__(self, address: tuple[str, int], directories: Sequence[Path], slow_seconds: float,
+                 routes: dict[str, dict] | None = None):
+        routes = check_mirror(directories) if routes is None else routes
         super().__init__(address, _Handler)
         self.routes, self.slow_seconds = routes, slow_seconds
         self.plain_roots = [Path(d) for d in directories if not (Path(d) / ROUTES_FILE).is_file()]
@@ -215,11 +251,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def serve_mirror(directories: Sequence[str | os.PathLike], host: str = "127.0.0.1", port: int = 0,
-                 slow_seconds: float = DEFAULT_SLOW_SECONDS) -> Iterator[str]:
+                 slow_seconds: float = DEFAULT_SLOW_SECONDS, routes: dict[str, dict] | None = None) -> Iterator[str]:
     """Serve ``directories`` (one mirror: a URL path is looked up in each) in a daemon thread; yields the base
-    URL that replaces the mirrored prefix."""
+    URL that replaces the mirrored prefix. ``routes``: what ``check_mirror`` returned for them, when the caller
+    has checked them already."""
     dirs = [Path(d) for d in directories]
-    server = MirrorServer((host, port), dirs, slow_seconds)
+    server = MirrorServer((host, port), dirs, slow_seconds, routes)
     thread = threading.Thread(target=server.serve_forever, name="mirror-server", daemon=True)
     thread.start()
     bound_host, bound_port = server.server_address[:2]

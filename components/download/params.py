@@ -54,7 +54,10 @@ class DownloadParams(Section):
         1000, ge=1,
         description="URLs per shard (one tar + parquet + stats file each).",
     )
-    processes_count: int = Field(2, ge=1, description="Download processes (multiprocessing distributor).")
+    processes_count: int = Field(
+        6, ge=1, description="Download processes (multiprocessing distributor), at most one per shard left. More "
+        "than the cores pays: a shard ends with its slowest URL (a timeout, retried), and while one process waits on "
+        "that tail the others use the CPU (12 shards on 2 cores: 2 processes 152 s, 4 105 s, 6 90 s).")
     thread_count: int = Field(16, ge=1, description="Download threads per process.")
     distributor: Literal["multiprocessing", "ray"] = Field(
         "multiprocessing",

@@ -180,16 +180,18 @@ def _mirror_dirs(mirror: MirrorParams, crawl: Crawl) -> list[Path]:
 
 
 @contextmanager
-def _fetch_urls(crawl: Crawl, mirrors: list[MirrorParams]
+def _fetch_urls(crawl: Crawl, mirrors: list[MirrorParams], routes: dict[str, dict[str, dict]]
                 ) -> Iterator[tuple[Callable[[pd.Series], pd.Series], frozenset]]:
     """How listed URLs become the URLs img2dataset fetches: as listed, or with a mirror's prefix swapped for the
-    address of a mirror server started here (one per mirror). Also yields the (address, port) of those servers:
-    the private origins the fetch may connect to."""
+    address of a mirror server started here (one per mirror, serving the routes ``check_mirror`` gave for it:
+    ``routes[prefix]``). Also yields the (address, port) of those servers: the private origins the fetch may
+    connect to."""
     with ExitStack() as stack:
         bases = {}
         for mirror in mirrors:
             dirs = _mirror_dirs(mirror, crawl)
-            bases[mirror.prefix] = stack.enter_context(serve_mirror(dirs, slow_seconds=mirror.slow_seconds))
+            bases[mirror.prefix] = stack.enter_context(serve_mirror(dirs, slow_seconds=mirror.slow_seconds,
+                                                                    routes=routes[mirror.prefix]))
             log.info("URLs under %s: serving %s at %s", mirror.prefix, ", ".join(map(str, dirs)),
                      bases[mirror.prefix])
 
@@ -577,8 +579,7 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
     plans = plan_lists(crawl, out, params)
     pending = [p for p in plans if not p.finished()]
     mirrors = mirrors_used(params.mirrors, crawl.url_list.table["url"])
-    for mirror in mirrors if pending else ():
-        check_mirror(_mirror_dirs(mirror, crawl))
+    routes = {m.prefix: check_mirror(_mirror_dirs(m, crawl)) for m in mirrors} if pending else {}
     inputs = [urls] + ([Path(additions)] if additions is not None else [])
     with stage_run("download", tracking, params, inputs) as run:
         for stale in ("manifest.parquet", "summary.json", RUN_RECORD):
@@ -588,7 +589,7 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
                 log.info("%s: downloaded before (%s), not fetched again", plan.name, plan.list_dir)
         runs = []
         if pending:
-            with _fetch_urls(crawl, mirrors) as (fetch, trusted), \
+            with _fetch_urls(crawl, mirrors, routes) as (fetch, trusted), \
                     _ray_session(params, ray_params):
                 with Progress("download", len(pending), "URL lists") as bar:
                     for plan in pending:
