@@ -45,6 +45,12 @@ def read_shard(shards_dir: Path, shard_id: int) -> pd.DataFrame:
     not add up (count = successes + failed_to_download + failed_to_resize), an unreadable or truncated file,
     or a tar whose samples differ from the successes listed in the parquet.
     """
+    return check_shard(shards_dir, shard_id)[0]
+
+
+def check_shard(shards_dir: Path, shard_id: int) -> tuple[pd.DataFrame, dict[str, dict[str, tuple[int, int]]]]:
+    """``read_shard``'s results and checks, with the index of the shard's tar (``index_shard``), which
+    ``canonicalize_shard`` reuses instead of reading the tar's headers again."""
     tar, table, stats_file = shard_files(shards_dir, shard_id)
     if not stats_file.exists():
         raise InputError(stats_file, "missing: the shard was not finished")
@@ -81,7 +87,7 @@ def read_shard(shards_dir: Path, shard_id: int) -> pd.DataFrame:
     incomplete = sorted(k for k, fields in members.items() if not set(SAMPLE_FIELDS) <= set(fields))
     if incomplete:
         raise InputError(tar, f"samples without all of {', '.join(SAMPLE_FIELDS)}: {incomplete[:3]}")
-    return rows.assign(shard=f"{shard_name(shard_id)}.tar")
+    return rows.assign(shard=f"{shard_name(shard_id)}.tar"), members
 
 
 # img2dataset's clock readings in a stats file: they describe the run, not the shard (the run's own record keeps
@@ -101,11 +107,14 @@ def _canonical_json(data: bytes, listed_urls: dict[str, str]) -> bytes:
     return json.dumps(meta, indent=4, sort_keys=True).encode()
 
 
-def _rewrite_tar(tar_path: Path, listed_urls: dict[str, str]) -> None:
-    """The tar's samples in key order, the listed URL in each ``.json``, and no times, owners or modes."""
-    with tarfile.open(tar_path) as src:
-        members = sorted(((m.name, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()),
-                         key=lambda item: item[0].split(".", 1))
+def _rewrite_tar(tar_path: Path, listed_urls: dict[str, str], index: dict[str, dict[str, tuple[int, int]]]) -> None:
+    """The tar's samples in key order, the listed URL in each ``.json``, and no times, owners or modes; ``index``
+    (the tar's, from ``index_shard``) says where each member's bytes lie."""
+    raw = tar_path.read_bytes()
+    members = sorted(((f"{key}.{field}" if field else key, raw[offset:offset + size])
+                      for key, fields in index.items() for field, (offset, size) in fields.items()),
+                     key=lambda item: item[0].split(".", 1))
+    del raw
     with atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as out:
         for name, data in members:
             if name.endswith(".json"):
@@ -115,7 +124,8 @@ def _rewrite_tar(tar_path: Path, listed_urls: dict[str, str]) -> None:
             out.addfile(info, io.BytesIO(data))
 
 
-def canonicalize_shard(shards_dir: Path, shard_id: int, listed_urls: dict[str, str]) -> pd.DataFrame:
+def canonicalize_shard(shards_dir: Path, shard_id: int, listed_urls: dict[str, str],
+                       index: dict[str, dict[str, tuple[int, int]]] | None = None) -> pd.DataFrame:
     """Rewrite a checked shard so that its bytes depend on its inputs alone, not on the run that fetched it;
     returns its per-URL results as ``read_shard`` reads them back (the shard is not read again).
 
@@ -123,9 +133,10 @@ def canonicalize_shard(shards_dir: Path, shard_id: int, listed_urls: dict[str, s
     has a port of the run) and the tar members' times, and puts clock readings in the stats file. The canonical
     shard has its rows and samples in key order, the URL as listed (``listed_urls``: uid -> URL), members without
     times, and a stats file without clock readings. The stats file is written last: it marks the shard finished.
+    ``index``: the tar's index from ``check_shard``, when the shard was just checked.
     """
     tar, table, stats_file = shard_files(shards_dir, shard_id)
-    _rewrite_tar(tar, listed_urls)
+    _rewrite_tar(tar, listed_urls, index if index is not None else index_shard(tar))
     rows = pq.read_table(table)
     urls = [listed_urls.get(uid, url) for uid, url in zip(rows["uid"].to_pylist(), rows["url"].to_pylist())]
     at = rows.schema.get_field_index("url")

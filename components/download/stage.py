@@ -53,7 +53,7 @@ from .fetch import FetchPolicy
 from .params import DownloadParams, MirrorParams
 from .reasons import error_reason
 from .safety import INVALID_URL, PRIVATE_HOST, UNRESOLVABLE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
-from .shards import canonicalize_shard, finished_shards, is_canonical, read_shard, shard_files
+from .shards import canonicalize_shard, check_shard, finished_shards, is_canonical, shard_files
 from .url_list import CRAWL_COLUMN
 
 log = get_logger("download")
@@ -257,12 +257,12 @@ def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, ex
         signal.signal(signal.SIGINT, previous_handler)
 
 
-def _check_shards(shards_dir: Path, shard_ids) -> tuple[dict[int, pd.DataFrame], dict[int, str]]:
-    """(results of the good shards, problem of each bad one)."""
+def _check_shards(shards_dir: Path, shard_ids) -> tuple[dict[int, tuple[pd.DataFrame, dict]], dict[int, str]]:
+    """(results and tar index of the good shards, problem of each bad one)."""
     good, bad = {}, {}
     for shard_id in shard_ids:
         try:
-            good[shard_id] = read_shard(shards_dir, shard_id)
+            good[shard_id] = check_shard(shards_dir, shard_id)
         except InputError as e:
             bad[shard_id] = str(e)
     return good, bad
@@ -315,13 +315,15 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
     finally:
         input_file.unlink(missing_ok=True)
     listed = dict(zip(requests.loc[sent, "uid"], requests.loc[sent, "url"]))
+    rows = {}
     for shard_id in shard_ids:
+        rows[shard_id], index = good[shard_id]
         if not is_canonical(shards_dir, shard_id):
-            good[shard_id] = canonicalize_shard(shards_dir, shard_id, listed)
-    results = pd.concat([good[i] for i in shard_ids], ignore_index=True)
+            rows[shard_id] = canonicalize_shard(shards_dir, shard_id, listed, index)
+    results = pd.concat([rows[i] for i in shard_ids], ignore_index=True)
     new_shards = [i for i in shard_ids if i not in done_before]
-    stats["new_successes"] = int(sum((good[i]["status"] == "success").sum() for i in new_shards))
-    stats["new_urls"] = int(sum(len(good[i]) for i in new_shards))
+    stats["new_successes"] = int(sum((rows[i]["status"] == "success").sum() for i in new_shards))
+    stats["new_urls"] = int(sum(len(rows[i]) for i in new_shards))
     return results, stats
 
 
