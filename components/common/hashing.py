@@ -35,6 +35,11 @@ def hash_obj(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def params_dump(params: Any) -> Any:
+    """A params section as plain JSON data for ``hash_obj``: a pydantic model's dump, anything else as it is."""
+    return params.model_dump(mode="json") if hasattr(params, "model_dump") else params
+
+
 def _files(paths: Iterable[str | os.PathLike]) -> list[tuple[str, Path]]:
     out = []
     for p in map(Path, paths):

@@ -85,15 +85,14 @@ class _Names:
     A routes file names one file per URL path; resolving each in full would read every folder of every path."""
 
     def __init__(self, root: Path):
-        self.root = root
+        self.root, self.base = root, root.resolve()
         self._folders: dict[str, tuple[Path | None, frozenset[str]]] = {}
 
     def _folder(self, parent: str) -> tuple[Path | None, frozenset[str]]:
         """(the resolved folder when it lies inside the root or is the root, names of the links it holds)."""
         if parent not in self._folders:
-            base = self.root.resolve()
-            folder = (base / parent).resolve()
-            if not folder.is_relative_to(base):
+            folder = (self.base / parent).resolve()
+            if not folder.is_relative_to(self.base):
                 folder = None
             try:
                 links = frozenset(e.name for e in os.scandir(folder) if e.is_symlink()) if folder else frozenset()

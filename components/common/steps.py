@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import pyarrow as pa
 
-from .hashing import hash_obj
+from .hashing import hash_obj, params_dump
 
 DECISION_COLUMNS = ["uid", "keep", "reason"]
 
@@ -62,8 +62,7 @@ class Step:
     def fingerprint(cls, params: Any, context: StepContext, phase: str = "apply") -> str:
         """What the step's output depends on besides its input rows: its params section (a step whose output
         depends on the seed or on other inputs of ``context`` adds them)."""
-        dump = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
-        return hash_obj({"step": cls.name, "phase": phase, "params": dump})
+        return hash_obj({"step": cls.name, "phase": phase, "params": params_dump(params)})
 
     @classmethod
     def resources(cls, params: Any) -> dict:
@@ -103,7 +102,7 @@ class PoolStep(Step):
     @classmethod
     def fingerprint(cls, params: Any, context: StepContext, phase: str = "apply") -> str:
         """As a step's, and a map's also holds its ``map_columns``: a map output stored with other columns is redone."""
-        dump = params.model_dump(mode="json") if hasattr(params, "model_dump") else params
+        dump = params_dump(params)
         if phase == "map":
             dump = {**dump, "map_columns": sorted(cls.map_columns)}
         return super().fingerprint(dump, context, phase)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ClipmillError
-from .hashing import bytes_hashed, content_hash, file_sha256, hash_obj
+from .hashing import bytes_hashed, content_hash, file_sha256, hash_obj, params_dump
 from .params import TrackingParams
 
 PARENT_RUN_ENV = "CLIPMILL_PARENT_RUN_ID"
@@ -120,12 +120,11 @@ def git_commit(cwd: str | os.PathLike = ".") -> str:
 
 def lineage_tags(params_section: Any, data_paths: Iterable[str | os.PathLike] = ()) -> dict[str, str]:
     """Tags naming exactly what produced a run: code, pipeline lock, params and input data."""
-    params_dump = params_section.model_dump(mode="json") if hasattr(params_section, "model_dump") else params_section
     lock = Path("dvc.lock")
     return {
         "clipmill.git_commit": git_commit(),
         "clipmill.dvc_lock_hash": file_sha256(lock) if lock.exists() else "none",
-        "clipmill.params_hash": hash_obj(params_dump),
+        "clipmill.params_hash": hash_obj(params_dump(params_section)),
         "clipmill.data_hash": content_hash(data_paths),
     }
 

@@ -38,7 +38,7 @@ from clipmill.components.common.curation import (
     unit_path,
     write_output,
 )
-from clipmill.components.common.hashing import hash_obj
+from clipmill.components.common.hashing import hash_obj, params_dump
 from clipmill.components.common.log import Progress, get_logger
 from clipmill.components.common.params import RayParams
 from clipmill.components.common.steps import PoolStep, Step, StepContext, check_output
@@ -80,8 +80,7 @@ _STATES: dict[tuple, dict] = {}
 
 
 def _build_key(task: UnitTask) -> str:
-    params = task.params.model_dump(mode="json") if hasattr(task.params, "model_dump") else task.params
-    return hash_obj({"step": task.step, "params": params, "context": asdict(task.context)})
+    return hash_obj({"step": task.step, "params": params_dump(task.params), "context": asdict(task.context)})
 
 
 def _step(task: UnitTask) -> tuple[str, Step]:

@@ -32,7 +32,7 @@ from clipmill.components.common.curation import (
 )
 from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.funnel import funnel_metrics
-from clipmill.components.common.hashing import hash_obj
+from clipmill.components.common.hashing import hash_obj, params_dump
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.steps import PoolStep, Step, StepContext
 from clipmill.components.common.storage import (
@@ -130,8 +130,8 @@ def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: St
     A combine is a pure function of the step's params, the context and the map outputs (their fingerprints, per
     shard): when those and the stored state are what the last combine saw and made (a rerun that changed only a
     later step, or nothing), the stored state is used as it is."""
-    dump = section.model_dump(mode="json") if hasattr(section, "model_dump") else section
-    key = hash_obj({"step": step.name, "params": dump, "context": asdict(context), "maps": list(mapped.items())})
+    key = hash_obj({"step": step.name, "params": params_dump(section), "context": asdict(context),
+                    "maps": list(mapped.items())})
     done = read_json_object(curate_dir / COMBINED_FILE) or {}
     last = done.get(step.name)
     if isinstance(last, dict) and last.get("key") == key and last.get("hash") == stored_state_hash(curate_dir,
