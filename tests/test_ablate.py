@@ -11,7 +11,7 @@ import pytest
 
 from clipmill.cli import main
 from clipmill.components.ablate.arms import resolve_arms
-from clipmill.components.ablate.stats import bootstrap_delta
+from clipmill.components.ablate.stats import bootstrap_delta, comparisons, effects_table
 from clipmill.components.ablate.variants import load_variant
 from clipmill.components.common.errors import ConfigError
 from tests.curation_fixtures import COLORS, SHAPES, draw
@@ -75,6 +75,28 @@ def test_the_paired_bootstrap_ci_excludes_zero_only_for_a_real_difference():
     noise = base + rng.normal(0, 0.05, base.shape)
     _, low, high = bootstrap_delta(noise, base, 1000, 0.95, np.random.default_rng(1))
     assert low < 0 < high
+
+
+def test_the_funnel_effect_compares_the_last_cut_with_raw_beside_the_marginal_effects():
+    arms = resolve_arms(["raw", "score", "balance", "rewrite", "-balance"], STEPS)
+    assert comparisons(arms) == [("score", "raw", "marginal"), ("balance", "score", "marginal"),
+                                 ("rewrite", "balance", "marginal"), ("-balance", "rewrite", "marginal"),
+                                 ("rewrite", "raw", "funnel")]
+    assert comparisons(resolve_arms(["raw", "score"], STEPS)) == [("score", "raw", "marginal")]  # nothing new
+    assert comparisons(resolve_arms(["score", "rewrite"], STEPS)) == [("rewrite", "score", "marginal")]  # no raw
+
+    rng = np.random.default_rng(0)
+    classes = [f"c{i:02d}" for i in range(30)]
+    base = rng.uniform(0.2, 0.6, size=(2, len(classes)))
+    steps = {"raw": base, "score": base + 0.04, "balance": base + 0.08, "rewrite": base + 0.12}
+    per_class = pd.DataFrame([{"arm": arm, "seed": s, "class_name": c, "recall": recall[s, i]}
+                              for arm, recall in steps.items() for s in range(2) for i, c in enumerate(classes)])
+    effects = effects_table(per_class, resolve_arms(list(steps), STEPS), 500, 0.95, 0)
+    overall = effects[effects["metric"] == "zeroshot/mean_per_class_recall"].set_index(["arm", "baseline"])
+    assert overall.loc[("balance", "score"), "effect"] == "marginal"
+    assert overall.loc[("balance", "score"), "delta"] == pytest.approx(0.04)
+    funnel = overall.loc[("rewrite", "raw")]
+    assert funnel["effect"] == "funnel" and funnel["delta"] == pytest.approx(0.12) and funnel["excludes_zero"]
 
 
 # --- end to end ------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ class AblateParams(Section):
                                             "null: project.seed).")
     samples_per_epoch: int = Field(4096, ge=1, description="train.samples_per_epoch of every run: with train.epochs, "
                                                            "every arm is trained on the same number of samples.")
-    bootstrap: int = Field(2000, ge=100, description="Class-bootstrap resamples of each marginal effect's CI.")
+    bootstrap: int = Field(2000, ge=100,
+                           description="Class-bootstrap resamples of each effect's CI (marginal and funnel).")
     confidence: float = Field(0.95, gt=0, lt=1, description="Coverage of the bootstrap confidence intervals.")
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS),
                                description="Metrics in the table of means (keys of the evaluation's metrics); the "

@@ -1,4 +1,4 @@
-"""The ablation's report: a markdown table of means, the marginal effects with their CIs, and one plot."""
+"""The ablation's report: a markdown table of means, the marginal and funnel effects with their CIs, and one plot."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,16 +28,19 @@ def markdown(means: pd.DataFrame, effects: pd.DataFrame, metrics: list[str], fac
         values = [f"{row[m]:.3f} ± {row[f'{m} sd']:.3f}" for m in shown]
         lines.append(f"| {row['label']} | {row['samples']} | {row['runs']} | " + " | ".join(values) + " |")
     pct = round(confidence * 100)
-    lines += ["", f"Marginal effects (arm minus its baseline; paired class bootstrap, {pct}% CI):", "",
-              "| arm | baseline | metric | classes | Δ | CI | excludes 0 |", "|---|---|---|---:|---:|---|---|"]
+    lines += ["", f"Effects (arm minus its baseline; marginal: the steps an arm adds or removes, funnel: the last cut "
+                  f"against raw; paired class bootstrap, {pct}% CI):", "",
+              "| arm | baseline | effect | metric | classes | Δ | CI | excludes 0 |",
+              "|---|---|---|---|---:|---:|---|---|"]
     for row in effects.itertuples(index=False):
-        lines.append(f"| {row.arm} | {row.baseline} | {_short(row.metric)} | {row.classes} | {row.delta:+.3f} | "
-                     f"[{row.ci_low:+.3f}, {row.ci_high:+.3f}] | {'yes' if row.excludes_zero else 'no'} |")
+        lines.append(f"| {row.arm} | {row.baseline} | {row.effect} | {_short(row.metric)} | {row.classes} | "
+                     f"{row.delta:+.3f} | [{row.ci_low:+.3f}, {row.ci_high:+.3f}] | "
+                     f"{'yes' if row.excludes_zero else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(means: pd.DataFrame, effects: pd.DataFrame, metrics: list[str], path: Path) -> Path:
-    """Left: each metric's mean per arm (error bars: sd over seeds); right: each marginal effect with its CI."""
+    """Left: each metric's mean per arm (error bars: sd over seeds); right: each effect with its CI."""
     shown = [m for m in metrics if m in means.columns]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, max(3.5, 0.45 * len(means) + 1.5)))
     width = 0.8 / max(1, len(shown))
@@ -61,7 +64,7 @@ def plot(means: pd.DataFrame, effects: pd.DataFrame, metrics: list[str], path: P
         right.invert_yaxis()
         right.axvline(0, color="black", lw=0.8)
     right.set_xlabel(f"Δ {_short(OVERALL)} (and per third)")
-    right.set_title("Marginal effects with CIs", fontsize=10)
+    right.set_title("Effects with CIs (marginal; funnel: last cut vs raw)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

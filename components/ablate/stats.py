@@ -1,4 +1,5 @@
-"""The ablation's numbers: means over seeds, and paired class-bootstrap CIs of each arm's marginal effect."""
+"""The ablation's numbers: means over seeds, and paired class-bootstrap CIs of each arm's marginal effect and of the
+whole funnel's."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pandas as pd
 
 from clipmill.components.common.evalsets import BUCKETS
 
-from .arms import Arm
+from .arms import LEAVE_OUT, RAW, Arm
 
 OVERALL = "zeroshot/mean_per_class_recall"
 
@@ -48,9 +49,20 @@ def bootstrap_delta(a: np.ndarray, b: np.ndarray, resamples: int, confidence: fl
     return point, float(low), float(high)
 
 
+def comparisons(arms: list[Arm]) -> list[tuple[str, str, str]]:
+    """(arm, baseline, effect) pairs: each arm against its baseline (``marginal``), then, when raw and two or more
+    cuts are listed, the last cut (the most steps) against raw (``funnel``: what the whole curation bought, with a
+    CI of its own; the marginal effects' CIs do not add up to one)."""
+    pairs = [(a.name, a.baseline, "marginal") for a in arms if a.baseline is not None]
+    cuts = [a for a in arms if a.name != RAW and not a.name.startswith(LEAVE_OUT)]
+    if any(a.name == RAW for a in arms) and len(cuts) >= 2:
+        pairs.append((cuts[-1].name, RAW, "funnel"))
+    return pairs
+
+
 def effects_table(per_class: pd.DataFrame, arms: list[Arm], resamples: int, confidence: float,
                   seed: int) -> pd.DataFrame:
-    """Each arm against its baseline: the change of mean per-class recall over all classes and within each
+    """Each comparison of ``comparisons``: the change of mean per-class recall over all classes and within each
     head/mid/tail third (when the classes have crawl counts), with paired class-bootstrap CIs."""
     rng = np.random.default_rng(seed)
     classes = sorted(per_class["class_name"].unique())
@@ -60,16 +72,15 @@ def effects_table(per_class: pd.DataFrame, arms: list[Arm], resamples: int, conf
     if buckets is not None:
         groups.update({f"zeroshot/recall_{b}": [c for c in classes if buckets[c] == b] for b in BUCKETS})
     rows = []
-    for arm in arms:
-        if arm.baseline is None:
-            continue
-        a, b = _recall_matrix(per_class, arm.name, classes), _recall_matrix(per_class, arm.baseline, classes)
+    for name, baseline, effect in comparisons(arms):
+        a, b = _recall_matrix(per_class, name, classes), _recall_matrix(per_class, baseline, classes)
         for metric, chosen in groups.items():
             if not chosen:
                 continue
             cols = [classes.index(c) for c in chosen]
             delta, low, high = bootstrap_delta(a[:, cols], b[:, cols], resamples, confidence, rng)
-            rows.append({"arm": arm.name, "baseline": arm.baseline, "metric": metric, "classes": len(cols),
-                         "delta": delta, "ci_low": low, "ci_high": high, "excludes_zero": bool(low > 0 or high < 0)})
-    return pd.DataFrame(rows, columns=["arm", "baseline", "metric", "classes", "delta", "ci_low", "ci_high",
-                                       "excludes_zero"])
+            rows.append({"arm": name, "baseline": baseline, "effect": effect, "metric": metric,
+                         "classes": len(cols), "delta": delta, "ci_low": low, "ci_high": high,
+                         "excludes_zero": bool(low > 0 or high < 0)})
+    return pd.DataFrame(rows, columns=["arm", "baseline", "effect", "metric", "classes", "delta", "ci_low",
+                                       "ci_high", "excludes_zero"])
