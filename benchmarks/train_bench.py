@@ -8,7 +8,8 @@ load; the first ``--warmup`` steps of each round are not timed. The Lightning si
 (``ResumableLoader``: tar reading, shuffle buffer, decode, open_clip augmentation, tokenisation) and the
 Lightning step fed by that loader. Target: lightning/bare >= 0.95, loader well above the step.
 
-    python -m benchmarks.train_bench [--batch-size 64] [--steps 30] [--repeats 3] [--workers 2] [--threads 1]
+    python -m benchmarks.train_bench [--model clipmill-tiny] [--batch-size 64] [--steps 30] [--repeats 3]
+        [--workers 2] [--threads 1]
 """
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def loader_throughput(loader: ResumableLoader, warmup: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="clipmill-tiny", help="train.model: an open_clip config name or JSON file")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = TrainParams(batch_size=args.batch_size, shuffle_buffer=256, warmup_steps=5)
+    params = TrainParams(model=args.model, batch_size=args.batch_size, shuffle_buffer=256, warmup_steps=5)
     steps = args.warmup + args.steps
 
     with tempfile.TemporaryDirectory(prefix="clipmill-bench-") as tmp:
