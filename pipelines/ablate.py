@@ -15,7 +15,7 @@ Every run trains ``ablate.samples_per_epoch`` x ``train.epochs`` samples (equal 
 ``train.seed + k``, and is evaluated on the same suite (no plots).
 
 Out (``ablate.out_dir``, written atomically): ``table.md`` (means over seeds, the marginal effects and the whole
-funnel's, last cut against raw, with paired class-bootstrap CIs), ``means.csv``, ``effects.csv``, ``runs.csv`` (one
+funnel's (most steps against raw), with paired class-bootstrap CIs), ``means.csv``, ``effects.csv``, ``runs.csv`` (one
 row per arm and seed), ``per_class.csv`` (recall per arm, seed and class), ``arms.csv`` (each arm's steps, samples
 and a hash of its uids), ``ablation.json`` and ``ablation.png``. MLflow: one parent run (``ablation``) with one
 child run per arm and seed (the training run, with the evaluation's metrics added).

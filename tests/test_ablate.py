@@ -77,13 +77,15 @@ def test_the_paired_bootstrap_ci_excludes_zero_only_for_a_real_difference():
     assert low < 0 < high
 
 
-def test_the_funnel_effect_compares_the_last_cut_with_raw_beside_the_marginal_effects():
+def test_the_funnel_effect_compares_the_fullest_cut_with_raw_beside_the_marginal_effects():
     arms = resolve_arms(["raw", "score", "balance", "rewrite", "-balance"], STEPS)
     assert comparisons(arms) == [("score", "raw", "marginal"), ("balance", "score", "marginal"),
                                  ("rewrite", "balance", "marginal"), ("-balance", "rewrite", "marginal"),
                                  ("rewrite", "raw", "funnel")]
     assert comparisons(resolve_arms(["raw", "score"], STEPS)) == [("score", "raw", "marginal")]  # nothing new
     assert comparisons(resolve_arms(["score", "rewrite"], STEPS)) == [("rewrite", "score", "marginal")]  # no raw
+    assert comparisons(resolve_arms(["rewrite", "raw", "score"], STEPS)) == [  # listed out of order
+        ("raw", "rewrite", "marginal"), ("score", "raw", "marginal"), ("rewrite", "raw", "funnel")]
 
     rng = np.random.default_rng(0)
     classes = [f"c{i:02d}" for i in range(30)]

@@ -28,8 +28,8 @@ def markdown(means: pd.DataFrame, effects: pd.DataFrame, metrics: list[str], fac
         values = [f"{row[m]:.3f} ± {row[f'{m} sd']:.3f}" for m in shown]
         lines.append(f"| {row['label']} | {row['samples']} | {row['runs']} | " + " | ".join(values) + " |")
     pct = round(confidence * 100)
-    lines += ["", f"Effects (arm minus its baseline; marginal: the steps an arm adds or removes, funnel: the last cut "
-                  f"against raw; paired class bootstrap, {pct}% CI):", "",
+    lines += ["", f"Effects (arm minus its baseline; marginal: the steps an arm adds or removes, funnel: the cut with "
+                  f"the most steps against raw; paired class bootstrap, {pct}% CI):", "",
               "| arm | baseline | effect | metric | classes | Δ | CI | excludes 0 |",
               "|---|---|---|---|---:|---:|---|---|"]
     for row in effects.itertuples(index=False):
@@ -64,7 +64,7 @@ def plot(means: pd.DataFrame, effects: pd.DataFrame, metrics: list[str], path: P
         right.invert_yaxis()
         right.axvline(0, color="black", lw=0.8)
     right.set_xlabel(f"Δ {_short(OVERALL)} (and per third)")
-    right.set_title("Effects with CIs (marginal; funnel: last cut vs raw)", fontsize=10)
+    right.set_title("Effects with CIs (marginal; funnel: most steps vs raw)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

@@ -50,13 +50,15 @@ def bootstrap_delta(a: np.ndarray, b: np.ndarray, resamples: int, confidence: fl
 
 
 def comparisons(arms: list[Arm]) -> list[tuple[str, str, str]]:
-    """(arm, baseline, effect) pairs: each arm against its baseline (``marginal``), then, when raw and two or more
-    cuts are listed, the last cut (the most steps) against raw (``funnel``: what the whole curation bought, with a
-    CI of its own; the marginal effects' CIs do not add up to one)."""
+    """(arm, baseline, effect) pairs: each arm against its baseline (``marginal``), then, when raw is listed, the cut
+    with the most steps against raw (``funnel``: what the whole curation bought, with a CI of its own; the marginal
+    effects' CIs do not add up to one), unless that is a marginal effect already."""
     pairs = [(a.name, a.baseline, "marginal") for a in arms if a.baseline is not None]
     cuts = [a for a in arms if a.name != RAW and not a.name.startswith(LEAVE_OUT)]
-    if any(a.name == RAW for a in arms) and len(cuts) >= 2:
-        pairs.append((cuts[-1].name, RAW, "funnel"))
+    if any(a.name == RAW for a in arms) and cuts:
+        last = max(cuts, key=lambda a: len(a.steps)).name
+        if (last, RAW, "marginal") not in pairs:
+            pairs.append((last, RAW, "funnel"))
     return pairs
 
 
