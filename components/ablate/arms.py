@@ -17,10 +17,15 @@ class Arm:
     baseline: str | None      # the arm its marginal effect is measured against (None: the first arm)
 
     @property
+    def cut(self) -> bool:
+        """A cut after a step (neither raw nor "all but X")."""
+        return self.name != RAW and not self.name.startswith(LEAVE_OUT)
+
+    @property
     def label(self) -> str:
         if self.name == RAW:
             return "raw download"
-        if self.name.startswith(LEAVE_OUT):
+        if not self.cut:
             return f"all but {self.name[1:]}"
         return f"+ {self.name}"
 

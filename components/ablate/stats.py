@@ -7,7 +7,7 @@ import pandas as pd
 
 from clipmill.components.common.evalsets import BUCKETS
 
-from .arms import LEAVE_OUT, RAW, Arm
+from .arms import RAW, Arm
 
 OVERALL = "zeroshot/mean_per_class_recall"
 
@@ -54,7 +54,7 @@ def comparisons(arms: list[Arm]) -> list[tuple[str, str, str]]:
     with the most steps against raw (``funnel``: what the whole curation bought, with a CI of its own; the marginal
     effects' CIs do not add up to one), unless that is a marginal effect already."""
     pairs = [(a.name, a.baseline, "marginal") for a in arms if a.baseline is not None]
-    cuts = [a for a in arms if a.name != RAW and not a.name.startswith(LEAVE_OUT)]
+    cuts = [a for a in arms if a.cut]
     if any(a.name == RAW for a in arms) and cuts:
         last = max(cuts, key=lambda a: len(a.steps)).name
         if (last, RAW, "marginal") not in pairs:
