@@ -12,10 +12,19 @@ from pathlib import Path
 
 import torch
 
-from . import curate_bench, download_bench, gpu_bench, match_bench, rewrite_llm_bench, score_bench, train_bench
+from . import (
+    curate_bench,
+    download_bench,
+    gpu_bench,
+    match_bench,
+    neardup_bench,
+    rewrite_llm_bench,
+    score_bench,
+    train_bench,
+)
 
 BENCHES = {"match": match_bench, "score": score_bench, "train": train_bench, "download": download_bench,
-           "curate": curate_bench, "gpu": gpu_bench, "rewrite_llm": rewrite_llm_bench}
+           "curate": curate_bench, "neardup": neardup_bench, "gpu": gpu_bench, "rewrite_llm": rewrite_llm_bench}
 
 
 def main() -> int:

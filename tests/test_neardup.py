@@ -13,13 +13,17 @@ from PIL import Image
 from clipmill.components.common.steps import StepContext
 from clipmill.components.filter.neardup import (
     BAND_BITS,
+    BANDS,
     HASH_COLUMNS,
     MEAN_COLUMNS,
     NEAR_DUPLICATE_REASON,
     THUMB_BYTES,
     WORDS,
+    Banding,
     NearDupStep,
+    band_positions,
     band_values,
+    banding,
     candidate_bits,
     clusters,
     hamming,
@@ -239,10 +243,16 @@ def test_many_identical_hashes_are_linked_without_comparing_every_pair(monkeypat
     assert len(table) == 5000 and set(table["winner"]) == {"u00000"}
 
 
-def test_candidates_do_not_depend_on_how_many_passes_the_memory_bound_takes():
-    """One read of the partials, or one per (band, bucket) when the signatures exceed the driver's bound: the same
-    candidate pairs (copies, close pairs across partials, far pairs left out)."""
-    from clipmill.components.filter.neardup import candidate_pairs
+@pytest.mark.parametrize("wide", [False, True], ids=["16x16", "26x20"])
+def test_candidates_do_not_depend_on_how_many_passes_the_memory_bound_takes(monkeypatch, wide):
+    """One read of the partials, or a pass per band spilling rows to buckets when the signatures exceed the driver's
+    bound: the same candidate pairs (copies, close pairs across partials, far pairs left out), with 16-bit bands and
+    with the wider random-subset bands of a larger pool."""
+    from clipmill.components.filter import neardup
+    from clipmill.components.filter.neardup import Banding, candidate_pairs
+
+    if wide:
+        monkeypatch.setattr(neardup, "banding", lambda pool, min_correlation: Banding(20, 26))
 
     rng = np.random.default_rng(5)
     base = rng.integers(0, 2**63, size=(40, WORDS), dtype=np.uint64)
@@ -335,3 +345,104 @@ def test_the_thumbnail_check_gives_the_same_pairs_whatever_its_chunk(monkeypatch
     monkeypatch.setattr(neardup, "CHECK_CHUNK", 5)
     assert neardup.checked_pairs(pairs, lambda: iter([frame]), 0.05, 0.9) == whole
     assert whole == sorted((f"a{i:02d}", f"b{i:02d}") for i in range(12))
+
+
+def test_the_bands_widen_with_the_pool_and_keep_the_chance_of_linking_a_pair_at_the_least_correlation():
+    """Below 2**16 signatures the 16 bands of 16 bits; above, bands of ceil(log2(pool)) bits, as many as keep the
+    chance that a pair at the least correlation shares one at least that of 16 x 16."""
+    assert banding(10, 0.95) == banding(2**16, 0.95) == Banding(BAND_BITS, BANDS) == Banding(16, 16)
+    s = 1 - math.acos(0.95) / math.pi
+
+    def chance(scheme):
+        return 1 - (1 - s ** scheme.bits) ** scheme.bands
+
+    for pool, bits in ((2**16 + 1, 17), (2**20, 20), (10**8, 27), (10**9, 30)):
+        scheme = banding(pool, 0.95)
+        assert scheme.bits == bits and chance(scheme) >= chance(Banding()) - 1e-12
+        assert chance(Banding(scheme.bits, scheme.bands - 1)) < chance(Banding())  # no more bands than needed
+    assert banding(10**6, 0.9).bands > banding(10**6, 0.95).bands > banding(10**6, 0.99).bands
+    # 16-bit bands are the signature's consecutive bits; wider ones a fixed subset each, other for every band
+    assert [list(band_positions(16, b)) for b in (0, 5)] == [list(range(16)), list(range(80, 96))]
+    wide = [band_positions(24, b) for b in range(3)]
+    assert all(len(set(p)) == 24 and p.max() < 256 for p in wide) and len({tuple(sorted(p)) for p in wide}) == 3
+    assert (band_positions(24, 1) == wide[1]).all()
+    assert not set(wide[0]) & set(wide[1]) and not set(wide[1]) & set(wide[2])  # one permutation: disjoint
+    rng = np.random.default_rng(1)
+    words = rng.integers(0, 2**64, size=(2000, WORDS), dtype=np.uint64)
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")  # bit k of the signature: column k
+    assert (band_values(words, 5) == (bits[:, 80:96].astype(np.int64) << np.arange(16)).sum(axis=1)).all()
+    # a wide band's value: the same for the same bits in the band, whatever the others; another for other bits
+    outside = bits.copy()
+    outside[:, np.setdiff1d(np.arange(256), wide[1])] = rng.integers(0, 2, size=(2000, 256 - 24))
+    inside = bits.copy()
+    inside[np.arange(2000), wide[1][rng.integers(0, 24, 2000)]] ^= 1
+
+    def pack(b):
+        return np.packbits(b, axis=1, bitorder="little").view(np.uint64)
+
+    values = band_values(words, 1, 24)
+    many = rng.integers(0, 2**64, size=(2**16, WORDS), dtype=np.uint64)
+    many_bits = np.unpackbits(many.view(np.uint8), axis=1, bitorder="little")
+    for band in range(4):  # as many distinct values as distinct bit patterns in the band: no collision
+        patterns = many_bits[:, band_positions(18, band)]
+        assert len(np.unique(band_values(many, band, 18))) == len(np.unique(patterns, axis=0))
+    assert (values >= 0).all()
+    assert (band_values(pack(outside), 1, 24) == values).all()
+    assert (band_values(pack(inside), 1, 24) != values).all()
+
+
+def test_wide_bands_find_pairs_at_the_least_correlation_as_often_as_16_bit_bands():
+    """Pairs 26 bits apart (the expected distance at correlation 0.95): the share that shares a band, and so becomes
+    a candidate, is that of the 16 x 16 bits with the banding of a 10**7-signature pool."""
+    from clipmill.components.filter.neardup import _band_pairs
+
+    rng = np.random.default_rng(4)
+    n, flips = 2000, 26
+    base = rng.integers(0, 2**63, size=(n, WORDS), dtype=np.uint64)
+    bits = np.unpackbits(base.view(np.uint8), axis=1, bitorder="little")
+    for row in bits:
+        row[rng.choice(256, flips, replace=False)] ^= 1
+    near = np.packbits(bits, axis=1, bitorder="little").view(np.uint64)
+    assert (hamming(base, near) == flips).all()
+    uids = np.array([f"a{i:04d}" for i in range(n)] + [f"b{i:04d}" for i in range(n)], dtype=object)
+    words = np.vstack([base, near])
+    found = {}
+    for scheme in (Banding(), banding(10**7, 0.95)):
+        pairs = _band_pairs(uids, words, None, candidate_bits(0.95), math.inf, scheme)
+        found[scheme] = sum(a[1:] == b[1:] for a, b in pairs) / n
+        assert len(pairs) == sum(a[1:] == b[1:] for a, b in pairs)  # unrelated signatures are ~128 bits apart
+    assert banding(10**7, 0.95) == Banding(24, 40)
+    assert all(0.93 <= share <= 0.98 for share in found.values()), found  # 0.96 expected in both
+
+
+def test_unrelated_signatures_cost_under_half_a_comparison_a_band_whatever_the_pool(monkeypatch):
+    """With 16-bit bands, a pool's unrelated signatures share a band value pool / 2**17 times each (pairs / pool);
+    with ceil(log2(pool)) bits, a quarter to half a time, however large the pool."""
+    from clipmill.components.filter import neardup
+
+    compared = []
+    monkeypatch.setattr(neardup, "hamming", lambda a, b: compared.append(len(a)) or hamming(a, b))
+    rng = np.random.default_rng(9)
+    per_signature = {}
+    for pool in (2**17 + 1, 2**18 + 1):
+        words = rng.integers(0, 2**64, size=(pool, WORDS), dtype=np.uint64)  # every bit random
+        uids = np.array([f"u{i:06d}" for i in range(pool)], dtype=object)
+        for scheme in (Banding(), banding(pool, 0.95)):
+            compared.clear()
+            assert not neardup._band_pairs(uids, words, None, 8, math.inf, scheme)
+            per_signature[pool, scheme.bits] = sum(compared) / pool / scheme.bands
+    assert 0.2 < per_signature[2**17 + 1, 18] < 0.3 and 0.2 < per_signature[2**18 + 1, 19] < 0.3
+    assert 0.9 < per_signature[2**17 + 1, 16] < 1.1 and 1.8 < per_signature[2**18 + 1, 16] < 2.2
+
+
+def test_the_banding_benchmark_reports_both_bandings_and_the_same_candidates_out_of_core(tmp_path):
+    from benchmarks import neardup_bench
+
+    result = neardup_bench.main(["--sizes", "20000", "70000", "--spill-memory", "1000000",
+                                 "--out", str(tmp_path / "neardup.json")])
+    small, large = result["sizes"]
+    assert (small["scaled"]["bits"], large["scaled"]["bits"]) == (16, 17)
+    assert small["scaled"]["candidates"] == small["fixed_16"]["candidates"]  # below 2**16 the same banding
+    assert large["scaled_out_of_core"]["same_candidates"] and large["scaled_out_of_core"]["memory"] == 1000000
+    assert all(r[k]["planted_found"] > 0.9 for r in (small, large) for k in ("scaled", "fixed_16"))
+    assert "exponent" in large["scaled"] and (tmp_path / "neardup.json").exists()

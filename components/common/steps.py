@@ -98,6 +98,9 @@ class PoolStep(Step):
 
     # Columns of the map output beside uid (a superset of what decide needs; the step's ``columns`` come from it).
     map_columns: ClassVar[dict[str, pa.DataType]] = {}
+    # How ``combine`` makes its state where that is not fixed by its params (a version of the method): a state
+    # stored by another method is combined again.
+    combine_method: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def fingerprint(cls, params: Any, context: StepContext, phase: str = "apply") -> str:

@@ -127,11 +127,11 @@ def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: St
                     units: list[str]) -> str:
     """Combine the partials of a pool step into its stored state; returns the state's hash.
 
-    A combine is a pure function of the step's params, the context and the map outputs (their fingerprints, per
-    shard): when those and the stored state are what the last combine saw and made (a rerun that changed only a
-    later step, or nothing), the stored state is used as it is."""
+    A combine is a pure function of the step's params, its ``combine_method``, the context and the map outputs (their
+    fingerprints, per shard): when those and the stored state are what the last combine saw and made (a rerun that
+    changed only a later step, or nothing), the stored state is used as it is."""
     key = hash_obj({"step": step.name, "params": params_dump(section), "context": asdict(context),
-                    "maps": list(mapped.items())})
+                    "method": step.combine_method, "maps": list(mapped.items())})
     done = read_json_object(curate_dir / COMBINED_FILE) or {}
     last = done.get(step.name)
     if isinstance(last, dict) and last.get("key") == key and last.get("hash") == stored_state_hash(curate_dir,

@@ -9,13 +9,19 @@ perceptual hash of the fine detail does not (on the demo crawl a 256-bit pHash p
 their source, median, and unrelated pictures 30 bits from their nearest neighbour, 0.5th percentile).
 Partial: the shard's (uid, signature, channel means) rows, 56 bytes a sample. Combine, in two passes, never
 comparing all pairs:
-(1) locality-sensitive banding: the signature is cut into ``BAND_BITS``-bit bands; only images that share a band
-value are compared, and those within ``candidate_bits`` of each other, whose thumbnails' channel means are close
+(1) locality-sensitive banding: only images that share the value of a band (a fixed subset of the signature's bits)
+are compared, and those within ``candidate_bits`` of each other, whose thumbnails' channel means are close
 enough for the check below to pass (``mean_gap``: a bound, so no pair that would link is lost), become candidates;
-the signatures and means come from the partials, the thumbnails are not read in this pass. The partials are read
-once when the pool's signatures fit in ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is worked
-through one band and one band-value bucket at a time, in as many buckets as keep each within that bound, reading
-the partials once per (band, bucket). The candidates do not depend on which way was taken;
+the signatures and means come from the partials, the thumbnails are not read in this pass. A pool of fewer than
+2**16 signatures is cut into 16 bands of ``BAND_BITS`` bits; a larger one gets bands of ceil(log2(pool)) bits
+(slices of fixed random permutations of the bits) and as many of them as keep the chance that a pair at the least
+correlation shares a band at least as high (``banding``): with a fixed band width, the pairs that share a band value
+by chance grow with the square of the pool (16 x pool**2 / 2**17 comparisons: 1.2 x 10**13 at 10**8 images), with
+log2(pool) bits they stay below pool / 2 a band. The partials are read once when the pool's signatures fit in
+``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is worked through one band at a time: one pass
+over the partials spills each row (pool position, signature, means) to the bucket of its band value (as many
+buckets as keep each within that bound, in a temporary folder), then each bucket is banded on its own, and a last
+pass names the candidates' uids. The candidates do not depend on which way was taken;
 (2) each candidate pair is checked on its thumbnails (streamed from the map outputs, kept only for candidates):
 both their RMS difference is at most ``filter.near_duplicate_distance`` (the colours match) and their correlation
 at least ``filter.near_duplicate_min_correlation`` (the layout matches: low-contrast pictures are close in RMS
@@ -25,8 +31,12 @@ kept here (the score step drops it with its own reason).
 """
 from __future__ import annotations
 
+import functools
 import math
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -46,6 +56,8 @@ THUMB_BYTES = THUMB_SIDE * THUMB_SIDE * 3
 SIGNATURE_BITS = 256     # SimHash of the centred thumbnail
 WORDS = SIGNATURE_BITS // 64
 BAND_BITS = 16           # 16 bands of 16 bits: a pair at correlation 0.95 shares a band with probability ~0.96
+BANDS = SIGNATURE_BITS // BAND_BITS
+BAND_SEED = 20240616     # the bit subsets of bands wider than BAND_BITS (a larger pool's)
 COMBINE_MEMORY = 256 * 2**20  # bytes of signatures (and their uids) the driver holds at a time
 MEAN_COLUMNS = ["mean_r", "mean_g", "mean_b"]
 ENTRY_BYTES = WORDS * 8 + 3 * 8 + 72  # one image's signature, channel means, uid (a short str) and its pointer
@@ -119,11 +131,74 @@ def hamming(words: np.ndarray, other: np.ndarray) -> np.ndarray:
     return np.bitwise_count(words ^ other).sum(axis=1, dtype=np.int64)
 
 
-def band_values(words: np.ndarray, band: int) -> np.ndarray:
-    """The value of ``band`` (BAND_BITS bits) of every signature."""
-    per_word = 64 // BAND_BITS
-    word, shift = divmod(band, per_word)
-    return ((words[:, word] >> np.uint64(shift * BAND_BITS)) & np.uint64((1 << BAND_BITS) - 1)).astype(np.int64)
+@dataclass(frozen=True)
+class Banding:
+    """How the signatures are banded: ``bands`` bands of ``bits`` bits each."""
+
+    bits: int = BAND_BITS
+    bands: int = BANDS
+
+
+def banding(pool: int, min_correlation: float) -> Banding:
+    """The banding of a pool of ``pool`` signatures: 16 bands of 16 bits below 2**16 signatures; above, bands of
+    ceil(log2(pool)) bits (so that unrelated pairs share a band value about pool / 2 times a band, not pool**2 /
+    2**17), as many as keep the chance that a pair at ``min_correlation`` shares a band at least that of the 16 x
+    16 bits: a bit agrees with probability s = 1 - acos(min_correlation) / pi, a band with s**bits, and some band
+    of b with 1 - (1 - s**bits)**b."""
+    bits = max(BAND_BITS, math.ceil(math.log2(max(pool, 2))))
+    if bits == BAND_BITS:
+        return Banding()
+    bits = min(bits, 62)
+    s = 1 - math.acos(max(min(min_correlation, 1.0), -1.0)) / math.pi
+    if s >= 1.0:  # min_correlation 1: only identical signatures link, and they share any band
+        return Banding(bits, BANDS)
+    bands = math.ceil(BANDS * math.log1p(-s ** BAND_BITS) / math.log1p(-s ** bits) - 1e-9)
+    return Banding(bits, max(bands, BANDS))
+
+
+def band_positions(bits: int, band: int) -> np.ndarray:
+    """The signature bits that make up ``band`` of a ``bits``-bit banding (bit k is bit k % 64 of word k // 64):
+    16 consecutive bits at 16 bits a band; wider bands are consecutive slices of fixed random permutations of the
+    signature's bits, 256 // bits bands to a permutation, so that the bands of one permutation share no bit (as the
+    16 x 16 bits do: a pair's differing bits spoil fewer of them than of overlapping bands)."""
+    if bits == BAND_BITS:
+        return np.arange(band * BAND_BITS, (band + 1) * BAND_BITS)
+    group, slot = divmod(band, SIGNATURE_BITS // bits)
+    return np.random.default_rng([BAND_SEED, bits, group]).permutation(SIGNATURE_BITS)[slot * bits:(slot + 1) * bits]
+
+
+@functools.lru_cache(maxsize=1024)
+def _band_mask(bits: int, band: int) -> np.ndarray:
+    """The WORDS words with the bits of ``band`` set."""
+    mask = np.zeros(WORDS, dtype=np.uint64)
+    for k in band_positions(bits, band):
+        mask[k // 64] |= np.uint64(1) << np.uint64(k % 64)
+    return mask
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 whose every output bit depends on every input bit."""
+    x = x ^ (x >> np.uint64(30))
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def band_values(words: np.ndarray, band: int, bits: int = BAND_BITS) -> np.ndarray:
+    """The value of ``band`` of every signature: at 16 bits a band, its 16 bits (``band_positions``); a wider band's
+    value is a 63-bit hash of its bits (the masked words chained through splitmix64's mixer), two dozen array passes
+    instead of four per bit. Equal bits give equal values; unequal ones collide with probability about 2**-63, which
+    would only add a comparison, as the Hamming bound still decides a candidate."""
+    if bits == BAND_BITS:
+        per_word = 64 // BAND_BITS
+        word, shift = divmod(band, per_word)
+        return ((words[:, word] >> np.uint64(shift * BAND_BITS)) & np.uint64((1 << BAND_BITS) - 1)).astype(np.int64)
+    mask = _band_mask(bits, band)
+    value = words[:, 0] & mask[0]
+    for i in range(1, WORDS):
+        value = _mix(value) ^ (words[:, i] & mask[i])
+    return (_mix(value) >> np.uint64(1)).astype(np.int64)
 
 
 def identical_copies(uids: np.ndarray, words: np.ndarray) -> tuple[list[tuple[str, str]], np.ndarray]:
@@ -151,7 +226,7 @@ def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_dist
     if not len(uids):
         return []
     pairs, keep = ([], np.arange(len(uids))) if distinct else identical_copies(uids, words)
-    order = keep[np.argsort(keys[keep], kind="stable")]
+    order = keep[np.argsort(keys[keep])]  # every pair within a group is compared: their order there does not matter
     keys, uids, words = keys[order], uids[order], words[order]
     means = means[order] if means is not None else None
     at = np.flatnonzero(keys[:-1] == keys[1:])  # i whose group goes on at i + 1
@@ -186,18 +261,16 @@ def clusters(pairs: list[tuple[str, str]]) -> pd.DataFrame:
 
 
 def _band_pairs(uids: np.ndarray, words: np.ndarray, means: np.ndarray | None, max_bits: int, max_mean_gap: float,
-                buckets: int = 1, bucket: int = 0, bands=range(SIGNATURE_BITS // BAND_BITS)) -> set[tuple[str, str]]:
-    """Candidate pairs among ``uids``/``words`` in ``bands``, of the band values in ``bucket`` of ``buckets``."""
+                scheme: Banding = Banding()) -> set[tuple[str, str]]:
+    """Candidate pairs among ``uids``/``words`` in every band of ``scheme``."""
     # Identical hashes share every band value (and so every bucket): they are linked once, here, not per band.
     copies, distinct = identical_copies(uids, words)
     pairs: set[tuple[str, str]] = {(min(a, b), max(a, b)) for a, b in copies}
     uids, words = uids[distinct], words[distinct]
     means = means[distinct] if means is not None else None
-    for band in bands:
-        values = band_values(words, band)
-        mine = values % buckets == bucket if buckets > 1 else slice(None)
-        found = linked_pairs(uids[mine], words[mine], values[mine], max_bits,
-                             means[mine] if means is not None else None, max_mean_gap, distinct=True)
+    for band in range(scheme.bands):
+        found = linked_pairs(uids, words, band_values(words, band, scheme.bits), max_bits, means, max_mean_gap,
+                             distinct=True)
         pairs.update((min(a, b), max(a, b)) for a, b in found)
     return pairs
 
@@ -232,13 +305,16 @@ def mean_gap(max_distance: float) -> float:
 
 
 def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int, memory: int = COMBINE_MEMORY,
-                    max_mean_gap: float = math.inf) -> list[tuple[str, str]]:
-    """Pairs whose signatures share a band value and differ in at most ``max_bits`` bits (each pair once, sorted);
-    where the frames carry channel means, also at most ``max_mean_gap`` apart in them.
+                    max_mean_gap: float = math.inf, min_correlation: float = 0.95) -> list[tuple[str, str]]:
+    """Pairs whose signatures share a band value (``banding`` of the pool's size and ``min_correlation``) and differ
+    in at most ``max_bits`` bits (each pair once, sorted); where the frames carry channel means, also at most
+    ``max_mean_gap`` apart in them.
 
     ``frames`` yields per shard uid, the signature words and optionally the means (the partials). They are read once
-    while their signatures fit in ``memory`` bytes; a larger pool is worked through in (band, bucket) slices that
-    each fit, reading the frames once per slice."""
+    while their signatures fit in ``memory`` bytes; a larger pool is worked through one band at a time: a pass over
+    the frames spills each row (its position in the pool, signature and means: 64 bytes) to the bucket of its band
+    value, as many buckets as keep each within ``memory``, then each bucket is banded alone; a last pass names the
+    candidates' uids. The frames are read once per band and once more, each row written and read once a band."""
     held, size = [], 0
     for frame in frames():
         held.append(frame)
@@ -247,19 +323,78 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
             break
     else:
         uids, words, means = _read_signatures(held)
-        return sorted(_band_pairs(uids, words, means, max_bits, max_mean_gap))
+        scheme = banding(len(uids), min_correlation)
+        found = _band_pairs(np.arange(len(uids)), words, means, max_bits, max_mean_gap, scheme)
+        return _named(found, uids)
+    has_means = MEAN_COLUMNS[0] in held[0]
     held.clear()
     total = sum(len(frame) for frame in frames())
+    scheme = banding(total, min_correlation)
     buckets = math.ceil(total * ENTRY_BYTES / memory)
-    log.info("near-duplicate combine: %d signatures, %d bucket(s) per band", total, buckets)
-    pairs: set[tuple[str, str]] = set()
-    for band in range(SIGNATURE_BITS // BAND_BITS):
-        for bucket in range(buckets):
-            uids, words, means = _read_signatures(
-                frame[band_values(frame[HASH_COLUMNS].to_numpy(np.uint64), band) % buckets == bucket]
-                for frame in frames())
-            pairs |= _band_pairs(uids, words, means, max_bits, max_mean_gap, buckets, bucket, bands=[band])
-    return sorted(pairs)
+    log.info("near-duplicate combine: %d signatures, %d bands of %d bits, %d bucket(s) per band", total,
+             scheme.bands, scheme.bits, buckets)
+    found: set[tuple[int, int]] = set()
+    copies: list[np.ndarray] = []  # positions of rows whose signature an earlier row has (found in band 0)
+    with tempfile.TemporaryDirectory(prefix="clipmill-neardup-") as spill:
+        for band in range(scheme.bands):
+            later = np.sort(np.concatenate(copies)) if copies else np.zeros(0, dtype=np.int64)
+            for path in _spill_band(frames, band, scheme.bits, buckets, Path(spill)):
+                rows = np.fromfile(path, dtype=SPILL_ROW)
+                path.unlink()
+                if band == 0:  # identical signatures share every band value: linked once, then left out
+                    linked, first = identical_copies(rows["position"], rows["words"])
+                    found.update((min(a, b), max(a, b)) for a, b in linked)
+                    copies.append(np.setdiff1d(rows["position"], rows["position"][first], assume_unique=True))
+                    rows = rows[first]
+                else:
+                    rows = rows[~np.isin(rows["position"], later, assume_unique=True)]
+                pairs = linked_pairs(rows["position"], rows["words"], band_values(rows["words"], band, scheme.bits),
+                                     max_bits, rows["means"] if has_means else None, max_mean_gap, distinct=True)
+                found.update((min(a, b), max(a, b)) for a, b in pairs)
+    wanted = np.unique(np.fromiter((p for pair in found for p in pair), dtype=np.int64, count=2 * len(found)))
+    uids = np.empty(total, dtype=object)
+    start = 0
+    for frame in frames():  # the uids of the candidates' positions only
+        mine = wanted[(wanted >= start) & (wanted < start + len(frame))]
+        uids[mine] = frame["uid"].to_numpy(object)[mine - start]
+        start += len(frame)
+    return _named(found, uids)
+
+
+def _named(found: set[tuple[int, int]], uids: np.ndarray) -> list[tuple[str, str]]:
+    """Pairs of pool positions as sorted (uid, uid) pairs, sorted."""
+    return sorted({(min(uids[a], uids[b]), max(uids[a], uids[b])) for a, b in found})
+
+
+SPILL_ROW = np.dtype([("position", np.int64), ("words", np.uint64, (WORDS,)), ("means", np.float64, (3,))])
+
+
+def _spill_band(frames: Callable[[], Iterator[pd.DataFrame]], band: int, bits: int, buckets: int,
+                folder: Path) -> list[Path]:
+    """One pass over ``frames``: each row's pool position, signature and means (zero without them) appended as a
+    ``SPILL_ROW`` to the file of its bucket (its ``band`` value modulo ``buckets``) in ``folder``; returns the
+    files written, by bucket."""
+    files: dict[int, object] = {}
+    start = 0
+    try:
+        for frame in frames():
+            rows = np.zeros(len(frame), dtype=SPILL_ROW)
+            rows["position"] = np.arange(start, start + len(frame))
+            rows["words"] = frame[HASH_COLUMNS].to_numpy(np.uint64)
+            if MEAN_COLUMNS[0] in frame:
+                rows["means"] = frame[MEAN_COLUMNS].to_numpy(np.float64)
+            start += len(frame)
+            bucket_of = band_values(rows["words"], band, bits) % buckets
+            order = np.argsort(bucket_of, kind="stable")
+            for part in np.split(order, np.flatnonzero(np.diff(bucket_of[order])) + 1) if len(order) else []:
+                bucket = int(bucket_of[part[0]])
+                if bucket not in files:
+                    files[bucket] = open(folder / f"{bucket}.rows", "wb")  # noqa: SIM115 (closed below)
+                files[bucket].write(rows[part].tobytes())
+    finally:
+        for file in files.values():
+            file.close()
+    return [folder / f"{bucket}.rows" for bucket in sorted(files)]
 
 
 def checked_pairs(pairs: list[tuple[str, str]], mapped: Callable[[], Iterator[pd.DataFrame]], max_distance: float,
@@ -293,6 +428,8 @@ class NearDupStep(PoolStep):
     reasons = (NEAR_DUPLICATE_REASON,)
     needs = ("shard", "key")
     map_columns = {c: pa.uint64() for c in HASH_COLUMNS} | {"thumb": pa.binary(), "hashed": pa.bool_()}
+    # The banding grows with the pool (``banding``); pools below 2**16 signatures band as 16 x 16 bits did alone.
+    combine_method = {"banding": "16 x 16 bits below 2**16 signatures, else log2(pool) bits"}
     _losers: tuple[dict, pd.Series] | None = None
 
     def __init__(self, params, context):
@@ -337,7 +474,8 @@ class NearDupStep(PoolStep):
         # with them in, a crawl of look-alike layouts has many candidates). Only the check reads thumbnails.
         pairs = candidate_pairs(partials,
                                 candidate_bits(params.near_duplicate_min_correlation),
-                                max_mean_gap=mean_gap(params.near_duplicate_distance))
+                                max_mean_gap=mean_gap(params.near_duplicate_distance),
+                                min_correlation=params.near_duplicate_min_correlation)
         pairs = checked_pairs(pairs, mapped, params.near_duplicate_distance, params.near_duplicate_min_correlation)
         table = clusters(pairs)
         return {"losers": table[table["uid"] != table["winner"]].reset_index(drop=True)}
