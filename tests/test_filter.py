@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import signal
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -179,6 +180,28 @@ def test_duplicates_are_found_across_shards_and_the_smallest_uid_wins():
     pd.testing.assert_frame_equal(decided, step.apply(pd.concat(shards, ignore_index=True)))
     keep_all = DedupStep(FilterParams(dedup_images=False), CONTEXT)
     assert keep_all.apply(pd.concat(shards, ignore_index=True))["keep"].all()
+
+
+def test_the_dedup_combine_gives_the_same_winners_held_or_spilled_in_parts(monkeypatch, tmp_path):
+    """The partials held at once, or spilled by bucket and split again where a bucket exceeds the bound: the same
+    winners, and no part larger than the bound."""
+    from clipmill.components.filter import step as filter_step
+
+    rng = np.random.default_rng(3)
+    hashes = [f"{h:064x}" for h in rng.integers(0, 2**62, 400)]
+    shards = [pd.DataFrame({"uid": [f"u{s}{i:03d}" for i in range(300)],
+                            "sha256": [hashes[j] for j in rng.integers(0, 400, 300)]}) for s in range(6)]
+    dedup = DedupStep(FilterParams(), CONTEXT)
+    partials = [dedup.partial(dedup.map(batch)) for batch in shards]
+    held = DedupStep.combine(dedup.params, lambda: iter(partials), None)["winners"]
+    assert len(held) > 300 and (held["uid"] == [min(u for b in shards for u, h in zip(b["uid"], b["sha256"])
+                                                    if h == sha) for sha in held["sha256"]]).all()
+    monkeypatch.setattr(filter_step, "COMBINE_MEMORY", 60 * filter_step.ENTRY_BYTES)
+    spilled = DedupStep.combine(dedup.params, lambda: iter(partials), None)["winners"]
+    pd.testing.assert_frame_equal(spilled, held)
+    parts = list(filter_step.spilled_parts(lambda: iter(partials), tmp_path))
+    assert len(parts) > filter_step.COMBINE_BUCKETS and max(len(p) for p in parts) <= 60
+    assert sum(len(p) for p in parts) == sum(len(p) for p in partials)
 
 
 def test_a_pool_steps_map_fingerprint_holds_its_map_columns():

@@ -1,7 +1,10 @@
 """The rule filter as curation steps: ``rules`` (per sample) and ``dedup`` (exact-duplicate images, pool-wide)."""
 from __future__ import annotations
 
+import math
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +16,9 @@ from clipmill.components.common.steps import PoolStep, Step, decisions
 from .rules import RULE_REASONS, rule_reasons
 
 DUPLICATE_REASON = "duplicate_image"
-COMBINE_BUCKETS = 8  # the dedup combine works through the pool's image hashes in this many parts
+COMBINE_BUCKETS = 8  # each partial row's bucket (its sha256's hash modulo this): a larger pool is spilled by it
+COMBINE_MEMORY = 256 * 2**20  # bytes of partial rows the dedup combine holds at a time
+ENTRY_BYTES = 256  # one partial row in pandas: the sha256 and uid strings with their pointers, count and bucket
 
 
 class RulesStep(Step):
@@ -69,18 +74,21 @@ class DedupStep(PoolStep):
     @classmethod
     def combine(cls, params, partials: Callable[[], Iterator[pd.DataFrame]],
                 mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
-        """The winner of every sha256 seen more than once, one hash bucket at a time (the driver holds a
-        1/COMBINE_BUCKETS share of the pool's distinct images, not all of them)."""
+        """The winner of every sha256 seen more than once. The partials are read once; while they fit in
+        COMBINE_MEMORY bytes they are held, else ``spilled_parts`` gives them back one share of the hashes at a time."""
         if not params.dedup_images:
             return {}
-        winners = []
-        for bucket in range(COMBINE_BUCKETS):
-            table = pd.concat([p[p["bucket"] == bucket] for p in partials()], ignore_index=True)
-            table = table.sort_values(["sha256", "uid"], kind="stable")
-            counts = table.groupby("sha256", sort=False)["count"].sum()
-            first = table.drop_duplicates("sha256").set_index("sha256")["uid"]
-            repeated = counts.index[counts.to_numpy() > 1]
-            winners.append(pd.DataFrame({"sha256": repeated, "uid": first.reindex(repeated).to_numpy()}))
+        held, size = [], 0
+        for partial in partials():
+            held.append(partial)
+            size += len(partial) * ENTRY_BYTES
+            if size > COMBINE_MEMORY:
+                break
+        else:
+            return {"winners": repeated_winners(held)}
+        held.clear()
+        with tempfile.TemporaryDirectory(prefix="clipmill-dedup-") as spill:
+            winners = [repeated_winners([part]) for part in spilled_parts(partials, Path(spill))]
         return {"winners": pd.concat(winners, ignore_index=True).sort_values("sha256", ignore_index=True)}
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
@@ -91,3 +99,63 @@ class DedupStep(PoolStep):
         winner = self._winners[1].reindex(mapped["sha256"]).to_numpy()
         duplicate = pd.notna(winner) & (winner != mapped["uid"].to_numpy())
         return decisions(mapped["uid"], [DUPLICATE_REASON if d else None for d in duplicate])
+
+
+def repeated_winners(partials: list[pd.DataFrame]) -> pd.DataFrame:
+    """sha256 and winning (smallest) uid of every sha256 that ``partials`` count more than once, by sha256."""
+    table = pd.concat(partials, ignore_index=True) if partials else pd.DataFrame(
+        {"sha256": pd.Series(dtype=object), "uid": pd.Series(dtype=object), "count": pd.Series(dtype=np.int64)})
+    table = table.sort_values(["sha256", "uid"], kind="stable")
+    counts = table.groupby("sha256", sort=False)["count"].sum()
+    first = table.drop_duplicates("sha256").set_index("sha256")["uid"]
+    repeated = counts.index[counts.to_numpy() > 1]
+    return pd.DataFrame({"sha256": repeated, "uid": first.reindex(repeated).to_numpy()}).sort_values(
+        "sha256", ignore_index=True)
+
+
+def spilled_parts(partials: Callable[[], Iterator[pd.DataFrame]], folder: Path,
+                  memory: int | None = None) -> Iterator[pd.DataFrame]:
+    """The partials' rows in parts that hold every row of their sha256s and fit in ``memory`` bytes (about: a part
+    is a share of the hashes): one pass spills each row to the file of its bucket; a bucket too large is split
+    again, by more bits of its hash, into parts of half the bound on average."""
+    memory = COMBINE_MEMORY if memory is None else memory
+    for path, rows in _spill(partials(), lambda t: t["bucket"].to_numpy(np.int64), folder, "bucket"):
+        if rows * ENTRY_BYTES <= memory:
+            yield _read_spill(path)
+            continue
+        parts = math.ceil(2 * rows * ENTRY_BYTES / memory)  # half the bound each, on average: room for the spread
+
+        def finer(t: pd.DataFrame, parts: int = parts) -> np.ndarray:
+            hashes = pd.util.hash_array(t["sha256"].to_numpy(object))
+            return ((hashes // COMBINE_BUCKETS) % parts).astype(np.int64)
+
+        for sub, _ in _spill([_read_spill(path)], finer, folder, path.stem):
+            yield _read_spill(sub)
+        path.unlink()
+
+
+def _spill(tables, key: Callable[[pd.DataFrame], np.ndarray], folder: Path,
+           prefix: str) -> list[tuple[Path, int]]:
+    """Each row of ``tables`` appended to the Arrow stream file of its ``key`` in ``folder``: (file, rows) by key."""
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    rows: dict[int, int] = {}
+    try:
+        for table in tables:
+            keys = key(table)
+            arrow = pa.Table.from_pandas(table, preserve_index=False)
+            for value in np.unique(keys):
+                mine = np.flatnonzero(keys == value)
+                if value not in writers:
+                    writers[value] = pa.ipc.new_stream(str(folder / f"{prefix}-{value}.arrows"), arrow.schema)
+                    rows[value] = 0
+                writers[value].write_table(arrow.take(pa.array(mine)))
+                rows[value] += len(mine)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return [(folder / f"{prefix}-{value}.arrows", rows[value]) for value in sorted(writers)]
+
+
+def _read_spill(path: Path) -> pd.DataFrame:
+    with pa.ipc.open_stream(path) as reader:
+        return reader.read_all().to_pandas()
