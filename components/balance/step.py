@@ -28,6 +28,7 @@ class BalanceStep(PoolStep):
     map_columns = {"matched_entries": pa.list_(pa.string())}
     reasons = (NO_MATCH_REASON, SUBSAMPLED_REASON)
     needs = ("caption",)
+    _counts: tuple[dict, pd.Series] | None = None
 
     def __init__(self, params: BalanceParams, context):
         super().__init__(params, context)
@@ -62,7 +63,9 @@ class BalanceStep(PoolStep):
         return {"counts": pd.DataFrame({"entry": counts.index.astype(str), "count": counts.to_numpy(np.int64)})}
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
-        counts = state["counts"].set_index("entry")["count"]
+        if self._counts is None or self._counts[0] is not state:  # indexed once per state and process, not per shard
+            self._counts = (state, state["counts"].set_index("entry")["count"])
+        counts = self._counts[1]
         matched = mapped["matched_entries"].map(list)
         probability, _ = keep_probabilities(matched, self.params.t, counts)
         has_match = matched.map(len).to_numpy() > 0

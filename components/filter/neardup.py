@@ -485,7 +485,8 @@ class NearDupStep(PoolStep):
             return decisions(mapped["uid"], [None] * len(mapped))
         if self._losers is None or self._losers[0] is not state:  # indexed once per state and process
             self._losers = (state, state["losers"].set_index("uid")["winner"])
-        loser = mapped["uid"].isin(self._losers[1].index).to_numpy()
+        # the index's hash table is built once per state (isin would hash every loser again for each shard)
+        loser = self._losers[1].index.get_indexer(mapped["uid"]) >= 0
         return decisions(mapped["uid"], np.where(loser, NEAR_DUPLICATE_REASON, None))
 
     @classmethod
