@@ -61,6 +61,8 @@ BAND_SEED = 20240616     # the bit subsets of bands wider than BAND_BITS (a larg
 COMBINE_MEMORY = 256 * 2**20  # bytes of signatures (and their uids) the driver holds at a time
 MEAN_COLUMNS = ["mean_r", "mean_g", "mean_b"]
 ENTRY_BYTES = WORDS * 8 + 3 * 8 + 72  # one image's signature, channel means, uid (a short str) and its pointer
+# a row of the out-of-core combine's spill files: the image's position in the pool, signature and channel means
+SPILL_ROW = np.dtype([("position", np.int64), ("words", np.uint64, (WORDS,)), ("means", np.float64, (3,))])
 CHECK_CHUNK = 2048  # candidate pairs whose thumbnails are compared at once (~8 MB of arithmetic; larger is slower)
 HASH_COLUMNS = [f"sig{i}" for i in range(WORDS)]
 FLAT_STD = 1.0 / 255     # a thumbnail whose values vary less than this is flat (blank): it has no layout
@@ -364,9 +366,6 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
 def _named(found: set[tuple[int, int]], uids: np.ndarray) -> list[tuple[str, str]]:
     """Pairs of pool positions as sorted (uid, uid) pairs, sorted."""
     return sorted({(min(uids[a], uids[b]), max(uids[a], uids[b])) for a, b in found})
-
-
-SPILL_ROW = np.dtype([("position", np.int64), ("words", np.uint64, (WORDS,)), ("means", np.float64, (3,))])
 
 
 def _spill_band(frames: Callable[[], Iterator[pd.DataFrame]], band: int, bits: int, buckets: int,
