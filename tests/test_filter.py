@@ -182,9 +182,10 @@ def test_duplicates_are_found_across_shards_and_the_smallest_uid_wins():
     assert keep_all.apply(pd.concat(shards, ignore_index=True))["keep"].all()
 
 
-def test_the_dedup_combine_gives_the_same_winners_held_or_spilled_in_parts(monkeypatch, tmp_path):
-    """The partials held at once, or spilled by bucket and split again where a bucket exceeds the bound: the same
-    winners, and no part larger than the bound."""
+def test_the_dedup_combine_gives_the_winners_of_the_whole_pool_one_bucket_or_a_share_of_one_at_a_time(
+        monkeypatch, tmp_path):
+    """The partials spilled by bucket, and split again where a bucket exceeds the bound: the winners of the whole
+    pool at once, and no part larger than the bound."""
     from clipmill.components.filter import step as filter_step
 
     rng = np.random.default_rng(3)
@@ -193,15 +194,16 @@ def test_the_dedup_combine_gives_the_same_winners_held_or_spilled_in_parts(monke
                             "sha256": [hashes[j] for j in rng.integers(0, 400, 300)]}) for s in range(6)]
     dedup = DedupStep(FilterParams(), CONTEXT)
     partials = [dedup.partial(dedup.map(batch)) for batch in shards]
-    held = DedupStep.combine(dedup.params, lambda: iter(partials), None)["winners"]
-    assert len(held) > 300 and (held["uid"] == [min(u for b in shards for u, h in zip(b["uid"], b["sha256"])
-                                                    if h == sha) for sha in held["sha256"]]).all()
+    whole = filter_step.repeated_winners(partials)
+    assert len(whole) > 300 and (whole["uid"] == [min(u for b in shards for u, h in zip(b["uid"], b["sha256"])
+                                                      if h == sha) for sha in whole["sha256"]]).all()
+    by_bucket = DedupStep.combine(dedup.params, lambda: iter(partials), None)["winners"]
+    pd.testing.assert_frame_equal(by_bucket, whole)
     monkeypatch.setattr(filter_step, "COMBINE_MEMORY", 60 * filter_step.ENTRY_BYTES)
-    spilled = DedupStep.combine(dedup.params, lambda: iter(partials), None)["winners"]
-    pd.testing.assert_frame_equal(spilled, held)
+    pd.testing.assert_frame_equal(DedupStep.combine(dedup.params, lambda: iter(partials), None)["winners"], whole)
     parts = list(filter_step.spilled_parts(lambda: iter(partials), tmp_path))
     assert len(parts) > filter_step.COMBINE_BUCKETS and max(len(p) for p in parts) <= 60
-    assert sum(len(p) for p in parts) == sum(len(p) for p in partials)
+    assert sum(len(p) for p in parts) == sum(len(p) for p in partials) and not list(tmp_path.iterdir())
 
 
 def test_a_pool_steps_map_fingerprint_holds_its_map_columns():

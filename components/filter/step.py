@@ -17,7 +17,7 @@ from .rules import RULE_REASONS, rule_reasons
 
 DUPLICATE_REASON = "duplicate_image"
 COMBINE_BUCKETS = 8  # each partial row's bucket (its sha256's hash modulo this): a larger pool is spilled by it
-COMBINE_MEMORY = 256 * 2**20  # bytes of partial rows the dedup combine holds at a time
+COMBINE_MEMORY = 256 * 2**20  # bytes of partial rows the dedup combine holds at most (a bucket is split beyond)
 ENTRY_BYTES = 256  # one partial row in pandas: the sha256 and uid strings with their pointers, count and bucket
 
 
@@ -74,22 +74,15 @@ class DedupStep(PoolStep):
     @classmethod
     def combine(cls, params, partials: Callable[[], Iterator[pd.DataFrame]],
                 mapped: Callable[[], Iterator[pd.DataFrame]]) -> dict:
-        """The winner of every sha256 seen more than once. The partials are read once; while they fit in
-        COMBINE_MEMORY bytes they are held, else ``spilled_parts`` gives them back one share of the hashes at a time."""
+        """The winner of every sha256 seen more than once. The partials are read once, spilled to files by their
+        bucket, and worked through one bucket at a time (the driver holds an eighth of the pool's distinct images,
+        and no more than COMBINE_MEMORY bytes of them: ``spilled_parts``)."""
         if not params.dedup_images:
             return {}
-        held, size = [], 0
-        for partial in partials():
-            held.append(partial)
-            size += len(partial) * ENTRY_BYTES
-            if size > COMBINE_MEMORY:
-                break
-        else:
-            return {"winners": repeated_winners(held)}
-        held.clear()
         with tempfile.TemporaryDirectory(prefix="clipmill-dedup-") as spill:
             winners = [repeated_winners([part]) for part in spilled_parts(partials, Path(spill))]
-        return {"winners": pd.concat(winners, ignore_index=True).sort_values("sha256", ignore_index=True)}
+        return {"winners": pd.concat([repeated_winners([]), *winners], ignore_index=True)
+                .sort_values("sha256", ignore_index=True)}
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
         if "winners" not in state:
@@ -122,6 +115,7 @@ def spilled_parts(partials: Callable[[], Iterator[pd.DataFrame]], folder: Path,
     for path, rows in _spill(partials(), lambda t: t["bucket"].to_numpy(np.int64), folder, "bucket"):
         if rows * ENTRY_BYTES <= memory:
             yield _read_spill(path)
+            path.unlink()
             continue
         parts = math.ceil(2 * rows * ENTRY_BYTES / memory)  # half the bound each, on average: room for the spread
 
@@ -129,8 +123,9 @@ def spilled_parts(partials: Callable[[], Iterator[pd.DataFrame]], folder: Path,
             hashes = pd.util.hash_array(t["sha256"].to_numpy(object))
             return ((hashes // COMBINE_BUCKETS) % parts).astype(np.int64)
 
-        for sub, _ in _spill([_read_spill(path)], finer, folder, path.stem):
+        for sub, _ in _spill(_spilled_pieces(path), finer, folder, path.stem):
             yield _read_spill(sub)
+            sub.unlink()
         path.unlink()
 
 
@@ -159,3 +154,10 @@ def _spill(tables, key: Callable[[pd.DataFrame], np.ndarray], folder: Path,
 def _read_spill(path: Path) -> pd.DataFrame:
     with pa.ipc.open_stream(path) as reader:
         return reader.read_all().to_pandas()
+
+
+def _spilled_pieces(path: Path) -> Iterator[pd.DataFrame]:
+    """A spill file's pieces as written (each at most one partial's rows), one at a time."""
+    with pa.ipc.open_stream(path) as reader:
+        for batch in reader:
+            yield batch.to_pandas()
