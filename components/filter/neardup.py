@@ -16,7 +16,7 @@ the signatures and means come from the partials, the thumbnails are not read in 
 2**16 signatures is cut into 16 bands of ``BAND_BITS`` bits; a larger one gets bands of ceil(log2(pool)) bits
 (slices of fixed random permutations of the bits) and as many of them as keep the chance that a pair at the least
 correlation shares a band at least as high (``banding``): with a fixed band width, the pairs that share a band value
-by chance grow with the square of the pool (16 x pool**2 / 2**17 comparisons: 1.2 x 10**13 at 10**8 images), with
+by chance grow with the square of the pool (16 x pool**2 / 2**17 comparisons: 1.2 x 10**12 at 10**8 images), with
 log2(pool) bits they stay below pool / 2 a band. The partials are read once when the pool's signatures fit in
 ``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is worked through one band at a time: one pass
 over the partials spills each row (pool position, signature, means) to the bucket of its band value (as many
