@@ -339,7 +339,8 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     copies: list[np.ndarray] = []  # positions of rows whose signature an earlier row has (found in band 0)
     with tempfile.TemporaryDirectory(prefix="clipmill-neardup-") as spill:
         for band in range(scheme.bands):
-            later = np.sort(np.concatenate(copies)) if copies else np.zeros(0, dtype=np.int64)
+            if band == 1:  # band 0 found every copy: sorted once for the bands after it
+                later = np.sort(np.concatenate(copies)) if copies else np.zeros(0, dtype=np.int64)
             for path in _spill_band(frames, band, scheme.bits, buckets, Path(spill)):
                 rows = np.fromfile(path, dtype=SPILL_ROW)
                 path.unlink()

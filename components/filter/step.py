@@ -138,8 +138,9 @@ def _spill(tables, key: Callable[[pd.DataFrame], np.ndarray], folder: Path,
         for table in tables:
             keys = key(table)
             arrow = pa.Table.from_pandas(table, preserve_index=False)
-            for value in np.unique(keys):
-                mine = np.flatnonzero(keys == value)
+            order = np.argsort(keys, kind="stable")  # the rows of each key in one slice, in their order
+            for mine in np.split(order, np.flatnonzero(np.diff(keys[order])) + 1) if len(order) else []:
+                value = int(keys[mine[0]])
                 if value not in writers:
                     writers[value] = pa.ipc.new_stream(str(folder / f"{prefix}-{value}.arrows"), arrow.schema)
                     rows[value] = 0
