@@ -187,6 +187,18 @@ def test_the_driver_runs_a_single_task_and_small_decision_phases_itself(tmp_path
         assert here.in_driver(tasks("map", 100))
 
 
+def test_the_pools_workers_are_stopped_not_waited_for_when_the_executor_ends():
+    """A worker that imported torch takes most of a second to unload it on exit, on every curation run: the
+    executor ends its idle workers instead (each task's output is atomic, so that is always safe)."""
+    import os
+    import signal
+
+    with Executor("local", 2, RayParams()) as pool:
+        assert len({pool._pool.submit(os.getpid).result() for _ in range(4)}) >= 1
+        workers = list(pool._pool._processes.values())
+    assert workers and all(w.exitcode == -signal.SIGTERM for w in workers)
+
+
 def test_a_rerun_weighs_the_driver_against_the_pool_with_the_last_runs_timings(download, scorer, reference, tmp_path):
     """A run on the pool records what a worker paid to start each phase; a rerun with new shards reads it, and
     outputs never depend on where a phase ran."""

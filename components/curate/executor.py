@@ -220,6 +220,8 @@ class Executor:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            _stop_workers(self._pool)
         self._stack.close()
 
     def in_driver(self, tasks: list[UnitTask], previous: dict | None = None) -> bool:
@@ -304,6 +306,19 @@ class Executor:
         log.info("%s: %d of %d shards in %.1f s (%d finished earlier; %s)", label, len(todo), len(tasks),
                  timing["wall_seconds"], len(tasks) - len(todo), timing["where"])
         return timing
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's workers now rather than let each unload its modules on exit (torch's take most of a second,
+    on every curation run). After a normal run every task has finished. After an error a task may still be running:
+    it ends as in a killed run, and since a task writes its output atomically and then its marker, the rerun redoes
+    it."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def _thread_share(workers: int) -> int:
