@@ -30,7 +30,7 @@ from clipmill.components.download.safety import is_public_address, refusal_reaso
 from clipmill.components.download.shards import canonicalize_shard, read_shard
 from clipmill.components.download.stage import MANIFEST_COLUMNS, claim_output_dir, download
 from clipmill.components.download.url_list import read_url_list
-from clipmill.components.download.workers import in_process_distributor
+from clipmill.components.download.workers import forkserver_distributor, in_process_distributor
 
 from .conftest import REPO
 
@@ -372,6 +372,41 @@ def test_the_in_process_distributor_runs_every_shard_and_retries_the_failed_ones
 
     in_process_distributor(1, downloader, iter(["a", "b", "c"]), None, max_shard_retry=1)
     assert calls == ["a", "b", "c", "b"]
+
+
+class _RecordingDownloader:
+    """A picklable stand-in for img2dataset's downloader: records (shard, pid, parent pid) and fails shard b once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, row):
+        import os
+
+        attempt = len(list(self.folder.glob(f"{row}-*")))
+        (self.folder / f"{row}-{attempt}").write_text(f"{os.getpid()} {os.getppid()} "
+                                                      f"{os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS')}")
+        return attempt > 0 or row != "b", row
+
+
+def test_download_workers_fork_from_a_server_and_every_shard_runs_and_failed_ones_are_retried(tmp_path):
+    """img2dataset's workers, replaced every five shards, are forked from one server process that imported
+    img2dataset once, rather than each spawned and importing it again."""
+    import os
+
+    for limit, folder in (("1000", tmp_path / "first"), ("2000", tmp_path / "second")):
+        folder.mkdir()
+        os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = limit  # as run_img2dataset sets it from download.max_image_area
+        try:
+            forkserver_distributor(2, _RecordingDownloader(folder), iter(list("abcdefg")), None, max_shard_retry=1)
+        finally:
+            del os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"]
+        runs = sorted(p.name for p in folder.iterdir())
+        assert runs == ["a-0", "b-0", "b-1", "c-0", "d-0", "e-0", "f-0", "g-0"]
+        records = [p.read_text().split() for p in folder.iterdir()]
+        assert os.getpid() not in {int(parent) for _, parent, _ in records}  # a spawned worker's is this process
+        # the server started with the first download's setting; each download's workers see their own
+        assert {setting for *_, setting in records} == {limit}
 
 
 @pytest.mark.parametrize("status, message, reason", [
