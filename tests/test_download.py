@@ -409,6 +409,17 @@ def test_download_workers_fork_from_a_server_and_every_shard_runs_and_failed_one
         assert {setting for *_, setting in records} == {limit}
 
 
+def test_the_stage_starts_the_workers_server_early_with_img2dataset_imported():
+    import multiprocessing
+
+    from clipmill.components.download import stage, workers
+
+    assert workers.WORKER_MODULES == [stage.WORKER_MODULE]
+    stage.start_worker_server(DownloadParams(processes_count=2))
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:  # a worker forked from that server
+        assert pool.apply(eval, ("'img2dataset.main' in __import__('sys').modules",))
+
+
 @pytest.mark.parametrize("status, message, reason", [
     ("success", None, None),
     ("failed_to_download", "HTTP Error 404: Not Found", "http_404"),

@@ -19,6 +19,7 @@ A manifest row's ``shard`` names its tar relative to ``shards/`` (``crawl/00000.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -216,6 +217,23 @@ def _ray_session(params: DownloadParams, ray_params: RayParams) -> Iterator[None
     # img2dataset's Ray tasks run img2dataset's code (no package shipped); their progress is echoed here
     with ray_session(ray_params, ship_code=False, worker_logs=True):
         yield
+
+
+# The module img2dataset's workers import (``workers.forkserver_distributor``'s preload), named here so that the
+# server can start before this process imports it.
+WORKER_MODULE = f"{__package__}.workers"
+
+
+def start_worker_server(params: DownloadParams) -> None:
+    """Start the server that img2dataset's workers fork from now, so that it imports img2dataset (seconds) while
+    this process imports it too, rather than after: the multiprocessing distributor with more than one process."""
+    if params.distributor != "multiprocessing" or params.processes_count <= 1:
+        return
+    from multiprocessing import forkserver
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import checks for updates otherwise
+    multiprocessing.get_context("forkserver").set_forkserver_preload([WORKER_MODULE])
+    forkserver.ensure_running()
 
 
 def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str],
@@ -580,6 +598,8 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
     claim_output_root(out, overwrite)
     plans = plan_lists(crawl, out, params)
     pending = [p for p in plans if not p.finished()]
+    if pending:
+        start_worker_server(params)
     mirrors = mirrors_used(params.mirrors, crawl.url_list.table["url"])
     routes = {m.prefix: check_mirror(_mirror_dirs(m, crawl)) for m in mirrors} if pending else {}
     inputs = [urls] + ([Path(additions)] if additions is not None else [])
