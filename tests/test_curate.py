@@ -187,6 +187,27 @@ def test_the_driver_runs_a_single_task_and_small_decision_phases_itself(tmp_path
         assert here.in_driver(tasks("map", 100))
 
 
+def test_until_the_worker_server_has_imported_a_phase_sent_to_the_pool_also_costs_that_wait(monkeypatch):
+    """No worker starts before the server has imported every step's modules: a rerun's first, cheap phases run in
+    the driver meanwhile (the last run measured the wait), but not a step that runs torch."""
+    from clipmill.components.curate import executor as ex
+
+    def tasks(step: str, n: int) -> list[UnitTask]:
+        return [UnitTask("/nowhere", step, {}, StepContext(shards_dir="/nowhere"), f"crawl/{i:05d}", "apply", "fp", ())
+                for i in range(n)]
+
+    last = {"ran": 12, "task_seconds": 1.2, "worker_startup_seconds": 0.0}  # 0.1 s a task, nothing to start
+    with Executor("local", 2, RayParams(), server_seconds=1e6) as pool:
+        assert pool._ready.wait(120)  # a worker ran: from here on, the pool waits for nothing
+        assert not pool.in_driver(tasks("rules", 8), last)
+        monkeypatch.setitem(ex._SERVER, "ready", False)  # as if the server were still importing
+        pool._ready.clear()
+        assert pool.in_driver(tasks("rules", 8), last)
+        assert not pool.in_driver(tasks("score", 8), last)  # the driver would import torch too
+        pool.server_seconds = None  # no measure from the last run: the pool, as before
+        assert not pool.in_driver(tasks("rules", 8), last)
+
+
 def test_the_pools_workers_are_stopped_not_waited_for_when_the_executor_ends():
     """A worker that imported torch takes most of a second to unload it on exit, on every curation run: the
     executor ends its idle workers instead (each task's output is atomic, so that is always safe)."""
@@ -197,6 +218,25 @@ def test_the_pools_workers_are_stopped_not_waited_for_when_the_executor_ends():
         assert len({pool._pool.submit(os.getpid).result() for _ in range(4)}) >= 1
         workers = list(pool._pool._processes.values())
     assert workers and all(w.exitcode == -signal.SIGTERM for w in workers)
+
+
+def test_the_pools_workers_fork_from_a_server_that_imported_the_steps_modules_and_preloads():
+    """Each step's module and its ``preload`` (the scorer's torch and open_clip) are imported once, by the server
+    the workers fork from. In a fresh process: a process has one such server, its imports fixed when it starts."""
+    from clipmill.components.curate.stage import worker_modules
+    from clipmill.components.score.step import ScoreStep
+
+    modules = worker_modules([step_class(name) for name in STEP_NAMES])
+    assert {"open_clip", ScoreStep.__module__, "py3langid.langid"} <= set(modules)
+    assert len(modules) == len(set(modules))
+    code = ("import sys\n"
+            "from clipmill.components.common.params import RayParams\n"
+            "from clipmill.components.curate.executor import Executor\n"
+            "with Executor('local', 2, RayParams(), ['wave']) as pool:\n"
+            "    in_worker = pool._pool.submit(eval, \"'wave' in __import__('sys').modules\").result()\n"
+            "print(in_worker, 'wave' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]  # in the worker, not in the driver
 
 
 def test_a_rerun_weighs_the_driver_against_the_pool_with_the_last_runs_timings(download, scorer, reference, tmp_path):

@@ -410,14 +410,21 @@ def test_download_workers_fork_from_a_server_and_every_shard_runs_and_failed_one
 
 
 def test_the_stage_starts_the_workers_server_early_with_img2dataset_imported():
-    import multiprocessing
+    """In a fresh process (a process has one such server, its imports fixed by whoever started it first)."""
+    import subprocess
+    import sys
 
     from clipmill.components.download import stage, workers
 
     assert workers.WORKER_MODULES == [stage.WORKER_MODULE]
-    stage.start_worker_server(DownloadParams(processes_count=2))
-    with multiprocessing.get_context("forkserver").Pool(1) as pool:  # a worker forked from that server
-        assert pool.apply(eval, ("'img2dataset.main' in __import__('sys').modules",))
+    code = ("import multiprocessing\n"
+            "from clipmill.components.download.params import DownloadParams\n"
+            "from clipmill.components.download.stage import start_worker_server\n"
+            "start_worker_server(DownloadParams(processes_count=2))\n"
+            "with multiprocessing.get_context('forkserver').Pool(1) as pool:\n"  # a worker forked from that server
+            "    print(pool.apply(eval, (\"'img2dataset.main' in __import__('sys').modules\",)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 @pytest.mark.parametrize("status, message, reason", [

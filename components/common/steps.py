@@ -53,6 +53,9 @@ class Step:
     needs: ClassVar[tuple[str, ...]] = ()
     # Its tasks run torch: a driver that runs them itself gives torch a pool worker's share of threads first.
     uses_torch: ClassVar[bool] = False
+    # Modules whose import is most of the step's start-up, beside its own: the local pool's workers fork from a
+    # server that imported them once.
+    preload: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Any, context: StepContext):
         self.params = params

@@ -13,13 +13,20 @@ here: n tasks of t seconds each in the driver, plus the step's start-up s unless
 step already (s + n t, or n t), against the workers' start-up plus the tasks shared out (s + n t / workers). The
 pool's workers start only for the rest. Where a task runs never changes its output (the driver runs it with a
 worker's share of torch threads).
+
+The pool's workers fork from a server process that starts with the stage and imports the steps' modules and
+their ``preload`` (torch and open_clip for the scorer: 3-4 s) once, instead of every worker importing them when it
+first runs the step. No worker starts before the server has imported them all; until then, the pool's cost of a
+phase also holds the rest of that wait (the last run's measure of it, ``server_seconds``), so a small increment's
+first steps run here while the server imports, as long as they need no torch.
 """
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -77,6 +84,8 @@ class UnitTask:
 _BUILT: dict[str, tuple[str, Step]] = {}
 _PREPARED: set[str] = set()  # build keys of the steps this process has prepared (e.g. loaded a scorer)
 _STATES: dict[tuple, dict] = {}
+# The pool's worker server of this process: when it started, and whether a worker forked from it has run.
+_SERVER: dict[str, Any] = {"started": None, "ready": False}
 
 
 def _build_key(task: UnitTask) -> str:
@@ -202,8 +211,13 @@ class Executor:
     """Runs tasks in this process (``workers`` 0 or 1), on one local process pool kept for every phase, or as
     Ray tasks; the same ``run_task`` everywhere."""
 
-    def __init__(self, kind: str, workers: int, ray_params: RayParams):
+    def __init__(self, kind: str, workers: int, ray_params: RayParams, preload: Sequence[str] = (),
+                 server_seconds: float | None = None):
         self.kind, self.workers, self.ray_params = kind, workers, ray_params
+        self.preload = list(preload)  # modules the local pool's workers import before their first task
+        self.server_seconds = server_seconds  # the last run's seconds from the server's start to its first worker
+        self.measured_server_seconds: float | None = None  # this run's
+        self._ready = threading.Event()  # a worker forked from the server has run
         self._stack = ExitStack()
         self._pool: ProcessPoolExecutor | None = None
 
@@ -213,11 +227,32 @@ class Executor:
 
             self._stack.enter_context(ray_session(self.ray_params))
         elif self.workers > 1:
-            # spawn: the workers start clean (no forked torch or Ray state); each builds a step once.
+            # forked from a server that imported ``preload`` and nothing else (no torch threads, no Ray state);
+            # each worker builds a step once.
             self._pool = self._stack.enter_context(ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=get_context("spawn"), initializer=_worker_threads,
-                initargs=(self.workers,)))
+                max_workers=self.workers, mp_context=start_worker_server(self.preload, self.workers),
+                initializer=_worker_threads, initargs=(self.workers,)))
+            threading.Thread(target=self._first_worker, daemon=True).start()
         return self
+
+    def _first_worker(self) -> None:
+        """Start a worker (it waits for the server's imports) and say when it runs."""
+        try:
+            self._pool.submit(int).result()
+        except Exception:  # a broken pool shows where a task is sent to it; this only weighs where phases run
+            return
+        if not _SERVER["ready"]:  # measured once per server: the imports it ran before its first worker
+            self.measured_server_seconds = time.perf_counter() - _SERVER["started"]
+            _SERVER["ready"] = True
+        self._ready.set()
+
+    def _server_wait(self, step: type[Step]) -> float:
+        """Seconds a phase sent to the pool now would wait for the server's imports (the last run's measure of them,
+        less the time since the server started); 0 when a worker runs, without a measure, or for a step that runs
+        torch (the driver would import it too)."""
+        if self._ready.is_set() or _SERVER["ready"] or not self.server_seconds or step.uses_torch:
+            return 0.0
+        return max(0.0, self.server_seconds - (time.perf_counter() - _SERVER["started"]))
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
@@ -234,7 +269,8 @@ class Executor:
         per_task = previous["task_seconds"] / previous["ran"]
         n, startup = len(tasks), previous["worker_startup_seconds"]
         here = 0.0 if _build_key(tasks[0]) in _PREPARED else startup  # the driver pays it too, once
-        return here + n * per_task <= startup + n * per_task / self.workers
+        wait = self._server_wait(step_class(tasks[0].step))
+        return here + n * per_task <= wait + startup + n * per_task / self.workers
 
     def _local(self, tasks: list[UnitTask], bar: Progress, timing: dict, previous: dict | None) -> None:
         def done(result: dict) -> None:
@@ -325,10 +361,42 @@ def _thread_share(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def start_worker_server(preload: list[str], workers: int):
+    """The forkserver context of the pool, its server started now unless it runs already (the stage starts it
+    before its own work; the executor's pool uses it): it imports ``preload`` in the background with a worker's
+    share of threads for torch and BLAS in its environment (they read it when they load)."""
+    from multiprocessing import forkserver
+
+    context = get_context("forkserver")
+    if _SERVER["started"] is not None:
+        return context  # started before in this process
+    _SERVER["started"] = time.perf_counter()
+    context.set_forkserver_preload(preload)  # read when the server starts: once per process
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    try:
+        for name in _THREAD_VARIABLES:
+            os.environ.setdefault(name, str(_thread_share(workers)))
+        forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return context
+
+
 def _worker_threads(workers: int) -> None:
-    """Each pool worker gets its share of the cores for torch and BLAS (set before they are imported)."""
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    """Each pool worker gets its share of the cores for torch and BLAS: in its environment for libraries it has not
+    loaded yet, and torch's own setting where the server imported torch already."""
+    for name in _THREAD_VARIABLES:
         os.environ.setdefault(name, str(_thread_share(workers)))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from clipmill.components.common.storage import (
 )
 from clipmill.components.common.tracking import stage_run, tracking_uri
 
-from .executor import Executor, UnitTask
+from .executor import Executor, UnitTask, start_worker_server
 
 log = get_logger("curate")
 
@@ -216,6 +216,8 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     manifest_path, out_dir = location(manifest_path), location(out_dir)
     names = params.curate.steps
     steps = step_classes(names)
+    if params.curate.executor == "local" and params.curate.workers > 1:
+        start_worker_server(worker_modules(steps), params.curate.workers)  # imports while this process works
     context = _step_context(params, manifest_path, shards_dir, inputs)
     for step in steps:  # a step that cannot run fails here, before any work
         step.check_params(step_params(step, params), context)
@@ -229,8 +231,12 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
             raise ClipmillError(f"{manifest_path}: no successful downloads to curate")
         _remove_stale(out_dir, list(names), units)
         previous = _previous_timings(out_dir)
-        with Executor(params.curate.executor, params.curate.workers, params.ray) as executor:
+        server_seconds = previous.get("worker_server_seconds") if isinstance(previous, dict) else None
+        with Executor(params.curate.executor, params.curate.workers, params.ray, worker_modules(steps),
+                      server_seconds if isinstance(server_seconds, (int, float)) else None) as executor:
             summaries = run_steps(out_dir, steps, params, context, units, executor, timings, previous)
+        if executor.measured_server_seconds is not None:
+            timings["worker_server_seconds"] = executor.measured_server_seconds
         samples = sum(read_marker(out_dir / UNITS_DIR / f"{u}.parquet")["rows"] for u in units)
         summary = {"shards": len(units), "samples": samples, "steps": summaries,
                    "kept": summaries[-1]["kept"] if summaries else samples}
@@ -242,6 +248,11 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     log.info("curate: %d samples in %d shards -> %d kept (%s) in %.1f s", samples, len(units), summary["kept"],
              " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), timings["wall_seconds"])
     return summary
+
+
+def worker_modules(steps: list[type[Step]]) -> list[str]:
+    """What the local pool's workers import before their first task: the steps' modules and their ``preload``."""
+    return list(dict.fromkeys(name for step in steps for name in (step.__module__, *step.preload)))
 
 
 def _previous_timings(out_dir) -> dict | None:

@@ -170,6 +170,7 @@ class LangIdStep(Step):
     section = "filter"
     reasons = (FOREIGN_REASON,)
     needs = ("caption",)
+    preload = ("py3langid.langid", "wordfreq")
 
     @classmethod
     def fingerprint(cls, params, context, phase="apply"):

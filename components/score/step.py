@@ -76,6 +76,7 @@ class ScoreStep(PoolStep):
     reasons = (LOW_SCORE_REASON, UNREADABLE_IMAGE_REASON)
     needs = ("shard", "key", "caption")
     uses_torch = True
+    preload = ("open_clip",)  # and torch, torchvision, timm and transformers with it
 
     def __init__(self, params: ScoreParams, context):
         super().__init__(params, context)
