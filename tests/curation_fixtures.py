@@ -42,7 +42,8 @@ def draw(shape: str, color: str, size: tuple[int, int] = (64, 64), background=(2
 
 
 def make_download(root: Path, n: int = 120, per_shard: int = 50, seed: int = 0) -> dict:
-    """Write ``root/manifest.parquet`` and ``root/shards/{00000..}.tar``; returns the paths and the injected defects.
+    """Write ``root/manifest.parquet`` and ``root/shards/{00000..}.tar`` (with img2dataset's ``.parquet`` beside each);
+    returns the paths and the injected defects.
 
     Sample i: failed download when i % 15 == 14; boilerplate caption when i % 17 == 3; one-word caption when
     i % 19 == 5; mismatched caption when i % 7 == 6; 16 px image when i % 23 == 9; 4:1 image when i % 29 == 11;
@@ -95,4 +96,6 @@ def make_download(root: Path, n: int = 120, per_shard: int = 50, seed: int = 0) 
     for column in ("width", "height", "original_width", "original_height"):
         manifest[column] = manifest[column].astype("Int64")
     manifest.to_parquet(root / "manifest.parquet", index=False)
+    for shard, table in manifest[manifest["shard"].notna()].groupby("shard"):  # img2dataset's table beside each tar
+        table[["uid", "key", "caption", "status"]].to_parquet(shards / shard.replace(".tar", ".parquet"), index=False)
     return {"manifest": root / "manifest.parquet", "shards": shards, "table": manifest}

@@ -334,6 +334,7 @@ def test_a_new_shard_is_curated_incrementally(download, scorer, reference, tmp_p
     shards.mkdir()
     for tar in sorted(download["shards"].glob("*.tar"))[:5]:
         shutil.copy(tar, shards)
+        shutil.copy(tar.with_suffix(".parquet"), shards)  # img2dataset's table of the shard
     first = {"manifest": tmp_path / "first.parquet", "shards": shards}
     table[table["shard"] != "00005.tar"].to_parquet(first["manifest"], index=False)
     out = tmp_path / "curate"
@@ -342,6 +343,7 @@ def test_a_new_shard_is_curated_incrementally(download, scorer, reference, tmp_p
     assert len(scored) == 2 * 5
 
     shutil.copy(download["shards"] / "00005.tar", shards)
+    shutil.copy(download["shards"] / "00005.parquet", shards)
     grown = {"manifest": tmp_path / "grown.parquet", "shards": shards}
     table.to_parquet(grown["manifest"], index=False)
     summary = run_curate(grown, out, shrunk_params(), scorer)

@@ -21,8 +21,8 @@ from clipmill.components.common.steps import StepContext
 from clipmill.components.score.params import ScoreParams
 from clipmill.components.score.scoring import (
     key_buckets,
+    next_in_shard,
     null_scores,
-    shuffled_partners,
     sortable_keys,
     top_fraction_score,
 )
@@ -341,17 +341,31 @@ def test_the_bootstrap_scorer_is_fingerprinted_by_its_bytes_not_its_place(tiny_e
 
 # --- the calibrated threshold of the permutation null (images scored against other samples' captions) -----------
 
-def test_the_null_partner_is_another_sample_fixed_by_the_uids_alone():
-    uids = np.array([f"{i:04x}" for i in np.random.default_rng(0).permutation(50)])
-    partners = shuffled_partners(uids)
-    assert sorted(partners) == list(range(50)) and (partners != np.arange(50)).all()
-    order = np.random.default_rng(1).permutation(50)  # the same samples in another order: the same pairs
-    again = shuffled_partners(uids[order])
-    assert {(uids[order][i], uids[order][j]) for i, j in enumerate(again)} == \
-        {(uids[i], uids[j]) for i, j in enumerate(partners)}
-    assert shuffled_partners(np.array(["only"])).tolist() == [-1]
+def test_the_null_partner_is_the_next_sample_of_the_download_shard_whoever_else_is_kept():
+    shard = np.array([f"{i:04x}" for i in np.random.default_rng(0).permutation(50)])
+    partners = next_in_shard(shard, shard)
+    assert sorted(partners) == sorted(shard) and (partners != shard).all()
+    order = sorted(shard)
+    assert partners[shard == order[-1]][0] == order[0]  # cyclic
+    some = shard[::7]  # the samples earlier steps kept: their partners do not change
+    np.testing.assert_array_equal(next_in_shard(some, shard), partners[::7])
+    assert next_in_shard(np.array(["only"]), np.array(["only"])).tolist() == [None]
     image, text = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)[[1, 2, 0]]
     np.testing.assert_array_equal(null_scores(image, text, np.array([2, -1, 0])), [1.0, np.nan, 0.0])
+
+
+def test_a_samples_scores_do_not_depend_on_which_other_samples_it_is_scored_with(download, tiny_export):
+    """What an increment stores for a sample is what a from-scratch run computes for it: a shard's score input
+    changes when a later crawl moves a duplicate decision, and the samples new to the step are scored alone."""
+    step = ScoreStep(ScoreParams(scorer=f"local-dir:{tiny_export}", top_fraction=0.5, device="cpu", batch_size=4),
+                     StepContext(shards_dir=str(download["shards"])))
+    table = download["table"]
+    rows = table[(table["status"] == "success") & (table["shard"] == table["shard"].iloc[0])]
+    batch = rows[["uid", "shard", "key", "caption"]].reset_index(drop=True)
+    whole = step.map(batch).set_index("uid")
+    for subset in (batch.iloc[[3]], batch.iloc[::3], batch.iloc[1:6], batch.iloc[::-1]):
+        part = step.map(subset.reset_index(drop=True)).set_index("uid")
+        pd.testing.assert_frame_equal(part, whole.loc[part.index])
 
 
 def test_null_recall_threshold_is_the_exact_null_quantile_and_drops_that_share_of_planted_mismatches():
@@ -379,3 +393,17 @@ def test_changing_the_null_recall_recomputes_no_scores():
     base, null = ScoreParams(), ScoreParams(top_fraction=None, null_recall=0.8)
     assert ScoreStep.fingerprint(base, context, "map") == ScoreStep.fingerprint(null, context, "map")
     assert ScoreStep.fingerprint(base, context, "decide") != ScoreStep.fingerprint(null, context, "decide")
+
+
+def test_a_sample_embedded_alone_gets_its_embedding_from_any_batch():
+    """A batch of one takes matrix-vector kernels that round otherwise; it is encoded as two copies of itself."""
+    from clipmill.components.common.model import embed_images, embed_texts
+
+    torch.manual_seed(0)
+    clip = create_clip("clipmill-tiny")
+    size = clip.model.visual.image_size
+    pixels = torch.rand(5, 3, *((size, size) if isinstance(size, int) else size))
+    texts = ["a red square on a white background", "two blue circles", "x", "a photo", "IMG_1.jpg"]
+    with torch.inference_mode():
+        assert torch.equal(embed_images(clip, pixels)[2:3], embed_images(clip, pixels[2:3]))
+        assert torch.equal(embed_texts(clip, texts)[2:3], embed_texts(clip, texts[2:3]))

@@ -219,12 +219,21 @@ def preprocess_images(clip: ClipModel, images: Sequence[ImageInput]) -> torch.Te
 
 
 @torch.no_grad()
+def _encode_batch(encode: Callable, batch: torch.Tensor) -> torch.Tensor:
+    """One batch's normalised embeddings, float32 on the CPU. A batch of one is encoded as two copies of itself: a
+    single row takes other kernels (matrix-vector) whose sums round otherwise, so a sample's embedding would depend
+    on whether it came alone; from two rows on, a row's embedding is the same in any batch."""
+    if len(batch) == 1:
+        return encode(torch.cat([batch, batch]), normalize=True).float().cpu()[:1]
+    return encode(batch, normalize=True).float().cpu()
+
+
 def _embed(model: torch.nn.Module, encode: Callable, batches: Iterator[torch.Tensor]) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
         device = _model_device(model)
-        return torch.cat([encode(b.to(device), normalize=True).float().cpu() for b in batches])
+        return torch.cat([_encode_batch(encode, b.to(device)) for b in batches])
     finally:
         model.train(was_training)
 

@@ -78,16 +78,17 @@ def clip_scores(clip: ClipModel, images: list[bytes], captions: list[str], batch
     return (image_emb * text_emb).sum(axis=1).astype(np.float32)
 
 
-def shuffled_partners(uids: np.ndarray) -> np.ndarray:
-    """For each sample, the index of the sample whose caption it is paired with in the permutation null: the next
-    one in uid order (cyclic). Uids are content hashes, so the pairing is pseudo-random, yet fixed by the samples
-    alone (not by their order or by a seed), and no sample is its own partner. -1 for a batch of one."""
-    n = len(uids)
-    if n < 2:
-        return np.full(n, -1, dtype=np.int64)
-    order = np.argsort(np.asarray(uids, dtype=str), kind="stable")
-    partners = np.empty(n, dtype=np.int64)
-    partners[order] = np.roll(order, -1)
+def next_in_shard(uids: np.ndarray, shard_uids: np.ndarray) -> np.ndarray:
+    """For each of ``uids``, the uid whose caption it is paired with in the permutation null: the next uid of its
+    download shard's samples (``shard_uids``) in uid order, cyclic. Uids are content hashes, so the pairing is
+    pseudo-random, yet fixed by the download alone: not by which samples earlier steps kept, by their order, by
+    a seed, or by the other shards of a run. None where a sample is its shard's only one."""
+    ordered = np.unique(np.asarray(shard_uids, dtype=str))
+    uids = np.asarray(uids, dtype=str)
+    if len(ordered) < 2:
+        return np.full(len(uids), None, dtype=object)
+    partners = ordered[np.searchsorted(ordered, uids, side="right") % len(ordered)].astype(object)
+    partners[partners == uids.astype(object)] = None
     return partners
 
 

@@ -1,12 +1,14 @@
 """The CLIP-score filter as a pool step: scores per shard, one pool-wide threshold, keep decisions per shard.
 
 Map: the cosine of each sample's image and caption embeddings (images read from the download shards by shard
-and key), and a permutation null: the cosine of each image with another sample's caption of the same batch
-(``shuffled_partners``: no extra forward pass). Partial: counts of the high 16 key bits of both. Combine: the
-exact DataComp top-fraction threshold (a radix select: the bucket counts, then the scores of the one bucket that
-holds the rank), the absolute minimum, the calibrated threshold of a two-component mixture fitted to the summed
-bucket counts (a histogram: no second pass) and/or the exact null quantile (the same radix select over the null
-scores). Decide: keep ``clip_score >= threshold``.
+and key), and a permutation null: the cosine of each image with the caption of the next sample of its download
+shard in uid order (``next_in_shard``; that caption's embedding is the batch's when the partner is in the batch,
+else computed). Both are functions of the sample and the download alone, never of which other samples earlier
+steps kept, so a sample's stored map output is what a from-scratch run would compute for it. Partial: counts of
+the high 16 key bits of both. Combine: the exact DataComp top-fraction threshold (a radix select: the bucket
+counts, then the scores of the one bucket that holds the rank), the absolute minimum, the calibrated threshold of
+a two-component mixture fitted to the summed bucket counts (a histogram: no second pass) and/or the exact null
+quantile (the same radix select over the null scores). Decide: keep ``clip_score >= threshold``.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.hashing import content_hash
 from clipmill.components.common.shards import ShardReader, shard_file_name
 from clipmill.components.common.steps import PoolStep, decisions
-from clipmill.components.common.storage import LOCAL_DIR_PREFIX, location, read_json
+from clipmill.components.common.storage import LOCAL_DIR_PREFIX, location, read_frame, read_json
 
 from .params import BOOTSTRAP, ScoreParams
 from .scoring import (
@@ -34,10 +36,10 @@ from .scoring import (
     key_buckets,
     load_scorer,
     mixture_threshold,
+    next_in_shard,
     null_quantile_score,
     null_scores,
     resolve_device,
-    shuffled_partners,
     sortable_keys,
     top_fraction_score,
 )
@@ -82,6 +84,7 @@ class ScoreStep(PoolStep):
         super().__init__(params, context)
         self._clip = None  # loaded on the first map: deciding from stored scores needs no model
         self.shards = ShardReader(context.shards_dir)
+        self._captions: tuple[str | None, pd.Series | None] = (None, None)  # the last shard's (``_shard_captions``)
 
     @property
     def clip(self):
@@ -100,6 +103,8 @@ class ScoreStep(PoolStep):
         # The scores do not depend on the threshold, and the decisions depend on nothing else.
         part = {k: dump[k] for k in THRESHOLD_KEYS} if phase == "decide" else \
             {k: v for k, v in dump.items() if k not in THRESHOLD_KEYS and k != "bootstrap"}
+        if phase != "decide":
+            part["null_pairs"] = "next-in-download-shard"  # how the map pairs images with other captions
         if phase != "decide" and params.scorer == BOOTSTRAP:
             # the export's bytes, not where it lies: the same scorer in another checkout scores the same
             model = context.inputs.get("bootstrap_model")
@@ -130,14 +135,57 @@ class ScoreStep(PoolStep):
         images = [self.shards.read(shard_file_name(shard), key, "jpg")
                   for shard, key in zip(batch["shard"], batch["key"])]
         if len(batch):
-            image_emb, text_emb = clip_embeddings(self.clip, images, batch["caption"].fillna("").astype(str).tolist(),
-                                                  self.params.batch_size)
+            captions = batch["caption"].fillna("").astype(str).tolist()
+            image_emb, text_emb = clip_embeddings(self.clip, images, captions, self.params.batch_size)
             scores = (image_emb * text_emb).sum(axis=1)
-            null = null_scores(image_emb, text_emb, shuffled_partners(batch["uid"].to_numpy()))
+            null = null_scores(*self._null_pairs(batch, captions, image_emb, text_emb))
         else:
             scores = null = np.zeros(0, np.float32)
         return pd.DataFrame({"uid": batch["uid"].to_numpy(), "clip_score": scores.astype(np.float32),
                              "null_score": null.astype(np.float32)})
+
+    def _shard_captions(self, shard: str) -> pd.Series:
+        """Caption by uid of the download shard's successful samples (img2dataset's table beside the tar)."""
+        if self._captions[0] != shard:
+            path = self.shards.shard_dir / shard_file_name(shard).replace(".tar", ".parquet")
+            try:
+                table = read_frame(path, columns=["uid", "caption", "status"])
+            except FileNotFoundError:
+                raise InputError(path, "no img2dataset table beside the shard's tar (the score step pairs each image "
+                                 "with the next caption of its download shard for its null)") from None
+            table = table[table["status"] == "success"]
+            self._captions = (shard, pd.Series(table["caption"].fillna("").astype(str).to_numpy(),
+                                               index=table["uid"].astype(str).to_numpy()))
+        return self._captions[1]
+
+    def _null_pairs(self, batch: pd.DataFrame, captions: list[str], image_emb: np.ndarray,
+                    text_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image embeddings, caption embeddings, partner row of each image) for ``null_scores``: each sample's
+        partner is ``next_in_shard``; its caption's embedding is the batch's where the partner is in the batch
+        with the same caption, else embedded here (a row's embedding does not depend on its batch)."""
+        uids = batch["uid"].astype(str).to_numpy()
+        partner_uid = np.full(len(batch), None, dtype=object)
+        partner_caption = np.full(len(batch), "", dtype=object)
+        for shard, rows in batch.groupby("shard", sort=False).indices.items():
+            shard_captions = self._shard_captions(str(shard))
+            partner_uid[rows] = next_in_shard(uids[rows], shard_captions.index.to_numpy())
+            known = [p for p in partner_uid[rows] if p is not None]
+            partner_caption[rows[[p is not None for p in partner_uid[rows]]]] = shard_captions.reindex(known).to_numpy()
+        row_of = {(uid, caption): i for i, (uid, caption) in enumerate(zip(uids, captions))}
+        missing = sorted({(p, c) for p, c in zip(partner_uid, partner_caption)
+                          if p is not None and (p, c) not in row_of})
+        if missing:
+            import torch
+
+            from clipmill.components.common.model import embed_texts
+
+            with torch.inference_mode():
+                extra = embed_texts(self.clip, [c for _, c in missing], batch_size=self.params.batch_size).numpy()
+            row_of.update({key: len(text_emb) + i for i, key in enumerate(missing)})
+            text_emb = np.concatenate([text_emb, extra.astype(text_emb.dtype)])
+        partners = np.array([row_of[(p, c)] if p is not None else -1 for p, c in zip(partner_uid, partner_caption)],
+                            dtype=np.int64)
+        return image_emb, text_emb, partners
 
     def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
         """The shard's bucket counts of its scores (``count``) and of its null scores (``null_count``)."""
