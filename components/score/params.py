@@ -50,12 +50,12 @@ class ScoreParams(Section):
     null_recall: float | None = Field(
         None, gt=0, lt=1,
         description="Calibrated threshold from a permutation null: each image is also scored against another "
-                    "sample's caption of its shard (the next uid: deliberately mismatched pairs of this very pool) "
+                    "sample's caption (the next of its download shard in uid order: mismatched pairs of this crawl) "
                     "and the threshold is the score below which this fraction of those pairs fall, so about this "
                     "share of the pool's mismatched captions is dropped; precision depends on how well the scorer "
-                    "ranks; null: off. On the demo crawl (8,698 scored, 1,128 mismatched; bootstrap scorer from "
-                    "5,000 trusted pairs, ROC AUC 0.969): 0.75 drops 951, precision 0.95, recall 0.80; 0.8: 0.90, "
-                    "0.85; 0.85: 0.80, 0.89; 0.9: 0.61, 0.94 (another training seed, 0.75: 0.88, 0.82).",
+                    "ranks; null: off. On the demo crawl (8,435 scored, 1,095 mismatched; bootstrap scorer from "
+                    "5,000 trusted pairs): 0.75 drops 910, precision 0.96, recall 0.80; 0.77: 937, 0.95, 0.81; "
+                    "0.8: 0.92, 0.84; 0.85: 0.83, 0.88.",
     )
 
     @model_validator(mode="after")
