@@ -198,10 +198,12 @@ def test_until_the_worker_server_has_imported_a_phase_sent_to_the_pool_also_cost
 
     last = {"ran": 12, "task_seconds": 1.2, "worker_startup_seconds": 0.0}  # 0.1 s a task, nothing to start
     with Executor("local", 2, RayParams(), server_seconds=1e6) as pool:
-        assert pool._ready.wait(120)  # a worker ran: from here on, the pool waits for nothing
+        deadline = time.monotonic() + 120
+        while not ex._SERVER["ready"]:  # until a worker ran: from here on, the pool waits for nothing
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert not pool.in_driver(tasks("rules", 8), last)
         monkeypatch.setitem(ex._SERVER, "ready", False)  # as if the server were still importing
-        pool._ready.clear()
         assert pool.in_driver(tasks("rules", 8), last)
         assert not pool.in_driver(tasks("score", 8), last)  # the driver would import torch too
         pool.server_seconds = None  # no measure from the last run: the pool, as before

@@ -1,16 +1,46 @@
 """Ray for the curation executor, the sweep and the download: connect to a cluster, or start a local Ray for the
-duration of a stage; and what a task asks of the cluster, checked before it is submitted."""
+duration of a stage; and what a task asks of the cluster, checked before it is submitted. And the server that local
+pools fork their workers from."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .params import RayParams
+
+
+def start_forkserver(preload: list[str], environment: dict[str, str] | None = None) -> BaseContext:
+    """The forkserver context, its server started now (unless it runs already) importing ``preload`` in the
+    background, so that each worker forked from it starts with those modules imported rather than importing them
+    itself. ``environment`` holds variables the server sees when it starts (unless they are set already; this
+    process's are left as they were), such as the thread counts that torch and BLAS read when they load.
+
+    A process has one server: whoever starts it first fixes its imports and environment; a later call gets the
+    running one."""
+    from multiprocessing import forkserver
+
+    context = get_context("forkserver")
+    context.set_forkserver_preload(preload)  # read when the server starts
+    saved = {name: os.environ.get(name) for name in environment or {}}
+    try:
+        for name, value in (environment or {}).items():
+            os.environ.setdefault(name, value)
+        forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return context
 
 
 @contextmanager

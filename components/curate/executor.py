@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,6 @@ class Executor:
         self.preload = list(preload)  # modules the local pool's workers import before their first task
         self.server_seconds = server_seconds  # the last run's seconds from the server's start to its first worker
         self.measured_server_seconds: float | None = None  # this run's
-        self._ready = threading.Event()  # a worker forked from the server has run
         self._stack = ExitStack()
         self._pool: ProcessPoolExecutor | None = None
 
@@ -244,13 +243,12 @@ class Executor:
         if not _SERVER["ready"]:  # measured once per server: the imports it ran before its first worker
             self.measured_server_seconds = time.perf_counter() - _SERVER["started"]
             _SERVER["ready"] = True
-        self._ready.set()
 
     def _server_wait(self, step: type[Step]) -> float:
         """Seconds a phase sent to the pool now would wait for the server's imports (the last run's measure of them,
         less the time since the server started); 0 when a worker runs, without a measure, or for a step that runs
         torch (the driver would import it too)."""
-        if self._ready.is_set() or _SERVER["ready"] or not self.server_seconds or step.uses_torch:
+        if _SERVER["ready"] or not self.server_seconds or step.uses_torch:
             return 0.0
         return max(0.0, self.server_seconds - (time.perf_counter() - _SERVER["started"]))
 
@@ -364,29 +362,15 @@ def _thread_share(workers: int) -> int:
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def start_worker_server(preload: list[str], workers: int):
+def start_worker_server(preload: list[str], workers: int) -> BaseContext:
     """The forkserver context of the pool, its server started now unless it runs already (the stage starts it
     before its own work; the executor's pool uses it): it imports ``preload`` in the background with a worker's
     share of threads for torch and BLAS in its environment (they read it when they load)."""
-    from multiprocessing import forkserver
+    from clipmill.components.common.engine import start_forkserver
 
-    context = get_context("forkserver")
-    if _SERVER["started"] is not None:
-        return context  # started before in this process
-    _SERVER["started"] = time.perf_counter()
-    context.set_forkserver_preload(preload)  # read when the server starts: once per process
-    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
-    try:
-        for name in _THREAD_VARIABLES:
-            os.environ.setdefault(name, str(_thread_share(workers)))
-        forkserver.ensure_running()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    return context
+    if _SERVER["started"] is None:
+        _SERVER["started"] = time.perf_counter()
+    return start_forkserver(preload, {name: str(_thread_share(workers)) for name in _THREAD_VARIABLES})
 
 
 def _worker_threads(workers: int) -> None:

@@ -19,7 +19,6 @@ A manifest row's ``shard`` names its tar relative to ``shards/`` (``crawl/00000.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import shutil
 import signal
@@ -229,11 +228,10 @@ def start_worker_server(params: DownloadParams) -> None:
     this process imports it too, rather than after: the multiprocessing distributor with more than one process."""
     if params.distributor != "multiprocessing" or params.processes_count <= 1:
         return
-    from multiprocessing import forkserver
+    from clipmill.components.common.engine import start_forkserver
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations' import checks for updates otherwise
-    multiprocessing.get_context("forkserver").set_forkserver_preload([WORKER_MODULE])
-    forkserver.ensure_running()
+    start_forkserver([WORKER_MODULE])
 
 
 def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str],

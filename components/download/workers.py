@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import importlib
 import io
-import multiprocessing
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,8 @@ import cv2
 import img2dataset.downloader as i2d_downloader
 from img2dataset.distributor import retrier
 from img2dataset.resizer import ResizeMode, Resizer, SuppressStdoutStderr
+
+from clipmill.components.common.engine import start_forkserver
 
 from .decode import DecodeError, decode_image
 from .fetch import FetchPolicy, fetch_with_retry
@@ -143,8 +144,7 @@ def _worker_environment(values: dict[str, str]) -> None:
 def forkserver_distributor(processes_count, downloader, reader, subjob_size, max_shard_retry) -> None:
     """img2dataset's multiprocessing distributor (the same pool, tasks and retries: a worker is replaced after five
     shards) with workers forked from a forkserver that preloaded ``WORKER_MODULES``, not spawned."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_MODULES)  # read when the server starts (once per process)
+    context = start_forkserver(WORKER_MODULES)  # the stage started it early, unless called on its own
     environment = {k: os.environ[k] for k in WORKER_ENVIRONMENT if k in os.environ}
     with context.Pool(processes_count, initializer=_worker_environment, initargs=(environment,),
                       maxtasksperchild=5) as pool:
