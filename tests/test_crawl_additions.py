@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from clipmill.components.common.errors import InputError
@@ -55,8 +58,9 @@ def test_appended_lists_download_after_the_base_list_with_counts_that_add_up(cra
     c = read_crawl(crawl / "crawl" / "urls.parquet", additions)
     assert [e["name"] for e in c.lists] == ["crawl", first.id, second.id]
     assert [e["duplicates"] for e in c.lists] == [0, 0, 5]
-    assert len(c.url_list.table) == 80 + 40 + 3 and c.url_list.table["uid"].is_unique
-    assert c.url_list.passthrough[-1] == "url_list"
+    tables = [c.table(e["name"]) for e in c.lists]
+    assert [len(t) for t in tables] == [80, 40, 3] and pd.concat(tables)["uid"].is_unique
+    assert c.passthrough[-1] == "url_list" and all(list(t.columns) == list(tables[0].columns) for t in tables)
     assert list(c.web_dirs) == [first.id]  # the batch's web/ (the list without one brings none)
 
     from clipmill.components.download.stage import download
@@ -162,3 +166,77 @@ def test_a_symlink_in_the_web_directory_of_new_urls_is_refused_not_followed(craw
         append_url_list(batch / "urls.parquet", tmp_path / "additions")
     assert err.value.file == str(link)
     assert not (tmp_path / "additions").exists() or not any((tmp_path / "additions").iterdir())
+
+
+def _record_of(crawl, name):
+    return next(e for e in crawl.lists if e["name"] == name)
+
+
+def test_a_recorded_list_is_not_read_again_unless_a_later_list_is_checked_against_it(tmp_path, monkeypatch):
+    """The download's record of a finished list stands for its check: a rerun reads no list; a new list is checked
+    against the earlier ones' streamed uids and URLs, with the same counts and errors as a full check."""
+    from clipmill.components.download import additions as mod
+
+    base = _list(tmp_path / "crawl" / "urls.parquet", ["a1", "a2", "a3"], site=["x", "y", "z"])
+    week1 = tmp_path / "additions"
+    append_url_list(_list(tmp_path / "w1" / "urls.parquet", ["a2", "b1"],
+                          urls=["http://img.test/a2.jpg", "http://img.test/a3.jpg"], site=["y", "w"]),
+                    week1, crawl_urls=base, now=dt.datetime(2026, 11, 2, tzinfo=dt.UTC))
+    full = read_crawl(base, week1)
+    assert [(e["duplicates"], e["duplicate_urls"]) for e in full.lists] == [(0, 0), (1, 1)]
+    records = {e["name"]: e for e in full.lists}
+    read = []
+    real_read, real_rows = mod.read_url_list, mod.iter_list_rows
+    monkeypatch.setattr(mod, "read_url_list", lambda path, *a: read.append(("read", path)) or real_read(path, *a))
+    monkeypatch.setattr(mod, "iter_list_rows", lambda path, *a: read.append(("stream", path)) or real_rows(path, *a))
+
+    rerun = read_crawl(base, week1, recorded=lambda name, path, sha, earlier: records[name])
+    assert read == [] and rerun.lists == full.lists and rerun.sha256 == full.sha256
+    assert rerun.passthrough == full.passthrough
+
+    # week 1 is new to this output: the base list is streamed for the check, not read whole
+    only_base = read_crawl(base, week1, recorded=lambda name, *_: records.get(name) if name == "crawl" else None)
+    assert only_base.lists == full.lists and [kind for kind, _ in read] == ["stream", "read", "stream"]
+    assert only_base.table(full.lists[1]["name"])["uid"].tolist() == ["b1"]  # a2 was in the base list
+    assert list(only_base.table("crawl")["uid"]) == ["a1", "a2", "a3"]
+    with pytest.raises(InputError, match="already in the crawl with another url"):
+        read_crawl(base, week1, extra=[("new", _list(tmp_path / "w2" / "urls.parquet", ["a1"],
+                                                     urls=["http://other.test/a1.jpg"], site=["v"]))],
+                   recorded=lambda name, *_: records.get(name))
+
+
+def test_hashes_that_collide_are_confirmed_on_the_values(tmp_path, monkeypatch):
+    from clipmill.components.download import additions as mod
+
+    base = _list(tmp_path / "crawl" / "urls.parquet", ["a1", "a2"])
+    new = _list(tmp_path / "w1" / "urls.parquet", ["b1", "a2"])
+    monkeypatch.setattr(mod, "_hits", lambda values, seen: np.ones(len(values), dtype=bool))  # every hash "seen"
+    crawl = read_crawl(base, None, extra=[("new", new)])
+    assert [(e["duplicates"], e["duplicate_urls"]) for e in crawl.lists] == [(0, 0), (1, 0)]
+
+
+def test_a_passthrough_column_some_list_lacks_has_the_type_it_has_across_the_lists(tmp_path):
+    base = _list(tmp_path / "crawl" / "urls.parquet", ["a1"], rank=[3], flag=[True])
+    new = _list(tmp_path / "w1" / "urls.parquet", ["b1"], site=["x"])
+    crawl = read_crawl(base, None, extra=[("new", new)])
+    tables = [crawl.table(e["name"]) for e in crawl.lists]
+    assert crawl.passthrough == ["rank", "flag", "site", "url_list"]
+    together = pd.concat([read_crawl(base).table("crawl"), pd.read_parquet(new)], ignore_index=True)
+    for table in tables:
+        assert list(table.columns) == ["uid", "url", "caption", "rank", "flag", "site", "url_list"]
+        assert {c: table[c].dtype for c in ("rank", "flag", "site")} == \
+            {c: together[c].dtype for c in ("rank", "flag", "site")}
+    assert tables[0]["rank"].tolist() == [3.0] and tables[1]["rank"].isna().all()
+
+
+@pytest.mark.parametrize("array", [pa.array(["a", None]), pa.array([1, 2]), pa.array([1, None]),
+                                   pa.array([1, None], pa.int8()), pa.array([True, None]), pa.array([True, False]),
+                                   pa.array([1.5, None], pa.float32()), pa.array([None, None]),
+                                   pa.array(["x"], pa.large_string())])
+def test_a_passthrough_column_gets_the_dtype_its_table_would_have(tmp_path, array):
+    from clipmill.components.download.url_list import passthrough_dtypes
+
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://a.test/x.jpg"] * len(array), "caption": ["c"] * len(array),
+                             "extra": array}), path, row_group_size=1)
+    assert passthrough_dtypes(path, batch_rows=1) == {"extra": pa.chunked_array([array]).to_pandas().dtype}

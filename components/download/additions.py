@@ -16,10 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from clipmill.components.common.errors import InputError
 from clipmill.components.common.hashing import file_sha256, hash_obj
@@ -27,7 +30,7 @@ from clipmill.components.common.io import atomic_path, read_json, write_json
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.mirror import ROUTES_FILE
 
-from .url_list import CRAWL_COLUMN, DEFAULT_MAX_CAPTION_CHARS, UrlList, read_url_list
+from .url_list import CRAWL_COLUMN, DEFAULT_MAX_CAPTION_CHARS, iter_list_rows, passthrough_dtypes, read_url_list
 
 log = get_logger("download")
 
@@ -75,79 +78,202 @@ def list_additions(additions_dir: str | os.PathLike | None) -> list[Addition]:
     return found
 
 
+ENTRY_FIELDS = ("name", "path", "sha256", "urls", "duplicates", "captions_cleaned", "captions_missing",
+                "captions_truncated", "duplicate_urls")  # a list's record in the crawl, in this order
+
+
 @dataclass
 class Crawl:
-    """The whole crawl: one checked ``UrlList`` (with a ``url_list`` passthrough column naming each URL's list),
-    the web/ directories appended lists brought (by list name), and per-list counts."""
+    """The whole crawl: its lists' records (name, path, sha256, ``urls`` listed, ``duplicates``: uids an earlier
+    list already had, caption counts, ``duplicate_urls``), their passthrough columns, the web/ directories appended
+    lists brought (by list name) and the sha256 of all lists. No list's rows are held: ``table`` reads one."""
 
-    url_list: UrlList
+    lists: list[dict]
+    passthrough: list[str]  # the lists' passthrough columns, then CRAWL_COLUMN
     web_dirs: dict[str, Path]
-    lists: list[dict]  # name, path, sha256, urls (listed), duplicates (uids an earlier list already had), counts
     sha256: str  # of all lists, in order
+    max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS
+    # per list, the uids an earlier list had; None for a list whose record was given (``read_crawl``'s recorded)
+    repeated: dict[str, frozenset | None] = field(default_factory=dict)
+    dtypes: dict[str, dict] = field(default_factory=dict)  # per list, its passthrough columns' dtypes (when read)
 
     @property
     def duplicates(self) -> int:
         return sum(entry["duplicates"] for entry in self.lists)
 
+    @property
+    def captions_truncated(self) -> int:
+        return sum(entry["captions_truncated"] for entry in self.lists)
 
-def _repeated_uids(path: Path, table: pd.DataFrame, tables: list[pd.DataFrame], seen: set) -> pd.Series:
-    """Rows whose uid an earlier list has: the same (url, caption) again, else an ``InputError`` (a collision)."""
-    repeated = table["uid"].isin(seen)
+    @property
+    def duplicate_urls(self) -> int:
+        return sum(entry["duplicate_urls"] for entry in self.lists)
+
+    def _dtypes(self, entry: dict) -> dict:
+        if entry["name"] not in self.dtypes:
+            self.dtypes[entry["name"]] = passthrough_dtypes(entry["path"])
+        return self.dtypes[entry["name"]]
+
+    def table(self, name: str) -> pd.DataFrame:
+        """The rows of list ``name`` that no earlier list had: uid, url, caption, every passthrough column of the
+        crawl (with the dtype it has across the lists: a column some list lacks is empty there) and
+        ``CRAWL_COLUMN``. Read from the list's file now, so one list is in memory at a time."""
+        at = [entry["name"] for entry in self.lists].index(name)
+        entry = self.lists[at]
+        table = read_url_list(entry["path"], self.max_caption_chars).table
+        repeated = self.repeated.get(name)
+        if repeated is None:
+            found = _earlier_rows([(e["name"], Path(e["path"])) for e in self.lists[:at]], set(table["uid"]), set(),
+                                  self.max_caption_chars)[0]
+            repeated = frozenset(found["uid"])
+        if repeated:
+            table = table.loc[~table["uid"].isin(repeated)]
+        every = [self._dtypes(e) for e in self.lists]
+        for column in self.passthrough[:-1]:
+            dtypes = [d[column] for d in every if column in d]
+            dtype = dtypes[0]
+            if len(dtypes) < len(every) and dtype.kind in "iu":
+                dtype = np.dtype(np.float64)  # as pandas puts the lists together: NaN where a list lacks it
+            elif len(dtypes) < len(every) and dtype.kind == "b":
+                dtype = np.dtype(object)
+            table = table.assign(**{column: table[column].astype(dtype) if column in table
+                                    else pd.Series(np.nan if dtype.kind == "f" else None, index=table.index,
+                                                   dtype=dtype)})
+        table = table.assign(**{CRAWL_COLUMN: name})
+        return table[["uid", "url", "caption", *self.passthrough]].reset_index(drop=True)
+
+
+def _hashes(values) -> np.ndarray:
+    """The sorted distinct 64-bit hashes of ``values`` (text): what the earlier lists are checked against."""
+    return np.unique(pd.util.hash_array(np.asarray(values, dtype=object)))
+
+
+def _hits(values, seen: list[np.ndarray]) -> np.ndarray:
+    """Which of ``values`` hash to a value in one of the sorted ``seen`` arrays (equal ones always do; others with
+    probability about n / 2**64, so every hit is confirmed on the values themselves)."""
+    hashes = pd.util.hash_array(np.asarray(values, dtype=object))
+    hit = np.zeros(len(hashes), dtype=bool)
+    for known in seen:
+        if len(known):
+            at = np.minimum(np.searchsorted(known, hashes), len(known) - 1)
+            hit |= known[at] == hashes
+    return hit
+
+
+def _earlier_rows(parts: list[tuple[str, Path]], uids: set, urls: set, max_caption_chars: int
+                  ) -> tuple[pd.DataFrame, set]:
+    """The first row (uid, url, caption, list name) of each of ``uids`` in the lists ``parts``, and which of
+    ``urls`` they have: one streaming pass over those lists (only when a later list's hashes hit theirs)."""
+    rows, found_urls = [], set()
+    if uids or urls:
+        for name, path in parts:
+            for batch in iter_list_rows(path, max_caption_chars):
+                if uids:
+                    rows.append(batch.loc[batch["uid"].isin(uids)].assign(**{CRAWL_COLUMN: name}))
+                if urls:
+                    found_urls.update(batch.loc[batch["url"].isin(urls), "url"])
+    columns = ["uid", "url", "caption", CRAWL_COLUMN]
+    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=columns)
+    return table.drop_duplicates("uid").set_index("uid", drop=False), found_urls
+
+
+def _check_list(path: Path, table: pd.DataFrame, earlier: list[tuple[str, Path]], seen_uids: list[np.ndarray],
+                seen_urls: list[np.ndarray], max_caption_chars: int) -> tuple[frozenset, int]:
+    """(the uids of ``table`` an earlier list has, the distinct URLs of the others an earlier list has). A uid an
+    earlier list has with another url or caption is an ``InputError`` (a collision)."""
+    maybe_uids = set(table.loc[_hits(table["uid"], seen_uids), "uid"])
+    urls = table["url"].drop_duplicates()
+    maybe_urls = set(urls[_hits(urls, seen_urls)])
+    found, found_urls = _earlier_rows(earlier, maybe_uids, maybe_urls, max_caption_chars)
+    repeated = table["uid"].isin(found.index)
     if repeated.any():
-        earlier = pd.concat(tables).set_index("uid").loc[table.loc[repeated, "uid"]]
         again = table.loc[repeated]
-        differs = (earlier["url"].to_numpy() != again["url"].to_numpy()) | \
-                  (earlier["caption"].to_numpy() != again["caption"].to_numpy())
+        before = found.loc[again["uid"]]
+        differs = (before["url"].to_numpy() != again["url"].to_numpy()) | \
+                  (before["caption"].to_numpy() != again["caption"].to_numpy())
         if differs.any():
             uid = again["uid"].iloc[differs.argmax()]
             raise InputError(path, f"{int(differs.sum())} uid(s) already in the crawl with another url or caption, "
-                                   f"e.g. {uid!r} (in list {earlier.loc[uid, CRAWL_COLUMN]})", field="uid")
-    return repeated
+                                   f"e.g. {uid!r} (in list {before.loc[uid, CRAWL_COLUMN]})", field="uid")
+    kept_urls = table.loc[~repeated, "url"].drop_duplicates()
+    return frozenset(table.loc[repeated, "uid"]), int(kept_urls.isin(found_urls).sum())
+
+
+def _check_dtypes(path: Path, dtypes: dict, first: dict, passthrough: list[str]) -> None:
+    """A passthrough column has one type across the lists (``first``: the first list's, None where not read)."""
+    for column, dtype in dtypes.items():
+        if dtype is not None and first.get(column) is not None and first[column] != dtype:
+            raise InputError(path, f"type {dtype} differs from {first[column]} in an earlier list of the crawl",
+                             field=column)
+        if column not in passthrough:
+            passthrough.append(column)
+        if first.get(column) is None:
+            first[column] = dtype
 
 
 def read_crawl(urls: str | os.PathLike | None, additions_dir: str | os.PathLike | None = None, *,
-               max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, extra: list[tuple[str, Path]] = ()) -> Crawl:
+               max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, extra: list[tuple[str, Path]] = (),
+               recorded: Callable[[str, str, str, list[str]], dict | None] | None = None) -> Crawl:
     """The base list followed by the appended ones (and ``extra`` lists, to check a list before it is appended).
     A uid an earlier list already holds with the same url and caption is not fetched again (counted as a
     duplicate of its list); with another url or caption it is an ``InputError`` naming the later list. A
-    passthrough column must have one type across the lists. ``urls`` None: the appended lists alone."""
+    passthrough column must have one type across the lists. ``urls`` None: the appended lists alone.
+
+    Lists are read one at a time; what later lists are checked against is kept as sorted 64-bit hashes of the
+    earlier lists' uids and URLs (16 bytes a URL), and a hit is confirmed by a pass over the earlier lists.
+    ``recorded(name, path, sha256, earlier lists' sha256)`` may return a list's record from an earlier check (the
+    download's record of a list it finished): that list is not checked again, and is read (streamed, for its uids
+    and URLs) only when a later list needs checking."""
     additions = list_additions(additions_dir)
     parts = ([(BASE_LIST, Path(urls))] if urls is not None else []) + [(a.id, a.urls) for a in additions] + list(extra)
-    tables, lists, passthrough, dtypes, seen, seen_urls = [], [], [], {}, set(), set()
-    for name, path in parts:
-        part = read_url_list(path, max_caption_chars)
-        for column in part.passthrough:
-            dtype = part.table[column].dtype
-            if column in dtypes and dtypes[column] != dtype:
-                raise InputError(path, f"type {dtype} differs from {dtypes[column]} in an earlier list of the crawl",
-                                 field=column)
-            if column not in dtypes:
-                dtypes[column] = dtype
-                passthrough.append(column)
-        table = part.table
-        repeated = _repeated_uids(path, table, tables, seen)
-        seen.update(table["uid"])
-        kept = table.loc[~repeated]
-        duplicate_urls = part.duplicate_urls + int(kept["url"].drop_duplicates().isin(seen_urls).sum())
-        seen_urls.update(kept["url"])
-        lists.append({"name": name, "path": str(path), "sha256": file_sha256(path), "urls": len(table),
-                      "duplicates": int(repeated.sum()), "captions_cleaned": part.captions_cleaned,
-                      "captions_missing": part.captions_missing, "captions_truncated": part.captions_truncated,
-                      "duplicate_urls": duplicate_urls})
-        if repeated.any():
-            log.warning("%s: %d URL(s) already in an earlier list of the crawl are not fetched again", path,
-                        int(repeated.sum()))
-        if duplicate_urls:
-            log.warning("%s: %d URL(s) repeat an earlier URL of the crawl with another caption or uid", path,
-                        duplicate_urls)
-        tables.append(kept.assign(**{CRAWL_COLUMN: name}))
-    table = pd.concat(tables, ignore_index=True)
-    combined = UrlList(table, [*passthrough, CRAWL_COLUMN], sum(e["captions_cleaned"] for e in lists),
-                       sum(e["captions_missing"] for e in lists), sum(e["captions_truncated"] for e in lists),
-                       sum(e["duplicate_urls"] for e in lists))
-    web_dirs = {a.id: a.web for a in additions if a.web is not None and (a.web / ROUTES_FILE).is_file()}
-    digest = lists[0]["sha256"] if len(lists) == 1 else hash_obj([e["sha256"] for e in lists])
-    return Crawl(combined, web_dirs, lists, digest)
+    for _, path in parts:
+        if not Path(path).is_file():
+            raise InputError(path, "no such file")
+    shas = [file_sha256(path) for _, path in parts]
+    records = [recorded(name, str(path), sha, shas[:i]) if recorded else None
+               for i, ((name, path), sha) in enumerate(zip(parts, shas))]
+    last_checked = max((i for i, r in enumerate(records) if r is None), default=-1)
+    crawl = Crawl([], [], {}, "", max_caption_chars)
+    first_dtype, seen_uids, seen_urls = {}, [], []
+    for i, ((name, path), sha, record) in enumerate(zip(parts, shas, records)):
+        needed = i < last_checked  # a later list is checked against this one
+        if record is not None:
+            crawl.lists.append({k: record[k] for k in ENTRY_FIELDS})
+            crawl.repeated[name] = None
+            names = [c for c in pq.read_schema(path).names if c not in ("url", "caption", "uid")]
+            _check_dtypes(path, crawl._dtypes(crawl.lists[-1]) if needed else dict.fromkeys(names), first_dtype,
+                          crawl.passthrough)
+            if needed:
+                uid_parts, url_parts = [], []
+                for batch in iter_list_rows(path, max_caption_chars):
+                    uid_parts.append(_hashes(batch["uid"]))
+                    url_parts.append(_hashes(batch["url"]))
+        else:
+            part = read_url_list(path, max_caption_chars)
+            crawl.dtypes[name] = {column: part.table[column].dtype for column in part.passthrough}
+            _check_dtypes(path, crawl.dtypes[name], first_dtype, crawl.passthrough)
+            repeated, earlier_urls = _check_list(path, part.table, parts[:i], seen_uids, seen_urls,
+                                                 max_caption_chars)
+            crawl.repeated[name] = repeated
+            duplicate_urls = part.duplicate_urls + earlier_urls
+            crawl.lists.append(dict(zip(ENTRY_FIELDS, (
+                name, str(path), sha, len(part.table), len(repeated), part.captions_cleaned, part.captions_missing,
+                part.captions_truncated, duplicate_urls))))
+            if repeated:
+                log.warning("%s: %d URL(s) already in an earlier list of the crawl are not fetched again", path,
+                            len(repeated))
+            if duplicate_urls:
+                log.warning("%s: %d URL(s) repeat an earlier URL of the crawl with another caption or uid", path,
+                            duplicate_urls)
+            uid_parts, url_parts = ([_hashes(part.table["uid"])], [_hashes(part.table["url"])]) if needed else ([], [])
+            del part
+        if needed:
+            seen_uids.append(np.unique(np.concatenate(uid_parts)) if uid_parts else np.zeros(0, np.uint64))
+            seen_urls.append(np.unique(np.concatenate(url_parts)) if url_parts else np.zeros(0, np.uint64))
+    crawl.passthrough.append(CRAWL_COLUMN)
+    crawl.web_dirs = {a.id: a.web for a in additions if a.web is not None and (a.web / ROUTES_FILE).is_file()}
+    crawl.sha256 = shas[0] if len(shas) == 1 else hash_obj(shas)
+    return crawl
 
 
 class AlreadyAppended(InputError):
@@ -181,7 +307,7 @@ def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike,
     mirror whose prefix the list's URLs start with. It must hold no symbolic links.
     """
     source = Path(source)
-    checked = read_url_list(source)  # every problem is one InputError before anything is written
+    urls = len(read_url_list(source).table)  # every problem is one InputError before anything is written
     sha = file_sha256(source)
     root = Path(additions_dir)
     if root.is_dir():
@@ -205,7 +331,7 @@ def append_url_list(source: str | os.PathLike, additions_dir: str | os.PathLike,
         shutil.copyfile(source, tmp / URLS_FILE)
         if copy_web:
             shutil.copytree(web, tmp / WEB_DIR, symlinks=True)  # checked: none; a link made since is not followed
-        write_json({"source": str(source.resolve()), "sha256": sha, "urls": len(checked.table),
+        write_json({"source": str(source.resolve()), "sha256": sha, "urls": urls,
                     "appended_at": now.isoformat(timespec="seconds")}, tmp / SOURCE_FILE)
-    log.info("appended %s (%d URLs) to the crawl as %s", source, len(checked.table), addition.path)
+    log.info("appended %s (%d URLs) to the crawl as %s", source, urls, addition.path)
     return addition

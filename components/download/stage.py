@@ -54,7 +54,6 @@ from .params import DownloadParams, MirrorParams
 from .reasons import error_reason
 from .safety import INVALID_URL, PRIVATE_HOST, UNRESOLVABLE_HOST, UNSUPPORTED_SCHEME, refusal_reasons
 from .shards import canonicalize_shard, check_shard, finished_shards, is_canonical, shard_files
-from .url_list import CRAWL_COLUMN
 
 log = get_logger("download")
 
@@ -172,10 +171,21 @@ def fetch_policy(params: DownloadParams, trusted_origins: frozenset = frozenset(
                        disallowed_directives=frozenset(d.strip().lower() for d in params.disallowed_header_directives))
 
 
+def _lists_under(paths: dict[str, str], prefix: str) -> set[str]:
+    """The lists (name -> URL list file) with a URL under ``prefix``, their url columns streamed."""
+    used = set()
+    for name, path in paths.items():
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536, columns=["url"]):
+            if under_prefix(batch.column("url").to_pandas(), prefix).any():
+                used.add(name)
+                break
+    return used
+
+
 def _mirror_dirs(mirror: MirrorParams, crawl: Crawl) -> list[Path]:
     """The mirror's directory, then the web/ directories of the appended lists with URLs under its prefix."""
-    table = crawl.url_list.table
-    used = set(table.loc[under_prefix(table["url"], mirror.prefix), CRAWL_COLUMN])
+    paths = {entry["name"]: entry["path"] for entry in crawl.lists if entry["name"] in crawl.web_dirs}
+    used = _lists_under(paths, mirror.prefix)
     return [Path(mirror.dir)] + [web for name, web in crawl.web_dirs.items() if name in used]
 
 
@@ -417,8 +427,8 @@ def combine_summaries(crawl: Crawl, lists: list[dict], fetched: list[str]) -> di
         **total,
         "urls_listed": total["urls"] + crawl.duplicates,  # duplicates: uids an earlier list had, not fetched again
         "duplicates": crawl.duplicates,
-        "captions_truncated": crawl.url_list.captions_truncated,  # cut to download.max_caption_chars
-        "duplicate_urls": crawl.url_list.duplicate_urls,  # URLs listed again with another caption or uid (fetched)
+        "captions_truncated": crawl.captions_truncated,  # cut to download.max_caption_chars
+        "duplicate_urls": crawl.duplicate_urls,  # URLs listed again with another caption or uid (fetched)
         "url_lists": [{**entry, "downloaded": s["by_status"]["success"]} for entry, s in zip(crawl.lists, lists)],
         "lists_fetched": len(fetched), "lists_reused": len(lists) - len(fetched),
         "by_status": by_status,
@@ -427,12 +437,39 @@ def combine_summaries(crawl: Crawl, lists: list[dict], fetched: list[str]) -> di
     }
 
 
+def list_run_info(name: str, path: str, sha256: str, earlier: list[str], params: DownloadParams) -> dict:
+    """A list's fingerprint: its content, the lists before it, the download params."""
+    return {"list": name, "urls": path, "urls_sha256": sha256, "earlier": list(earlier),
+            "params": params.fingerprint()}
+
+
+def list_finished(list_dir: Path, run_info: dict) -> bool:
+    """Whether ``list_dir`` holds a finished download with the fingerprint ``run_info``."""
+    run_file = list_dir / "run.json"
+    return ((list_dir / "summary.json").is_file() and run_file.is_file()
+            and not _describe_differences(read_json(run_file), run_info))
+
+
+def recorded_lists(out: Path, params: DownloadParams) -> Callable[[str, str, str, list[str]], dict | None]:
+    """``read_crawl``'s ``recorded``: the crawl's record of a list this output finished downloading with the same
+    fingerprint (from the list's summary), so that the list is not read and checked again."""
+    def recorded(name: str, path: str, sha256: str, earlier: list[str]) -> dict | None:
+        list_dir = out / LISTS_DIR / name
+        if not list_finished(list_dir, list_run_info(name, path, sha256, earlier, params)):
+            return None
+        summary = read_json(list_dir / "summary.json")
+        return {"name": name, "path": path, "sha256": sha256, "urls": summary["urls"] + summary["duplicates"],
+                **{k: summary.get(k, 0) for k in ("duplicates", "captions_cleaned", "captions_missing",
+                                                   "captions_truncated", "duplicate_urls")}}
+    return recorded
+
+
 @dataclass(frozen=True, eq=False)
 class ListDownload:
     """One URL list of the crawl and where its download lives."""
 
     entry: dict           # the crawl's record of the list (name, path, sha256, counts)
-    table: pd.DataFrame   # its URLs that no earlier list had
+    crawl: Crawl
     list_dir: Path
     shards_dir: Path
     run_info: dict
@@ -441,23 +478,22 @@ class ListDownload:
     def name(self) -> str:
         return self.entry["name"]
 
+    @property
+    def table(self) -> pd.DataFrame:
+        """Its URLs that no earlier list had (read from the list now)."""
+        return self.crawl.table(self.name)
+
     def finished(self) -> bool:
-        run_file = self.list_dir / "run.json"
-        return ((self.list_dir / "summary.json").is_file() and run_file.is_file()
-                and not _describe_differences(read_json(run_file), self.run_info))
+        return list_finished(self.list_dir, self.run_info)
 
 
 def plan_lists(crawl: Crawl, out: Path, params: DownloadParams) -> list[ListDownload]:
-    """Each list of the crawl with its fingerprint: its content, the lists before it, the download params."""
+    """Each list of the crawl with its fingerprint (``list_run_info``)."""
     plans, earlier = [], []
-    by_list = crawl.url_list.table.groupby("url_list", sort=False)
     for entry in crawl.lists:
         name = entry["name"]
-        table = by_list.get_group(name) if name in by_list.groups else crawl.url_list.table.iloc[0:0]
-        run_info = {"list": name, "urls": entry["path"], "urls_sha256": entry["sha256"], "earlier": list(earlier),
-                    "params": params.fingerprint()}
-        plans.append(ListDownload(entry, table.reset_index(drop=True), out / LISTS_DIR / name,
-                                  out / SHARDS_DIR / name, run_info))
+        plans.append(ListDownload(entry, crawl, out / LISTS_DIR / name, out / SHARDS_DIR / name,
+                                  list_run_info(name, entry["path"], entry["sha256"], earlier, params)))
         earlier.append(entry["sha256"])
     return plans
 
@@ -592,14 +628,17 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
                                   additions=additions, overwrite=overwrite)
     started = time.perf_counter()
     urls, out = Path(urls), Path(out)
-    crawl = read_crawl(urls, additions, max_caption_chars=params.max_caption_chars)
+    crawl = read_crawl(urls, additions, max_caption_chars=params.max_caption_chars,
+                       recorded=recorded_lists(out, params))
     claim_output_root(out, overwrite)
     plans = plan_lists(crawl, out, params)
     pending = [p for p in plans if not p.finished()]
     if pending:
         start_worker_server(params)
-    mirrors = mirrors_used(params.mirrors, crawl.url_list.table["url"])
-    routes = {m.prefix: check_mirror(_mirror_dirs(m, crawl)) for m in mirrors} if pending else {}
+    # the mirrors that answer a URL to fetch (each pending list read once more, one at a time)
+    used = {m.prefix for p in pending for m in mirrors_used(params.mirrors, p.table["url"])}
+    mirrors = [m for m in params.mirrors if m.prefix in used]
+    routes = {m.prefix: check_mirror(_mirror_dirs(m, crawl)) for m in mirrors}
     inputs = [urls] + ([Path(additions)] if additions is not None else [])
     with stage_run("download", tracking, params, inputs) as run:
         for stale in ("manifest.parquet", "summary.json", RUN_RECORD):
@@ -613,7 +652,7 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
                     _ray_session(params, ray_params):
                 with Progress("download", len(pending), "URL lists") as bar:
                     for plan in pending:
-                        runs.append(download_list(plan, fetch, params, crawl.url_list.passthrough, mirrors, overwrite,
+                        runs.append(download_list(plan, fetch, params, crawl.passthrough, mirrors, overwrite,
                                                   fetch_policy(params, trusted)))
                         bar.update(1, samples=runs[-1]["new_successes"])
         _remove_dropped_lists(out, plans)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -160,3 +162,39 @@ def read_url_list(path: str | Path, max_caption_chars: int = DEFAULT_MAX_CAPTION
     for name in passthrough:
         df[name] = table.column(name).to_pandas()
     return UrlList(df, passthrough, cleaned, missing, truncated, int(df["url"].duplicated().sum()))
+
+
+def iter_list_rows(path: str | Path, max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+                   batch_rows: int = 65_536) -> Iterator[pd.DataFrame]:
+    """The uid, url and caption of a list ``read_url_list`` accepted before, ``batch_rows`` rows at a time: the
+    captions cleaned and the uids computed as there, without holding the list."""
+    source = pq.ParquetFile(path)
+    columns = [c for c in ("uid", "url", "caption") if c in source.schema_arrow.names]
+    for batch in source.iter_batches(batch_size=batch_rows, columns=columns):
+        captions = _clean_captions(pa.chunked_array([batch.column("caption")]), max_caption_chars)[0]
+        urls = batch.column("url").to_pylist()
+        uids = (batch.column("uid").to_pylist() if "uid" in columns
+                else [make_uid(u or "", c) for u, c in zip(urls, captions)])
+        yield pd.DataFrame({"uid": uids, "url": urls, "caption": captions})
+
+
+def pandas_dtype(arrow_type: pa.DataType, nulls: bool) -> object:
+    """The dtype ``to_pandas`` gives a passthrough column of ``arrow_type`` (with ``nulls`` or without)."""
+    if pa.types.is_null(arrow_type) or _is_text(arrow_type) or (nulls and pa.types.is_boolean(arrow_type)):
+        return np.dtype(object)
+    if nulls and pa.types.is_integer(arrow_type):
+        return np.dtype(np.float64)
+    return np.dtype(arrow_type.to_pandas_dtype())
+
+
+def passthrough_dtypes(path: str | Path, batch_rows: int = 65_536) -> dict[str, object]:
+    """The pandas dtype of each passthrough column of a list ``read_url_list`` accepted before (as its table would
+    have it), from the schema and the columns' null counts, read ``batch_rows`` rows at a time."""
+    source = pq.ParquetFile(path)
+    names = [c for c in source.schema_arrow.names if c not in ("url", "caption", "uid")]
+    nulls = dict.fromkeys(names, 0)
+    if names:
+        for batch in source.iter_batches(batch_size=batch_rows, columns=names):
+            for name in names:
+                nulls[name] += batch.column(name).null_count
+    return {name: pandas_dtype(source.schema_arrow.field(name).type, nulls[name] > 0) for name in names}
