@@ -324,8 +324,8 @@ def test_identical_hashes_are_linked_once_for_all_bands_with_the_pairs_each_band
     expected = {tuple(sorted(p)) for band in bands
                 for p in linked_pairs(uids, words, band_values(words, band), max_distance=8)}
     calls = []
-    real = neardup.identical_copies
-    monkeypatch.setattr(neardup, "identical_copies", lambda u, w: calls.append(len(u)) or real(u, w))
+    real = neardup._identical_rows
+    monkeypatch.setattr(neardup, "_identical_rows", lambda w: calls.append(len(w)) or real(w))
     found = neardup._band_pairs(uids, words, None, 8, math.inf)
     assert found == expected and len(found) == 40  # 30 near pairs and 10 copies
     assert calls == [len(words)]

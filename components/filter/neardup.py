@@ -203,15 +203,50 @@ def band_values(words: np.ndarray, band: int, bits: int = BAND_BITS) -> np.ndarr
     return (_mix(value) >> np.uint64(1)).astype(np.int64)
 
 
+def _identical_rows(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows with identical hashes: (the first row of each copy's hash, the copy's row) as two arrays, and the first
+    row of each hash (sorted), which alone go on to the banding."""
+    if not len(words):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    _, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    copies = np.flatnonzero(first[inverse] != np.arange(len(words)))
+    return first[inverse[copies]], copies, np.sort(first)
+
+
 def identical_copies(uids: np.ndarray, words: np.ndarray) -> tuple[list[tuple[str, str]], np.ndarray]:
     """Images with identical hashes: (first uid, copy uid) for every copy, and the positions of the first of each
     hash (sorted), which alone go on to the banding."""
-    if not len(uids):
-        return [], np.zeros(0, dtype=np.int64)
-    _, first, inverse = np.unique(words, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    copies = np.flatnonzero(first[inverse] != np.arange(len(uids)))
-    return list(zip(uids[first[inverse[copies]]], uids[copies])), np.sort(first)
+    firsts, copies, distinct = _identical_rows(words)
+    return list(zip(uids[firsts], uids[copies])), distinct
+
+
+def _close_rows(words: np.ndarray, keys: np.ndarray, max_distance: int, means: np.ndarray | None = None,
+                max_mean_gap: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
+    """Every two rows sharing a value of ``keys`` and differing in at most ``max_distance`` bits (and, with
+    ``means``, at most ``max_mean_gap`` apart in squared distance of those), as two arrays of row numbers.
+
+    Vectorised over the groups of equal keys: with the keys sorted, the pairs at offset d within a group are the
+    positions i with keys[i] == keys[i + d], so a group of s images costs s - 1 array passes, not s Python loops.
+    """
+    order = np.argsort(keys)  # every pair within a group is compared: their order there does not matter
+    keys, words = keys[order], words[order]
+    means = means[order] if means is not None else None
+    at = np.flatnonzero(keys[:-1] == keys[1:])  # i whose group goes on at i + 1
+    offset, first, second = 1, [], []
+    while len(at):
+        close = at[hamming(words[at], words[at + offset]) <= max_distance]
+        if means is not None:
+            close = close[((means[close] - means[close + offset]) ** 2).sum(axis=1) <= max_mean_gap]
+        first.append(order[close])
+        second.append(order[close + offset])
+        offset += 1
+        at = at[at + offset < len(keys)]
+        at = at[keys[at] == keys[at + offset]]
+    if not first:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(first), np.concatenate(second)
 
 
 def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_distance: int,
@@ -220,28 +255,22 @@ def linked_pairs(uids: np.ndarray, words: np.ndarray, keys: np.ndarray, max_dist
     """(uid, uid) pairs that link every two images sharing a band value in ``keys`` and differing in at most
     ``max_distance`` bits (images with identical hashes are linked to the first of them, then compared once; with
     ``distinct``, the caller has done that already: no two rows have identical hashes); with ``means`` (n x 3
-    channel means of the thumbnails), also at most ``max_mean_gap`` apart in squared distance of those means.
-
-    Vectorised over the groups of equal keys: with the keys sorted, the pairs at offset d within a group are the
-    positions i with keys[i] == keys[i + d], so a group of s images costs s - 1 array passes, not s Python loops.
-    """
+    channel means of the thumbnails), also at most ``max_mean_gap`` apart in squared distance of those means."""
     if not len(uids):
         return []
-    pairs, keep = ([], np.arange(len(uids))) if distinct else identical_copies(uids, words)
-    order = keep[np.argsort(keys[keep])]  # every pair within a group is compared: their order there does not matter
-    keys, uids, words = keys[order], uids[order], words[order]
-    means = means[order] if means is not None else None
-    at = np.flatnonzero(keys[:-1] == keys[1:])  # i whose group goes on at i + 1
-    offset = 1
-    while len(at):
-        close = at[hamming(words[at], words[at + offset]) <= max_distance]
-        if means is not None:
-            close = close[((means[close] - means[close + offset]) ** 2).sum(axis=1) <= max_mean_gap]
-        pairs.extend(zip(uids[close], uids[close + offset]))
-        offset += 1
-        at = at[at + offset < len(keys)]
-        at = at[keys[at] == keys[at + offset]]
-    return pairs
+    if distinct:
+        pairs, keep = [], np.arange(len(uids))
+    else:
+        firsts, copies, keep = _identical_rows(words)
+        pairs = list(zip(uids[firsts], uids[copies]))
+    first, second = _close_rows(words[keep], keys[keep], max_distance,
+                                means[keep] if means is not None else None, max_mean_gap)
+    return pairs + list(zip(uids[keep[first]], uids[keep[second]]))
+
+
+def _pair_keys(first: np.ndarray, second: np.ndarray, size: int) -> np.ndarray:
+    """Unordered pairs of row numbers below ``size`` as one int64 each (smaller * size + larger)."""
+    return np.minimum(first, second).astype(np.int64) * size + np.maximum(first, second)
 
 
 def clusters(pairs: list[tuple[str, str]]) -> pd.DataFrame:
@@ -262,19 +291,25 @@ def clusters(pairs: list[tuple[str, str]]) -> pd.DataFrame:
     return pd.DataFrame({"uid": uids, "winner": [root(u) for u in uids]}, columns=["uid", "winner"])
 
 
-def _band_pairs(uids: np.ndarray, words: np.ndarray, means: np.ndarray | None, max_bits: int, max_mean_gap: float,
-                scheme: Banding = Banding()) -> set[tuple[str, str]]:
-    """Candidate pairs among ``uids``/``words`` in every band of ``scheme``."""
+def _band_keys(words: np.ndarray, means: np.ndarray | None, max_bits: int, max_mean_gap: float,
+               scheme: Banding = Banding()) -> np.ndarray:
+    """Candidate pairs among the rows of ``words`` in every band of ``scheme``, as sorted distinct ``_pair_keys``."""
     # Identical hashes share every band value (and so every bucket): they are linked once, here, not per band.
-    copies, distinct = identical_copies(uids, words)
-    pairs: set[tuple[str, str]] = {(min(a, b), max(a, b)) for a, b in copies}
-    uids, words = uids[distinct], words[distinct]
+    size = len(words)
+    firsts, copies, distinct = _identical_rows(words)
+    found = [_pair_keys(firsts, copies, size)]
+    words = words[distinct]
     means = means[distinct] if means is not None else None
     for band in range(scheme.bands):
-        found = linked_pairs(uids, words, band_values(words, band, scheme.bits), max_bits, means, max_mean_gap,
-                             distinct=True)
-        pairs.update((min(a, b), max(a, b)) for a, b in found)
-    return pairs
+        first, second = _close_rows(words, band_values(words, band, scheme.bits), max_bits, means, max_mean_gap)
+        found.append(_pair_keys(distinct[first], distinct[second], size))
+    return np.unique(np.concatenate(found))
+
+
+def _band_pairs(uids: np.ndarray, words: np.ndarray, means: np.ndarray | None, max_bits: int, max_mean_gap: float,
+                scheme: Banding = Banding()) -> set[tuple[str, str]]:
+    """Candidate pairs among ``uids``/``words`` in every band of ``scheme``, as (smaller, larger) uid pairs."""
+    return set(_named(_band_keys(words, means, max_bits, max_mean_gap, scheme), len(uids), uids))
 
 
 def _read_signatures(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -309,8 +344,8 @@ def mean_gap(max_distance: float) -> float:
 def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int, memory: int = COMBINE_MEMORY,
                     max_mean_gap: float = math.inf, min_correlation: float = 0.95) -> list[tuple[str, str]]:
     """Pairs whose signatures share a band value (``banding`` of the pool's size and ``min_correlation``) and differ
-    in at most ``max_bits`` bits (each pair once, sorted); where the frames carry channel means, also at most
-    ``max_mean_gap`` apart in them.
+    in at most ``max_bits`` bits (each pair once, as (smaller, larger) uids, in pool order); where the frames carry
+    channel means, also at most ``max_mean_gap`` apart in them.
 
     ``frames`` yields per shard uid, the signature words and optionally the means (the partials). They are read once
     while their signatures fit in ``memory`` bytes; a larger pool is worked through one band at a time: a pass over
@@ -326,8 +361,7 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     else:
         uids, words, means = _read_signatures(held)
         scheme = banding(len(uids), min_correlation)
-        found = _band_pairs(np.arange(len(uids)), words, means, max_bits, max_mean_gap, scheme)
-        return _named(found, uids)
+        return _named(_band_keys(words, means, max_bits, max_mean_gap, scheme), len(uids), uids)
     has_means = MEAN_COLUMNS[0] in held[0]
     held.clear()
     total = sum(len(frame) for frame in frames())
@@ -335,7 +369,7 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     buckets = math.ceil(total * ENTRY_BYTES / memory)
     log.info("near-duplicate combine: %d signatures, %d bands of %d bits, %d bucket(s) per band", total,
              scheme.bands, scheme.bits, buckets)
-    found: set[tuple[int, int]] = set()
+    found: list[np.ndarray] = []  # pair keys (``_pair_keys`` of pool positions)
     copies: list[np.ndarray] = []  # positions of rows whose signature an earlier row has (found in band 0)
     with tempfile.TemporaryDirectory(prefix="clipmill-neardup-") as spill:
         for band in range(scheme.bands):
@@ -345,28 +379,34 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
                 rows = np.fromfile(path, dtype=SPILL_ROW)
                 path.unlink()
                 if band == 0:  # identical signatures share every band value: linked once, then left out
-                    linked, first = identical_copies(rows["position"], rows["words"])
-                    found.update((min(a, b), max(a, b)) for a, b in linked)
+                    firsts, copy_rows, first = _identical_rows(rows["words"])
+                    found.append(_pair_keys(rows["position"][firsts], rows["position"][copy_rows], total))
                     copies.append(np.setdiff1d(rows["position"], rows["position"][first], assume_unique=True))
                     rows = rows[first]
                 else:
                     rows = rows[~np.isin(rows["position"], later, assume_unique=True)]
-                pairs = linked_pairs(rows["position"], rows["words"], band_values(rows["words"], band, scheme.bits),
-                                     max_bits, rows["means"] if has_means else None, max_mean_gap, distinct=True)
-                found.update((min(a, b), max(a, b)) for a, b in pairs)
-    wanted = np.unique(np.fromiter((p for pair in found for p in pair), dtype=np.int64, count=2 * len(found)))
+                a, b = _close_rows(rows["words"], band_values(rows["words"], band, scheme.bits), max_bits,
+                                   rows["means"] if has_means else None, max_mean_gap)
+                found.append(_pair_keys(rows["position"][a], rows["position"][b], total))
+    keys = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+    wanted = np.unique(np.concatenate([keys // total, keys % total]))
     uids = np.empty(total, dtype=object)
     start = 0
     for frame in frames():  # the uids of the candidates' positions only
         mine = wanted[(wanted >= start) & (wanted < start + len(frame))]
         uids[mine] = frame["uid"].to_numpy(object)[mine - start]
         start += len(frame)
-    return _named(found, uids)
+    return _named(keys, total, uids)
 
 
-def _named(found: set[tuple[int, int]], uids: np.ndarray) -> list[tuple[str, str]]:
-    """Pairs of pool positions as sorted (uid, uid) pairs, sorted."""
-    return sorted({(min(uids[a], uids[b]), max(uids[a], uids[b])) for a, b in found})
+def _named(keys: np.ndarray, size: int, uids: np.ndarray) -> list[tuple[str, str]]:
+    """Pairs of pool positions (sorted ``_pair_keys`` below ``size``) as (smaller, larger) uid pairs, in the order
+    of their positions in the pool."""
+    if not len(keys):
+        return []
+    a, b = uids[keys // size], uids[keys % size]
+    swap = np.asarray(a > b, dtype=bool)
+    return list(zip(np.where(swap, b, a).tolist(), np.where(swap, a, b).tolist()))
 
 
 def _spill_band(frames: Callable[[], Iterator[pd.DataFrame]], band: int, bits: int, buckets: int,
@@ -403,19 +443,20 @@ def checked_pairs(pairs: list[tuple[str, str]], mapped: Callable[[], Iterator[pd
     pass over the map outputs)."""
     if not pairs:
         return []
-    wanted = pd.Index(sorted({u for pair in pairs for u in pair}))  # its hash table is built once, not per shard
-    thumbs: dict[str, bytes] = {}
+    both = np.array(pairs, dtype=object).reshape(len(pairs), 2)
+    wanted = pd.Index(pd.unique(both.ravel()))  # its hash table is built once, not per shard
+    thumbs = np.zeros((len(wanted), THUMB_BYTES), dtype=np.uint8)
     for frame in mapped():
-        rows = frame[frame["hashed"].astype(bool).to_numpy() & (wanted.get_indexer(frame["uid"]) >= 0)]
-        thumbs.update(zip(rows["uid"], rows["thumb"]))
-    linked = []
+        at = wanted.get_indexer(frame["uid"])
+        mine = frame["hashed"].astype(bool).to_numpy() & (at >= 0)
+        if mine.any():
+            thumbs[at[mine]] = np.frombuffer(b"".join(frame["thumb"][mine]), dtype=np.uint8).reshape(-1, THUMB_BYTES)
+    first, second = wanted.get_indexer(both[:, 0]), wanted.get_indexer(both[:, 1])
+    keep = np.zeros(len(pairs), dtype=bool)
     for start in range(0, len(pairs), CHECK_CHUNK):  # a chunk at a time: the arithmetic holds ~4 KB a pair
-        chunk = pairs[start:start + CHECK_CHUNK]
-        first = np.frombuffer(b"".join(thumbs[a] for a, _ in chunk), dtype=np.uint8).reshape(len(chunk), -1)
-        second = np.frombuffer(b"".join(thumbs[b] for _, b in chunk), dtype=np.uint8).reshape(len(chunk), -1)
-        keep = similar(first, second, max_distance, min_correlation)
-        linked.extend(pair for pair, ok in zip(chunk, keep) if ok)
-    return linked
+        end = start + CHECK_CHUNK
+        keep[start:end] = similar(thumbs[first[start:end]], thumbs[second[start:end]], max_distance, min_correlation)
+    return [pairs[i] for i in np.flatnonzero(keep)]
 
 
 class NearDupStep(PoolStep):
