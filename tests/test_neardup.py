@@ -17,6 +17,7 @@ from clipmill.components.filter.neardup import (
     HASH_COLUMNS,
     MEAN_COLUMNS,
     NEAR_DUPLICATE_REASON,
+    STD_COLUMNS,
     THUMB_BYTES,
     WORDS,
     Banding,
@@ -201,11 +202,12 @@ def test_partial_holds_only_hashed_rows_with_their_words_and_channel_means(crawl
     step = NearDupStep(FilterParams(near_duplicate_distance=0.025), StepContext(shards_dir=str(shards)))
     mapped = step.map(batches[0])
     partial = step.partial(mapped)
-    assert list(partial.columns) == ["uid", *HASH_COLUMNS, *MEAN_COLUMNS]
+    assert list(partial.columns) == ["uid", *HASH_COLUMNS, *MEAN_COLUMNS, *STD_COLUMNS]
     assert len(partial) == int(mapped["hashed"].sum()) == len(mapped) - ("u99" in set(mapped["uid"]))
     hashed = mapped[mapped["hashed"]]
     thumbs = np.stack([np.frombuffer(t, dtype=np.uint8) for t in hashed["thumb"]]).reshape(len(hashed), -1, 3)
     np.testing.assert_allclose(partial[MEAN_COLUMNS].to_numpy(), thumbs.mean(axis=1) / 255)
+    np.testing.assert_allclose(partial[STD_COLUMNS].to_numpy(), (thumbs / 255).std(axis=1))
 
 
 def test_expectations_fail_when_a_dropped_uids_winner_was_not_kept(tmp_path):
@@ -271,21 +273,34 @@ def test_candidates_do_not_depend_on_how_many_passes_the_memory_bound_takes(monk
     assert not any(int(a[1:]) >= 80 and int(a[1:]) < 120 or 80 <= int(b[1:]) < 120 for a, b in one_pass)
 
 
-def test_the_colour_mean_bound_never_prunes_a_pair_the_thumbnail_check_would_link():
-    """Two thumbnails within RMS d differ in their three channel means by at most mean_gap(d), squared and summed:
-    pruning candidates by it changes nothing but their number."""
-    from clipmill.components.filter.neardup import mean_gap, similar
+def test_the_colour_moment_bound_never_prunes_a_pair_the_thumbnail_check_would_link():
+    """Two thumbnails within RMS d differ in their three channel means and three channel standard deviations by at
+    most mean_gap(d), squared and summed: pruning candidates by it changes nothing but their number. The standard
+    deviations prune pairs of equal colour and other contrast, which the means alone keep."""
+    from clipmill.components.filter.neardup import MOMENT_COLUMNS, mean_gap, signature_frame, similar
 
     rng = np.random.default_rng(11)
-    a = rng.integers(0, 256, size=(20000, THUMB_BYTES)).astype(np.uint8)
-    shift = rng.integers(-30, 31, size=(20000, 3)).repeat(THUMB_BYTES // 3, axis=0).reshape(20000, -1, 3)
-    noise = rng.integers(-3, 4, size=(20000, THUMB_BYTES))
-    b = np.clip(a.astype(int) + shift.reshape(20000, -1) + noise, 0, 255).astype(np.uint8)
-    for d in (0.01, 0.025, 0.05):
+    n = 20000
+    a = rng.integers(0, 256, size=(n, THUMB_BYTES)).astype(np.uint8)
+    shift = rng.integers(-30, 31, size=(n, 3)).repeat(THUMB_BYTES // 3, axis=0).reshape(n, -1, 3)
+    # half the copies keep their contrast, half scale it about the channel's own mean (the mean stays)
+    contrast = np.where(rng.random((n, 1, 1)) < 0.5, 1.0, rng.uniform(0.85, 1.15, size=(n, 1, 3)))
+    noise = rng.integers(-3, 4, size=(n, THUMB_BYTES))
+    channels = a.reshape(n, -1, 3).astype(float)
+    scaled = channels.mean(axis=1, keepdims=True) + contrast * (channels - channels.mean(axis=1, keepdims=True))
+    b = np.clip(np.rint(scaled + shift).reshape(n, -1) + noise, 0, 255).astype(np.uint8)
+
+    def moments(thumbs):
+        return signature_frame(pd.DataFrame({"uid": np.arange(n), **{c: 0 for c in HASH_COLUMNS},
+                                             "thumb": [t.tobytes() for t in thumbs], "hashed": True}))
+
+    ma, mb = moments(a)[MOMENT_COLUMNS].to_numpy(), moments(b)[MOMENT_COLUMNS].to_numpy()
+    gaps = ((ma - mb) ** 2).sum(axis=1)
+    mean_gaps = ((ma[:, :3] - mb[:, :3]) ** 2).sum(axis=1)
+    for d in (0.01, 0.025, 0.05, 0.1):
         linked = similar(a, b, d, -1.0)  # any correlation: the RMS alone
-        gaps = (((a.reshape(-1, 64, 3).mean(axis=1) - b.reshape(-1, 64, 3).mean(axis=1)) / 255) ** 2).sum(axis=1)
         assert linked.any() and (gaps[linked] <= mean_gap(d)).all()
-        assert (gaps > mean_gap(d)).any()  # the bound does prune
+        assert ((gaps > mean_gap(d)) & (mean_gaps <= mean_gap(d))).any()  # the deviations prune what means keep
 
 
 def test_same_layout_in_another_colour_is_no_candidate_under_the_mean_bound():

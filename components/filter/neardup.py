@@ -7,19 +7,20 @@ whose Hamming distance estimates the angle between two thumbnails; a blank one, 
 makes a copy whose objects moved by a pixel or two, or that was rescaled or re-encoded, look like its source; a
 perceptual hash of the fine detail does not (on the demo crawl a 256-bit pHash puts shifted copies 58 bits from
 their source, median, and unrelated pictures 30 bits from their nearest neighbour, 0.5th percentile).
-Partial: the shard's (uid, signature, channel means) rows, 56 bytes a sample. Combine, in two passes, never
-comparing all pairs:
+Partial: the shard's (uid, signature, channel means and standard deviations) rows, 80 bytes a sample. Combine, in
+two passes, never comparing all pairs:
 (1) locality-sensitive banding: only images that share the value of a band (a fixed subset of the signature's bits)
-are compared, and those within ``candidate_bits`` of each other, whose thumbnails' channel means are close
-enough for the check below to pass (``mean_gap``: a bound, so no pair that would link is lost), become candidates;
-the signatures and means come from the partials, the thumbnails are not read in this pass. A pool of fewer than
+are compared, and those within ``candidate_bits`` of each other, whose thumbnails' channel means and standard
+deviations are close enough for the check below to pass (``mean_gap``: a bound, so no pair that would link is
+lost), become candidates; the signatures and moments come from the partials, the thumbnails are not read in this
+pass. A pool of fewer than
 2**16 signatures is cut into 16 bands of ``BAND_BITS`` bits; a larger one gets bands of ceil(log2(pool)) bits
 (slices of fixed random permutations of the bits) and as many of them as keep the chance that a pair at the least
 correlation shares a band at least as high (``banding``): with a fixed band width, the pairs that share a band value
 by chance grow with the square of the pool (16 x pool**2 / 2**17 comparisons: 1.2 x 10**12 at 10**8 images), with
 log2(pool) bits they stay below pool / 2 a band. The partials are read once when the pool's signatures fit in
-``COMBINE_MEMORY`` bytes (about 2.5 million images); a larger pool is worked through one band at a time: one pass
-over the partials spills each row (pool position, signature, means) to the bucket of its band value (as many
+``COMBINE_MEMORY`` bytes (about 1.8 million images); a larger pool is worked through one band at a time: one pass
+over the partials spills each row (pool position, signature, moments) to the bucket of its band value (as many
 buckets as keep each within that bound, in a temporary folder), then each bucket is banded on its own, and a last
 pass names the candidates' uids. The candidates do not depend on which way was taken;
 (2) each candidate pair is checked on its thumbnails (streamed from the map outputs, kept only for candidates):
@@ -60,9 +61,11 @@ BANDS = SIGNATURE_BITS // BAND_BITS
 BAND_SEED = 20240616     # the bit subsets of bands wider than BAND_BITS (a larger pool's)
 COMBINE_MEMORY = 256 * 2**20  # bytes of signatures (and their uids) the driver holds at a time
 MEAN_COLUMNS = ["mean_r", "mean_g", "mean_b"]
-ENTRY_BYTES = WORDS * 8 + 3 * 8 + 72  # one image's signature, channel means, uid (a short str) and its pointer
-# a row of the out-of-core combine's spill files: the image's position in the pool, signature and channel means
-SPILL_ROW = np.dtype([("position", np.int64), ("words", np.uint64, (WORDS,)), ("means", np.float64, (3,))])
+STD_COLUMNS = ["std_r", "std_g", "std_b"]
+MOMENT_COLUMNS = MEAN_COLUMNS + STD_COLUMNS  # a thumbnail's channel means and standard deviations (values 0-1)
+ENTRY_BYTES = WORDS * 8 + 6 * 8 + 72  # one image's signature, channel moments, uid (a short str) and its pointer
+# a row of the out-of-core combine's spill files: the image's position in the pool, signature and channel moments
+SPILL_ROW = np.dtype([("position", np.int64), ("words", np.uint64, (WORDS,)), ("means", np.float64, (6,))])
 CHECK_CHUNK = 2048  # candidate pairs whose thumbnails are compared at once (~8 MB of arithmetic; larger is slower)
 HASH_COLUMNS = [f"sig{i}" for i in range(WORDS)]
 FLAT_STD = 1.0 / 255     # a thumbnail whose values vary less than this is flat (blank): it has no layout
@@ -318,26 +321,29 @@ def _read_signatures(frames) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
         uids.append(frame["uid"].to_numpy(object))
         words.append(frame[HASH_COLUMNS].to_numpy(np.uint64))
         if MEAN_COLUMNS[0] in frame:
-            means.append(frame[MEAN_COLUMNS].to_numpy(np.float64))
+            means.append(frame[[c for c in MOMENT_COLUMNS if c in frame]].to_numpy(np.float64))
     if not uids:
         return np.array([], dtype=object), np.zeros((0, WORDS), dtype=np.uint64), None
     return np.concatenate(uids), np.concatenate(words), np.concatenate(means) if means else None
 
 
 def signature_frame(mapped: pd.DataFrame) -> pd.DataFrame:
-    """A map output's images with a thumbnail, as uid, signature words and the thumbnail's three channel means
-    (values 0-1), the thumbnails themselves left behind."""
+    """A map output's images with a thumbnail, as uid, signature words and the thumbnail's three channel means and
+    three channel standard deviations (values 0-1), the thumbnails themselves left behind."""
     rows = mapped[mapped["hashed"].astype(bool)]
-    thumbs = np.frombuffer(b"".join(rows["thumb"]), dtype=np.uint8).reshape(len(rows), THUMB_SIDE ** 2, 3)
-    means = thumbs.mean(axis=1) / 255
+    thumbs = np.frombuffer(b"".join(rows["thumb"]), dtype=np.uint8).reshape(len(rows), THUMB_SIDE ** 2, 3) / 255
+    moments = np.concatenate([thumbs.mean(axis=1), thumbs.std(axis=1)], axis=1)
     return pd.DataFrame({"uid": rows["uid"].to_numpy(), **{c: rows[c].to_numpy(np.uint64) for c in HASH_COLUMNS},
-                         **{c: means[:, i] for i, c in enumerate(MEAN_COLUMNS)}})
+                         **{c: moments[:, i] for i, c in enumerate(MOMENT_COLUMNS)}})
 
 
 def mean_gap(max_distance: float) -> float:
-    """The largest squared distance of two thumbnails' channel means (0-1) at which their RMS difference can be
-    ``max_distance``: each channel's mean difference is at most its RMS (Cauchy-Schwarz), so the three squared
-    differences add up to at most 3 x max_distance^2 (with room for float rounding: a bound, never a test)."""
+    """The largest squared distance of two thumbnails' channel moments (means and standard deviations, 0-1) at which
+    their RMS difference can be ``max_distance``. Per channel of 64 values, the mean squared difference is the
+    squared difference of the means plus the mean squared difference of the centred values, which is at least the
+    squared difference of the standard deviations (triangle inequality); averaged over the three channels,
+    (sum of the six squared moment differences) / 3 <= RMS^2. So the six add up to at most 3 x max_distance^2
+    (with room for float rounding: a bound, never a test)."""
     return 3 * max_distance ** 2 * (1 + 1e-4) + 1e-9
 
 
@@ -345,11 +351,11 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
                     max_mean_gap: float = math.inf, min_correlation: float = 0.95) -> list[tuple[str, str]]:
     """Pairs whose signatures share a band value (``banding`` of the pool's size and ``min_correlation``) and differ
     in at most ``max_bits`` bits (each pair once, as (smaller, larger) uids, in pool order); where the frames carry
-    channel means, also at most ``max_mean_gap`` apart in them.
+    channel moments (``MOMENT_COLUMNS``), also at most ``max_mean_gap`` apart in them.
 
-    ``frames`` yields per shard uid, the signature words and optionally the means (the partials). They are read once
+    ``frames`` yields per shard uid, the signature words and optionally the moments (the partials). They are read once
     while their signatures fit in ``memory`` bytes; a larger pool is worked through one band at a time: a pass over
-    the frames spills each row (its position in the pool, signature and means: 64 bytes) to the bucket of its band
+    the frames spills each row (its position in the pool, signature and moments: 88 bytes) to the bucket of its band
     value, as many buckets as keep each within ``memory``, then each bucket is banded alone; a last pass names the
     candidates' uids. The frames are read once per band and once more, each row written and read once a band."""
     held, size = [], 0
@@ -422,7 +428,8 @@ def _spill_band(frames: Callable[[], Iterator[pd.DataFrame]], band: int, bits: i
             rows["position"] = np.arange(start, start + len(frame))
             rows["words"] = frame[HASH_COLUMNS].to_numpy(np.uint64)
             if MEAN_COLUMNS[0] in frame:
-                rows["means"] = frame[MEAN_COLUMNS].to_numpy(np.float64)
+                moments = frame[[c for c in MOMENT_COLUMNS if c in frame]].to_numpy(np.float64)
+                rows["means"][:, :moments.shape[1]] = moments
             start += len(frame)
             bucket_of = band_values(rows["words"], band, bits) % buckets
             order = np.argsort(bucket_of, kind="stable")
@@ -481,7 +488,8 @@ class NearDupStep(PoolStep):
     def fingerprint(cls, params, context, phase="apply"):
         distance = params.near_duplicate_distance
         # The thumbnails depend only on whether the step looks at images at all; the decisions on the thresholds.
-        part = ({"hashing": distance is not None, "partial": ["signature", "channel_means"]} if phase == "map" else
+        part = ({"hashing": distance is not None, "partial": ["signature", "channel_means", "channel_stds"]}
+                if phase == "map" else
                 {"near_duplicate_distance": distance, "min_correlation": params.near_duplicate_min_correlation})
         method = {"work_side": WORK_SIDE, "blur": BLUR, "thumb_side": THUMB_SIDE, "signature_bits": SIGNATURE_BITS,
                   "band_bits": BAND_BITS, "flat_level_step": FLAT_LEVEL_STEP}
@@ -501,7 +509,7 @@ class NearDupStep(PoolStep):
                              "thumb": stored, "hashed": hashed})
 
     def partial(self, mapped: pd.DataFrame) -> pd.DataFrame:
-        """The shard's images with a thumbnail: uid, signature words and the thumbnail's channel means."""
+        """The shard's images with a thumbnail: uid, signature words and the thumbnail's channel moments."""
         return signature_frame(mapped)
 
     @classmethod
@@ -510,9 +518,9 @@ class NearDupStep(PoolStep):
         """The winner of every uid in a near-duplicate cluster: candidates by banding, then the thumbnail check."""
         if params.near_duplicate_distance is None:
             return {}
-        # The candidates are also pruned by the thumbnails' channel means, which two images within
-        # near_duplicate_distance cannot differ by more than mean_gap (the check below would reject those pairs;
-        # with them in, a crawl of look-alike layouts has many candidates). Only the check reads thumbnails.
+        # The candidates are also pruned by the thumbnails' channel means and standard deviations, which two images
+        # within near_duplicate_distance cannot differ by more than mean_gap (the check below would reject those
+        # pairs; with them in, a crawl of look-alike layouts has many candidates). Only the check reads thumbnails.
         pairs = candidate_pairs(partials,
                                 candidate_bits(params.near_duplicate_min_correlation),
                                 max_mean_gap=mean_gap(params.near_duplicate_distance),
