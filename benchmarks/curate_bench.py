@@ -180,11 +180,14 @@ def make_shard(job: tuple) -> pd.DataFrame:
         if row["status"] == "success" and tar is not None:
             _add_sample(tar, row, scenes[i])
         out.append(row)
-    if tar is not None:
-        tar.close()
     table = pd.DataFrame(out)
     for column in ("width", "height", "original_width", "original_height"):
         table[column] = table[column].astype("Int64")
+    if tar is not None:
+        tar.close()
+        # img2dataset's table beside the tar (the score step reads each image's null caption from it)
+        table[["uid", "key", "caption", "url", "status", "error_message"]].to_parquet(
+            Path(shards_dir) / LIST_NAME / f"{index:05d}.parquet", index=False)
     return table
 
 
