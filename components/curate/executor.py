@@ -296,8 +296,13 @@ class Executor:
             # what a worker paid to import and build the step: the cost of sending this phase to the pool
             timing["worker_startup_seconds"] = startup
         finally:
-            for future in pending:
-                future.cancel()
+            if pending:  # a task failed: the others that have not started never will (the pool's own thread drops
+                # them; cancelling them here would have it fail on them when the workers are stopped), and the
+                # workers are stopped now (shutting down forgets them)
+                workers = list((getattr(self._pool, "_processes", None) or {}).values())
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                for process in workers:
+                    process.terminate()
 
     def _ray(self, tasks: list[UnitTask], resources: dict, bar: Progress) -> float:
         import ray
