@@ -211,6 +211,37 @@ def _check_dtypes(path: Path, dtypes: dict, first: dict, passthrough: list[str])
             first[column] = dtype
 
 
+def _streamed_hashes(path: Path, max_caption_chars: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted distinct hashes of a list's uids and of its URLs, its rows streamed."""
+    uid_parts, url_parts = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+    for batch in iter_list_rows(path, max_caption_chars):
+        uid_parts.append(_hashes(batch["uid"]))
+        url_parts.append(_hashes(batch["url"]))
+    return np.unique(np.concatenate(uid_parts)), np.unique(np.concatenate(url_parts))
+
+
+def _check_and_add(crawl: Crawl, name: str, path: Path, sha: str, earlier: list[tuple[str, Path]],
+                   seen: tuple[list, list], first_dtype: dict, needed: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Read and check list ``name`` against the ``earlier`` lists (whose hashes are ``seen``) and add its record to
+    ``crawl``; returns the hashes of its uids and URLs when a later list is ``needed`` to be checked against it."""
+    part = read_url_list(path, crawl.max_caption_chars)
+    crawl.dtypes[name] = {column: part.table[column].dtype for column in part.passthrough}
+    _check_dtypes(path, crawl.dtypes[name], first_dtype, crawl.passthrough)
+    repeated, earlier_urls = _check_list(path, part.table, earlier, *seen, crawl.max_caption_chars)
+    crawl.repeated[name] = repeated
+    duplicate_urls = part.duplicate_urls + earlier_urls
+    crawl.lists.append(dict(zip(ENTRY_FIELDS, (
+        name, str(path), sha, len(part.table), len(repeated), part.captions_cleaned, part.captions_missing,
+        part.captions_truncated, duplicate_urls))))
+    if repeated:
+        log.warning("%s: %d URL(s) already in an earlier list of the crawl are not fetched again", path,
+                    len(repeated))
+    if duplicate_urls:
+        log.warning("%s: %d URL(s) repeat an earlier URL of the crawl with another caption or uid", path,
+                    duplicate_urls)
+    return (_hashes(part.table["uid"]), _hashes(part.table["url"])) if needed else None
+
+
 def read_crawl(urls: str | os.PathLike | None, additions_dir: str | os.PathLike | None = None, *,
                max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS, extra: list[tuple[str, Path]] = (),
                recorded: Callable[[str, str, str, list[str]], dict | None] | None = None) -> Crawl:
@@ -243,33 +274,12 @@ def read_crawl(urls: str | os.PathLike | None, additions_dir: str | os.PathLike 
             names = [c for c in pq.read_schema(path).names if c not in ("url", "caption", "uid")]
             _check_dtypes(path, crawl._dtypes(crawl.lists[-1]) if needed else dict.fromkeys(names), first_dtype,
                           crawl.passthrough)
-            if needed:
-                uid_parts, url_parts = [], []
-                for batch in iter_list_rows(path, max_caption_chars):
-                    uid_parts.append(_hashes(batch["uid"]))
-                    url_parts.append(_hashes(batch["url"]))
+            hashes = _streamed_hashes(path, max_caption_chars) if needed else None
         else:
-            part = read_url_list(path, max_caption_chars)
-            crawl.dtypes[name] = {column: part.table[column].dtype for column in part.passthrough}
-            _check_dtypes(path, crawl.dtypes[name], first_dtype, crawl.passthrough)
-            repeated, earlier_urls = _check_list(path, part.table, parts[:i], seen_uids, seen_urls,
-                                                 max_caption_chars)
-            crawl.repeated[name] = repeated
-            duplicate_urls = part.duplicate_urls + earlier_urls
-            crawl.lists.append(dict(zip(ENTRY_FIELDS, (
-                name, str(path), sha, len(part.table), len(repeated), part.captions_cleaned, part.captions_missing,
-                part.captions_truncated, duplicate_urls))))
-            if repeated:
-                log.warning("%s: %d URL(s) already in an earlier list of the crawl are not fetched again", path,
-                            len(repeated))
-            if duplicate_urls:
-                log.warning("%s: %d URL(s) repeat an earlier URL of the crawl with another caption or uid", path,
-                            duplicate_urls)
-            uid_parts, url_parts = ([_hashes(part.table["uid"])], [_hashes(part.table["url"])]) if needed else ([], [])
-            del part
+            hashes = _check_and_add(crawl, name, path, sha, parts[:i], (seen_uids, seen_urls), first_dtype, needed)
         if needed:
-            seen_uids.append(np.unique(np.concatenate(uid_parts)) if uid_parts else np.zeros(0, np.uint64))
-            seen_urls.append(np.unique(np.concatenate(url_parts)) if url_parts else np.zeros(0, np.uint64))
+            seen_uids.append(hashes[0])
+            seen_urls.append(hashes[1])
     crawl.passthrough.append(CRAWL_COLUMN)
     crawl.web_dirs = {a.id: a.web for a in additions if a.web is not None and (a.web / ROUTES_FILE).is_file()}
     crawl.sha256 = shas[0] if len(shas) == 1 else hash_obj(shas)
