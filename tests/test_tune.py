@@ -20,6 +20,7 @@ def test_two_trial_sweep_writes_the_best_config(tmp_path, mlflow_uri, default_pa
     params["ray"].update(address=None, num_cpus=2)
     params["train"].update(samples_per_epoch=128, shuffle_buffer=32, cpu_threads=1)
     params["tune"].update(trials=2, steps_per_trial=10, report_every_n_steps=5, cpus_per_trial=1.0,
+                          max_concurrent_trials=1,  # as the demo: ASHA then decides the same way in every run
                           search_space={"lr": [1e-3, 3e-3], "weight_decay": [0.01, 0.1], "warmup_steps": [2],
                                         "batch_size": [16, 32], "loss": ["clip", "siglip"]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -42,6 +43,8 @@ def test_two_trial_sweep_writes_the_best_config(tmp_path, mlflow_uri, default_pa
     parent = next(r for r in runs if r.data.tags.get("clipmill.stage") == "tune")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and {c.data.tags["clipmill.stage"] for c in children} == {"tune-trial"}
+    first, second = sorted(children, key=lambda c: c.info.start_time)
+    assert first.info.end_time <= second.info.start_time  # one trial at a time, though 2 CPUs hold two
     names = json.loads((out / "run.json").read_text())
     assert [n["trial"] for n in names["trials"]] == [t["trial"] for t in trials]
     assert not {"trial_id", "mlflow_run_id"} & (best.keys() | {k for t in trials for k in t})

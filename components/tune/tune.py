@@ -120,10 +120,12 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
                     trainable, param_space=search_space(tune_params.search_space),
                     tune_config=tune.TuneConfig(
                         metric=tune_params.metric, mode=tune_params.mode, num_samples=tune_params.trials,
-                        max_concurrent_trials=tune_params.max_concurrent_trials,
                         scheduler=ASHAScheduler(max_t=reports, grace_period=min(tune_params.grace_period, reports),
                                                 reduction_factor=tune_params.reduction_factor),
-                        search_alg=BasicVariantGenerator(random_state=seed)),
+                        # the generator itself limits the trials at once: Ray ignores TuneConfig's
+                        # max_concurrent_trials when the search algorithm is a generator (it only warns)
+                        search_alg=BasicVariantGenerator(random_state=seed,
+                                                         max_concurrent=tune_params.max_concurrent_trials or 0)),
                     run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0))
                 results = tuner.fit()
                 trials = sorted((_trial_entry(r, tune_params.metric) for r in results), key=lambda t: t["trial"])
