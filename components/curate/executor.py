@@ -296,13 +296,8 @@ class Executor:
             # what a worker paid to import and build the step: the cost of sending this phase to the pool
             timing["worker_startup_seconds"] = startup
         finally:
-            if pending:  # a task failed: the others that have not started never will (the pool's own thread drops
-                # them; cancelling them here would have it fail on them when the workers are stopped), and the
-                # workers are stopped now (shutting down forgets them)
-                workers = list((getattr(self._pool, "_processes", None) or {}).values())
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                for process in workers:
-                    process.terminate()
+            if pending:  # a task failed: the tasks not started never will, and the workers stop now
+                _stop_workers(self._pool, drop_pending=True)
 
     def _ray(self, tasks: list[UnitTask], resources: dict, bar: Progress) -> float:
         import ray
@@ -347,16 +342,20 @@ class Executor:
         return timing
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
+def _stop_workers(pool: ProcessPoolExecutor, drop_pending: bool = False) -> None:
     """End the pool's workers now rather than let each unload its modules on exit (torch's take most of a second,
     on every curation run). After a normal run every task has finished. After an error a task may still be running:
     it ends as in a killed run, and since a task writes its output atomically and then its marker, the rerun redoes
-    it."""
+    it. ``drop_pending`` (after an error): the tasks not started are dropped by the pool's own thread (shut down
+    with ``cancel_futures``; cancelling them here would have that thread fail on them once the workers stop)."""
     terminate = getattr(pool, "terminate_workers", None)  # Python 3.14
     if terminate is not None:
         terminate()
         return
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # shutting down forgets them
+    if drop_pending:
+        pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
         process.terminate()
 
 

@@ -30,7 +30,14 @@ from clipmill.components.common.io import atomic_path, read_json, write_json
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.mirror import ROUTES_FILE
 
-from .url_list import CRAWL_COLUMN, DEFAULT_MAX_CAPTION_CHARS, iter_list_rows, passthrough_dtypes, read_url_list
+from .url_list import (
+    CRAWL_COLUMN,
+    DEFAULT_MAX_CAPTION_CHARS,
+    iter_list_rows,
+    passthrough_columns,
+    passthrough_dtypes,
+    read_url_list,
+)
 
 log = get_logger("download")
 
@@ -271,7 +278,7 @@ def read_crawl(urls: str | os.PathLike | None, additions_dir: str | os.PathLike 
         if record is not None:
             crawl.lists.append({k: record[k] for k in ENTRY_FIELDS})
             crawl.repeated[name] = None
-            names = [c for c in pq.read_schema(path).names if c not in ("url", "caption", "uid")]
+            names = passthrough_columns(pq.read_schema(path).names)
             _check_dtypes(path, crawl._dtypes(crawl.lists[-1]) if needed else dict.fromkeys(names), first_dtype,
                           crawl.passthrough)
             hashes = _streamed_hashes(path, max_caption_chars) if needed else None

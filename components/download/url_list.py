@@ -47,6 +47,11 @@ class UrlList:
     duplicate_urls: int = 0
 
 
+def passthrough_columns(names: list[str]) -> list[str]:
+    """A URL list's passthrough columns: every column but url, caption and uid, in file order."""
+    return [c for c in names if c not in ("url", "caption", "uid")]
+
+
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -130,7 +135,7 @@ def read_url_list(path: str | Path, max_caption_chars: int = DEFAULT_MAX_CAPTION
     if not (_is_text(schema.field("caption").type) or _is_bytes(schema.field("caption").type)):
         raise InputError(path, f"expected text or bytes, got {schema.field('caption').type}", field="caption")
 
-    passthrough = [c for c in schema.names if c not in ("url", "caption", "uid")]
+    passthrough = passthrough_columns(schema.names)
     for name in passthrough:
         if name == CRAWL_COLUMN:
             raise InputError(path, "column name is reserved for the list each URL comes from; rename it", field=name)
@@ -191,7 +196,7 @@ def passthrough_dtypes(path: str | Path, batch_rows: int = 65_536) -> dict[str, 
     """The pandas dtype of each passthrough column of a list ``read_url_list`` accepted before (as its table would
     have it), from the schema and the columns' null counts, read ``batch_rows`` rows at a time."""
     source = pq.ParquetFile(path)
-    names = [c for c in source.schema_arrow.names if c not in ("url", "caption", "uid")]
+    names = passthrough_columns(source.schema_arrow.names)
     nulls = dict.fromkeys(names, 0)
     if names:
         for batch in source.iter_batches(batch_size=batch_rows, columns=names):
