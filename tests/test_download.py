@@ -330,6 +330,35 @@ def test_output_dir_of_a_different_run_is_refused(downloaded, tmp_path):
     assert claim_output_dir(stray, run_info, overwrite=False) is True  # same fingerprint: resume
 
 
+def test_damaged_list_records_are_redone_or_refused_never_a_traceback(downloaded, tmp_path):
+    """A finished list whose summary or manifest was damaged afterwards is downloaded again from its finished
+    shards (nothing fetched), to the same outputs; a damaged requests table (which URLs the shards hold) is refused
+    with one error naming the list, and replaced only with --overwrite."""
+    out = tmp_path / "out"
+    shutil.copytree(downloaded["out"], out)
+    lists = out / "lists" / "crawl"
+    summary_bytes = (lists / "summary.json").read_bytes()
+    for damage in ('{"urls": 5}', "[1, 2", '{"urls": -1}'):
+        (lists / "summary.json").write_text(damage)
+        summary = _run(downloaded["params"], out)
+        assert summary["lists_fetched"] == 1 and summary["resumed_shards"] == downloaded["summary"]["shards"]
+        assert summary["new_urls"] == 0 and (lists / "summary.json").read_bytes() == summary_bytes
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), downloaded["manifest"])
+    manifest = (lists / "manifest.parquet").read_bytes()
+    (lists / "manifest.parquet").write_bytes(manifest[: len(manifest) // 2])
+    assert _run(downloaded["params"], out)["lists_fetched"] == 1
+    assert (lists / "manifest.parquet").read_bytes() == manifest
+    assert _run(downloaded["params"], out)["lists_reused"] == 1  # whole again: reused
+
+    (lists / "summary.json").unlink()  # an unfinished list whose requests table was damaged
+    requests = (lists / "requests.parquet").read_bytes()
+    (lists / "requests.parquet").write_bytes(requests[:100])
+    with pytest.raises(InputError) as err:
+        _run(downloaded["params"], out)
+    assert err.value.file == str(lists) and "damaged requests.parquet" in err.value.reason
+    assert "--overwrite" in err.value.reason and (out / "shards" / "crawl").is_dir()
+
+
 def test_damaged_shards_are_detected(downloaded, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(downloaded["out"] / "shards" / "crawl", shards)

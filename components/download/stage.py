@@ -129,6 +129,8 @@ def claim_output_dir(out: Path, run_info: dict, overwrite: bool, shards_dir: Pat
                 differences = [str(e)]
             if differences:
                 problem = f"holds a different download run ({'; '.join(differences)})"
+            elif damaged := _damaged_parquet(out / "requests.parquet"):
+                problem = f"holds a damaged requests.parquet ({damaged}), so its shards cannot be matched to URLs"
         if problem and not overwrite:
             raise InputError(out, f"{problem}; pass --overwrite to replace it")
         if problem:
@@ -327,7 +329,8 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
         for attempt in range(2):
             started = time.perf_counter()
             pending = len(shard_ids) - len(finished_shards(shards_dir) & set(shard_ids))
-            run_img2dataset(input_file, shards_dir, params, columns, policy, pending)
+            if pending:  # every shard finished before: they are only checked
+                run_img2dataset(input_file, shards_dir, params, columns, policy, pending)
             stats["download_seconds"] += time.perf_counter() - started
             good, bad = _check_shards(shards_dir, shard_ids)
             if not bad:
@@ -443,11 +446,58 @@ def list_run_info(name: str, path: str, sha256: str, earlier: list[str], params:
             "params": params.fingerprint()}
 
 
+LIST_COUNTS = ("urls", "duplicates", "captions_cleaned", "captions_missing", "shards")
+
+
+def list_summary(list_dir: Path) -> dict | None:
+    """A list's ``summary.json`` (written last, it marks the list finished), or None when it is missing or damaged
+    (not valid JSON, or without its counts): the list is then downloaded again, resuming its finished shards."""
+    path = list_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = read_json(path)
+    except ClipmillError:
+        summary = None
+    if (isinstance(summary, dict) and isinstance(summary.get("by_status"), dict)
+            and isinstance(summary.get("by_reason"), dict) and all(_count(summary.get(k)) for k in LIST_COUNTS)
+            and all(_count(summary["by_status"].get(s)) for s in STATUSES)
+            and all(_count(v) for v in summary["by_reason"].values())):
+        return summary
+    log.warning("%s: damaged (not a list summary this stage wrote); the list is downloaded again, resuming its "
+                "finished shards", path)
+    return None
+
+
+def _damaged_parquet(path: Path) -> str | None:
+    """Why the parquet file at ``path`` cannot be read (None when it is readable or absent); its footer is read."""
+    if not path.exists():
+        return None
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as e:
+        return f"not a readable parquet file: {e}"
+    return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def list_finished(list_dir: Path, run_info: dict) -> bool:
-    """Whether ``list_dir`` holds a finished download with the fingerprint ``run_info``."""
+    """Whether ``list_dir`` holds a finished download with the fingerprint ``run_info`` (its run record matches
+    and its summary is whole)."""
     run_file = list_dir / "run.json"
-    return ((list_dir / "summary.json").is_file() and run_file.is_file()
-            and not _describe_differences(read_json(run_file), run_info))
+    if not run_file.is_file() or list_summary(list_dir) is None:
+        return False
+    if damaged := _damaged_parquet(list_dir / "manifest.parquet"):
+        log.warning("%s: %s; the list is downloaded again, resuming its finished shards",
+                    list_dir / "manifest.parquet", damaged)
+        return False
+    try:
+        return not _describe_differences(read_json(run_file), run_info)
+    except ClipmillError:  # damaged: the list's directory is claimed again (claim_output_dir says how)
+        return False
 
 
 def recorded_lists(out: Path, params: DownloadParams) -> Callable[[str, str, str, list[str]], dict | None]:
@@ -457,7 +507,7 @@ def recorded_lists(out: Path, params: DownloadParams) -> Callable[[str, str, str
         list_dir = out / LISTS_DIR / name
         if not list_finished(list_dir, list_run_info(name, path, sha256, earlier, params)):
             return None
-        summary = read_json(list_dir / "summary.json")
+        summary = list_summary(list_dir)
         return {"name": name, "path": path, "sha256": sha256, "urls": summary["urls"] + summary["duplicates"],
                 **{k: summary.get(k, 0) for k in ("duplicates", "captions_cleaned", "captions_missing",
                                                    "captions_truncated", "duplicate_urls")}}
@@ -656,7 +706,7 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
                                                   fetch_policy(params, trusted)))
                         bar.update(1, samples=runs[-1]["new_successes"])
         _remove_dropped_lists(out, plans)
-        summary = combine_summaries(crawl, [read_json(p.list_dir / "summary.json") for p in plans],
+        summary = combine_summaries(crawl, [list_summary(p.list_dir) for p in plans],
                                     [p.name for p in pending])
         record = run_record(runs, time.perf_counter() - started)
         write_crawl_manifest(plans, out / "manifest.parquet")
