@@ -142,6 +142,34 @@ def test_a_rerun_skips_every_finished_shard(download, scorer, reference, tmp_pat
     assert counts_only(summary) == counts_only(reference["summary"])
 
 
+def test_a_file_damaged_after_its_marker_is_done_again_to_the_same_bytes(download, scorer, reference, tmp_path,
+                                                                         monkeypatch):
+    """A data file cut short after its marker was written (a unit, a decision, a map output, a partial, a pool
+    state's frame) does not count as finished: the rerun redoes that shard or that combine alone, and every output
+    ends byte for byte as before."""
+    out = copy_of(reference, tmp_path)
+    before = shard_outputs(out)
+    damaged = ["units/00002.parquet", "steps/rules/00001.parquet", "steps/balance/map/00003.parquet",
+               "steps/dedup/partial/00004.parquet", "steps/balance/state/counts.parquet"]
+    for name in damaged:
+        path = out / name
+        assert path.is_file(), name
+        path.write_bytes(path.read_bytes()[:100])
+    combined = []
+    monkeypatch.setattr(step_class("balance"), "combine", classmethod(
+        lambda cls, *args, _real=step_class("balance").combine: combined.append(cls.name) or _real(*args)))
+    summary = run_curate(download, out, shrunk_params(), scorer)
+    after = shard_outputs(out)
+    assert {k: v[1] for k, v in after.items()} == {k: v[1] for k, v in before.items()}
+    redone = sorted(k for k in after if after[k][0] != before[k][0] and k.endswith(".parquet"))
+    assert redone == sorted(["units/00002.parquet", "steps/rules/00001.parquet",
+                             "steps/balance/map/00003.parquet", "steps/balance/partial/00003.parquet",
+                             "steps/dedup/map/00004.parquet", "steps/dedup/partial/00004.parquet"])
+    assert combined == ["balance"]  # its stored state could not be read; dedup's partial came back the same
+    assert counts_only(summary) == counts_only(reference["summary"])
+    assert_same_tables(step_tables(out), reference["tables"])
+
+
 @pytest.fixture
 def local_ray():
     import ray

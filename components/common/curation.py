@@ -18,8 +18,9 @@ Under the curation directory (``data/curate``):
   ``combined.json``, what each pool step's stored state was combined from (a rerun whose params and map outputs of
   a pool step are unchanged, and whose stored state is the one recorded, does not combine it again).
 
-A file counts only when its ``.done`` marker exists and holds the expected fingerprint; data files are written
-atomically before their marker, so a killed run leaves nothing that looks complete.
+A file counts only when its ``.done`` marker exists and holds the expected fingerprint, and (a local file) its
+parquet footer reads; data files are written atomically before their marker, so a killed run leaves nothing that
+looks complete, and a file damaged afterwards is done again.
 
 The curation directory and the download shards may be local paths or object-storage URLs (``s3://…``; see
 ``clipmill.components.common.storage``): the same layout, read and written the same way.
@@ -45,6 +46,7 @@ from .hashing import hash_obj
 from .shards import shard_file_name
 from .steps import Step
 from .storage import (
+    is_url,
     location,
     open_input,
     read_frame,
@@ -132,13 +134,26 @@ def marker_path(data_path: Path) -> Path:
 
 
 def read_marker(data_path: Path) -> dict | None:
+    """The marker of a finished data file, or None: no marker, a damaged one, or a data file that is missing or
+    was damaged after its marker was written (then the work is done again)."""
     marker = marker_path(data_path)
-    if not marker.is_file() or not data_path.is_file():
+    if not marker.is_file() or not data_path.is_file() or damaged(data_path):
         return None
     try:
         return json.loads(marker.read_text())
     except json.JSONDecodeError:
         return None
+
+
+def damaged(data_path: Path) -> bool:
+    """Whether a local parquet file's footer cannot be read (25 us a file; an object store writes whole objects)."""
+    if is_url(data_path):
+        return False
+    try:
+        pq.read_metadata(data_path)
+    except (OSError, pa.ArrowException):
+        return True
+    return False
 
 
 def write_output(table: pd.DataFrame | pa.Table, data_path: Path, marker: dict) -> None:
@@ -256,8 +271,11 @@ def save_state(curate_dir: Path, step: str, state: dict) -> str:
 
 def stored_state_hash(curate_dir: Path, step: str) -> str | None:
     """The hash of a pool step's stored state, or None when there is none (or it cannot be read)."""
-    stored = read_json_object(step_dir(curate_dir, step) / "state.json")
-    return stored.get("hash") if stored is not None else None
+    base = step_dir(curate_dir, step)
+    stored = read_json_object(base / "state.json")
+    if stored is None or any(damaged(base / "state" / f"{key}.parquet") for key in stored.get("frames", [])):
+        return None
+    return stored.get("hash")
 
 
 def load_state(curate_dir: Path, step: str) -> tuple[dict, str]:

@@ -77,8 +77,12 @@ class UnitTask:
 
     def done(self) -> bool:
         marker = read_marker(self.output)
-        return (marker is not None and marker.get("fingerprint") == self.fingerprint
-                and (self.phase == "map" or "kept_uids" in marker))
+        if marker is None or marker.get("fingerprint") != self.fingerprint:
+            return False
+        if self.phase == "map":  # and its partial, which the combine reads
+            partial = read_marker(output_path(self.curate_dir, self.step, self.unit, "partial"))
+            return partial is not None and partial.get("fingerprint") == self.fingerprint
+        return "kept_uids" in marker
 
 
 _BUILT: dict[str, tuple[str, Step]] = {}
