@@ -38,6 +38,7 @@ import pandas as pd
 
 from clipmill.components.ablate.ablation import (
     Inputs,
+    check_out_dir,
     log_outputs,
     log_to_run,
     parent_run,
@@ -144,6 +145,7 @@ def ablate(params, inputs: Inputs, call: Call = _direct) -> dict:
         raise ConfigError("ablate: train.resampled must be true: a small arm's shards run out before "
                           "ablate.samples_per_epoch otherwise, and the arms would not see equal samples")
     arms = resolve_arms(ab.arms, list(params.curate.steps))
+    check_out_dir(ab.out_dir)
     suite = load_eval_suite(inputs.eval_dir, params.evaluate.concept_counts, params.evaluate.extra_zeroshot)
     seeds = [(params.train.seed if params.train.seed is not None else params.project.seed) + k for k in range(ab.seeds)]
     work, temporary = work_dir(ab.work_dir)

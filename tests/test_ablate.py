@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 
 from clipmill.cli import main
+from clipmill.components.ablate.ablation import ABLATE_OWNER, check_out_dir
 from clipmill.components.ablate.arms import resolve_arms
 from clipmill.components.ablate.stats import bootstrap_delta, comparisons, effects_table
 from clipmill.components.ablate.variants import load_variant
-from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.errors import ConfigError, InputError
+from clipmill.components.common.io import atomic_path
 from tests.curation_fixtures import COLORS, SHAPES, draw
 from tests.curation_tables import make_curation
 
@@ -156,6 +158,32 @@ def test_ablate_trains_each_arm_and_seed_and_writes_the_table_cis_and_child_runs
     assert all("zeroshot/acc1" in r.data.metrics and r.data.params["seed"] in ("7", "8") for r in children)
     assert parent.data.params["override.ablate.seeds"] == "2" and parent.info.status == "FINISHED"
     assert "ablation/table.md" in {f.path for f in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "ablation")}
+
+    # run again into the same --out (a variant): its results replace the first run's
+    again = [a if a != "ablate.arms=[raw, rules]" else "ablate.arms=[raw]" for a in argv]
+    assert main([a if a != "ablate.seeds=2" else "ablate.seeds=1" for a in again]) == 0
+    assert list(zip(*pd.read_csv(report / "runs.csv")[["arm", "seed"]].to_numpy().T)) == [("raw", 7)]
+
+
+def test_an_out_dir_the_results_could_not_replace_is_refused_before_any_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="refusing to replace this file"):
+        check_out_dir(str(tmp_path / "notes.txt"))
+    foreign = tmp_path / "reports"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a clipmill stage output"):
+        check_out_dir(str(foreign))
+    earlier = tmp_path / "ablation"  # an ablation's results from before outputs were marked
+    earlier.mkdir()
+    for name in ("table.md", "runs.csv", "ablation.png"):
+        (earlier / name).write_text("x")
+    check_out_dir(str(earlier))
+    with atomic_path(earlier, owner=ABLATE_OWNER) as tmp:
+        tmp.mkdir()
+        (tmp / "table.md").write_text("new")
+    assert (earlier / "table.md").read_text() == "new" and not (earlier / "runs.csv").exists()
+    assert (tmp_path / "notes.txt").read_text() == (foreign / "notes.txt").read_text() == "mine"
 
 
 def test_an_all_but_arm_curates_again_without_touching_the_curate_stage_outputs(tmp_path):

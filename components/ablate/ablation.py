@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from clipmill.components.common.curation import STEPS_DIR
-from clipmill.components.common.io import atomic_path, write_json
+from clipmill.components.common.io import atomic_path, check_replaceable, mark_output, output_owner, write_json
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.tracking import PARENT_RUN_ENV, lineage_tags, tracking_uri, use_experiment
 
@@ -26,6 +26,10 @@ from . import report, stats
 from .arms import Arm
 
 log = get_logger("ablate")
+
+ABLATE_OWNER = "ablate"
+ABLATION_FILES = ("table.md", "means.csv", "effects.csv", "runs.csv", "per_class.csv", "arms.csv", "ablation.json",
+                  "ablation.png")
 
 
 @dataclass
@@ -82,6 +86,17 @@ def parent_run(params, inputs: Inputs, arms: list[Arm]) -> Iterator[str | None]:
         client.set_terminated(run_id, status)
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuse, before any training, an ``ablate.out_dir`` that the results could not replace: a file, or a
+    directory that is not an ablation's. One that holds only the files an ablation writes, from before outputs
+    were marked, is taken as the ablation's."""
+    path = Path(out_dir)
+    if path.is_dir() and not path.is_symlink() and output_owner(path) is None and any(path.iterdir()) \
+            and {p.name for p in path.iterdir()} <= set(ABLATION_FILES):
+        mark_output(path, ABLATE_OWNER)
+    check_replaceable(path, ABLATE_OWNER)
+
+
 def work_dir(configured: str | None) -> tuple[Path, bool]:
     """(the work directory, whether to remove it at the end)."""
     if configured:
@@ -118,7 +133,7 @@ def write_outputs(params, arms: list[Arm], built: list[dict], rows: list[dict], 
     summary = {"arms": built, "seeds": seeds, "samples_per_epoch": ab.samples_per_epoch, "epochs": params.train.epochs,
                "wall_time_s": round(seconds, 1), "mlflow_parent_run": run_id,
                "means": means.to_dict(orient="records"), "effects": effects.to_dict(orient="records")}
-    with atomic_path(ab.out_dir) as tmp:
+    with atomic_path(ab.out_dir, owner=ABLATE_OWNER) as tmp:
         tmp.mkdir()
         (tmp / "table.md").write_text(report.markdown(means, effects, metrics, facts, ab.confidence))
         means.to_csv(tmp / "means.csv", index=False)

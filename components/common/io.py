@@ -33,11 +33,15 @@ def output_owner(path: str | os.PathLike) -> str | None:
 
 
 def check_replaceable(path: str | os.PathLike, owner: str | None) -> None:
-    """Raise an ``InputError`` unless ``path`` may be replaced by ``owner``'s output: it is absent, a file, a
-    link, an empty directory, or a directory whose marker names ``owner``."""
+    """Raise an ``InputError`` unless ``path`` may be replaced by ``owner``'s output: it is absent, a link, an
+    empty directory, a directory whose marker names ``owner``, or a file (only when no ``owner`` is given: a
+    stage's directory output never takes the place of a file)."""
     from .errors import InputError
 
     path = Path(path)
+    if owner is not None and path.is_file() and not path.is_symlink():
+        raise InputError(path, f"refusing to replace this file with the output directory of {owner!r}; nothing "
+                               "was deleted (choose another output path)")
     if path.is_symlink() or not path.is_dir() or not any(path.iterdir()):
         return
     found = output_owner(path)
