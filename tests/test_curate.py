@@ -494,6 +494,22 @@ def test_a_manifest_missing_a_column_is_one_input_error(download, scorer, tmp_pa
     assert line.endswith("no_caption.parquet: field 'caption': missing column")
 
 
+def test_an_out_dir_that_is_not_a_curation_is_refused_before_anything_is_written(download, scorer, tmp_path):
+    other = tmp_path / "download"  # e.g. --out data/download by mistake: another stage's output
+    other.mkdir()
+    (other / "manifest.parquet").write_bytes(b"theirs")
+    (other / "summary.json").write_text("{}")
+    with pytest.raises(InputError, match=r"not part of a curation \(manifest.parquet\)") as err:
+        run_curate(download, other, shrunk_params(), scorer)
+    assert err.value.file == str(other)
+    assert sorted(p.name for p in other.iterdir()) == ["manifest.parquet", "summary.json"]
+    assert (other / "summary.json").read_text() == "{}"
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="is a file"):
+        run_curate(download, tmp_path / "notes.txt", shrunk_params(), scorer)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_unknown_or_misordered_steps_are_config_errors():
     with pytest.raises(ConfigError, match=r"curate\.steps.*unknown step\(s\) \['sharpen'\]"):
         parse_params({"curate": {"steps": ["rules", "sharpen"]}})
