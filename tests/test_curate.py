@@ -499,7 +499,7 @@ def test_an_out_dir_that_is_not_a_curation_is_refused_before_anything_is_written
     other.mkdir()
     (other / "manifest.parquet").write_bytes(b"theirs")
     (other / "summary.json").write_text("{}")
-    with pytest.raises(InputError, match=r"not part of a curation \(manifest.parquet\)") as err:
+    with pytest.raises(InputError, match=r"not part of a curation directory \(manifest.parquet\)") as err:
         run_curate(download, other, shrunk_params(), scorer)
     assert err.value.file == str(other)
     assert sorted(p.name for p in other.iterdir()) == ["manifest.parquet", "summary.json"]

@@ -150,3 +150,24 @@ def test_a_live_writers_temporary_is_left_alone(tmp_path):
     finally:
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait(timeout=10)
+
+
+@pytest.mark.parametrize("stage", [["train", "--shards", "shards"], ["tune", "--shards", "shards"],
+                                   ["register", "--model", "model"]])
+def test_stages_writing_files_into_a_directory_refuse_anothers_before_writing(stage, tmp_path, monkeypatch, capsys):
+    """train, tune and register write their files into --out one by one: pointed at another stage's output (here a
+    download's) they stop with one line and leave it as it was; a file is refused the same way."""
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump({"tracking": {"enabled": True,
+                                                                "tracking_uri": f"sqlite:///{tmp_path}/m.db"}}))
+    other = tmp_path / "download"
+    other.mkdir()
+    for name in ("manifest.parquet", "run.json", "summary.json"):
+        (other / name).write_text(name)
+    assert main(["stage", *stage, "--out", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{other}: holds files that are not part of a" in err[0] and "manifest.parquet" in err[0]
+    assert {p.name: p.read_text() for p in other.iterdir()} == {n: n for n in ("manifest.parquet", "run.json",
+                                                                             "summary.json")}
+    assert main(["stage", *stage, "--out", "params.yaml"]) == 2
+    assert "params.yaml: is a file, not a" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,24 @@ def check_replaceable(path: str | os.PathLike, owner: str | None) -> None:
         why = f"it is the output directory of {found!r}, not of {owner!r}"
     raise InputError(path, f"refusing to replace this directory: {why}; nothing was deleted "
                            "(choose another output path, or remove it by hand)")
+
+
+def check_stage_dir(path: str | os.PathLike, what: str, entries: Iterable[str]) -> None:
+    """A stage that writes its files into ``path`` one by one (and reuses them on a rerun) writes only there: it
+    must be absent, empty or hold nothing but ``entries`` (its own files, hidden ones aside). A file, or a directory
+    holding anything else (another stage's output, one's own files), is an ``InputError`` naming ``what`` the
+    directory should be, raised before anything is written."""
+    from .errors import InputError
+
+    path = path if hasattr(path, "iterdir") else Path(path)  # a Path, or an object-storage UPath
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise InputError(path, f"is a file, not {what} (choose another output path)")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in set(entries) and not p.name.startswith("."))
+    if foreign:
+        raise InputError(path, f"holds files that are not part of {what} ({', '.join(foreign[:5])}): another stage's "
+                               "output or files of one's own; nothing was written (choose another output path)")
 
 
 def mark_output(directory: str | os.PathLike, owner: str) -> None:

@@ -30,9 +30,10 @@ from clipmill.components.common.curation import (
     stored_state_hash,
     unit_fingerprint,
 )
-from clipmill.components.common.errors import ClipmillError, InputError
+from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.funnel import funnel_metrics
 from clipmill.components.common.hashing import hash_obj, params_dump
+from clipmill.components.common.io import check_stage_dir
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.steps import PoolStep, Step, StepContext
 from clipmill.components.common.storage import (
@@ -92,20 +93,6 @@ def step_summary(curate_dir: Path, step: type[Step], params, units: list[str], m
     extra = step.summarize(params, lambda: (t for _, t in read_step(curate_dir, step.name, units=units)),
                            str(step_dir(curate_dir, step.name)))
     return {**summary, **extra}
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """``out_dir`` must be absent, empty or a curation directory (what an earlier run left there is reused);
-    a file, or a directory holding anything else (another stage's output, one's own files), is an ``InputError``
-    raised before anything is written there."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputError(out_dir, "is a file, not a curation directory (choose another --out)")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in CURATION_ENTRIES and not p.name.startswith("."))
-    if foreign:
-        raise InputError(out_dir, f"holds files that are not part of a curation ({', '.join(foreign[:5])}): another "
-                                  "stage's output or files of one's own; nothing was written (choose another --out)")
 
 
 def _remove_stale(curate_dir: Path, names: list[str], units: list[str]) -> None:
@@ -229,7 +216,7 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     pa.set_memory_pool(pa.system_memory_pool())
     # Absolute: tasks may run in another working directory (the workers of a Ray cluster).
     manifest_path, out_dir = location(manifest_path), location(out_dir)
-    check_out_dir(out_dir)
+    check_stage_dir(out_dir, "a curation directory", CURATION_ENTRIES)  # before anything is written there
     names = params.curate.steps
     steps = step_classes(names)
     if params.curate.executor == "local" and params.curate.workers > 1:

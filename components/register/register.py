@@ -17,7 +17,7 @@ from typing import Any
 from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.evaluation import EvaluationRecord, model_hash
 from clipmill.components.common.hashing import content_hash
-from clipmill.components.common.io import read_json, write_json, write_text
+from clipmill.components.common.io import check_stage_dir, read_json, write_json, write_text
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.params import TrackingParams
 from clipmill.components.common.tracking import lineage_tags, stage_run, tracking_uri
@@ -108,6 +108,7 @@ def register(model_dir: str | os.PathLike, metrics_file: str | os.PathLike, eval
     if not tracking.enabled:
         raise ConfigError("tracking.enabled is false: registering a model needs the MLflow tracking store")
     model_dir, out_dir, reports_dir = Path(model_dir), Path(out_dir), Path(reports_dir)
+    check_stage_dir(out_dir, "a registration output", [REGISTRATION_FILE])
     record, digest = _checked_record(model_dir, metrics_file)
     train_run = read_train_run(train_run_file)
     url_lists = read_url_lists(download_summary)

@@ -55,14 +55,16 @@ def apply_best_params(section: TrainParams, path: str | None, key: str) -> Train
 
 
 def run(args: argparse.Namespace, params) -> int:
+    from clipmill.components.common.io import check_stage_dir
     from clipmill.components.common.log import get_logger
     from clipmill.components.common.tracking import tracking_uri
-    from clipmill.components.common.training.fit import train
+    from clipmill.components.common.training.fit import OUTPUT_ENTRIES, train
 
     from .warm_start import continual_section, read_warm_start, warm_start_weights
 
     log = get_logger("train")
     args = resolve_paths(args, params, "train")
+    check_stage_dir(args.out, "a training output", OUTPUT_ENTRIES)  # before anything is written there
     base = resolve_section(params, args.config_key)
     warm = read_warm_start(args.warm_start)
     if warm.init_from:

@@ -19,7 +19,7 @@ from typing import Any
 
 from clipmill.components.common.engine import GPU_IF_AVAILABLE, check_fits, ray_session, resolve_gpus
 from clipmill.components.common.errors import ClipmillError
-from clipmill.components.common.io import write_json
+from clipmill.components.common.io import check_stage_dir, write_json
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.params import RayParams, TrackingParams
 from clipmill.components.common.tracking import PARENT_RUN_ENV, stage_run, tracking_uri
@@ -30,6 +30,7 @@ from .params import SearchSpace, TuneParams
 log = get_logger("tune")
 
 TUNED_KEYS = tuple(SearchSpace.model_fields)
+OUTPUT_FILES = ("best_params.json", "trials.json", "run.json")  # what a sweep writes into its out_dir
 
 
 def search_space(space: SearchSpace) -> dict[str, Any]:
@@ -100,8 +101,9 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
 
     from clipmill.components.common.training.data import scan_shards
 
-    shard_set = scan_shards(shards)  # bad input fails here, before Ray starts
     out_dir = Path(out_dir)
+    check_stage_dir(out_dir, "a sweep's output", OUTPUT_FILES)
+    shard_set = scan_shards(shards)  # bad input fails here, before Ray starts
     reports = tune_params.steps_per_trial // tune_params.report_every_n_steps
     uri = tracking_uri(tracking)
     with stage_run("tune", tracking, tune_params, shard_set.paths) as run:

@@ -129,6 +129,9 @@ def _trainer(params: TrainParams, *, out_dir: Path, loggers: list, callbacks: li
     )
 
 
+OUTPUT_ENTRIES = ("model", "checkpoints", "metrics.json", "run.json")  # what a training writes into its out_dir
+
+
 def train(params: TrainParams, *, shards: str, out_dir: str | os.PathLike, eval_dir: str | os.PathLike | None,
           seed: int, tracking: TrackingParams, stage: str = "train",
           validation_listeners: Sequence[Callable[[int, dict[str, float]], None]] = (),
