@@ -494,6 +494,17 @@ def test_a_manifest_missing_a_column_is_one_input_error(download, scorer, tmp_pa
     assert line.endswith("no_caption.parquet: field 'caption': missing column")
 
 
+def test_a_manifest_shard_outside_the_shards_directory_is_one_input_error(download, scorer, tmp_path):
+    table = download["table"].copy()
+    last = table.index[table["status"] == "success"][-1]
+    table.loc[last, "shard"] = "../../evil.tar"  # a unit named after it would be written outside the curation
+    table.to_parquet(tmp_path / "manifest.parquet", index=False)
+    with pytest.raises(InputError, match=r"shard '\.\./\.\./evil\.tar' names a file outside the shards directory"):
+        run_curate({**download, "manifest": tmp_path / "manifest.parquet"}, tmp_path / "a" / "b" / "curate",
+                   shrunk_params(), scorer)
+    assert not list(tmp_path.rglob("evil*"))
+
+
 def test_an_out_dir_that_is_not_a_curation_is_refused_before_anything_is_written(download, scorer, tmp_path):
     other = tmp_path / "download"  # e.g. --out data/download by mistake: another stage's output
     other.mkdir()

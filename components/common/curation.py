@@ -223,6 +223,10 @@ def split_manifest(manifest_path: Path, curate_dir: Path) -> list[str]:
         if missing.any():
             raise InputError(manifest_path, f"a successful download has no shard or key "
                                             f"(uid {frame['uid'][missing].iloc[0]!r})", field="shard")
+        outside = frame["shard"].astype(str).str.contains(r"(?:^|[/\\])\.\.(?:$|[/\\])")
+        if outside.any():
+            raise InputError(manifest_path, f"shard {frame['shard'][outside].iloc[0]!r} names a file outside the "
+                                            f"shards directory (uid {frame['uid'][outside].iloc[0]!r})", field="shard")
         for shard, rows in frame.groupby("shard", sort=False):
             unit = unit_name(shard)
             if unit != current and current is not None:  # a shard's rows are contiguous: it is complete
