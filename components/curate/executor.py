@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.compute as pc
 
 from clipmill.components.common.curation import (
     load_state,
@@ -49,7 +50,7 @@ from clipmill.components.common.hashing import hash_obj, params_dump
 from clipmill.components.common.log import Progress, get_logger
 from clipmill.components.common.params import RayParams
 from clipmill.components.common.steps import PoolStep, Step, StepContext, check_output
-from clipmill.components.common.storage import location, read_frame
+from clipmill.components.common.storage import location, read_frame, read_table
 
 log = get_logger("curate")
 
@@ -122,22 +123,25 @@ def step_input(curate_dir, unit: str, needs: tuple[str, ...],
     """The unit's rows that every earlier step kept: uid, the manifest columns ``needs`` and earlier columns.
 
     A step decides exactly the samples that every step before it kept, so the last earlier step's kept uids are
-    the samples every one of them kept: only that output and those of steps that add columns are read.
+    the samples every one of them kept: only that output and those of steps that add columns are read (as Arrow
+    tables, filtered and joined before the one conversion to pandas).
     """
-    rows = read_frame(unit_path(curate_dir, unit), columns=["uid", *[c for c in needs if c != "uid"]])
+    rows = read_table(unit_path(curate_dir, unit), columns=["uid", *[c for c in needs if c != "uid"]])
     if not upstream:
-        return rows
+        return rows.to_pandas()
     last, last_columns, _ = upstream[-1]
-    decided = read_frame(output_path(curate_dir, last, unit), columns=["uid", "keep", *last_columns])
-    rows = rows[rows["uid"].isin(decided.loc[decided["keep"].astype(bool), "uid"])].reset_index(drop=True)
+    decided = read_table(output_path(curate_dir, last, unit), columns=["uid", "keep", *last_columns])
+    decided = decided.filter(decided.column("keep"))
+    uid_type = rows.schema.field("uid").type  # an output of no rows was written with a null-typed uid column
+    rows = rows.filter(pc.is_in(rows.column("uid"), value_set=decided.column("uid").cast(uid_type)))
     for name, columns, _ in upstream:
         if not columns:
             continue
-        table = decided if name == last else read_frame(output_path(curate_dir, name, unit), columns=["uid", *columns])
-        table = table.set_index("uid")
+        table = decided if name == last else read_table(output_path(curate_dir, name, unit), columns=["uid", *columns])
+        positions = pc.index_in(rows.column("uid"), value_set=table.column("uid").cast(uid_type))
         for column in columns:
-            rows[column] = table[column].reindex(rows["uid"]).to_numpy()
-    return rows
+            rows = rows.append_column(column, table.column(column).take(positions))
+    return rows.to_pandas()
 
 
 def _reuse(task: UnitTask, batch: pd.DataFrame, compute, params_fp: str) -> pd.DataFrame:
