@@ -108,6 +108,9 @@ def test_guard_drops_each_bad_rewrite_with_its_reason():
     ("two blue diamonds and an orange diamond", "two blue diamonds and a yellow diamond", "colour_changed"),
     ("a red circle", "a red circle - visit http://spam.example.com", "added_url"),
     ("a red circle", "a red circle, buy cheap replica watches with free worldwide shipping", "added_text"),
+    ("a red circle on a grey background", "a red circle on a grey background, a red circle on a grey background",
+     "repeated_text"),
+    ("a red circle", "a red circle a red circle a red circle", "repeated_text"),
 ])
 def test_guard_rejects_corrupting_rewrites(caption, rewrite, reason):
     assert guard_rewrites(caption, [], Generated([rewrite]), slots=1) == ([], [reason])
@@ -117,6 +120,10 @@ def test_guard_keeps_faithful_reframed_and_reordered_rewrites():
     caption = "a photo of an orange diamond and two blue diamonds"
     good = ["two blue diamonds and an orange diamond, as seen in a photo", "an image showing two blue diamonds and "
             "an orange diamond", "At the center, an orange diamond is shown next to two blue diamonds."]
+    # a run the caption itself repeats may be repeated as often
+    kept, dropped = guard_rewrites("a red dot, a red dot and a red dot", [],
+                                   Generated(["an image of a red dot, a red dot and a red dot"]), slots=1)
+    assert dropped == []
     kept, dropped = guard_rewrites(caption, ["orange", "diamond"], Generated(good), slots=3)
     assert kept == good and dropped == []
 

@@ -11,7 +11,9 @@ captions x rewrites_per_caption = kept + dropped. The checks, in order:
 - ``frame_repeated``: more frames ("a photo of", "an image showing", "in a picture") than one, or than the caption
   has ("a photo of a photo of ..."); ``frame_moved``: a frame inside a list ("... and a photo of X");
 - ``added_text``: more than ``max_new_words`` words that are neither the caption's (up to a plural or verb
-  ending) nor function words, frame words, synonyms or template words.
+  ending) nor function words, frame words, synonyms or template words;
+- ``repeated_text``: a run of ``REPEAT_WORDS`` words said again, more often than the caption says it (a language
+  model caught in a loop: "a red circle on a red circle on a red circle ...", every word the caption's).
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ COLOUR_CHANGED = "colour_changed"
 FRAME_REPEATED = "frame_repeated"
 FRAME_MOVED = "frame_moved"
 ADDED_TEXT = "added_text"
+REPEATED_TEXT = "repeated_text"
 NOT_GENERATED = "not_generated"
+REPEAT_WORDS = 4  # "to the left of a green box" and "a picture of a green cross" share three words, not four
 
 FRAME_NOUNS = ("photo", "photograph", "picture", "image", "illustration", "drawing", "sketch", "artwork", "view",
                "close-up", "closeup", "snapshot", "shot", "poster", "painting", "render", "rendering")
@@ -126,12 +130,18 @@ class _Caption:
     frames: int
     frames_in_list: int
     words: frozenset[str]  # the caption's words and their stems
+    runs: Counter          # its runs of REPEAT_WORDS words
 
     @classmethod
     def of(cls, caption: str) -> _Caption:
         return cls(frozenset(URL.findall(caption)), _numbers(caption), frozenset(_colours(caption)),
                    len(FRAME.findall(caption)), len(FRAME_IN_LIST.findall(caption)),
-                   frozenset(stem for w in _words(caption) for stem in _stems(w)))
+                   frozenset(stem for w in _words(caption) for stem in _stems(w)), _runs(caption))
+
+
+def _runs(text: str) -> Counter:
+    words = _words(text)
+    return Counter(tuple(words[i:i + REPEAT_WORDS]) for i in range(len(words) - REPEAT_WORDS + 1))
 
 
 def _added_words(caption: _Caption, text: str, vocabulary: frozenset[str]) -> int:
@@ -154,6 +164,8 @@ def unfaithful(caption: str | _Caption, text: str, rules: GuardRules) -> str | N
         return FRAME_MOVED
     if rules.max_new_words is not None and _added_words(caption, text, rules.vocabulary) > rules.max_new_words:
         return ADDED_TEXT
+    if any(n > 1 and n > caption.runs[run] for run, n in _runs(text).items()):
+        return REPEATED_TEXT
     return None
 
 
