@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
+from clipmill.components.common.errors import InputError
 from clipmill.components.train.cli import apply_best_params
 from clipmill.components.tune import cli as tune_cli
 from tests.test_train_shapes import run_stage, write_shape_evalsets, write_shape_shards
@@ -52,3 +54,18 @@ def test_two_trial_sweep_writes_the_best_config(tmp_path, mlflow_uri, default_pa
     assert names["best_mlflow_run_id"] in {n["mlflow_run_id"] for n in names["trials"]}
     assert all(c.data.tags["clipmill.git_commit"] != "unknown" for c in children)  # trials run in the repository
     assert parent.data.metrics["best/val/zeroshot/acc1"] == best["value"]
+
+
+def test_tuned_values_are_applied_only_to_the_section_they_were_tuned_for_and_never_silently_dropped(
+        tmp_path, default_params, caplog):
+    best = tmp_path / "best_params.json"
+    best.write_text(json.dumps({"overrides": {"lr": 0.5}}))  # no config_key: not a file tune wrote
+    with pytest.raises(InputError, match="field 'config_key': missing"):
+        apply_best_params(default_params.train, str(best), "train")
+    best.write_text(json.dumps({"config_key": "score.bootstrap", "overrides": {"lr": 0.5}}))
+    assert apply_best_params(default_params.train, str(best), "train") == default_params.train
+    assert "tuned for score.bootstrap, not applied to train" in caplog.text
+    best.write_text(json.dumps({"config_key": "train", "overrides": {"lr": "fast"}}))
+    with pytest.raises(InputError, match="field 'overrides.lr'"):
+        apply_best_params(default_params.train, str(best), "train")
+    assert apply_best_params(default_params.train, str(tmp_path / "none.json"), "train") == default_params.train

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.io import read_json
 from clipmill.components.common.layout import add_path_option, resolve_paths
+from clipmill.components.common.log import get_logger
 from clipmill.components.common.params import section_at
 from clipmill.components.common.training.params import TrainParams
 
@@ -44,7 +45,11 @@ def apply_best_params(section: TrainParams, path: str | None, key: str) -> Train
     best = read_json(path)
     if not isinstance(best, dict) or not isinstance(best.get("overrides"), dict):
         raise InputError(path, "expected an object with an 'overrides' mapping", field="overrides")
-    if best.get("config_key") != key:
+    if not isinstance(best.get("config_key"), str):
+        raise InputError(path, "missing: the training section the values were tuned for (as tune writes it)",
+                         field="config_key")
+    if best["config_key"] != key:
+        get_logger("train").warning("%s: tuned for %s, not applied to %s", path, best["config_key"], key)
         return section
     try:
         return TrainParams.model_validate({**section.model_dump(), **best["overrides"]})
