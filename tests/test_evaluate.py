@@ -11,7 +11,13 @@ import yaml
 
 from clipmill.cli import main
 from clipmill.components.common.errors import InputError
-from clipmill.components.common.evalsets import concept_counts, evaluate_clip, frequency_buckets, load_eval_suite
+from clipmill.components.common.evalsets import (
+    concept_counts,
+    evaluate_clip,
+    frequency_buckets,
+    load_eval_suite,
+    load_image_folder,
+)
 from clipmill.components.common.evaluation import EvaluationRecord, model_hash
 from clipmill.components.common.model import load_clip
 from tests.conftest import REPO
@@ -141,6 +147,24 @@ def test_a_clip_benchmark_directory_with_more_folders_than_names_is_one_clear_er
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "tiles" in err and "2 class folders but 1 names" in err
     assert not (tmp_path / "evaluate").exists()
+
+
+@pytest.mark.parametrize("damage, where, reason", [
+    (lambda d: (d / "classnames.txt").write_bytes("caf\xe9\nred\n".encode("latin-1")), "classnames.txt",
+     "not UTF-8 text (byte 0xe9 at offset 3)"),
+    (lambda d: (d / "zeroshot_classification_templates.txt").write_text("a {c} and a {c}\n"),
+     "zeroshot_classification_templates.txt", "each with exactly one '{c}' or '{}'"),
+    (lambda d: (d / "zeroshot_classification_templates.txt").write_text("a {c} of {size}\n"),
+     "zeroshot_classification_templates.txt", "each with exactly one '{c}' or '{}'"),
+    (lambda d: (d / "001" / "9.png").write_bytes(b"not an image"), "001/9.png", "not an image the evaluation can read"),
+])
+def test_a_clip_benchmark_directory_with_bad_text_templates_or_images_is_one_input_error(tmp_path, damage, where,
+                                                                                         reason):
+    extra = write_clip_benchmark_dir(tmp_path / "tiles")
+    damage(extra)
+    with pytest.raises(InputError) as err:
+        load_image_folder(extra)
+    assert err.value.file == str(extra / where) and reason in err.value.reason
 
 
 def test_captions_count_a_class_only_where_its_name_stands_as_words(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from . import metrics
 from .errors import InputError
+from .images import ImageError, decode_image
 from .model import ClipModel, embed_images, embed_texts, preprocess_images
 from .text import spaced_text
 
@@ -104,8 +106,9 @@ def load_zeroshot(eval_dir: Path) -> ZeroShotSet:
     classes, templates = spec.get("classes"), spec.get("templates")
     if not classes or not all(isinstance(c, str) for c in classes):
         raise InputError(classes_path, "expected a non-empty list of class names", field="classes")
-    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-        raise InputError(classes_path, "expected a non-empty list of templates containing '{}'", field="templates")
+    if not templates or not all(isinstance(t, str) and _one_slot(t) for t in templates):
+        raise InputError(classes_path, "expected a non-empty list of templates, each with exactly one '{}' (literal "
+                                       "braces written '{{' and '}}')", field="templates")
     attributes = spec.get("attributes", {})
     if not isinstance(attributes, dict) or not all(
             isinstance(name, str) and name.isidentifier() and isinstance(values, list) and len(values) == len(classes)
@@ -147,14 +150,15 @@ def load_image_folder(root: str | os.PathLike) -> ZeroShotSet:
     names_path = root / CLASSNAMES_FILE
     if not names_path.is_file():
         raise InputError(names_path, "missing: a zero-shot dataset names its classes, one per line")
-    classes = [line.strip() for line in names_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    classes = [line.strip() for line in _text(names_path).splitlines() if line.strip()]
     template_path = next((root / f for f in TEMPLATE_FILES if (root / f).is_file()), None)
     templates = list(DEFAULT_TEMPLATES)
     if template_path is not None:
-        lines = template_path.read_text(encoding="utf-8").splitlines()
+        lines = _text(template_path).splitlines()
         templates = [line.strip().replace("{c}", "{}") for line in lines if line.strip()]
-        if not templates or not all("{}" in t for t in templates):
-            raise InputError(template_path, "expected one or more templates, each with '{c}' or '{}'")
+        if not templates or not all(_one_slot(t) for t in templates):
+            raise InputError(template_path, "expected one or more templates, each with exactly one '{c}' or '{}' "
+                                            "(literal braces written '{{' and '}}')")
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if len(folders) != len(classes):
         raise InputError(root, f"{len(folders)} class folders but {len(classes)} names in {CLASSNAMES_FILE}")
@@ -164,10 +168,31 @@ def load_image_folder(root: str | os.PathLike) -> ZeroShotSet:
         if not files:
             raise InputError(folder, "no images in this class folder")
         for f in files:
+            data = f.read_bytes()
+            try:
+                decode_image(data)
+            except ImageError as e:
+                raise InputError(f, f"not an image the evaluation can read ({e})") from None
             uids.append(f.relative_to(root).as_posix())
-            images.append(f.read_bytes())
+            images.append(data)
             labels.append(label)
     return ZeroShotSet(uids, images, np.asarray(labels, dtype=np.int64), classes, templates)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
+def _one_slot(template: str) -> bool:
+    """Whether ``template`` has exactly one replacement field, ``{}`` (the class name), and no other."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # an unmatched brace
+        return False
+    return fields == [""]
 
 
 def _caption_counts(captions: pd.Series, classes: list[str]) -> np.ndarray:
