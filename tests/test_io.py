@@ -171,3 +171,20 @@ def test_stages_writing_files_into_a_directory_refuse_anothers_before_writing(st
                                                                              "summary.json")}
     assert main(["stage", *stage, "--out", "params.yaml"]) == 2
     assert "params.yaml: is a file, not a" in capsys.readouterr().err
+
+
+def test_text_inputs_that_are_not_utf8_are_one_line_naming_the_file(tmp_path, capsys):
+    """A params file, a metadata list or a JSON input saved in Latin-1 stops with one line, not a traceback."""
+    from clipmill.components.balance.matching import read_metadata
+    from clipmill.components.common.io import read_json
+
+    params = tmp_path / "params.yaml"
+    params.write_bytes("tracking: {enabled: false}\n# caf\xe9\n".encode("latin-1"))
+    assert main(["stage", "download", "--params", str(params)]) == 2
+    assert capsys.readouterr().err.strip() == f"clipmill: error: {params}: not UTF-8 text (byte 0xe9 at offset 32)"
+    (tmp_path / "metadata.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"metadata.txt: not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        read_metadata(tmp_path / "metadata.txt")
+    (tmp_path / "x.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(InputError, match=r"x.json: not UTF-8 text \(byte 0xff at offset 0\)"):
+        read_json(tmp_path / "x.json")

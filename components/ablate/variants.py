@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from clipmill.components.common.errors import ConfigError, InputError
-from clipmill.components.common.io import read_json
+from clipmill.components.common.io import read_json, read_text
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -62,7 +62,7 @@ def load_variant(params_path: str | os.PathLike, overrides: list[str], best_para
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
     changed = {f"override.{k}": v for k, v in apply_overrides(data, list(overrides)).items()}

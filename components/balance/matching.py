@@ -14,6 +14,7 @@ import ahocorasick
 import pandas as pd
 
 from clipmill.components.common.errors import InputError
+from clipmill.components.common.io import read_text
 from clipmill.components.common.text import spaced_text
 
 
@@ -25,7 +26,7 @@ def read_metadata(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such metadata file (balance.metadata)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".json":
         try:
             entries = json.loads(text)

@@ -22,6 +22,7 @@ import torch
 from . import metrics
 from .errors import InputError
 from .images import ImageError, decode_image
+from .io import read_text
 from .model import ClipModel, embed_images, embed_texts, preprocess_images
 from .text import spaced_text
 
@@ -100,7 +101,7 @@ def load_zeroshot(eval_dir: Path) -> ZeroShotSet:
     if not classes_path.is_file():
         raise InputError(classes_path, f"missing (needed with {ZEROSHOT_FILE})")
     try:
-        spec = json.loads(classes_path.read_text())
+        spec = json.loads(read_text(classes_path))
     except json.JSONDecodeError as e:
         raise InputError(classes_path, f"not valid JSON: {e}") from None
     classes, templates = spec.get("classes"), spec.get("templates")
@@ -150,11 +151,11 @@ def load_image_folder(root: str | os.PathLike) -> ZeroShotSet:
     names_path = root / CLASSNAMES_FILE
     if not names_path.is_file():
         raise InputError(names_path, "missing: a zero-shot dataset names its classes, one per line")
-    classes = [line.strip() for line in _text(names_path).splitlines() if line.strip()]
+    classes = [line.strip() for line in read_text(names_path).splitlines() if line.strip()]
     template_path = next((root / f for f in TEMPLATE_FILES if (root / f).is_file()), None)
     templates = list(DEFAULT_TEMPLATES)
     if template_path is not None:
-        lines = _text(template_path).splitlines()
+        lines = read_text(template_path).splitlines()
         templates = [line.strip().replace("{c}", "{}") for line in lines if line.strip()]
         if not templates or not all(_one_slot(t) for t in templates):
             raise InputError(template_path, "expected one or more templates, each with exactly one '{c}' or '{}' "
@@ -177,13 +178,6 @@ def load_image_folder(root: str | os.PathLike) -> ZeroShotSet:
             images.append(data)
             labels.append(label)
     return ZeroShotSet(uids, images, np.asarray(labels, dtype=np.int64), classes, templates)
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
 
 
 def _one_slot(template: str) -> bool:

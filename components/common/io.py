@@ -151,6 +151,18 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """A text file read as UTF-8; other bytes are an ``InputError`` naming the file and where (an editor that saved
+    a params file or a word list in Latin-1)."""
+    from .errors import InputError
+
+    path = path if hasattr(path, "read_text") else Path(path)  # a Path, or an object-storage UPath
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
 def read_json(path: str | os.PathLike, missing: str = "no such file") -> Any:
     """Parse a JSON file; a missing file (reason ``missing``) or invalid JSON is an ``InputError`` naming it."""
     from .errors import InputError
@@ -159,7 +171,7 @@ def read_json(path: str | os.PathLike, missing: str = "no such file") -> Any:
     if not path.is_file():
         raise InputError(path, missing)
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
 
