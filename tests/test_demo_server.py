@@ -242,3 +242,14 @@ def test_a_file_swapped_for_a_link_out_of_web_after_start_is_not_served(tmp_path
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(base_url + "/a", timeout=PATIENT)
         assert err.value.code == 404
+
+
+def test_a_port_in_use_is_one_config_error_not_a_traceback(corpus):
+    from clipmill.components.common.errors import ConfigError
+
+    web, _ = corpus
+    with serve_web(web) as base_url:
+        port = int(base_url.rsplit(":", 1)[1])
+        with pytest.raises(ConfigError, match=f"cannot serve .* at 127.0.0.1:{port}: Address already in use"):
+            with serve_web(web, port=port):
+                pass

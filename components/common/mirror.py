@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 
-from clipmill.components.common.errors import InputError
+from clipmill.components.common.errors import ConfigError, InputError
 from clipmill.components.common.io import read_json
 from clipmill.components.common.log import get_logger
 
@@ -255,7 +255,11 @@ def serve_mirror(directories: Sequence[str | os.PathLike], host: str = "127.0.0.
     URL that replaces the mirrored prefix. ``routes``: what ``check_mirror`` returned for them, when the caller
     has checked them already."""
     dirs = [Path(d) for d in directories]
-    server = MirrorServer((host, port), dirs, slow_seconds, routes)
+    try:
+        server = MirrorServer((host, port), dirs, slow_seconds, routes)
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        raise ConfigError(f"cannot serve {', '.join(map(str, dirs))} at {host}:{port}: {e.strerror or e} "
+                          "(choose another host or port; port 0 takes any free one)") from None
     thread = threading.Thread(target=server.serve_forever, name="mirror-server", daemon=True)
     thread.start()
     bound_host, bound_port = server.server_address[:2]
