@@ -46,7 +46,6 @@ from .hashing import hash_obj
 from .shards import shard_file_name
 from .steps import Step
 from .storage import (
-    is_url,
     location,
     open_input,
     read_frame,
@@ -55,6 +54,7 @@ from .storage import (
     read_table,
     relative,
     remove,
+    unreadable_parquet,
     write_json,
     write_table,
 )
@@ -146,14 +146,8 @@ def read_marker(data_path: Path) -> dict | None:
 
 
 def damaged(data_path: Path) -> bool:
-    """Whether a local parquet file's footer cannot be read (25 us a file; an object store writes whole objects)."""
-    if is_url(data_path):
-        return False
-    try:
-        pq.read_metadata(data_path)
-    except (OSError, pa.ArrowException):
-        return True
-    return False
+    """Whether a local parquet file was damaged (``unreadable_parquet``)."""
+    return unreadable_parquet(data_path) is not None
 
 
 def write_output(table: pd.DataFrame | pa.Table, data_path: Path, marker: dict) -> None:

@@ -113,6 +113,18 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     return pq.read_table(target.path, columns=columns, filesystem=target.fs)
 
 
+def unreadable_parquet(path: str | os.PathLike) -> str | None:
+    """Why a local parquet file cannot be read (its footer is read: 25 us a file), or None when it reads or is
+    absent. Object-storage files are not checked: an object is written whole."""
+    if is_url(path) or not os.path.exists(path):
+        return None
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as e:
+        return f"not a readable parquet file: {e}"
+    return None
+
+
 def read_frame(path: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:
     """A parquet file as pandas (as ``pd.read_parquet`` reads it)."""
     return read_table(path, columns).to_pandas()

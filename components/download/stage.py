@@ -46,6 +46,7 @@ from clipmill.components.common.io import (
 from clipmill.components.common.log import Progress, get_logger
 from clipmill.components.common.mirror import check_mirror, serve_mirror, under_prefix
 from clipmill.components.common.params import RayParams, TrackingParams
+from clipmill.components.common.storage import unreadable_parquet
 from clipmill.components.common.tracking import stage_run
 
 from .additions import Crawl, read_crawl
@@ -129,7 +130,7 @@ def claim_output_dir(out: Path, run_info: dict, overwrite: bool, shards_dir: Pat
                 differences = [str(e)]
             if differences:
                 problem = f"holds a different download run ({'; '.join(differences)})"
-            elif damaged := _damaged_parquet(out / "requests.parquet"):
+            elif damaged := unreadable_parquet(out / "requests.parquet"):
                 problem = f"holds a damaged requests.parquet ({damaged}), so its shards cannot be matched to URLs"
         if problem and not overwrite:
             raise InputError(out, f"{problem}; pass --overwrite to replace it")
@@ -469,17 +470,6 @@ def list_summary(list_dir: Path) -> dict | None:
     return None
 
 
-def _damaged_parquet(path: Path) -> str | None:
-    """Why the parquet file at ``path`` cannot be read (None when it is readable or absent); its footer is read."""
-    if not path.exists():
-        return None
-    try:
-        pq.read_metadata(path)
-    except (OSError, pa.ArrowException) as e:
-        return f"not a readable parquet file: {e}"
-    return None
-
-
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -490,7 +480,7 @@ def list_finished(list_dir: Path, run_info: dict) -> bool:
     run_file = list_dir / "run.json"
     if not run_file.is_file() or list_summary(list_dir) is None:
         return False
-    if damaged := _damaged_parquet(list_dir / "manifest.parquet"):
+    if damaged := unreadable_parquet(list_dir / "manifest.parquet"):
         log.warning("%s: %s; the list is downloaded again, resuming its finished shards",
                     list_dir / "manifest.parquet", damaged)
         return False
