@@ -13,7 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model
 
 from clipmill.components.common.errors import ConfigError
-from clipmill.components.common.io import read_text
+from clipmill.components.common.io import load_yaml, read_text
 from clipmill.components.common.params import ProjectParams, RayParams, Section, TrackingParams
 
 DEFAULT_PARAMS = "params.yaml"
@@ -98,7 +98,7 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS) -> Params:
     if not path.exists():
         raise ConfigError(f"{path}: no such params file")
     try:
-        data = yaml.safe_load(read_text(path))
+        data = load_yaml(read_text(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

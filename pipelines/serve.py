@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.io import load_yaml, read_text
 
 
 def load_deployments(prefect_yaml: str | Path) -> list[dict]:
@@ -14,8 +15,14 @@ def load_deployments(prefect_yaml: str | Path) -> list[dict]:
     path = Path(prefect_yaml)
     if not path.exists():
         raise ClipmillError(f"{path}: no such file")
-    deployments = (yaml.safe_load(path.read_text()) or {}).get("deployments") or []
-    ours = [d for d in deployments if str(d.get("entrypoint", "")).endswith(":pipeline")]
+    try:
+        doc = load_yaml(read_text(path)) or {}
+    except yaml.YAMLError as e:
+        raise ClipmillError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("deployments") or [], list):
+        raise ClipmillError(f"{path}: expected a mapping with a list of deployments")
+    deployments = doc.get("deployments") or []
+    ours = [d for d in deployments if isinstance(d, dict) and str(d.get("entrypoint", "")).endswith(":pipeline")]
     if not ours:
         raise ClipmillError(f"{path}: no deployment with entrypoint pipelines/flows.py:pipeline")
     return ours

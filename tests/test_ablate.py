@@ -66,6 +66,12 @@ def test_overrides_and_tuned_values_are_applied_only_when_given_and_reported(tmp
     assert tuned.train.lr == 0.002 and changed["tuned.lr"] == 0.002 and changed["tuned.source"] == str(best)
     with pytest.raises(ConfigError, match="ablate.sedes"):
         load_variant(REPO / "params.yaml", ["ablate.sedes=2"], None)
+    with pytest.raises(ConfigError, match=r"-S .*not valid YAML .*key 'a' given twice"):
+        load_variant(REPO / "params.yaml", ["train.wd={a: 1, a: 2}"], None)
+    twice = tmp_path / "params.yaml"
+    twice.write_text("train:\n  lr: 0.1\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: line 3: not valid YAML: key 'train' given twice"):
+        load_variant(twice, [], None)
 
 
 def test_the_paired_bootstrap_ci_excludes_zero_only_for_a_real_difference():

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from clipmill.cli import main
-from clipmill.components.common.errors import ConfigError
+from clipmill.components.common.errors import ClipmillError, ConfigError
+from clipmill.components.common.io import load_yaml
 from clipmill.params import load_params, parse_params
 
 from .conftest import REPO
@@ -45,6 +46,39 @@ def test_not_yaml_and_missing(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match="no such params file"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` pasted at the end would silently replace the
+    whole first section."""
+    text = (REPO / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "train:\n  max_steps: 3\n")
+    first = next(i for i, line in enumerate(text.splitlines()) if line.startswith("train:")) + 1
+    last = len(text.splitlines()) + 1
+    with pytest.raises(ConfigError) as e:
+        load_params(path)
+    assert str(e.value) == (f"{path}: line {last} not valid YAML: key 'train' given twice in one mapping "
+                            f"(first on line {first})")
+    path.write_text("project:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"line 3 not valid YAML: key 'seed' given twice .*first on line 2"):
+        load_params(path)
+    path.write_text("base: &b {seed: 1}\nproject:\n  <<: *b\n  run_name: x\n")  # merge keys still work
+    assert load_yaml(path.read_text())["project"] == {"seed": 1, "run_name": "x"}
+
+
+def test_prefect_yaml_with_a_key_twice_or_no_mapping(tmp_path):
+    from clipmill.pipelines.serve import load_deployments
+
+    path = tmp_path / "prefect.yaml"
+    path.write_text("deployments:\n- name: a\n  name: b\n  entrypoint: pipelines/flows.py:pipeline\n")
+    with pytest.raises(ClipmillError, match=r"not valid YAML: .*key 'name' given twice"):
+        load_deployments(path)
+    path.write_text("deployments: weekly\n")
+    with pytest.raises(ClipmillError, match="expected a mapping with a list of deployments"):
+        load_deployments(path)
+    path.write_text("deployments:\n- weekly\n- name: w\n  entrypoint: pipelines/flows.py:pipeline\n")
+    assert [d["name"] for d in load_deployments(path)] == ["w"]
 
 
 def test_cli_reports_a_params_typo_in_one_line(tmp_path, capsys):

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from clipmill.components.common.errors import ConfigError, InputError
-from clipmill.components.common.io import read_json, read_text
+from clipmill.components.common.io import load_yaml, read_json, read_text
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -18,7 +18,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"-S {text!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"-S {text!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return key.strip(), value
@@ -62,9 +62,11 @@ def load_variant(params_path: str | os.PathLike, overrides: list[str], best_para
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file")
     try:
-        data = yaml.safe_load(read_text(path)) or {}
+        data = load_yaml(read_text(path)) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
     changed = {f"override.{k}": v for k, v in apply_overrides(data, list(overrides)).items()}
     if best_params:
         tuned = tuned_overrides(best_params)

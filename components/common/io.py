@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 OUTPUT_MARKER = ".clipmill-output"
 
@@ -161,6 +162,31 @@ def read_text(path: str | os.PathLike) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(path, f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping. PyYAML keeps the last silently: a second
+    ``train:`` section pasted at the end of params.yaml would replace the whole first one (DVC's own reader refuses
+    the file, without saying where)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' given twice in one mapping (first on line {first[key] + 1})",
+                        key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as YAML (safe types only), a key given twice being a ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: safe types only
 
 
 def read_json(path: str | os.PathLike, missing: str = "no such file") -> Any:

@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from clipmill.components.common.errors import InputError
-from clipmill.components.common.io import read_text, write_text
+from clipmill.components.common.io import load_yaml, read_text, write_text
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.params import Section
 from clipmill.components.common.training.params import TrainParams
@@ -70,7 +70,7 @@ def read_warm_start(path: str | os.PathLike | None) -> WarmStart:
     if not path.is_file():
         raise InputError(path, "no such file (write it with `clipmill run --continual` or `--from-scratch`)")
     try:
-        doc = yaml.safe_load(read_text(path)) or {}
+        doc = load_yaml(read_text(path)) or {}
         warm = WarmStart.model_validate(doc)
     except yaml.YAMLError as e:
         raise InputError(path, f"not valid YAML ({e})") from None
