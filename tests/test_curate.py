@@ -677,3 +677,20 @@ def test_a_failed_task_stops_the_pool_with_its_own_error_and_no_other(tmp_path):
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "/nowhere/units/crawl/" in out.stdout, out.stderr
         assert "Traceback" not in out.stderr and "InvalidStateError" not in out.stderr, out.stderr
+
+
+def test_a_rows_fingerprint_tells_values_types_and_order_apart():
+    import numpy as np
+
+    from clipmill.components.common.curation import rows_fingerprint
+
+    base = pd.DataFrame({"uid": ["a", "b"], "score": [0.5, np.nan], "entries": [["cat", "dog"], []],
+                         "n": pd.array([1, None], dtype="Int64")})
+    same = pd.DataFrame({"uid": ["a", "b"], "score": [0.5, float("nan")], "entries": [np.array(["cat", "dog"]), []],
+                         "n": pd.array([1, None], dtype="Int64")}, index=[7, 9])  # the index is not content
+    assert rows_fingerprint(base) == rows_fingerprint(same)
+    changed = [base.assign(score=[0.5, 0.0]), base.assign(entries=[["dog", "cat"], []]), base.iloc[::-1],
+               base.assign(n=[1.0, np.nan]), base.rename(columns={"n": "m"}), base[["n", "uid", "score", "entries"]],
+               base.assign(uid=["a", "b\u00e9"]), base.iloc[:1]]
+    prints = {rows_fingerprint(t) for t in changed}
+    assert len(prints) == len(changed) and rows_fingerprint(base) not in prints

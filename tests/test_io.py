@@ -9,12 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from clipmill.cli import main
 from clipmill.components.common.errors import InputError
-from clipmill.components.common.io import OUTPUT_MARKER, atomic_path, output_owner, write_json
+from clipmill.components.common.io import OUTPUT_MARKER, atomic_path, output_owner, write_json, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,6 +151,38 @@ def test_a_live_writers_temporary_is_left_alone(tmp_path):
     finally:
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait(timeout=10)
+
+
+KILLED_FILE_WRITER = textwrap.dedent("""
+    import sys, time
+    from clipmill.components.common.io import atomic_path
+    with atomic_path(sys.argv[1]) as tmp:
+        tmp.write_bytes(b"x" * 1000)
+        print("writing", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_file_write_cut_off_is_cleaned_by_the_next_and_a_live_ones_left_alone(tmp_path):
+    """A file written with no other writer under way goes straight into the temporary root it created: a killed
+    one leaves its file there, which the next write removes; a running one's file stays while another writes."""
+    out = tmp_path / "00000.parquet"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_FILE_WRITER, str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        (pending,) = (tmp_path / ".00000.parquet.tmp").iterdir()
+        assert pending.name == f"{writer.pid}.00000.parquet"
+        write_parquet(pd.DataFrame({"uid": ["a"]}), out)  # meanwhile: in a directory of its own
+        assert pending.is_file() and pd.read_parquet(out)["uid"].tolist() == ["a"]
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(timeout=10)
+    write_parquet(pd.DataFrame({"uid": ["b"]}), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet"]
+    assert pd.read_parquet(out)["uid"].tolist() == ["b"]
+    write_parquet(pd.DataFrame({"uid": ["c"]}), out)  # and the common case leaves nothing either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet"]
 
 
 @pytest.mark.parametrize("stage", [["train", "--shards", "shards"], ["tune", "--shards", "shards"],

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -142,11 +143,10 @@ class PoolStep(Step):
 
 def decisions(uids: Iterable, reasons: Iterable, **columns: Any) -> pd.DataFrame:
     """A step's output frame: uid, keep (reason is None), reason, then ``columns``."""
-    reason = pd.Series(list(reasons), dtype=object)
-    reason = reason.where(reason.notna(), None)
-    return pd.DataFrame({"uid": pd.Series(list(uids), dtype=object), "keep": reason.isna().to_numpy(),
-                         "reason": reason.to_numpy(), **{k: (list(v) if not hasattr(v, "to_numpy") else v.to_numpy())
-                                                         for k, v in columns.items()}})
+    reason = np.array([None if pd.isna(r) else r for r in reasons], dtype=object)  # NaN and None alike: kept
+    keep = np.fromiter((r is None for r in reason), dtype=bool, count=len(reason))
+    return pd.DataFrame({"uid": np.array(list(uids), dtype=object), "keep": keep, "reason": reason,
+                         **{k: (list(v) if not hasattr(v, "to_numpy") else v.to_numpy()) for k, v in columns.items()}})
 
 
 def check_output(step: type[Step], out: pd.DataFrame, batch: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:

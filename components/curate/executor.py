@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
@@ -158,9 +159,9 @@ def _reuse(task: UnitTask, batch: pd.DataFrame, compute, params_fp: str) -> pd.D
 
 
 def _counts(out: pd.DataFrame) -> dict:
-    dropped = out.loc[~out["keep"].astype(bool), "reason"].astype(str).value_counts().sort_index()
-    return {"input": int(len(out)), "kept": int(out["keep"].astype(bool).sum()),
-            "dropped": {str(k): int(v) for k, v in dropped.items()}}
+    keep = out["keep"].to_numpy(dtype=bool)
+    dropped = Counter(str(r) for r in out["reason"].to_numpy()[~keep])
+    return {"input": int(len(out)), "kept": int(keep.sum()), "dropped": dict(sorted(dropped.items()))}
 
 
 def run_task(task: UnitTask) -> dict:
