@@ -183,6 +183,9 @@ def test_a_file_write_cut_off_is_cleaned_by_the_next_and_a_live_ones_left_alone(
     assert pd.read_parquet(out)["uid"].tolist() == ["b"]
     write_parquet(pd.DataFrame({"uid": ["c"]}), out)  # and the common case leaves nothing either
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet"]
+    long = tmp_path / ("x" * 242 + ".pq")  # <pid>.<name> would pass the 255 bytes of a name: a directory of its own
+    write_parquet(pd.DataFrame({"uid": ["d"]}), long)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet", long.name]
 
 
 @pytest.mark.parametrize("stage", [["train", "--shards", "shards"], ["tune", "--shards", "shards"],

@@ -130,7 +130,7 @@ def atomic_path(path: str | os.PathLike, owner: str | None = None) -> Iterator[P
     path = Path(path).absolute()  # writers that resolve relative paths elsewhere still land in the temp dir
     check_replaceable(path, owner)
     path.parent.mkdir(parents=True, exist_ok=True)
-    own_root = owner is None and _claim_root(path)
+    own_root = owner is None and len(path.name.encode()) <= 240 and _claim_root(path)  # <pid>.<name> fits NAME_MAX
     # A file written with no other writer and no leftovers under way writes straight into the root it created
     # (as <pid>.<name>, which a later writer's clean-up reads as this process's); otherwise into a directory of its
     # own in the root. (Two directory operations fewer a file: a third of a small shard's write.)
