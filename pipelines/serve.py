@@ -25,6 +25,11 @@ def load_deployments(prefect_yaml: str | Path) -> list[dict]:
     ours = [d for d in deployments if isinstance(d, dict) and str(d.get("entrypoint", "")).endswith(":pipeline")]
     if not ours:
         raise ClipmillError(f"{path}: no deployment with entrypoint pipelines/flows.py:pipeline")
+    for d in ours:
+        if not isinstance(d.get("name"), str) or not d["name"].strip():
+            raise ClipmillError(f"{path}: a deployment of pipelines/flows.py:pipeline without a name")
+        if not isinstance(d.get("schedules") or [], list) or not isinstance(d.get("parameters") or {}, dict):
+            raise ClipmillError(f"{path}: deployment {d['name']!r}: schedules must be a list and parameters a mapping")
     return ours
 
 
@@ -34,7 +39,7 @@ def build_deployments(prefect_yaml: str | Path, root: str | Path) -> list:
 
     out = []
     for d in load_deployments(prefect_yaml):
-        crons = [s["cron"] for s in d.get("schedules") or [] if "cron" in s]
+        crons = [s["cron"] for s in d.get("schedules") or [] if isinstance(s, dict) and "cron" in s]
         params = {**(d.get("parameters") or {}), "root": str(Path(root).resolve())}
         out.append(pipeline.to_deployment(name=d["name"], description=d.get("description"),
                                           cron=crons or None, parameters=params,

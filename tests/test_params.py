@@ -79,6 +79,12 @@ def test_prefect_yaml_with_a_key_twice_or_no_mapping(tmp_path):
         load_deployments(path)
     path.write_text("deployments:\n- weekly\n- name: w\n  entrypoint: pipelines/flows.py:pipeline\n")
     assert [d["name"] for d in load_deployments(path)] == ["w"]
+    path.write_text("deployments:\n- entrypoint: pipelines/flows.py:pipeline\n")
+    with pytest.raises(ClipmillError, match="without a name"):
+        load_deployments(path)
+    path.write_text("deployments:\n- name: w\n  entrypoint: pipelines/flows.py:pipeline\n  schedules: weekly\n")
+    with pytest.raises(ClipmillError, match="schedules must be a list"):
+        load_deployments(path)
 
 
 def test_cli_reports_a_params_typo_in_one_line(tmp_path, capsys):
