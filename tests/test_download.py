@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -346,7 +347,15 @@ def test_damaged_list_records_are_redone_or_refused_never_a_traceback(downloaded
         pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), downloaded["manifest"])
     manifest = (lists / "manifest.parquet").read_bytes()
     (lists / "manifest.parquet").write_bytes(manifest[: len(manifest) // 2])
-    assert _run(downloaded["params"], out)["lists_fetched"] == 1
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("clipmill").addHandler(handler)
+    try:
+        assert _run(downloaded["params"], out)["lists_fetched"] == 1
+    finally:
+        logging.getLogger("clipmill").removeHandler(handler)
+    assert len([w for w in warnings if "manifest.parquet" in w]) == 1  # said once, not once per check
     assert (lists / "manifest.parquet").read_bytes() == manifest
     assert _run(downloaded["params"], out)["lists_reused"] == 1  # whole again: reused
 

@@ -474,6 +474,9 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+_WARNED: set[tuple[Path, str]] = set()  # damaged list manifests this process has warned of
+
+
 def list_finished(list_dir: Path, run_info: dict) -> bool:
     """Whether ``list_dir`` holds a finished download with the fingerprint ``run_info`` (its run record matches
     and its summary is whole)."""
@@ -481,8 +484,10 @@ def list_finished(list_dir: Path, run_info: dict) -> bool:
     if not run_file.is_file() or list_summary(list_dir) is None:
         return False
     if damaged := unreadable_parquet(list_dir / "manifest.parquet"):
-        log.warning("%s: %s; the list is downloaded again, resuming its finished shards",
-                    list_dir / "manifest.parquet", damaged)
+        if (list_dir, damaged) not in _WARNED:  # asked twice a run: when the crawl is read and when lists are planned
+            _WARNED.add((list_dir, damaged))
+            log.warning("%s: %s; the list is downloaded again, resuming its finished shards",
+                        list_dir / "manifest.parquet", damaged)
         return False
     try:
         return not _describe_differences(read_json(run_file), run_info)
