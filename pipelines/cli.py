@@ -17,6 +17,21 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _check_inputs(root: Path, new_urls: str | None) -> None:
+    """What the flow would find missing only after its Prefect server started (seconds, and a logged traceback):
+    the project's dvc.yaml, and a --new-urls list that is not there or not a parquet file."""
+    from clipmill.components.common.errors import ClipmillError, InputError
+    from clipmill.components.common.storage import unreadable_parquet
+
+    if not (root / "dvc.yaml").is_file():
+        raise ClipmillError(f"{root.resolve() / 'dvc.yaml'}: no such file (run from the project root, or pass --root)")
+    if new_urls is not None:
+        if not Path(new_urls).is_file():
+            raise InputError(new_urls, "no such file (--new-urls takes a URL list in parquet)")
+        if damaged := unreadable_parquet(new_urls):
+            raise InputError(new_urls, f"{damaged} (--new-urls takes a URL list in parquet)")
+
+
 def _run(args: argparse.Namespace, params) -> int:
     import os
     import signal
@@ -33,6 +48,7 @@ def _run(args: argparse.Namespace, params) -> int:
     flow_name = "full" if args.flow == "demo" else args.flow
     stages = [s for s in args.stages.split(",") if s] if args.stages else None
     check_tracking(load_params(Path(args.root) / "params.yaml").tracking)  # the flow's params: one line, no server
+    _check_inputs(Path(args.root), args.new_urls)
     # SIGTERM unwinds the run like Ctrl-C: the flow terminates its stage's process group and closes its runs, and
     # the normal exit stops the temporary Prefect server (Prefect re-raises SIGTERM through this handler).
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

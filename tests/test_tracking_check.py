@@ -50,3 +50,20 @@ def test_an_unreachable_tracking_server_stops_a_flow_before_any_server_or_stage_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"clipmill: error: tracking.tracking_uri {uri}: not reachable")
     assert not (tmp_path / ".clipmill").exists()  # not even the run lock was taken
+
+
+def test_a_flow_outside_the_project_or_with_a_missing_url_list_stops_before_any_server(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("tracking: {enabled: false}\n")
+    assert main(["run", "full", "--root", str(tmp_path), "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"clipmill: error: {tmp_path / 'dvc.yaml'}: no such file (run from the project root, or pass "
+                   "--root)"]
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "urls.csv").write_text("url,caption\nhttp://a/b.jpg,a cat\n")
+    for new_urls, reason in ((tmp_path / "nope.parquet", "no such file"),
+                             (tmp_path / "urls.csv", "not a readable parquet")):
+        assert main(["run", "full", "--root", str(tmp_path), "--params", str(tmp_path / "params.yaml"),
+                     "--new-urls", str(new_urls)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"clipmill: error: {new_urls}: {reason}")
+    assert not (tmp_path / ".clipmill").exists()  # not even the run lock was taken
