@@ -103,8 +103,14 @@ def test_a_suite_without_a_version_is_refused_before_anything_is_written(tmp_pat
     (eval_dir / "suite.json").unlink()
     assert _run(tmp_path, eval_dir, model) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "suite.json" in err and "version" in err
+    assert err.count("\n") == 0 and "suite.json: no such file" in err and "version" in err
     assert not (tmp_path / "evaluate").exists()
+    for content, reason in ((b"[1]", "expected a JSON object, got list"), (b'{"version": "caf\xe9"}', "not UTF-8"),
+                            (b"{version", "not valid JSON")):
+        (eval_dir / "suite.json").write_bytes(content)
+        assert _run(tmp_path, eval_dir, model) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"suite.json: {reason}" in err, err
 
 
 def test_metrics_of_another_file_layout_are_rejected_with_the_field(tmp_path):

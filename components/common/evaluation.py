@@ -6,7 +6,6 @@ compared with a metric from the same suite version.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -51,12 +50,11 @@ class EvaluationRecord:
 def read_suite_version(eval_dir: str | os.PathLike) -> str:
     """The version of the evaluation suite in ``eval_dir`` (``suite.json``'s ``version``)."""
     path = Path(eval_dir) / SUITE_FILE
-    if not path.is_file():
-        raise InputError(path, "missing: an evaluation suite must say its version")
-    try:
-        version = json.loads(path.read_text()).get("version")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise InputError(path, f"not a JSON object: {e}") from None
+    data = read_json(path, missing="no such file: an evaluation suite is a directory whose suite.json names its "
+                                   "version (the demo_corpus stage writes data/eval; --eval-dir points elsewhere)")
+    if not isinstance(data, dict):
+        raise InputError(path, f"expected a JSON object, got {type(data).__name__}")
+    version = data.get("version")
     if not isinstance(version, str) or not version:
         raise InputError(path, "missing or not a non-empty string", field="version")
     return version
