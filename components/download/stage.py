@@ -474,25 +474,30 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-_WARNED: set[tuple[Path, str]] = set()  # damaged list manifests this process has warned of
-
-
 def list_finished(list_dir: Path, run_info: dict) -> bool:
     """Whether ``list_dir`` holds a finished download with the fingerprint ``run_info`` (its run record matches
     and its summary is whole)."""
     run_file = list_dir / "run.json"
     if not run_file.is_file() or list_summary(list_dir) is None:
         return False
-    if damaged := unreadable_parquet(list_dir / "manifest.parquet"):
-        if (list_dir, damaged) not in _WARNED:  # asked twice a run: when the crawl is read and when lists are planned
-            _WARNED.add((list_dir, damaged))
-            log.warning("%s: %s; the list is downloaded again, resuming its finished shards",
-                        list_dir / "manifest.parquet", damaged)
+    if unreadable_parquet(list_dir / "manifest.parquet"):  # said once a run, by ``pending_lists``
         return False
     try:
         return not _describe_differences(read_json(run_file), run_info)
     except ClipmillError:  # damaged: the list's directory is claimed again (claim_output_dir says how)
         return False
+
+
+def pending_lists(plans: list[ListDownload]) -> list[ListDownload]:
+    """The lists not finished; a list downloaded again because its manifest was damaged after it finished is said
+    here, once a run (``list_finished`` is asked twice a run, so it says nothing itself)."""
+    pending = [p for p in plans if not p.finished()]
+    for plan in pending:
+        manifest = plan.list_dir / "manifest.parquet"
+        damaged = unreadable_parquet(manifest) if list_summary(plan.list_dir) is not None else None
+        if damaged:
+            log.warning("%s: %s; the list is downloaded again, resuming its finished shards", manifest, damaged)
+    return pending
 
 
 def recorded_lists(out: Path, params: DownloadParams) -> Callable[[str, str, str, list[str]], dict | None]:
@@ -677,7 +682,7 @@ def download(params: DownloadParams, urls: str | Path, out: str | Path, *, track
                        recorded=recorded_lists(out, params))
     claim_output_root(out, overwrite)
     plans = plan_lists(crawl, out, params)
-    pending = [p for p in plans if not p.finished()]
+    pending = pending_lists(plans)
     if pending:
         start_worker_server(params)
     # the mirrors that answer a URL to fetch (each pending list read once more, one at a time)
