@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -11,10 +12,8 @@ from .params import RewriteParams
 
 
 class CaptionRewriter:
-    """Batch function: (uid, caption, matched_entries) in; (uid, rewrites, rewrite_dropped) out.
-
-    ``rewrites`` are the candidates that passed the faithfulness guard, ``rewrite_dropped`` one reason per
-    dropped slot.
+    """Batch function (``rewrite``): uids, captions and matched entries in; per caption the candidates that passed
+    the faithfulness guard and one reason per dropped slot out.
     The backend (and its model or HTTP client) is built once per worker.
     """
 
@@ -23,15 +22,18 @@ class CaptionRewriter:
         self.backend = make_backend(params, seed)
         self.guard = GuardRules.from_params(params)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        uids = batch["uid"].tolist()
-        captions = batch["caption"].tolist()
-        entries = [list(e) for e in batch["matched_entries"]]
+    def rewrite(self, uids: list, captions: list[str], entries: list[list[str]]
+                ) -> tuple[list[list[str]], list[list[str]]]:
+        """Per caption: the candidates that passed the guard, and one reason per dropped slot."""
         generated = self.backend.generate(uids, captions, entries)
         guarded = [guard_rewrites(c, e, g, self.params.rewrites_per_caption, self.guard)
                    for c, e, g in zip(captions, entries, generated)]
-        return pd.DataFrame({"uid": uids, "rewrites": [k for k, _ in guarded],
-                             "rewrite_dropped": [d for _, d in guarded]})
+        return [k for k, _ in guarded], [d for _, d in guarded]
+
+
+def failed_captions(dropped: Iterable[list[str]], k: int) -> Counter:
+    """Captions the backend could not answer (every slot dropped as ``backend:*``), by reason."""
+    return Counter(reasons[0] for reasons in dropped if len(reasons) == k and reasons[0].startswith("backend:"))
 
 
 def summarize(table: pd.DataFrame, params: RewriteParams, model: str) -> dict:
@@ -43,8 +45,7 @@ def summarize(table: pd.DataFrame, params: RewriteParams, model: str) -> dict:
     original caption only."""
     k = params.rewrites_per_caption
     dropped = Counter(reason for reasons in table["rewrite_dropped"] for reason in reasons)
-    failed = Counter(reasons[0] for reasons in table["rewrite_dropped"]
-                     if len(reasons) == k and reasons[0].startswith("backend:"))
+    failed = failed_captions(table["rewrite_dropped"], k)
     rejected = Counter(reasons[0] for reasons in table["rewrite_dropped"]
                        if len(reasons) == k and reasons[0].startswith("rejected:"))
     summary = {

@@ -14,7 +14,7 @@ from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.steps import Step, decisions
 
 from .backends import model_name
-from .captions import CaptionRewriter, summarize
+from .captions import CaptionRewriter, failed_captions, summarize
 from .local_model import model_source
 from .params import RewriteParams
 from .prompt import stable_seed
@@ -22,12 +22,12 @@ from .prompt import stable_seed
 NOT_SAMPLED = "not_sampled"
 
 
-def sampled(uids: pd.Series, fraction: float | None, seed: int) -> pd.Series:
+def sampled(uids: list, fraction: float | None, seed: int) -> list[bool]:
     """Which captions go to the backend: all, or the ``fraction`` whose hash of (seed, uid) falls below it; the
     choice of a uid does not depend on its shard or on the other uids."""
     if fraction is None or fraction >= 1:
-        return pd.Series(True, index=uids.index)
-    return uids.map(lambda uid: stable_seed(seed, "rewrite.sample", uid) < fraction * 2**64)
+        return [True] * len(uids)
+    return [stable_seed(seed, "rewrite.sample", uid) < fraction * 2**64 for uid in uids]
 
 
 class RewriteStep(Step):
@@ -59,37 +59,35 @@ class RewriteStep(Step):
             model_source(params.transformers)
 
     def apply(self, batch: pd.DataFrame) -> pd.DataFrame:
-        entries = batch["matched_entries"] if "matched_entries" in batch else pd.Series([[]] * len(batch))
-        captions = pd.DataFrame({"uid": batch["uid"].to_numpy(),
-                                 "caption": batch["caption"].fillna("").astype(str).to_numpy(),
-                                 "matched_entries": [list(e) for e in entries]})
-        out = self._rewrite(captions)
-        counts = summarize(out, self.params, model_name(self.params))
-        failed = sum(counts["failed_captions"].values())
-        if len(out) and failed / len(out) > self.params.openai.max_failed_fraction:
-            raise ClipmillError(f"rewrite: {failed} of {len(out)} captions of a shard got no answer from the "
-                                f"backend ({counts['failed_captions']}), more than max_failed_fraction="
+        # plain lists from here on: a shard's fixed cost is what a small shard of a large crawl pays per caption
+        uids = batch["uid"].tolist()
+        captions = batch["caption"].fillna("").astype(str).tolist()
+        entries = ([list(e) for e in batch["matched_entries"]] if "matched_entries" in batch
+                   else [[] for _ in uids])
+        rewrites, dropped = self._rewrite(uids, captions, entries)
+        failed = failed_captions(dropped, self.params.rewrites_per_caption)
+        if uids and sum(failed.values()) / len(uids) > self.params.openai.max_failed_fraction:
+            raise ClipmillError(f"rewrite: {sum(failed.values())} of {len(uids)} captions of a shard got no answer "
+                                f"from the backend ({dict(sorted(failed.items()))}), more than max_failed_fraction="
                                 f"{self.params.openai.max_failed_fraction}; rerun to retry them (answers are cached)")
-        return decisions(out["uid"], [None] * len(out), rewrites=out["rewrites"].map(list),
-                         rewrite_dropped=out["rewrite_dropped"].map(list))
+        return decisions(uids, [None] * len(uids), rewrites=rewrites, rewrite_dropped=dropped)
 
-    def _rewrite(self, captions: pd.DataFrame) -> pd.DataFrame:
-        """(uid, rewrites, rewrite_dropped) in the order of ``captions``; captions outside ``sample_fraction`` are
-        not sent to the backend and drop every slot as ``not_sampled``."""
-        chosen = sampled(captions["uid"], self.params.sample_fraction, self.seed).to_numpy(dtype=bool)
-        todo = captions[chosen].reset_index(drop=True)
+    def _rewrite(self, uids: list, captions: list[str], entries: list[list[str]]
+                 ) -> tuple[list[list[str]], list[list[str]]]:
+        """(rewrites, rewrite_dropped) per caption, in order; captions outside ``sample_fraction`` are not sent to
+        the backend and drop every slot as ``not_sampled``."""
+        chosen = sampled(uids, self.params.sample_fraction, self.seed)
+        todo = [i for i, c in enumerate(chosen) if c]
+        rewrites: list[list[str]] = [[] for _ in uids]
+        dropped = [[NOT_SAMPLED] * self.params.rewrites_per_caption for _ in uids]
         size = self.params.batch_size
-        # A shard that earlier steps emptied still gets its (empty) table with every column.
-        done = pd.concat([self.rewriter(todo.iloc[i:i + size].reset_index(drop=True))
-                          for i in range(0, len(todo), size)]
-                         or [pd.DataFrame({"uid": [], "rewrites": [], "rewrite_dropped": []})], ignore_index=True)
-        if chosen.all():
-            return done
-        rewrites: list[list[str]] = [[] for _ in range(len(captions))]
-        dropped = [[NOT_SAMPLED] * self.params.rewrites_per_caption for _ in range(len(captions))]
-        for position, kept, reasons in zip(chosen.nonzero()[0], done["rewrites"], done["rewrite_dropped"]):
-            rewrites[position], dropped[position] = list(kept), list(reasons)
-        return pd.DataFrame({"uid": captions["uid"].to_numpy(), "rewrites": rewrites, "rewrite_dropped": dropped})
+        for start in range(0, len(todo), size):
+            part = todo[start:start + size]
+            kept, reasons = self.rewriter.rewrite([uids[i] for i in part], [captions[i] for i in part],
+                                                  [entries[i] for i in part])
+            for i, k, r in zip(part, kept, reasons):
+                rewrites[i], dropped[i] = k, r
+        return rewrites, dropped
 
     @classmethod
     def summarize(cls, params: RewriteParams, decided, out_dir: str) -> dict:
