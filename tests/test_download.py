@@ -520,3 +520,24 @@ def test_a_download_into_object_storage_publishes_each_list_once(crawl, download
     assert not list((tmp_path / ".clipmill" / "staging").rglob("*.tar"))
     again = _run(params, "s3://crawl/download")
     assert again["lists_fetched"] == 0 and again["by_status"] == summary["by_status"]
+
+
+def test_the_shard_archive_has_the_bytes_tarfile_writes():
+    import io
+    import tarfile
+
+    from clipmill.components.download.shards import ustar_archive
+
+    names = ["000000001.jpg", "a" * 99, "b" * 100, "c/" * 60 + "d.json", "é.txt", "x"]
+    sizes = [0, 1, 511, 512, 513, 70000]
+    members = [(name, bytes(range(256)) * (size // 256) + b"z" * (size % 256)) for name in names for size in sizes]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as out:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            out.addfile(info, io.BytesIO(data))
+    assert ustar_archive(members) == expected.getvalue()
+    assert ustar_archive([]) == tarfile.NUL * tarfile.RECORDSIZE
+    with tarfile.open(fileobj=io.BytesIO(ustar_archive(members))) as back:
+        assert [(m.name, m.size) for m in back.getmembers()] == [(n, len(d)) for n, d in members]
