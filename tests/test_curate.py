@@ -694,3 +694,22 @@ def test_a_rows_fingerprint_tells_values_types_and_order_apart():
                base.assign(uid=["a", "b\u00e9"]), base.iloc[:1]]
     prints = {rows_fingerprint(t) for t in changed}
     assert len(prints) == len(changed) and rows_fingerprint(base) not in prints
+
+
+def test_missing_shards_are_one_input_error_before_any_step_runs(download, scorer, tmp_path):
+    out = tmp_path / "curate"
+    with pytest.raises(InputError, match=r"no such shards directory") as err:
+        curate(download["manifest"], tmp_path / "nowhere", out, shrunk_params(), {"bootstrap_model": scorer})
+    assert err.value.file == str(tmp_path / "nowhere")
+    shards = tmp_path / "shards"
+    shutil.copytree(download["shards"], shards)
+    first = sorted(shards.rglob("*.tar"))[0]
+    first.unlink()
+    with pytest.raises(InputError, match=r"no such shard: 1 of the \d+ shards the manifest names") as err:
+        curate(download["manifest"], shards, out, shrunk_params(), {"bootstrap_model": scorer})
+    assert err.value.file == str(first)
+    assert not (out / "steps").exists()  # no step ran
+    # without a step that reads images the shards are not needed
+    summary = curate(download["manifest"], tmp_path / "nowhere", tmp_path / "rules_only",
+                     shrunk_params({"curate.steps": ["rules", "spam"]}))
+    assert [s["step"] for s in summary["steps"]] == ["rules", "spam"]

@@ -30,13 +30,14 @@ from clipmill.components.common.curation import (
     stored_state_hash,
     unit_fingerprint,
 )
-from clipmill.components.common.errors import ClipmillError
+from clipmill.components.common.errors import ClipmillError, InputError
 from clipmill.components.common.funnel import funnel_metrics
 from clipmill.components.common.hashing import hash_obj, params_dump
 from clipmill.components.common.io import check_stage_dir
 from clipmill.components.common.log import get_logger
 from clipmill.components.common.steps import PoolStep, Step, StepContext
 from clipmill.components.common.storage import (
+    is_url,
     location,
     read_frame,
     read_json_object,
@@ -232,6 +233,7 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
         timings: dict = {"split_seconds": time.perf_counter() - started, "steps": {}}
         if not units:
             raise ClipmillError(f"{manifest_path}: no successful downloads to curate")
+        check_shards_present(context.shards_dir, units, steps)
         _remove_stale(out_dir, list(names), units)
         previous = _previous_timings(out_dir)
         server_seconds = previous.get("worker_server_seconds") if isinstance(previous, dict) else None
@@ -251,6 +253,21 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     log.info("curate: %d samples in %d shards -> %d kept (%s) in %.1f s", samples, len(units), summary["kept"],
              " -> ".join(f"{s['step']} {s['kept']}" for s in summaries), timings["wall_seconds"])
     return summary
+
+
+def check_shards_present(shards_dir: str, units: list[str], steps: list[type[Step]]) -> None:
+    """Steps that read images (their ``needs`` name the shard) need each unit's tar: a shards directory or a tar
+    that is not there is one input error before any step runs, not a traceback after every step before them.
+    Local folders only: an object store's shards are found when they are read (a request per shard here)."""
+    if not any("shard" in step.needs for step in steps) or is_url(shards_dir):
+        return
+    root = location(shards_dir)
+    if not root.is_dir():
+        raise InputError(root, "no such shards directory (the download stage's shards/, --shards)")
+    missing = [unit for unit in units if not (root / f"{unit}.tar").is_file()]
+    if missing:
+        raise InputError(root / f"{missing[0]}.tar", f"no such shard: {len(missing)} of the {len(units)} shards "
+                                                     "the manifest names are not in the shards directory")
 
 
 def worker_modules(steps: list[type[Step]]) -> list[str]:
