@@ -20,7 +20,7 @@ def tarfile_index(path) -> dict:
     return index
 
 
-def write_tar(path, members, fmt=tarfile.USTAR_FORMAT, directory=False):
+def write_tar(path, members, fmt=tarfile.USTAR_FORMAT, directory=False, mtime=1_700_000_000, pax=None):
     with tarfile.open(path, "w", format=fmt) as tar:
         if directory:
             info = tarfile.TarInfo("folder")
@@ -28,7 +28,7 @@ def write_tar(path, members, fmt=tarfile.USTAR_FORMAT, directory=False):
             tar.addfile(info)
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 1_700_000_000
+            info.size, info.mtime, info.pax_headers = len(data), mtime, dict(pax or {})
             tar.addfile(info, io.BytesIO(data))
     return path
 
@@ -37,19 +37,30 @@ SAMPLES = [(f"{key:09d}.{field}", bytes([key]) * size) for key in range(5)
            for field, size in (("jpg", 700 + key), ("txt", 12), ("json", 0))]
 
 
-@pytest.mark.parametrize("case", ["ustar", "gnu", "pax", "ustar_prefix", "long_names_pax", "directory"])
+@pytest.mark.parametrize("case", ["ustar", "gnu", "pax", "ustar_prefix", "pax_float_mtime", "webdataset",
+                                  "long_names_pax", "pax_comment", "directory"])
 def test_the_index_is_tarfile_s(tmp_path, case):
     members = SAMPLES
     if case == "ustar_prefix":  # a name over 100 bytes is split into the header's prefix field
         members = [("d" * 90 + "/" + "e" * 20 + f"/{i:05d}.jpg", b"x" * i) for i in range(3)]
     if case == "long_names_pax":
         members = [("f" * 150 + f".{i}.jpg", b"y" * 9) for i in range(3)]
-    fmt = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT, "long_names_pax": tarfile.PAX_FORMAT}.get(
-        case, tarfile.USTAR_FORMAT)
-    path = write_tar(tmp_path / "a.tar", members, fmt, directory=case == "directory")
+    pax_cases = ("pax", "pax_float_mtime", "long_names_pax", "pax_comment")
+    fmt = tarfile.GNU_FORMAT if case == "gnu" else tarfile.PAX_FORMAT if case in pax_cases else tarfile.USTAR_FORMAT
+    path = tmp_path / "a.tar"
+    if case == "webdataset":  # img2dataset's writer: each member has a PAX header with its fractional mtime
+        import webdataset
+
+        with webdataset.TarWriter(str(path)) as writer:
+            for i in range(5):
+                writer.write({"__key__": f"{i:09d}", "jpg": b"j" * (700 + i), "txt": "t" * i})
+    else:
+        write_tar(path, members, fmt, directory=case == "directory",
+                  mtime=1_700_000_000.25 if case == "pax_float_mtime" else 1_700_000_000,
+                  pax={"comment": "a note"} if case == "pax_comment" else None)
     assert index_shard(path) == tarfile_index(path)
     fast = plain_index(path.read_bytes())
-    if case in ("ustar", "gnu", "pax", "ustar_prefix"):  # plain files: read from the headers
+    if case in ("ustar", "gnu", "pax", "ustar_prefix", "pax_float_mtime", "webdataset"):  # read from the headers
         assert fast == tarfile_index(path)
     else:  # extended headers or other member types: left to tarfile
         assert fast is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
@@ -42,11 +43,27 @@ def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
 
 
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_PAX_TIMES = frozenset({b"mtime", b"atime", b"ctime"})
+
+
+def _times_only(records: bytes) -> bool:
+    """Whether a PAX extended header holds nothing but times (webdataset's writer, and so img2dataset's shards,
+    give every member one with its fractional mtime), which change no name, size or offset."""
+    position = 0
+    while position < len(records):
+        match = _PAX_RECORD.match(records, position)
+        if match is None or int(match.group(1)) < 1 or match.group(2) not in _PAX_TIMES:
+            return False
+        position += int(match.group(1))
+    return position == len(records) and bool(records)
+
+
 def plain_index(data: bytes | mmap.mmap) -> dict[str, dict[str, tuple[int, int]]] | None:
     """``index_shard``'s answer read straight from the headers of a tar whose members are all plain regular files
     (what img2dataset and reshard write), the way ``tarfile`` reads them, at a quarter of its cost; None for anything
-    else (other member types, extended or long-name headers, a header that does not check out, an archive cut
-    short or without its end), which ``tarfile`` then reads and judges."""
+    else (other member types, extended headers other than a member's times, long-name headers, a header that does
+    not check out, an archive cut short or without its end), which ``tarfile`` then reads and judges."""
     index: dict[str, dict[str, tuple[int, int]]] = {}
     position, block = 0, tarfile.BLOCKSIZE
     while position + block <= len(data):
@@ -62,6 +79,9 @@ def plain_index(data: bytes | mmap.mmap) -> dict[str, dict[str, tuple[int, int]]
             return None
         checked = (checksum == sum(header) - sum(header[148:156]) + 256  # as tarfile: unsigned, or signed
                    or checksum == tarfile.calc_chksums(header)[1])
+        if checked and kind == tarfile.XHDTYPE and _times_only(data[position + block:position + block + size]):
+            position += block + -(-size // block) * block  # a member's own PAX header holding only its times
+            continue
         if kind not in (tarfile.REGTYPE, tarfile.AREGTYPE) or name.endswith("/") or not checked:
             return None
         key, field = split_member_name(f"{prefix}/{name}" if prefix else name)
