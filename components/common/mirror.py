@@ -162,6 +162,11 @@ def check_mirror(directories: Sequence[str | os.PathLike]) -> dict[str, dict]:
 class MirrorServer(ThreadingHTTPServer):
     """A threading HTTP server over mirror directories; per-path request counts drive transient failures."""
 
+    # The download's processes open a connection per URL, 16 threads each; the socketserver default of 5 waiting
+    # connections drops the rest of a burst, and a client's retried connect (a second or more) can then take a fast
+    # route past the download's timeout: outcomes would depend on the machine's load.
+    request_queue_size = 1024
+
     def __init__(self, address: tuple[str, int], directories: Sequence[Path], slow_seconds: float,
                  routes: dict[str, dict] | None = None):
         routes = check_mirror(directories) if routes is None else routes

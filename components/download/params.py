@@ -57,9 +57,9 @@ class DownloadParams(Section):
     processes_count: int = Field(
         6, ge=1, description="Download processes (multiprocessing distributor), at most one per shard left. More "
         "than the cores pays: a shard ends with its slowest URL (a timeout, retried), and while one process waits on "
-        "that tail the others use the CPU (48 demo shards on 2 cores: 6 processes 192-197 s, 12 142 s, 16 127 s). "
-        "Past what the sites answer in time it changes outcomes: at 16, the demo's mirror (served from the stage's "
-        "process) answered one URL of 48,000 after the timeout in each of two runs.")
+        "that tail the others use the CPU (48 demo shards on 2 cores: 6 processes 192-204 s, 16 141 s, with the "
+        "same outcomes). More than the sites can answer in time changes outcomes: a URL answered after the timeout "
+        "fails.")
     thread_count: int = Field(16, ge=1, description="Download threads per process.")
     distributor: Literal["multiprocessing", "ray"] = Field(
         "multiprocessing",
