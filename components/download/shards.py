@@ -142,9 +142,13 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-# an empty name and size 0, and the checksum field as the eight spaces it counts as
-_HEADER_TEMPLATE = bytes(_tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")[:148]) \
-    + b" " * 8 + _tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")[156:]
+def _empty_header() -> bytes:
+    """tarfile's header of an empty name and size 0, with the checksum field as the eight spaces it counts as."""
+    header = _tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return header[:148] + b" " * 8 + header[156:]
+
+
+_HEADER_TEMPLATE = _empty_header()
 
 
 def ustar_archive(members: Iterable[tuple[str, bytes]]) -> bytes:

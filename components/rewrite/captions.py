@@ -31,9 +31,10 @@ class CaptionRewriter:
         return [k for k, _ in guarded], [d for _, d in guarded]
 
 
-def failed_captions(dropped: Iterable[list[str]], k: int) -> Counter:
-    """Captions the backend could not answer (every slot dropped as ``backend:*``), by reason."""
-    return Counter(reasons[0] for reasons in dropped if len(reasons) == k and reasons[0].startswith("backend:"))
+def failed_captions(dropped: Iterable[list[str]], k: int, prefix: str = "backend:") -> Counter:
+    """Captions that dropped every one of their ``k`` slots for a reason starting with ``prefix``, by reason: by
+    default those the backend could not answer (``backend:*``)."""
+    return Counter(reasons[0] for reasons in dropped if len(reasons) == k and reasons[0].startswith(prefix))
 
 
 def summarize(table: pd.DataFrame, params: RewriteParams, model: str) -> dict:
@@ -46,8 +47,7 @@ def summarize(table: pd.DataFrame, params: RewriteParams, model: str) -> dict:
     k = params.rewrites_per_caption
     dropped = Counter(reason for reasons in table["rewrite_dropped"] for reason in reasons)
     failed = failed_captions(table["rewrite_dropped"], k)
-    rejected = Counter(reasons[0] for reasons in table["rewrite_dropped"]
-                       if len(reasons) == k and reasons[0].startswith("rejected:"))
+    rejected = failed_captions(table["rewrite_dropped"], k, "rejected:")
     summary = {
         "backend": params.backend, "model": model, "captions": int(len(table)), "rewrites_per_caption": k,
         "slots": int(len(table) * k), "kept": int(table["rewrites"].map(len).sum()),
