@@ -16,6 +16,7 @@ from . import (
     curate_bench,
     download_bench,
     gpu_bench,
+    incremental_bench,
     match_bench,
     neardup_bench,
     rewrite_llm_bench,
@@ -24,7 +25,8 @@ from . import (
 )
 
 BENCHES = {"match": match_bench, "score": score_bench, "train": train_bench, "download": download_bench,
-           "curate": curate_bench, "neardup": neardup_bench, "gpu": gpu_bench, "rewrite_llm": rewrite_llm_bench}
+           "curate": curate_bench, "incremental": incremental_bench, "neardup": neardup_bench, "gpu": gpu_bench,
+           "rewrite_llm": rewrite_llm_bench}
 
 
 def main() -> int:
