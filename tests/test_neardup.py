@@ -461,3 +461,28 @@ def test_the_banding_benchmark_reports_both_bandings_and_the_same_candidates_out
     assert large["scaled_out_of_core"]["same_candidates"] and large["scaled_out_of_core"]["memory"] == 1000000
     assert all(r[k]["planted_found"] > 0.9 for r in (small, large) for k in ("scaled", "fixed_16"))
     assert "exponent" in large["scaled"] and (tmp_path / "neardup.json").exists()
+
+
+@pytest.mark.parametrize("gap", [0.0005, 0.01, math.inf])
+def test_rows_sorted_by_brightness_within_a_band_value_give_every_close_pair(gap):
+    """Large groups of one band value, moments near one another: the pairs found are exactly those that a comparison
+    of every two rows of a group finds (the brightness window leaves out only pairs the moment bound rejects)."""
+    from clipmill.components.filter.neardup import _close_rows, hamming
+
+    rng = np.random.default_rng(7)
+    n = 600
+    keys = rng.integers(0, 4, n)  # groups of about 150 rows
+    base = rng.integers(0, 2**63, (1, 4), dtype=np.uint64)
+    flips = rng.random((n, 4, 64)) < 0.04  # a few bits off a shared layout: most pairs within the bit bound
+    words = base ^ np.packbits(flips, axis=2, bitorder="little").view(np.uint64).reshape(n, 4)
+    means = np.clip(0.5 + rng.normal(0, 0.03, (n, 6)), 0, 1)
+    means[::5, :3] = means[::5, :3][:, ::-1]  # equal brightness, other colours: left to the moment bound
+    first, second = _close_rows(words, keys, 24, means, gap)
+    found = {(min(a, b), max(a, b)) for a, b in zip(first.tolist(), second.tolist())}
+    assert len(found) == len(first)  # each pair once
+    i, j = np.triu_indices(n, 1)
+    same = keys[i] == keys[j]
+    close = hamming(words[i], words[j]) <= 24
+    near = ((means[i] - means[j]) ** 2).sum(axis=1) <= gap
+    expected = set(zip(i[same & close & near].tolist(), j[same & close & near].tolist()))
+    assert found == expected and 0 < len(expected) < same.sum()
