@@ -77,15 +77,14 @@ def _prepare(work: Path, pairs: int, new_pairs: int, overrides: list[str]) -> tu
     from clipmill.components.ablate.variants import apply_overrides
     from clipmill.components.common.model import create_clip, export_local_dir
     from clipmill.components.demo_corpus.corpus import generate_crawl_batch, generate_demo_corpus
-    from clipmill.params import load_params, parse_params
+    from clipmill.params import parse_params
 
     data = yaml.safe_load((REPO / "params.yaml").read_text())
     data["tracking"] = {"enabled": False}
     data["balance"]["metadata"] = str(REPO / data["balance"]["metadata"])
     data["download"]["mirrors"][0]["dir"] = "crawl/web"  # the runs' working directory is ``work``
     apply_overrides(data, overrides)
-    parse_params(data, "params.yaml with -S overrides")  # a bad override stops here, before any work
-    params = load_params(REPO / "params.yaml")
+    params = parse_params(data, "params.yaml with -S overrides")  # a bad override stops here, before any work
     crawl = {"pairs": pairs, "new_pairs": new_pairs, "seed": params.project.seed,  # what the crawl is made from
              "demo_corpus": params.demo_corpus.model_dump(mode="json"), "scorer": params.score.bootstrap.model}
     stamp = work / "crawl.json"
