@@ -55,11 +55,12 @@ class DownloadParams(Section):
         description="URLs per shard (one tar + parquet + stats file each).",
     )
     processes_count: int = Field(
-        6, ge=1, description="Download processes (multiprocessing distributor), at most one per shard left. More "
+        16, ge=1, description="Download processes (multiprocessing distributor), at most one per shard left. More "
         "than the cores pays: a shard ends with its slowest URL (a timeout, retried), and while one process waits on "
-        "that tail the others use the CPU (48 demo shards on 2 cores: 6 processes 192-204 s, 16 141 s, with the "
-        "same outcomes). More than the sites can answer in time changes outcomes: a URL answered after the timeout "
-        "fails.")
+        "that tail the others use the CPU (on 2 cores, the demo's 12 shards: 6 processes 49-50 s, 12 38-39 s; 48 "
+        "shards: 6 192-204 s, 16 141 s; 192 shards: 6 643-661 s, 16 374-409 s; the same outcomes and shards). Each "
+        "costs about 120 MB beside the server the workers fork from. More than the sites can answer in time changes "
+        "outcomes: a URL answered after the timeout fails.")
     thread_count: int = Field(16, ge=1, description="Download threads per process.")
     distributor: Literal["multiprocessing", "ray"] = Field(
         "multiprocessing",
