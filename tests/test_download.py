@@ -1,6 +1,7 @@
 """The download stage: real img2dataset against a mirror of the demo crawl on 127.0.0.1, on a 200-URL demo crawl."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from clipmill.components.download.safety import is_public_address, refusal_reaso
 from clipmill.components.download.shards import canonicalize_shard, read_shard
 from clipmill.components.download.stage import MANIFEST_COLUMNS, claim_output_dir, download
 from clipmill.components.download.url_list import read_url_list
-from clipmill.components.download.workers import forkserver_distributor, in_process_distributor
+from clipmill.components.download.workers import finish_shard, forkserver_distributor, in_process_distributor
 
 from .conftest import REPO
 
@@ -399,6 +400,49 @@ def test_canonicalizing_a_shard_returns_what_reading_it_back_gives(downloaded, t
     rows = canonicalize_shard(shards, 1, listed)
     pd.testing.assert_frame_equal(rows, read_shard(shards, 1))
     assert {p.name: p.read_bytes() for p in shards.iterdir()} == before  # a canonical shard stays as it is
+
+
+def _as_fetched(shards: Path, shard_id: int, fetched_prefix: str) -> None:
+    """A canonical shard made to look as img2dataset leaves one: samples in another order with member times, the
+    URLs fetched (a mirror's address), rows out of key order, the run's clock readings in the stats file."""
+    tar, table, stats_file = (shards / f"{shard_id:05d}{suffix}" for suffix in (".tar", ".parquet", "_stats.json"))
+    with tarfile.open(tar) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(tar, "w") as archive:
+        for member, data in reversed(members):
+            if member.name.endswith(".json"):
+                meta = json.loads(data)
+                data = json.dumps({**meta, "url": meta["url"].replace(DEMO_BASE_URL, fetched_prefix)}).encode()
+            member.size, member.mtime = len(data), 1_700_000_000
+            archive.addfile(member, io.BytesIO(data))
+    rows = pq.read_table(table)
+    at = rows.schema.get_field_index("url")
+    urls = [url.replace(DEMO_BASE_URL, fetched_prefix) for url in rows["url"].to_pylist()]
+    rows = rows.set_column(at, rows.schema.field(at), pa.array(urls, rows.schema.field(at).type))
+    pq.write_table(rows.take(list(range(len(rows)))[::-1]), table)
+    stats = json.loads(stats_file.read_text())
+    stats_file.write_text(json.dumps({**stats, "start_time": 1.0, "end_time": 2.0, "duration": 1.0}))
+
+
+def test_a_worker_makes_its_shard_canonical_as_the_stage_would_and_leaves_a_bad_one(downloaded, tmp_path):
+    """``finish_shard`` (the download worker, right after a shard) gives the canonical shard's bytes, the listed
+    URLs taken from the list's requests; a shard that fails its check is left for the stage to download again."""
+    canonical = downloaded["out"] / "shards" / "crawl"
+    shards = tmp_path / "shards"
+    shutil.copytree(canonical, shards)
+    requests = downloaded["out"] / "lists" / "crawl" / "requests.parquet"
+    for shard_id in (0, 1):
+        _as_fetched(shards, shard_id, "http://127.0.0.1:8123")
+    assert (shards / "00001.tar").read_bytes() != (canonical / "00001.tar").read_bytes()
+    with open(shards / "00000.tar", "r+b") as fh:
+        fh.truncate((shards / "00000.tar").stat().st_size // 2)
+    damaged = {p.name: p.read_bytes() for p in shards.glob("00000*")}
+    finish_shard(shards, 0, str(requests))
+    finish_shard(shards, 1, str(requests))
+    assert {p.name: p.read_bytes() for p in shards.glob("00000*")} == damaged
+    for name in ("00001.tar", "00001.parquet", "00001_stats.json"):
+        assert (shards / name).read_bytes() == (canonical / name).read_bytes(), name
+    assert sorted(p.name for p in shards.iterdir()) == sorted(p.name for p in canonical.iterdir())
 
 
 def test_the_in_process_distributor_runs_every_shard_and_retries_the_failed_ones():

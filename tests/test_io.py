@@ -15,7 +15,14 @@ import yaml
 
 from clipmill.cli import main
 from clipmill.components.common.errors import InputError
-from clipmill.components.common.io import OUTPUT_MARKER, atomic_path, output_owner, write_json, write_parquet
+from clipmill.components.common.io import (
+    OUTPUT_MARKER,
+    atomic_path,
+    output_owner,
+    remove_dead_writes,
+    write_json,
+    write_parquet,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +193,29 @@ def test_a_file_write_cut_off_is_cleaned_by_the_next_and_a_live_ones_left_alone(
     long = tmp_path / ("x" * 242 + ".pq")  # <pid>.<name> would pass the 255 bytes of a name: a directory of its own
     write_parquet(pd.DataFrame({"uid": ["d"]}), long)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet", long.name]
+
+
+def test_a_resuming_stage_sweeps_the_temporaries_of_killed_writes_and_leaves_live_ones(tmp_path):
+    """``remove_dead_writes``: what killed writers left in a folder (their files, and the temporary roots emptied
+    then) goes; a running writer's temporary stays."""
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_FILE_WRITER, str(tmp_path / "00000.tar")], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    live = subprocess.Popen([sys.executable, "-c", KILLED_FILE_WRITER, str(tmp_path / "00001.tar")], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout.readline().strip() == "writing" and live.stdout.readline().strip() == "writing"
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=10)
+        (tmp_path / ".00002_stats.json.tmp").mkdir()  # a write killed between its rename and removing its root
+        write_parquet(pd.DataFrame({"uid": ["a"]}), tmp_path / "00000.parquet")
+        remove_dead_writes(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".00001.tar.tmp", "00000.parquet"]
+        assert [p.name for p in (tmp_path / ".00001.tar.tmp").iterdir()] == [f"{live.pid}.00001.tar"]
+    finally:
+        live.kill()
+        live.wait(timeout=10)
+    remove_dead_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet"]
 
 
 @pytest.mark.parametrize("stage", [["train", "--shards", "shards"], ["tune", "--shards", "shards"],

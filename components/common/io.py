@@ -105,13 +105,30 @@ def _claim_root(path: Path) -> bool:
     return True
 
 
-def _temp_dir(path: Path) -> Path:
-    """A fresh temporary directory for a write to ``path``; leftovers of dead writers to ``path`` go first."""
-    root = _temp_root(path)
+def _remove_dead(root: Path) -> None:
+    """What writers that no longer run left in the temporary root ``root``."""
     for entry in root.iterdir() if root.is_dir() else ():
         pid = entry.name.split(".")[0]
         if pid != str(os.getpid()) and not _alive(pid):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def remove_dead_writes(folder: str | os.PathLike) -> None:
+    """The temporary roots in ``folder`` of atomic writes whose writers were killed (a root emptied then is
+    removed too), for a stage that resumes in ``folder`` while nothing else writes there."""
+    for root in Path(folder).glob(".*.tmp"):
+        if root.is_dir():
+            _remove_dead(root)
+            try:
+                root.rmdir()
+            except OSError:
+                pass  # a live writer's
+
+
+def _temp_dir(path: Path) -> Path:
+    """A fresh temporary directory for a write to ``path``; leftovers of dead writers to ``path`` go first."""
+    root = _temp_root(path)
+    _remove_dead(root)
     while True:
         root.mkdir(parents=True, exist_ok=True)
         try:

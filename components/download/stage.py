@@ -8,8 +8,8 @@ it again, so appending a list costs only its own download. Output directory (``o
 - ``lists/<list>/requests.parquet``: the checked list as downloaded (uid, url, caption, passthrough columns) with
   the refusal reason of each URL that was not fetched; reused on resume so shard assignment never changes;
 - ``shards/<list>/``: img2dataset's ``NNNNN.tar`` + ``NNNNN.parquet`` + ``NNNNN_stats.json`` per shard, made
-  canonical once checked (``shards.canonicalize_shard``: key order, listed URLs, no times), so a reproduction of
-  the download gives the same bytes;
+  canonical once checked (``shards.canonicalize_shard``: key order, listed URLs, no times; by the worker that
+  downloaded it, as it finishes), so a reproduction of the download gives the same bytes;
 - ``lists/<list>/manifest.parquet``, ``lists/<list>/summary.json``: written last; the list is finished;
 - ``manifest.parquet``, ``summary.json``: every list's manifest in crawl order and the totals, written last;
   ``run.json``: this run's record (lists fetched, shards resumed or repaired, durations, speed), apart from the
@@ -40,6 +40,7 @@ from clipmill.components.common.io import (
     check_replaceable,
     mark_output,
     read_json,
+    remove_dead_writes,
     write_json,
     write_parquet,
 )
@@ -70,6 +71,7 @@ REFUSAL_MESSAGES = {
     UNRESOLVABLE_HOST: "the host name does not resolve",
 }
 _IMG2DATASET_INPUT = ".img2dataset_urls.parquet"
+REQUESTS_FILE = "requests.parquet"  # a list's requests: uid, URL as listed, caption, refusal, ...
 MANIFEST_ROW_GROUP = 16384  # rows per row group of the crawl's manifest
 
 
@@ -130,7 +132,7 @@ def claim_output_dir(out: Path, run_info: dict, overwrite: bool, shards_dir: Pat
                 differences = [str(e)]
             if differences:
                 problem = f"holds a different download run ({'; '.join(differences)})"
-            elif damaged := unreadable_parquet(out / "requests.parquet"):
+            elif damaged := unreadable_parquet(out / REQUESTS_FILE):
                 problem = f"holds a damaged requests.parquet ({damaged}), so its shards cannot be matched to URLs"
         if problem and not overwrite:
             raise InputError(out, f"{problem}; pass --overwrite to replace it")
@@ -248,12 +250,15 @@ def start_worker_server(params: DownloadParams) -> None:
 
 
 def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str],
-                    policy: FetchPolicy | None = None, pending: int | None = None) -> None:
+                    policy: FetchPolicy | None = None, pending: int | None = None,
+                    requests_file: Path | None = None) -> None:
     """One img2dataset run over ``url_list`` (parquet: url, caption, extra columns), resuming finished shards,
     fetching with ``fetch.fetch`` under ``policy`` and decoding with ``decode.decode_image``.
 
     ``pending`` (the shards left to download, when known) caps the processes: a worker without a shard would
-    only pay img2dataset's import; one process runs its shards here rather than in a spawned worker."""
+    only pay img2dataset's import; one process runs its shards here rather than in a spawned worker. With
+    ``requests_file`` (the list's uids and listed URLs), each worker checks its shards and makes them canonical
+    as it finishes them."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # inherited by the workers: no network check at import
     # OpenCV's own pixel limit, for formats whose header PIL cannot read (inherited by the workers)
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(params.max_image_area)
@@ -265,7 +270,8 @@ def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, ex
     in_process = params.distributor == "multiprocessing" and processes == 1
     previous_handler = signal.getsignal(signal.SIGINT)
     try:
-        with patched_img2dataset(policy or fetch_policy(params), in_process):
+        with patched_img2dataset(policy or fetch_policy(params), in_process,
+                                 None if requests_file is None else str(requests_file)):
             img2dataset.download(
                 url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
                 save_additional_columns=extra_columns, output_folder=str(shards_dir), output_format="webdataset",
@@ -315,6 +321,8 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
     """
     sent = requests["refusal"].isna()
     shard_ids = range(math.ceil(int(sent.sum()) / params.number_sample_per_shard))
+    if shards_dir.is_dir():  # a killed run's workers may have been rewriting a shard
+        remove_dead_writes(shards_dir)
     _, bad = _check_shards(shards_dir, sorted(finished_shards(shards_dir) & set(shard_ids)))
     if bad:
         _remove_shards(shards_dir, bad)
@@ -331,7 +339,8 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
             started = time.perf_counter()
             pending = len(shard_ids) - len(finished_shards(shards_dir) & set(shard_ids))
             if pending:  # every shard finished before: they are only checked
-                run_img2dataset(input_file, shards_dir, params, columns, policy, pending)
+                run_img2dataset(input_file, shards_dir, params, columns, policy, pending,
+                                list_dir / REQUESTS_FILE)
             stats["download_seconds"] += time.perf_counter() - started
             good, bad = _check_shards(shards_dir, shard_ids)
             if not bad:
@@ -554,7 +563,7 @@ def download_list(plan: ListDownload, fetch: Callable[[pd.Series], pd.Series], p
     """Download one list (resuming its finished shards); writes its manifest and then its summary."""
     started = time.perf_counter()
     resuming = claim_output_dir(plan.list_dir, plan.run_info, overwrite, plan.shards_dir)
-    requests_file = plan.list_dir / "requests.parquet"
+    requests_file = plan.list_dir / REQUESTS_FILE
     if resuming and requests_file.is_file():
         requests = pd.read_parquet(requests_file)
         log.info("%s: resuming the download in %s", plan.name, plan.list_dir)
