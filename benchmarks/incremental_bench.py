@@ -40,15 +40,32 @@ def _clipmill(*args: str, params: Path, cwd: Path) -> float:
     return time.perf_counter() - started
 
 
-def _run(work: Path, params: Path, curate_out: str, download: bool = True) -> dict:
-    seconds = {}
+def _run(work: Path, params: Path, curate_out: str, download: bool = True) -> tuple[dict, dict]:
+    """(seconds of each stage's process, where they went: img2dataset's share of the download and each curation
+    step's, as the stages record them in ``download/run.json`` and ``<curate_out>/timings.json``)."""
+    seconds, parts = {}, {}
     if download:
         seconds["download"] = _clipmill("stage", "download", "--urls", "crawl/urls.parquet", "--additions",
                                         "additions", "--out", "download", "--overwrite", params=params, cwd=work)
+        record = json.loads((work / "download" / "run.json").read_text())
+        parts["download"] = {"fetch_and_finish": record["download_seconds"], "stage": record["wall_seconds"]}
     seconds["curate"] = _clipmill("stage", "curate", "--manifest", "download/manifest.parquet", "--shards",
                                   "download/shards", "--bootstrap-model", "scorer", "--out", curate_out,
                                   params=params, cwd=work)
-    return seconds
+    timings = json.loads((work / curate_out / "timings.json").read_text())
+    parts["curate"] = {"split": timings["split_seconds"], "stage": timings["wall_seconds"],
+                       **{step: t["wall_seconds"] for step, t in timings["steps"].items()}}
+    return seconds, parts
+
+
+def _excess_table(second: dict, scratch: dict, share: float) -> list[str]:
+    """Run 2's curation per step against its share of the from-scratch curation of the union (``share``: the new
+    URLs' fraction of it): what the increment pays beyond its own samples."""
+    lines = [f"run 2's curation per step, against {share:.2f} x the from-scratch run's (s):"]
+    for step, seconds in second.items():
+        own = share * scratch.get(step, 0.0)
+        lines.append(f"  {step:<10} {seconds:7.2f}  share {own:7.2f}  excess {seconds - own:+7.2f}")
+    return lines
 
 
 def _tables(curate_dir: Path) -> dict[str, pd.DataFrame]:
@@ -122,11 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         new_pairs = int(round(args.pairs * args.new_fraction))
         params, reused = _prepare(work, args.pairs, new_pairs, args.overrides)
-        first = _run(work, params, "curate")
+        first, first_parts = _run(work, params, "curate")
         append_url_list(work / "batch1" / "urls.parquet", work / "additions",
                         now=dt.datetime(2026, 12, 7, 3, 0, tzinfo=dt.UTC))
-        second = _run(work, params, "curate")
-        scratch = _run(work, params, "curate_scratch", download=False)
+        second, second_parts = _run(work, params, "curate")
+        scratch, scratch_parts = _run(work, params, "curate_scratch", download=False)
         incremental, from_scratch = _tables(work / "curate"), _tables(work / "curate_scratch")
         equal = {name: bool(incremental[name].equals(from_scratch[name])) for name in from_scratch}
         summary = json.loads((work / "curate" / "summary.json").read_text())
@@ -141,12 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_curate_vs_scratch": second["curate"] / scratch["curate"],
             "equal_to_from_scratch": equal, "lists_fetched": download["lists_fetched"],
             "lists_reused": download["lists_reused"], "shards": summary["shards"], "kept": summary["kept"],
+            "first_parts_s": first_parts, "second_parts_s": second_parts, "scratch_parts_s": scratch_parts,
         }
     print(f"run 1 ({args.pairs} URLs): download {first['download']:.1f} s, curate {first['curate']:.1f} s")
     print(f"run 2 (+{new_pairs} URLs): download {second['download']:.1f} s, curate {second['curate']:.1f} s "
           f"-> ratio {result['ratio_total']:.3f} of run 1 (download {result['ratio_download']:.3f}, curate "
           f"{result['ratio_curate']:.3f}); from-scratch curate {scratch['curate']:.1f} s")
     print("increment equals from-scratch: " + ", ".join(f"{k}={v}" for k, v in equal.items()))
+    print("\n".join(_excess_table(second_parts["curate"], scratch_parts["curate"],
+                                  new_pairs / (args.pairs + new_pairs))))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result

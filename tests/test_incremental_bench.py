@@ -39,3 +39,9 @@ def test_a_bad_override_stops_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match="processes_count"):
         incremental_bench._prepare(tmp_path, 40, 10, ["download.processes_count=0"])
     assert not (tmp_path / "params.yaml").exists() and not (tmp_path / "crawl").exists()
+
+
+def test_run_2s_steps_are_set_against_their_share_of_the_from_scratch_run():
+    lines = incremental_bench._excess_table({"neardup": 6.0, "score": 10.0}, {"neardup": 10.0, "score": 40.0}, 0.2)
+    assert [line.split() for line in lines[1:]] == [["neardup", "6.00", "share", "2.00", "excess", "+4.00"],
+                                                    ["score", "10.00", "share", "8.00", "excess", "+2.00"]]
