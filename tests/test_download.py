@@ -29,7 +29,7 @@ from clipmill.components.demo_corpus.params import DemoCorpusParams
 from clipmill.components.download.params import DownloadParams
 from clipmill.components.download.reasons import error_reason
 from clipmill.components.download.safety import is_public_address, refusal_reasons
-from clipmill.components.download.shards import canonicalize_shard, read_shard
+from clipmill.components.download.shards import canonicalize_shard, is_canonical, read_shard
 from clipmill.components.download.stage import MANIFEST_COLUMNS, claim_output_dir, download
 from clipmill.components.download.url_list import read_url_list
 from clipmill.components.download.workers import finish_shard, forkserver_distributor, in_process_distributor
@@ -438,6 +438,8 @@ def test_a_worker_makes_its_shard_canonical_as_the_stage_would_and_leaves_a_bad_
         fh.truncate((shards / "00000.tar").stat().st_size // 2)
     damaged = {p.name: p.read_bytes() for p in shards.glob("00000*")}
     finish_shard(shards, 0, str(requests))
+    finish_shard(shards, 1, str(tmp_path / "unreadable" / "requests.parquet"))  # left for the stage
+    assert not is_canonical(shards, 1)
     finish_shard(shards, 1, str(requests))
     assert {p.name: p.read_bytes() for p in shards.glob("00000*")} == damaged
     for name in ("00001.tar", "00001.parquet", "00001_stats.json"):

@@ -71,12 +71,15 @@ def finish_shard(shards_dir: Path, shard_id: int, requests_file: str) -> None:
     """Check a shard just downloaded and rewrite it in canonical form, in the worker that downloaded it: while
     other shards download (and this worker's next one starts), instead of one after another in the stage once
     every shard is done (192 shards: about 20 s on one core). The stage then finds it canonical and only checks it
-    again. A shard that fails the check is left as it is: the stage's own check finds it and downloads it anew."""
+    again. A shard that fails the check is left as it is: the stage's own check finds it and downloads it anew.
+    Nor does a requests file this worker cannot read fail the shard (img2dataset would count it failed and fetch it
+    again): the stage makes it canonical then, as it does a shard of an earlier version's run."""
     try:
         rows, index = check_shard(shards_dir, shard_id)
-    except InputError:
+        listed = _listed_urls(requests_file, frozenset(rows["uid"]))
+    except (InputError, OSError, pa.ArrowException):
         return
-    canonicalize_shard(shards_dir, shard_id, _listed_urls(requests_file, frozenset(rows["uid"])), index)
+    canonicalize_shard(shards_dir, shard_id, listed, index)
 
 
 def _listed_urls(requests_file: str, uids: frozenset) -> dict[str, str]:
