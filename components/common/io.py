@@ -116,13 +116,12 @@ def _remove_dead(root: Path) -> None:
 def remove_dead_writes(folder: str | os.PathLike) -> None:
     """The temporary roots in ``folder`` of atomic writes whose writers were killed (a root emptied then is
     removed too), for a stage that resumes in ``folder`` while nothing else writes there."""
-    for root in Path(folder).glob(".*.tmp"):
-        if root.is_dir():
-            _remove_dead(root)
-            try:
-                root.rmdir()
-            except OSError:
-                pass  # a live writer's
+    for root in Path(folder).glob(".*.tmp"):  # none in a folder that does not exist
+        _remove_dead(root)
+        try:
+            root.rmdir()
+        except OSError:
+            pass  # a live writer's, or not a directory
 
 
 def _temp_dir(path: Path) -> Path:

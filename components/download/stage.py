@@ -321,8 +321,7 @@ def download_shards(requests: pd.DataFrame, fetch_urls: pd.Series, list_dir: Pat
     """
     sent = requests["refusal"].isna()
     shard_ids = range(math.ceil(int(sent.sum()) / params.number_sample_per_shard))
-    if shards_dir.is_dir():  # a killed run's workers may have been rewriting a shard
-        remove_dead_writes(shards_dir)
+    remove_dead_writes(shards_dir)  # a killed run's workers may have been rewriting a shard
     _, bad = _check_shards(shards_dir, sorted(finished_shards(shards_dir) & set(shard_ids)))
     if bad:
         _remove_shards(shards_dir, bad)

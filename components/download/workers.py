@@ -76,17 +76,17 @@ def finish_shard(shards_dir: Path, shard_id: int, requests_file: str) -> None:
     again): the stage makes it canonical then, as it does a shard of an earlier version's run."""
     try:
         rows, index = check_shard(shards_dir, shard_id)
-        listed = _listed_urls(requests_file, frozenset(rows["uid"]))
+        listed = _listed_urls(requests_file, rows["uid"].tolist())
     except (InputError, OSError, pa.ArrowException):
         return
     canonicalize_shard(shards_dir, shard_id, listed, index)
 
 
-def _listed_urls(requests_file: str, uids: frozenset) -> dict[str, str]:
+def _listed_urls(requests_file: str, uids: list[str]) -> dict[str, str]:
     """uid -> URL as listed, for ``uids`` (the rows of one shard), from the list's requests."""
     stat = os.stat(requests_file)
     table = _requests(requests_file, stat.st_mtime_ns, stat.st_size)
-    chosen = table.filter(pc.is_in(table["uid"], value_set=pa.array(sorted(uids), table["uid"].type)))
+    chosen = table.filter(pc.is_in(table["uid"], value_set=pa.array(uids, table["uid"].type)))
     return dict(zip(chosen["uid"].to_pylist(), chosen["url"].to_pylist()))
 
 
