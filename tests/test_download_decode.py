@@ -3,6 +3,7 @@ reference decode, and ordinary images exactly as img2dataset decodes them."""
 from __future__ import annotations
 
 import io
+import pickle
 import struct
 import zlib
 
@@ -135,13 +136,17 @@ def test_ordinary_images_decode_and_resize_exactly_as_img2dataset_does():
 
     rgb = _gradient(50, 70, 3, 255, seed=5)
     rgba = _gradient(50, 70, 4, 255, seed=6)
+    small = _gradient(20, 28, 3, 255, seed=7)  # made larger (the upscale interpolation)
     jpeg = cv2.imencode(".jpg", rgb)[1].tobytes()
-    for data in (jpeg, _png(rgb), _png(rgba), _png(rgb[..., 0])):
+    # one resizer per mode for every image, as in a worker: the transforms it builds once serve them all
+    ours = {mode: SafeResizer(image_size=32, resize_mode=mode, resize_only_if_bigger=False, max_image_area=MAX_AREA)
+            for mode in ("center_crop", "border", "keep_ratio", "keep_ratio_largest", "no")}
+    for data in (jpeg, _png(rgb), _png(small), _png(rgba), _png(rgb[..., 0]), jpeg):
         assert np.array_equal(decode_image(data, MAX_AREA), _img2dataset_decode(data))
-        for mode in ("center_crop", "border", "keep_ratio", "no"):
+        for mode, resizer in ours.items():
             settings = dict(image_size=32, resize_mode=mode, resize_only_if_bigger=False, max_image_area=MAX_AREA)
-            theirs, ours = Resizer(**settings)(io.BytesIO(data)), SafeResizer(**settings)(io.BytesIO(data))
-            assert ours == theirs, mode
+            assert resizer(io.BytesIO(data)) == Resizer(**settings)(io.BytesIO(data)), mode
+    assert pickle.loads(pickle.dumps(ours["border"]))(io.BytesIO(jpeg)) == ours["border"](io.BytesIO(jpeg))
     err = SafeResizer(image_size=32, resize_mode="center_crop", resize_only_if_bigger=False,
                       max_image_area=MAX_AREA)(io.BytesIO(b"<html>not an image</html>"))[-1]
     assert error_reason("failed_to_resize", err) == "not_an_image"
