@@ -12,7 +12,9 @@ import sys
 from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.log import quiet_third_party
 
-from .params import DEFAULT_PARAMS, load_params
+# The params schema (every stage's section) is imported where it is used, not with this module: a pool worker that
+# multiprocessing forks or spawns runs the main module's imports again (the ``clipmill`` script imports this one),
+# and the download and curation workers need none of it.
 
 
 def stage_modules() -> dict[str, object]:
@@ -23,6 +25,8 @@ def stage_modules() -> dict[str, object]:
 
 
 def _add_params_option(p: argparse.ArgumentParser) -> None:
+    from .params import DEFAULT_PARAMS
+
     p.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE",
                    help=f"params file (default: {DEFAULT_PARAMS})")
 
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from .params import load_params
+
         params = load_params(args.params) if getattr(args, "params", None) else None
         if getattr(args, "needs_params", False):  # a stage: its tracking store must work before its work starts
             from clipmill.components.common.tracking import check_tracking

@@ -136,3 +136,15 @@ def test_layout_roots_and_unknown_names():
     assert Layout("s3://bucket/data/", "r").curate.steps == "s3://bucket/data/curate/steps"
     with pytest.raises(AttributeError, match="no path 'manifests'"):
         lay.resolve("download.manifests")
+
+
+def test_the_cli_module_leaves_the_params_schema_to_its_commands():
+    """A pool worker runs the main module's imports again (the ``clipmill`` script imports clipmill.cli): importing
+    it must not build every stage's params schema, which only the command itself needs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, clipmill.cli; "
+            "print(sorted(m for m in ('clipmill.params', 'pandas', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
