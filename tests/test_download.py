@@ -493,6 +493,48 @@ def test_download_workers_fork_from_a_server_and_every_shard_runs_and_failed_one
         assert {setting for *_, setting in records} == {limit}
 
 
+class _TimedDownloader:
+    """Records when (monotonic clock, shared by processes) and in which process each shard starts; takes 0.2 s."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __call__(self, row):
+        import os
+        import time
+
+        (self.folder / row).write_text(f"{os.getpid()} {time.monotonic()}")
+        time.sleep(0.2)
+        return True, row
+
+
+def test_the_first_workers_start_their_shards_apart_where_there_are_more_shards_than_workers(tmp_path):
+    """With a stagger, the n-th of the pool's first workers takes its first shard n x stagger seconds after the
+    first; with none (one wave of shards) they start as they come. The stage's stagger spreads a wave's starts over the
+    longest a URL can take."""
+    from clipmill.components.download.fetch import FetchPolicy
+    from clipmill.components.download.stage import start_stagger
+
+    policy = FetchPolicy(timeout=5)
+    assert start_stagger(policy, retries=2, processes=16, pending=48) == pytest.approx(15 / 16)
+    assert start_stagger(policy, retries=2, processes=16, pending=16) == 0.0  # one wave
+    assert start_stagger(policy, retries=2, processes=1, pending=5) == 0.0
+    for stagger in (0.6, 0.0):
+        folder = tmp_path / str(stagger)
+        folder.mkdir()
+        forkserver_distributor(3, _TimedDownloader(folder), iter(list("abcdefghi")), None, max_shard_retry=0,
+                               stagger=stagger)
+        first: dict[str, float] = {}
+        for record in folder.iterdir():
+            pid, at = record.read_text().split()
+            first[pid] = min(first.get(pid, float("inf")), float(at))
+        assert len(list(folder.iterdir())) == 9
+        starts = sorted(first.values())
+        gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+        if stagger:  # (a worker that finds no task queued yet starts later than it could: half is the bound)
+            assert len(starts) == 3 and all(gap >= stagger / 2 for gap in gaps), gaps
+
+
 def test_the_stage_starts_the_workers_server_early_with_img2dataset_imported():
     """In a fresh process (a process has one such server, its imports fixed by whoever started it first)."""
     import subprocess

@@ -249,6 +249,15 @@ def start_worker_server(params: DownloadParams) -> None:
     start_forkserver([WORKER_MODULE])
 
 
+def start_stagger(policy: FetchPolicy, retries: int, processes: int, pending: int | None) -> float:
+    """Seconds between the first shards' starts of a pool of ``processes`` workers with ``pending`` shards: where
+    there are more shards than workers, their first shards' ends are spread over the longest one URL can take (every
+    attempt timing out), so that their waits on slow URLs fall at different times; none for one wave of shards."""
+    if processes <= 1 or pending is None or pending <= processes:
+        return 0.0
+    return policy.timeout * (retries + 1) / processes
+
+
 def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, extra_columns: list[str],
                     policy: FetchPolicy | None = None, pending: int | None = None,
                     requests_file: Path | None = None) -> None:
@@ -268,10 +277,11 @@ def run_img2dataset(url_list: Path, shards_dir: Path, params: DownloadParams, ex
 
     processes = max(1, min(params.processes_count, pending if pending is not None else params.processes_count))
     in_process = params.distributor == "multiprocessing" and processes == 1
+    policy = policy or fetch_policy(params)
     previous_handler = signal.getsignal(signal.SIGINT)
     try:
-        with patched_img2dataset(policy or fetch_policy(params), in_process,
-                                 None if requests_file is None else str(requests_file)):
+        with patched_img2dataset(policy, in_process, None if requests_file is None else str(requests_file),
+                                 start_stagger(policy, params.retries, processes, pending)):
             img2dataset.download(
                 url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
                 save_additional_columns=extra_columns, output_folder=str(shards_dir), output_format="webdataset",

@@ -18,6 +18,7 @@ import functools
 import importlib
 import io
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,16 +194,33 @@ WORKER_MODULES = [__name__]
 WORKER_ENVIRONMENT = ("OPENCV_IO_MAX_IMAGE_PIXELS", "NO_ALBUMENTATIONS_UPDATE")
 
 
-def _worker_environment(values: dict[str, str]) -> None:
+def _worker_start(values: dict[str, str], started, first: int, stagger: float) -> None:
+    """A worker's set-up: the download's environment, and the ``n``-th of the pool's ``first`` workers waits
+    ``n * stagger`` seconds before it takes its first shard (``forkserver_distributor``)."""
     os.environ.update(values)
+    if stagger <= 0:
+        return
+    with started.get_lock():
+        position = started.value
+        started.value += 1
+    if position < first:
+        time.sleep(position * stagger)
 
 
-def forkserver_distributor(processes_count, downloader, reader, subjob_size, max_shard_retry) -> None:
+def forkserver_distributor(processes_count, downloader, reader, subjob_size, max_shard_retry,
+                           stagger: float = 0.0) -> None:
     """img2dataset's multiprocessing distributor (the same pool, tasks and retries: a worker is replaced after five
-    shards) with workers forked from a forkserver that preloaded ``WORKER_MODULES``, not spawned."""
+    shards) with workers forked from a forkserver that preloaded ``WORKER_MODULES``, not spawned.
+
+    ``stagger``: the pool's first workers start their first shards that many seconds apart, not together. Shards of
+    one size that start together end together, each waiting on its slowest URLs (a timeout, retried) while the
+    cores idle; started apart, one worker's wait is another's work (``run_img2dataset`` asks for it where there
+    are more shards than workers)."""
     context = start_forkserver(WORKER_MODULES)  # the stage started it early, unless called on its own
     environment = {k: os.environ[k] for k in WORKER_ENVIRONMENT if k in os.environ}
-    with context.Pool(processes_count, initializer=_worker_environment, initargs=(environment,),
+    started = context.Value("i", 0)  # workers started so far (a replacement after five shards starts at once)
+    with context.Pool(processes_count, initializer=_worker_start,
+                      initargs=(environment, started, processes_count, stagger),
                       maxtasksperchild=5) as pool:
 
         def run(rows) -> list:
@@ -215,7 +233,7 @@ def forkserver_distributor(processes_count, downloader, reader, subjob_size, max
 
 @contextmanager
 def patched_img2dataset(policy: FetchPolicy, in_process: bool = False,
-                        requests_file: str | None = None) -> Iterator[None]:
+                        requests_file: str | None = None, stagger: float = 0.0) -> Iterator[None]:
     """Within the block, ``img2dataset.download`` builds a ``SafeDownloader`` (with ``policy`` and
     ``requests_file``), a ``SafeResizer`` and a ``QuietLogger``; its multiprocessing distributor forks its workers
     from a forkserver, or with ``in_process`` runs the shards in this process."""
@@ -223,7 +241,8 @@ def patched_img2dataset(policy: FetchPolicy, in_process: bool = False,
     i2d_main.Downloader = functools.partial(SafeDownloader, policy=policy, requests_file=requests_file)
     i2d_main.Resizer = SafeResizer
     i2d_main.LoggerProcess = QuietLogger
-    i2d_main.multiprocessing_distributor = in_process_distributor if in_process else forkserver_distributor
+    i2d_main.multiprocessing_distributor = (in_process_distributor if in_process else
+                                            functools.partial(forkserver_distributor, stagger=stagger))
     try:
         yield
     finally:
