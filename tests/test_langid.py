@@ -10,6 +10,7 @@ from clipmill.components.common.errors import ConfigError
 from clipmill.components.common.steps import StepContext, check_output
 from clipmill.components.filter.langid import (
     FOREIGN_REASON,
+    IDENTIFIER_LANGUAGES,
     LangIdStep,
     caption_parts,
     language_text,
@@ -81,6 +82,12 @@ def test_unknown_language_codes_are_config_errors_before_any_work():
     with pytest.raises(ConfigError, match=r"filter.languages: \['english'\]"):
         LangIdStep.check_params(FilterParams(languages=["en", "english"]), CONTEXT)
     LangIdStep.check_params(FilterParams(languages=["en", "de"]), CONTEXT)
+
+
+def test_the_languages_checked_without_the_model_are_the_models_own():
+    from clipmill.components.filter.langid import identifier
+
+    assert IDENTIFIER_LANGUAGES == frozenset(identifier().labels)
 
 
 def test_captions_are_cut_into_parts_at_punctuation_and_dashes_but_not_hyphens():

@@ -48,6 +48,17 @@ MIN_WORD_LETTERS = 4  # the word model's least evidence: "photo de", "zdjęcie",
 SCRIPT_SHARE = 0.01  # a kept language writes in a script that carries this share of its common words' letters
 
 
+# py3langid's languages (its model's labels), for checking filter.languages without loading the model (0.4 s of
+# LZMA a process); tests/test_langid.py checks them against the installed model.
+IDENTIFIER_LANGUAGES = frozenset("""
+    ace af am an ar ary arz as az ba bcl be bg bn br bs ca crh cs cy da de dz el en eo es et eu ext fa fi fo fr
+    fuv fy ga gcf gcr gd gl gom grc gu gug guw ha hbo he hi hr ht hu hy id ig is it ja jv ka kab kik kk km kn ko
+    ku ky la lb lg lij ln lo lt ltg lv mg mk ml mn mr ms mt my ne nl nn no nso oc om or pa pcm pl ps pt qu ro ru
+    rw sa sdh se si sk sl sn so sq sr st sv sw ta te tg th tk tl tr tt ug uk ur uz uzs vec vi vo wa wuu xh yo
+    yue zh zu zxx
+""".split())
+
+
 @lru_cache(maxsize=1)
 def identifier():
     """py3langid's model (loaded once per process), with probabilities normalised over its languages."""
@@ -183,10 +194,10 @@ class LangIdStep(Step):
 
     @classmethod
     def check_params(cls, params, context) -> None:
-        unknown = sorted(set(params.languages) - set(identifier().labels))
+        unknown = sorted(set(params.languages) - IDENTIFIER_LANGUAGES)
         if unknown:
             raise ConfigError(f"filter.languages: {unknown} not among the language identifier's codes "
-                              f"(ISO 639-1, e.g. en, de, fr; {len(identifier().labels)} known)")
+                              f"(ISO 639-1, e.g. en, de, fr; {len(IDENTIFIER_LANGUAGES)} known)")
 
     def prepare(self) -> None:
         """Load py3langid's model, the word lists and the kept scripts (about 2 s): the step's start-up."""
