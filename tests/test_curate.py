@@ -131,6 +131,36 @@ def test_counts_add_up_along_the_funnel_and_every_drop_has_a_declared_reason(dow
     assert sorted([*dropped, *tables["rewrite"]["uid"]]) == sorted(successes["uid"])
 
 
+def test_the_steps_summaries_add_up_what_their_whole_tables_say(reference):
+    """Balance's entry counts after balancing, score's mean and rewrite's slots come from each shard's summary (made
+    with its decision, kept in its marker): they equal what the whole decided tables give."""
+    from clipmill.components.common.storage import read_frame
+
+    steps, tables = {s["step"]: s for s in reference["summary"]["steps"]}, reference["tables"]
+    balance = tables["balance"]
+    kept = balance.loc[balance["keep"], "matched_entries"].explode().dropna().value_counts()
+    counts = read_frame(reference["out"] / "steps" / "balance" / "entry_counts.parquet").set_index("entry")
+    assert kept.sum() > 0 and counts["count_after"].to_dict() == kept.reindex(counts.index, fill_value=0).to_dict()
+    assert steps["balance"]["expected_kept"] == pytest.approx(balance["keep_probability"].sum())
+    assert steps["score"]["mean_clip_score"] == pytest.approx(tables["score"]["clip_score"].mean())
+    rewrite = tables["rewrite"]
+    assert steps["rewrite"]["rewrites"]["captions"] == len(rewrite)
+    assert steps["rewrite"]["rewrites"]["kept"] == rewrite["rewrites"].map(len).sum()
+
+
+def test_a_decision_marker_without_its_shards_summary_is_done_again(download, scorer, reference, tmp_path):
+    """(as a curation of an earlier version, whose markers held none, is brought up to date)"""
+    out = copy_of(reference, tmp_path)
+    from clipmill.components.common.curation import marker_path, output_path, units_of
+
+    marker = marker_path(output_path(out, "score", units_of(out)[0]))
+    stale = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in stale.items() if k != "summary"}))
+    summary = run_curate(download, out, shrunk_params(), scorer)
+    assert json.loads(marker.read_text()) == stale
+    assert counts_only(summary) == counts_only(reference["summary"])
+
+
 def test_a_rerun_skips_every_finished_shard(download, scorer, reference, tmp_path):
     out = copy_of(reference, tmp_path)
     before = shard_outputs(out)

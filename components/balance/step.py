@@ -6,6 +6,7 @@ Combine: count_e over the pool. Decide: keep with probability 1 - prod(1 - t / m
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -74,18 +75,24 @@ class BalanceStep(PoolStep):
         return decisions(mapped["uid"], reason, matched_entries=matched, keep_probability=probability)
 
     @classmethod
-    def summarize(cls, params: BalanceParams, decided, out_dir: str) -> dict:
+    def shard_summary(cls, params: BalanceParams, decided: pd.DataFrame) -> dict:
+        """The shard's kept texts per entry and the sum of its keep probabilities."""
+        kept = decided.loc[decided["keep"].astype(bool), "matched_entries"].explode().dropna().value_counts()
+        return {"kept_entries": {str(entry): int(n) for entry, n in kept.items()},
+                "expected_kept": float(decided["keep_probability"].sum())}
+
+    @classmethod
+    def summarize(cls, params: BalanceParams, shards: list[dict], out_dir: str) -> dict:
         """Also writes ``entry_counts.parquet`` (entry, count_before, count_after) beside the step's outputs."""
         before = read_frame(location(out_dir) / "state" / "counts.parquet").set_index("entry")["count"]
-        after = pd.Series(0, index=before.index, dtype=np.int64)
+        after: Counter[str] = Counter()
         expected = 0.0
-        for table in decided():
-            kept = table.loc[table["keep"].astype(bool), "matched_entries"].explode().dropna().value_counts()
-            after = after.add(kept, fill_value=0).astype(np.int64)
-            expected += float(table["keep_probability"].sum())
-        order = before.sort_values(ascending=False, kind="stable").index
-        entry_counts = pd.DataFrame({"entry": order.astype(str), "count_before": before[order].to_numpy(np.int64),
-                                     "count_after": after.reindex(order, fill_value=0).to_numpy(np.int64)})
+        for shard in shards:
+            after.update(shard["kept_entries"])
+            expected += shard["expected_kept"]
+        order = before.sort_values(ascending=False, kind="stable").index.astype(str)
+        entry_counts = pd.DataFrame({"entry": order, "count_before": before[order].to_numpy(np.int64),
+                                     "count_after": np.array([after[entry] for entry in order], dtype=np.int64)})
         write_table(entry_counts, location(out_dir) / "entry_counts.parquet")
         is_tail = entry_counts.set_index("entry")["count_before"] < params.t
         return {"t": params.t, "metadata_entries": len(read_metadata(params.metadata)),

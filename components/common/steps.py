@@ -85,8 +85,15 @@ class Step:
         raise NotImplementedError
 
     @classmethod
-    def summarize(cls, params: Any, decided: Callable[[], Iterator[pd.DataFrame]], out_dir: str) -> dict:
-        """Extra summary fields (and extra files under ``out_dir``) from the step's decided tables."""
+    def shard_summary(cls, params: Any, decided: pd.DataFrame) -> dict:
+        """A small statistic (JSON values) of one shard's decided table, which ``summarize`` adds up: kept in the
+        decision's marker, made where the decision is made (default: none)."""
+        return {}
+
+    @classmethod
+    def summarize(cls, params: Any, shards: list[dict], out_dir: str) -> dict:
+        """Extra summary fields (and extra files under ``out_dir``) from every shard's ``shard_summary``, in unit
+        order (default: none)."""
         return {}
 
     @classmethod

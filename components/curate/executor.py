@@ -84,7 +84,7 @@ class UnitTask:
         if self.phase == "map":  # and its partial, which the combine reads
             partial = read_marker(output_path(self.curate_dir, self.step, self.unit, "partial"))
             return partial is not None and partial.get("fingerprint") == self.fingerprint
-        return "kept_uids" in marker
+        return "kept_uids" in marker and "summary" in marker
 
 
 _BUILT: dict[str, tuple[str, Step]] = {}
@@ -169,7 +169,8 @@ def run_task(task: UnitTask) -> dict:
     took (0 when it was finished before; seconds are not stored in the marker: outputs do not time a run).
 
     The marker of a decision (apply, decide) also holds fingerprints of what later steps read from it: ``kept``
-    (the uids it kept) and ``kept_columns`` (its columns on those uids; None for a step without columns).
+    (the uids it kept) and ``kept_columns`` (its columns on those uids; None for a step without columns), and the
+    step's ``shard_summary`` of it (``summary``), which the step's summary adds up without reading the shard again.
     """
     if task.done():
         return {**read_marker(task.output), "seconds": 0.0, "build_seconds": 0.0}
@@ -211,6 +212,7 @@ def run_task(task: UnitTask) -> dict:
         counts["kept_uids"] = rows_fingerprint(kept[["uid"]].reset_index(drop=True))
         counts["kept_columns"] = (rows_fingerprint(kept[["uid", *cls.columns]].reset_index(drop=True))
                                   if cls.columns else None)
+        counts["summary"] = cls.shard_summary(task.params, out)
     marker = {"fingerprint": task.fingerprint, "params": params_fp, **counts}
     write_output(out, task.output, marker)
     return {**marker, "seconds": time.perf_counter() - started, "build_seconds": build_seconds}

@@ -21,7 +21,6 @@ from clipmill.components.common.curation import (
     UNITS_DIR,
     output_path,
     read_marker,
-    read_step,
     save_state,
     split_manifest,
     step_classes,
@@ -91,8 +90,7 @@ def step_summary(curate_dir: Path, step: type[Step], params, units: list[str], m
                "shards": len(units)}
     if summary["kept"] + sum(dropped.values()) != summary["input"]:
         raise AssertionError(f"curation step {step.name} does not add up: {summary}")
-    extra = step.summarize(params, lambda: (t for _, t in read_step(curate_dir, step.name, units=units)),
-                           str(step_dir(curate_dir, step.name)))
+    extra = step.summarize(params, [marker["summary"] for marker in markers], str(step_dir(curate_dir, step.name)))
     return {**summary, **extra}
 
 

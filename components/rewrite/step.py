@@ -90,14 +90,18 @@ class RewriteStep(Step):
         return rewrites, dropped
 
     @classmethod
-    def summarize(cls, params: RewriteParams, decided, out_dir: str) -> dict:
+    def shard_summary(cls, params: RewriteParams, decided: pd.DataFrame) -> dict:
+        """The shard's slot counts (``captions.summarize``)."""
+        return summarize(decided, params, model_name(params))
+
+    @classmethod
+    def summarize(cls, params: RewriteParams, shards: list[dict], out_dir: str) -> dict:
         """The slot counts of every shard added up (``rewrites``: captions, slots, kept, dropped per reason)."""
         total: Counter = Counter()
         dropped: Counter = Counter()
         failed: Counter = Counter()
         rejected: Counter = Counter()
-        for table in decided():
-            counts = summarize(table, params, model_name(params))
+        for counts in shards:
             total.update({k: counts[k] for k in ("captions", "slots", "kept", "captions_with_rewrites")})
             dropped.update(counts["dropped"])
             failed.update(counts["failed_captions"])

@@ -225,11 +225,17 @@ class ScoreStep(PoolStep):
         return decisions(mapped["uid"], reasons, clip_score=mapped["clip_score"])
 
     @classmethod
-    def summarize(cls, params: ScoreParams, decided, out_dir: str) -> dict:
+    def shard_summary(cls, params: ScoreParams, decided: pd.DataFrame) -> dict:
+        """The sum and number of the shard's scores (NaN, an unreadable image's, left out)."""
+        return {"score_sum": float(decided["clip_score"].astype(np.float64).sum()),
+                "scored": int(decided["clip_score"].notna().sum())}
+
+    @classmethod
+    def summarize(cls, params: ScoreParams, shards: list[dict], out_dir: str) -> dict:
         total, n = 0.0, 0
-        for table in decided():
-            total += float(table["clip_score"].astype(np.float64).sum())  # NaN (unreadable images) skipped
-            n += int(table["clip_score"].notna().sum())
+        for shard in shards:
+            total += shard["score_sum"]
+            n += shard["scored"]
         state = read_json(location(out_dir) / "state.json")["state"]
         return {"scorer": params.scorer, "threshold": state["threshold"], "top_fraction": params.top_fraction,
                 "min_score": params.min_score, "mixture_posterior": params.mixture_posterior,
