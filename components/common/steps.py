@@ -14,6 +14,9 @@ that every earlier step kept, with the columns those steps added.
   per-shard ``decide`` from the stored map output and the state. The expensive map output is never
   recomputed when only the state changes (new shards join the pool).
 
+A decision (apply or decide) of a shard also gives the step's ``shard_summary`` of it, kept in its marker; the
+step's ``summarize`` adds those up over every shard, so a summary never reads the decided tables again.
+
 The ordered list of steps lives in ``components/common/curation.py``; the executor, reshard, the funnel, the
 report and the boundary validation all read it.
 """
