@@ -236,7 +236,8 @@ def patched_img2dataset(policy: FetchPolicy, in_process: bool = False,
                         requests_file: str | None = None, stagger: float = 0.0) -> Iterator[None]:
     """Within the block, ``img2dataset.download`` builds a ``SafeDownloader`` (with ``policy`` and
     ``requests_file``), a ``SafeResizer`` and a ``QuietLogger``; its multiprocessing distributor forks its workers
-    from a forkserver, or with ``in_process`` runs the shards in this process."""
+    from a forkserver (the first ones ``stagger`` seconds apart), or with ``in_process`` runs the shards in this
+    process."""
     saved = i2d_main.Downloader, i2d_main.Resizer, i2d_main.LoggerProcess, i2d_main.multiprocessing_distributor
     i2d_main.Downloader = functools.partial(SafeDownloader, policy=policy, requests_file=requests_file)
     i2d_main.Resizer = SafeResizer
