@@ -57,9 +57,11 @@ class DownloadParams(Section):
     processes_count: int = Field(
         16, ge=1, description="Download processes (multiprocessing distributor), at most one per shard left. More "
         "than the cores pays: a shard ends with its slowest URL (a timeout, retried), and while one process waits on "
-        "that tail the others use the CPU (on 2 cores, the demo's 12 shards: 6 processes 49-50 s, 12 38-39 s; 48 "
-        "shards: 6 192-204 s, 16 141 s; 192 shards: 6 643-661 s, 16 374-409 s; the same outcomes and shards). Each "
-        "costs about 120 MB beside the server the workers fork from. More than the sites can answer in time changes "
+        "that tail the others use the CPU; where shards outnumber processes, the first ones start apart so that their "
+        "tails do not fall together (on 2 cores, the demo's 12 shards: 6 processes 49-50 s, 12 38-39 s; 48 shards: 6 "
+        "192-204 s, 16 141 s, 103-106 s with cheaper resizes, 93-102 s also started apart; 192 shards: 6 643-661 s, "
+        "16 374-409 s, 289-332 s started apart with cheaper resizes; the same outcomes and shards). Each costs about "
+        "120 MB beside the server the workers fork from. More than the sites can answer in time changes "
         "outcomes: a URL answered after the timeout fails.")
     thread_count: int = Field(16, ge=1, description="Download threads per process.")
     distributor: Literal["multiprocessing", "ray"] = Field(
