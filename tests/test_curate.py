@@ -146,6 +146,10 @@ def test_the_steps_summaries_add_up_what_their_whole_tables_say(reference):
     rewrite = tables["rewrite"]
     assert steps["rewrite"]["rewrites"]["captions"] == len(rewrite)
     assert steps["rewrite"]["rewrites"]["kept"] == rewrite["rewrites"].map(len).sum()
+    # a marker holds what differs by shard; the backend and model come from the params, once
+    marker = json.loads(next((reference["out"] / "steps" / "rewrite").glob("*.done")).read_text())
+    assert "kept" in marker["summary"] and not {"backend", "model", "rewrites_per_caption"} & set(marker["summary"])
+    assert steps["rewrite"]["rewrites"]["backend"] == "rules"
 
 
 def test_a_decision_marker_without_its_shards_summary_is_done_again(download, scorer, reference, tmp_path):
@@ -416,6 +420,39 @@ def test_a_new_shard_is_curated_incrementally(download, scorer, reference, tmp_p
     assert counts_only(summary) == counts_only(reference["summary"])
     entry_counts = "steps/balance/entry_counts.parquet"
     pd.testing.assert_frame_equal(pd.read_parquet(out / entry_counts), pd.read_parquet(reference["out"] / entry_counts))
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_a_new_shards_near_duplicates_are_added_to_the_stored_state(download, scorer, tmp_path, where):
+    """With near-duplicates on, a new shard (after the first shards in unit order, or before them) is added to the
+    stored state rather than banding every shard again, and the result equals a from-scratch curation."""
+    params = shrunk_params({"filter.near_duplicate_distance": 0.025})
+    table = download["table"].copy()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    new = "00005.tar" if where == "after" else "0-new/00005.tar"  # unit 0-new/00005 sorts before 00000
+    for tar in sorted(download["shards"].glob("*.tar")):
+        name = new if tar.name == "00005.tar" else tar.name
+        (shards / name).parent.mkdir(exist_ok=True)
+        shutil.copy(tar, shards / name)
+        shutil.copy(tar.with_suffix(".parquet"), (shards / name).with_suffix(".parquet"))
+    table.loc[table["shard"] == "00005.tar", "shard"] = new
+    grown = {"manifest": tmp_path / "manifest.parquet", "shards": shards}  # one path, as the download writes it
+    table[table["shard"] != new].to_parquet(grown["manifest"], index=False)
+    out = tmp_path / "curate"
+    run_curate(grown, out, params, scorer)
+    table.to_parquet(grown["manifest"], index=False)
+    run_curate(grown, out, params, scorer)
+    run_curate(grown, tmp_path / "scratch", params, scorer)
+
+    how = json.loads((out / "timings.json").read_text())["steps"]["neardup"]["combine"]["how"]
+    assert how == "added"
+    tables = step_tables(out)
+    assert (~tables["neardup"]["keep"].astype(bool)).sum() > 0
+    assert_same_tables(tables, step_tables(tmp_path / "scratch"))
+    for frame in ("losers", "pairs"):
+        path = Path("steps/neardup/state") / f"{frame}.parquet"
+        pd.testing.assert_frame_equal(pd.read_parquet(out / path), pd.read_parquet(tmp_path / "scratch" / path))
 
 
 def test_steps_left_out_keep_what_they_would_drop(download, scorer, reference, tmp_path):

@@ -486,3 +486,80 @@ def test_rows_sorted_by_brightness_within_a_band_value_give_every_close_pair(gap
     near = ((means[i] - means[j]) ** 2).sum(axis=1) <= gap
     expected = set(zip(i[same & close & near].tolist(), j[same & close & near].tolist()))
     assert found == expected and 0 < len(expected) < same.sum()
+
+
+def grown_pool(order: str) -> tuple[list[pd.DataFrame], list[pd.DataFrame], list[bool]]:
+    """Thumbnails in six shards, two of them new (``order``: where the new shards sit in the pool: ``after``,
+    ``before`` or ``between`` the earlier four): pictures, slightly changed copies of them within and across the
+    old and new shards, exact copies (identical hashes) of earlier pictures in the new shards, a group of blank
+    images in both. Returns (map outputs, partials, fresh flags), shard by shard in pool order."""
+    from clipmill.components.filter.neardup import signature_frame
+
+    rng = np.random.default_rng(21)
+    pictures = rng.integers(0, 256, size=(120, THUMB_BYTES)).astype(np.uint8)
+
+    def near(thumbs):
+        return np.clip(thumbs.astype(int) + rng.integers(-2, 3, size=thumbs.shape), 0, 255).astype(np.uint8)
+
+    blank = np.full((1, THUMB_BYTES), 128, dtype=np.uint8)
+    old = np.vstack([pictures[:80], near(pictures[:20]), np.repeat(blank, 3, axis=0)])
+    new = np.vstack([pictures[80:], near(pictures[10:30]), near(pictures[85:95]), pictures[:6],
+                     np.repeat(blank, 2, axis=0)])  # pictures[:6]: the same hashes as six earlier images
+    shards = [(f"o{i}", part, False) for i, part in enumerate(np.array_split(old, 4))]
+    shards += [(f"n{i}", part, True) for i, part in enumerate(np.array_split(new, 2))]
+    order_of = {"after": [0, 1, 2, 3, 4, 5], "before": [4, 5, 0, 1, 2, 3], "between": [0, 4, 1, 2, 5, 3]}[order]
+    mapped, partials, fresh = [], [], []
+    for name, thumbs, is_new in (shards[i] for i in order_of):
+        words = signatures(thumbs)
+        frame = pd.DataFrame({"uid": [f"{name}-{rng.integers(10**6):06d}-{j:03d}" for j in range(len(thumbs))],
+                              **{c: words[:, i] for i, c in enumerate(HASH_COLUMNS)},
+                              "thumb": [t.tobytes() for t in thumbs], "hashed": True})
+        mapped.append(frame)
+        partials.append(signature_frame(frame))
+        fresh.append(is_new)
+    return mapped, partials, fresh
+
+
+@pytest.mark.parametrize("order", ["after", "before", "between"])
+def test_new_shards_added_to_the_stored_state_give_the_whole_pools_state(monkeypatch, order):
+    """combine_more over the earlier pool's state and the new shards equals combine over the whole pool: the same
+    linked pairs and losers, wherever the new shards sit in the pool (new exact copies before their earlier
+    originals take their place as the first of their hash), comparing fewer pairs than banding the whole pool."""
+    from clipmill.components.filter import neardup
+
+    mapped, partials, fresh = grown_pool(order)
+    params = FilterParams(near_duplicate_distance=0.025)
+    earlier = [i for i, f in enumerate(fresh) if not f]
+    previous = NearDupStep.combine(params, lambda: iter([partials[i] for i in earlier]),
+                                   lambda: iter([mapped[i] for i in earlier]))
+    compared = []
+    monkeypatch.setattr(neardup, "hamming", lambda a, b: compared.append(len(a)) or hamming(a, b))
+    whole = NearDupStep.combine(params, lambda: iter(partials), lambda: iter(mapped))
+    whole_compared, compared[:] = sum(compared), []
+    added = NearDupStep.combine_more(params, previous, lambda: iter(partials), lambda: iter(mapped), fresh)
+    assert added is not None and sum(compared) < whole_compared
+    for key in ("losers", "pairs"):
+        pd.testing.assert_frame_equal(added[key], whole[key])
+    pairs = set(zip(*[whole["pairs"][c] for c in neardup.PAIR_COLUMNS]))
+    assert len(whole["losers"]) >= 40 and len(pairs) > len(set(zip(*[previous["pairs"][c]
+                                                                    for c in neardup.PAIR_COLUMNS])))
+    # new exact copies of earlier pictures are linked to them
+    copies = mapped[fresh.index(True)]
+    assert any(copies["uid"].isin(whole["losers"]["uid"]) | copies["uid"].isin(whole["losers"]["winner"]))
+
+
+def test_a_pool_whose_banding_changed_or_that_exceeds_memory_is_banded_whole(monkeypatch):
+    from clipmill.components.filter import neardup
+    from clipmill.components.filter.neardup import fresh_candidate_pairs
+
+    mapped, partials, fresh = grown_pool("after")
+    params = FilterParams(near_duplicate_distance=0.025)
+    previous = NearDupStep.combine(params, lambda: iter(partials[:4]), lambda: iter(mapped[:4]))
+    assert fresh_candidate_pairs(lambda: iter(partials), fresh, max_bits=40) is not None
+    assert fresh_candidate_pairs(lambda: iter(partials), fresh, max_bits=40, memory=1000) is None
+    assert NearDupStep.combine_more(params, {"losers": previous["losers"]}, lambda: iter(partials),
+                                    lambda: iter(mapped), fresh) is None  # a state stored without its pairs
+    real = neardup.banding
+    # the earlier pool (103 images) and the grown one (181) band differently
+    monkeypatch.setattr(neardup, "banding", lambda pool, c: Banding(20, 26) if pool > 150 else real(pool, c))
+    assert NearDupStep.combine_more(params, previous, lambda: iter(partials), lambda: iter(mapped), fresh) is None

@@ -12,7 +12,10 @@ that every earlier step kept, with the columns those steps added.
   counts), so it runs in three phases: ``map`` per shard (the per-sample work, e.g. scores or matches, and a
   small ``partial`` statistic), one ``combine`` of every shard's partial into a small ``state``, and a
   per-shard ``decide`` from the stored map output and the state. The expensive map output is never
-  recomputed when only the state changes (new shards join the pool).
+  recomputed when only the state changes (new shards join the pool). A step whose state can take new shards
+  without the whole pool's work again also implements ``combine_more`` (near-duplicates: only pairs with a new
+  image are banded and checked); the stage uses it when the shards of the last combine are all still there with
+  the same map outputs.
 
 A decision (apply or decide) of a shard also gives the step's ``shard_summary`` of it, kept in its marker; the
 step's ``summarize`` adds those up over every shard, so a summary never reads the decided tables again.
@@ -22,7 +25,7 @@ report and the boundary validation all read it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -145,6 +148,16 @@ class PoolStep(Step):
         """Every shard's partial in (``partials()`` streams them, one shard at a time, as often as needed; and
         ``mapped()`` the map outputs, for a second pass); the state out (JSON values and small frames)."""
         raise NotImplementedError
+
+    @classmethod
+    def combine_more(cls, params: Any, previous: dict, partials: Callable[[], Iterator[pd.DataFrame]],
+                     mapped: Callable[[], Iterator[pd.DataFrame]], fresh: Sequence[bool]) -> dict | None:
+        """The state of the whole pool from ``previous``, the state ``combine`` made with the same params from the
+        shards whose ``fresh`` flag is False (their map outputs unchanged since), and the partials and map outputs of
+        all shards (``fresh`` flags each frame, in the order they are yielded): the work of the new shards, not the
+        whole pool's again. It must equal ``combine`` over the whole pool; None has the stage call ``combine``
+        (the default: a step that cannot add to its state, or a pool it cannot add to)."""
+        return None
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
         """``uid``, ``keep``, ``reason`` and the step's ``columns`` for one shard's map output."""

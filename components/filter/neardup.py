@@ -26,16 +26,23 @@ pass names the candidates' uids. The candidates do not depend on which way was t
 (2) each candidate pair is checked on its thumbnails (streamed from the map outputs, kept only for candidates):
 both their RMS difference is at most ``filter.near_duplicate_distance`` (the colours match) and their correlation
 at least ``filter.near_duplicate_min_correlation`` (the layout matches: low-contrast pictures are close in RMS
-without being alike). Linked images form clusters (connected components). Decide: every cluster keeps its smallest
-uid; the others are dropped as ``near_duplicate_image``. An image that does not decode gets no thumbnail and is
-kept here (the score step drops it with its own reason).
+without being alike). Linked images form clusters (connected components); the state keeps the linked pairs and
+each cluster's losers. Decide: every cluster keeps its smallest uid; the others are dropped as
+``near_duplicate_image``. An image that does not decode gets no thumbnail and is kept here (the score step drops it
+with its own reason).
+New shards are added to a stored state without banding the whole pool again (``combine_more``): a pair of two
+earlier images was a candidate of the earlier pool exactly when it is one of the grown pool (same banding, same
+first image of each identical hash), so only the candidates with a new image are found (the band values that new
+images have; of those rows, pairs with a new image) and checked, and the stored pairs are kept, less those of an
+earlier image that a new identical one now stands for. When the pool's size changes its banding, the whole pool is
+banded again.
 """
 from __future__ import annotations
 
 import functools
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +75,7 @@ ENTRY_BYTES = WORDS * 8 + 6 * 8 + 72  # one image's signature, channel moments, 
 SPILL_ROW = np.dtype([("position", np.int64), ("words", np.uint64, (WORDS,)), ("means", np.float64, (6,))])
 CHECK_CHUNK = 2048  # candidate pairs whose thumbnails are compared at once (~8 MB of arithmetic; larger is slower)
 HASH_COLUMNS = [f"sig{i}" for i in range(WORDS)]
+PAIR_COLUMNS = ["uid", "linked_uid"]  # a linked pair in the state: the smaller uid, the larger
 FLAT_STD = 1.0 / 255     # a thumbnail whose values vary less than this is flat (blank): it has no layout
 _PLANES = np.random.default_rng(20240614).standard_normal((SIGNATURE_BITS, THUMB_BYTES)).astype(np.float32)
 FLAT_LEVEL_STEP = 4      # blank images within one bin of 4 grey levels differ by less than the distance 0.025
@@ -226,7 +234,7 @@ def identical_copies(uids: np.ndarray, words: np.ndarray) -> tuple[list[tuple[st
 
 
 def _close_rows(words: np.ndarray, keys: np.ndarray, max_distance: int, means: np.ndarray | None = None,
-                max_mean_gap: float = math.inf) -> tuple[np.ndarray, np.ndarray]:
+                max_mean_gap: float = math.inf, fresh: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Every two rows sharing a value of ``keys`` and differing in at most ``max_distance`` bits (and, with
     ``means``, at most ``max_mean_gap`` apart in squared distance of those), as two arrays of row numbers.
 
@@ -235,7 +243,8 @@ def _close_rows(words: np.ndarray, keys: np.ndarray, max_distance: int, means: n
     With ``means``, a group is also sorted by its rows' brightness (the sum of the first three columns, the channel
     means): two rows within ``max_mean_gap`` differ in it by at most sqrt(3 x max_mean_gap), so each row is compared
     only with the later rows of its group up to that difference (a crawl's look-alike layouts share band values by
-    the hundred, mostly in other colours: about a quarter of their pairs are compared).
+    the hundred, mostly in other colours: about a quarter of their pairs are compared). With ``fresh`` (a flag per
+    row), only pairs with at least one fresh row are compared and returned.
     """
     window = math.sqrt(3 * max_mean_gap) * (1 + 1e-9) + 1e-12 if means is not None else math.inf
     if math.isfinite(window):
@@ -246,12 +255,14 @@ def _close_rows(words: np.ndarray, keys: np.ndarray, max_distance: int, means: n
         order = np.argsort(keys)  # every pair within a group is compared: their order there does not matter
     keys, words = keys[order], words[order]
     means = means[order] if means is not None else None
+    fresh = fresh[order] if fresh is not None else None
     at = np.flatnonzero(keys[:-1] == keys[1:])  # i whose group goes on at i + 1
     offset, first, second = 1, [], []
     while len(at):
         if math.isfinite(window):  # brightness grows along a group: a row past the window stays past it
             at = at[level[at + offset] - level[at] <= window]
-        close = at[hamming(words[at], words[at + offset]) <= max_distance]
+        compared = at if fresh is None else at[fresh[at] | fresh[at + offset]]
+        close = compared[hamming(words[compared], words[compared + offset]) <= max_distance]
         if means is not None:
             close = close[((means[close] - means[close + offset]) ** 2).sum(axis=1) <= max_mean_gap]
         first.append(order[close])
@@ -417,6 +428,46 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     return _named(keys, total, uids)
 
 
+def fresh_candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], fresh: Sequence[bool], max_bits: int,
+                          memory: int = COMBINE_MEMORY, max_mean_gap: float = math.inf, min_correlation: float = 0.95
+                          ) -> tuple[list[tuple[str, str]], set[str]] | None:
+    """The ``candidate_pairs`` of the pool that has at least one image of a fresh frame (``fresh`` flags each frame
+    of ``frames``), and the uids of the earlier frames' images that are no longer the first of their identical hash
+    in the pool (a fresh image before them has it): the pairs of the earlier images alone are those of the earlier
+    pool, less every pair with one of those. None when the pool's signatures do not fit in ``memory`` or the pool's
+    banding differs from the earlier pool's (the whole pool is banded again).
+
+    The first image of each identical hash (in pool order) stands for it in the bands: an earlier image stays first
+    unless a fresh one comes before it, and an earlier image that was not first cannot become first. A band's rows
+    are those whose value a fresh first image has; of them, only pairs with a fresh image are compared."""
+    held, flags, size = [], [], 0
+    for frame, new in zip(frames(), fresh, strict=True):
+        held.append(frame)
+        flags.append(np.full(len(frame), bool(new)))
+        size += len(frame) * ENTRY_BYTES
+        if size > memory:
+            return None
+    uids, words, means = _read_signatures(held)
+    new = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+    scheme = banding(len(uids), min_correlation)
+    if banding(int((~new).sum()), min_correlation) != scheme:
+        return None
+    earlier = np.flatnonzero(~new)
+    firsts, copies, distinct = _identical_rows(words)
+    demoted = np.setdiff1d(earlier[_identical_rows(words[earlier])[2]], distinct, assume_unique=True)
+    linked = new[firsts] | new[copies]
+    found = [_pair_keys(firsts[linked], copies[linked], len(uids))]
+    words, fresh_rows = words[distinct], new[distinct]
+    means = means[distinct] if means is not None else None
+    for band in range(scheme.bands):
+        values = band_values(words, band, scheme.bits)
+        rows = np.flatnonzero(np.isin(values, values[fresh_rows]))
+        first, second = _close_rows(words[rows], values[rows], max_bits, means[rows] if means is not None else None,
+                                    max_mean_gap, fresh=fresh_rows[rows])
+        found.append(_pair_keys(distinct[rows[first]], distinct[rows[second]], len(uids)))
+    return _named(np.unique(np.concatenate(found)), len(uids), uids), set(uids[demoted].tolist())
+
+
 def _named(keys: np.ndarray, size: int, uids: np.ndarray) -> list[tuple[str, str]]:
     """Pairs of pool positions (sorted ``_pair_keys`` below ``size``) as (smaller, larger) uid pairs, in the order
     of their positions in the pool."""
@@ -478,6 +529,16 @@ def checked_pairs(pairs: list[tuple[str, str]], mapped: Callable[[], Iterator[pd
     return [pairs[i] for i in np.flatnonzero(keep)]
 
 
+def linked_state(pairs: list[tuple[str, str]]) -> dict:
+    """A near-duplicate state: every linked pair (``pairs``, (smaller, larger) uids, as ``PAIR_COLUMNS`` sorted) and
+    the ``losers`` of their clusters (uid and winner, by uid). The pairs let new shards be added to it."""
+    table = clusters(pairs)
+    linked = sorted(set(pairs))
+    return {"losers": table[table["uid"] != table["winner"]].reset_index(drop=True),
+            "pairs": pd.DataFrame({PAIR_COLUMNS[0]: pd.Series([a for a, _ in linked], dtype=object),
+                                   PAIR_COLUMNS[1]: pd.Series([b for _, b in linked], dtype=object)})}
+
+
 class NearDupStep(PoolStep):
     """Near-duplicate images across the whole pool (blurred thumbnails, SimHash banding, a check on both
     thumbnails); the smallest uid of each cluster is kept. ``filter.near_duplicate_distance: null`` keeps
@@ -489,7 +550,8 @@ class NearDupStep(PoolStep):
     needs = ("shard", "key")
     map_columns = {c: pa.uint64() for c in HASH_COLUMNS} | {"thumb": pa.binary(), "hashed": pa.bool_()}
     # The banding grows with the pool (``banding``); pools below 2**16 signatures band as 16 x 16 bits did alone.
-    combine_method = {"banding": "16 x 16 bits below 2**16 signatures, else log2(pool) bits"}
+    combine_method = {"banding": "16 x 16 bits below 2**16 signatures, else log2(pool) bits",
+                      "state": "losers and linked pairs"}
     _losers: tuple[dict, pd.Series] | None = None
 
     def __init__(self, params, context):
@@ -538,8 +600,28 @@ class NearDupStep(PoolStep):
                                 max_mean_gap=mean_gap(params.near_duplicate_distance),
                                 min_correlation=params.near_duplicate_min_correlation)
         pairs = checked_pairs(pairs, mapped, params.near_duplicate_distance, params.near_duplicate_min_correlation)
-        table = clusters(pairs)
-        return {"losers": table[table["uid"] != table["winner"]].reset_index(drop=True)}
+        return linked_state(pairs)
+
+    @classmethod
+    def combine_more(cls, params, previous: dict, partials: Callable[[], Iterator[pd.DataFrame]],
+                     mapped: Callable[[], Iterator[pd.DataFrame]], fresh: Sequence[bool]) -> dict | None:
+        """The earlier pool's linked pairs (``previous``), less those of an image no longer first of its identical
+        hash, plus the checked candidates with a new image (``fresh_candidate_pairs``): the pairs, and so the
+        clusters, of the whole pool, at the cost of the new images' comparisons. None (band the whole pool) when
+        the pool's banding changed with its size or its signatures do not fit in memory."""
+        if params.near_duplicate_distance is None or "pairs" not in previous:
+            return None
+        found = fresh_candidate_pairs(partials, fresh, candidate_bits(params.near_duplicate_min_correlation),
+                                      max_mean_gap=mean_gap(params.near_duplicate_distance),
+                                      min_correlation=params.near_duplicate_min_correlation)
+        if found is None:
+            return None
+        candidates, demoted = found
+        pairs = checked_pairs(candidates, mapped, params.near_duplicate_distance,
+                              params.near_duplicate_min_correlation)
+        earlier = previous["pairs"]
+        kept = ~(earlier[PAIR_COLUMNS[0]].isin(demoted) | earlier[PAIR_COLUMNS[1]].isin(demoted)).to_numpy()
+        return linked_state(list(zip(earlier[PAIR_COLUMNS[0]][kept], earlier[PAIR_COLUMNS[1]][kept])) + pairs)
 
     def decide(self, mapped: pd.DataFrame, state: dict) -> pd.DataFrame:
         if "losers" not in state:

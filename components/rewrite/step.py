@@ -91,8 +91,10 @@ class RewriteStep(Step):
 
     @classmethod
     def shard_summary(cls, params: RewriteParams, decided: pd.DataFrame) -> dict:
-        """The shard's slot counts (``captions.summarize``)."""
-        return summarize(decided, params, model_name(params))
+        """The shard's slot counts (``captions.summarize`` less the backend, the model and the slots per caption,
+        which ``summarize`` takes from the params: each shard's marker holds only what differs by shard)."""
+        counts = summarize(decided, params, model_name(params))
+        return {k: v for k, v in counts.items() if k not in ("backend", "model", "rewrites_per_caption")}
 
     @classmethod
     def summarize(cls, params: RewriteParams, shards: list[dict], out_dir: str) -> dict:
