@@ -55,6 +55,8 @@ def _run(work: Path, params: Path, curate_out: str, download: bool = True) -> tu
     timings = json.loads((work / curate_out / "timings.json").read_text())
     parts["curate"] = {"split": timings["split_seconds"], "stage": timings["wall_seconds"],
                        **{step: t["wall_seconds"] for step, t in timings["steps"].items()}}
+    # how each pool step's state was made (stored, added to, or combined whole) and its seconds
+    parts["combines"] = {step: t["combine"] for step, t in timings["steps"].items() if "combine" in t}
     return seconds, parts
 
 
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("increment equals from-scratch: " + ", ".join(f"{k}={v}" for k, v in equal.items()))
     print("\n".join(_excess_table(second_parts["curate"], scratch_parts["curate"],
                                   new_pairs / (args.pairs + new_pairs))))
+    print("run 2's pool-step states: " + ", ".join(f"{step} {c['how']} in {c['seconds']:.2f} s"
+                                                   for step, c in second_parts["combines"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
