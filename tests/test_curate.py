@@ -422,10 +422,14 @@ def test_a_new_shard_is_curated_incrementally(download, scorer, reference, tmp_p
     pd.testing.assert_frame_equal(pd.read_parquet(out / entry_counts), pd.read_parquet(reference["out"] / entry_counts))
 
 
-@pytest.mark.parametrize("where", ["after", "before"])
+@pytest.mark.parametrize("where", ["after", "before", "another-record"])
 def test_a_new_shards_near_duplicates_are_added_to_the_stored_state(download, scorer, tmp_path, where):
     """With near-duplicates on, a new shard (after the first shards in unit order, or before them) is added to the
-    stored state rather than banding every shard again, and the result equals a from-scratch curation."""
+    stored state rather than banding every shard again, and the result equals a from-scratch curation. A record of
+    the shards a combine saw that names another state than the stored one is not trusted: the pool is combined
+    whole."""
+    import pyarrow.parquet as pq
+
     params = shrunk_params({"filter.near_duplicate_distance": 0.025})
     table = download["table"].copy()
     shards = tmp_path / "shards"
@@ -441,12 +445,18 @@ def test_a_new_shards_near_duplicates_are_added_to_the_stored_state(download, sc
     table[table["shard"] != new].to_parquet(grown["manifest"], index=False)
     out = tmp_path / "curate"
     run_curate(grown, out, params, scorer)
+    if where == "another-record":
+        record = out / "combined" / "neardup.parquet"
+        seen = pq.read_table(record)
+        made = json.loads(seen.schema.metadata[b"clipmill.combine"])
+        pq.write_table(seen.replace_schema_metadata({"clipmill.combine": json.dumps({**made, "hash": "0" * 64})}),
+                       record)
     table.to_parquet(grown["manifest"], index=False)
     run_curate(grown, out, params, scorer)
     run_curate(grown, tmp_path / "scratch", params, scorer)
 
     how = json.loads((out / "timings.json").read_text())["steps"]["neardup"]["combine"]["how"]
-    assert how == "added"
+    assert how == ("whole" if where == "another-record" else "added")
     tables = step_tables(out)
     assert (~tables["neardup"]["keep"].astype(bool)).sum() > 0
     assert_same_tables(tables, step_tables(tmp_path / "scratch"))

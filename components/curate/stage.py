@@ -7,6 +7,7 @@ recomputed, and a step's per-sample work is reused for samples it has seen with 
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -44,6 +45,7 @@ from clipmill.components.common.storage import (
     location,
     read_frame,
     read_json_object,
+    read_table,
     relative,
     remove,
     remove_tree,
@@ -63,6 +65,7 @@ TIMINGS_FILE = "timings.json"
 # fingerprint) and the state's hash. Beside the outputs too: a cache that only saves a combine, never decides one.
 COMBINED_FILE = "combined.json"
 COMBINED_DIR = "combined"  # per pool step: the shards (and their map fingerprints) its last combine saw
+COMBINE_RECORD = "clipmill.combine"  # that record's schema metadata: the params and method, and the state made
 READ_THREADS, READ_AHEAD = 2, 4  # a combine's reads of the stored partials and map outputs
 CURATION_ENTRIES = (UNITS_DIR, STEPS_DIR, "summary.json", TIMINGS_FILE, COMBINED_FILE, COMBINED_DIR)  # all it holds
 
@@ -164,8 +167,7 @@ def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: St
     partials = partial(_frames, curate_dir, step.name, "partial", units)
     maps = partial(_frames, curate_dir, step.name, "map", units)
     state, how = None, "whole"
-    before = _combined_maps(curate_dir, step.name) if last.get("base") == base and last.get("hash") == stored_hash \
-        else None
+    before = _combined_maps(curate_dir, step.name, base, stored_hash) if stored_hash else None
     if before and len(before) < len(mapped) and all(mapped.get(unit) == fp for unit, fp in before.items()):
         previous, _ = load_state(curate_dir, step.name)
         state = step.combine_more(section, previous, partials, maps, [unit not in before for unit in units])
@@ -176,21 +178,26 @@ def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: St
     if state is None:
         state = step.combine(section, partials, maps)
     state_hash = save_state(curate_dir, step.name, state)
-    write_table(pd.DataFrame({"unit": list(mapped), "fingerprint": list(mapped.values())}),
+    # what this combine saw, with the params (``base``) and the state it made: a later run adds to the stored state
+    # only what this record names as that state's making
+    seen = pa.table({"unit": list(mapped), "fingerprint": list(mapped.values())})
+    write_table(seen.replace_schema_metadata({COMBINE_RECORD: json.dumps({"base": base, "hash": state_hash})}),
                 curate_dir / COMBINED_DIR / f"{step.name}.parquet")
-    write_json({**done, step.name: {"key": key, "base": base, "hash": state_hash}}, curate_dir / COMBINED_FILE)
+    write_json({**done, step.name: {"key": key, "hash": state_hash}}, curate_dir / COMBINED_FILE)
     return state_hash, how
 
 
-def _combined_maps(curate_dir: Path, step: str) -> dict[str, str] | None:
-    """unit -> map fingerprint of every shard the last combine of ``step`` saw (None when not recorded)."""
+def _combined_maps(curate_dir: Path, step: str, base: str, state_hash: str) -> dict[str, str] | None:
+    """unit -> map fingerprint of every shard that the combine of ``step`` which made the state ``state_hash`` with
+    the params and method ``base`` saw; None when no such combine is recorded (none, another's, unreadable)."""
     try:
-        table = read_frame(curate_dir / COMBINED_DIR / f"{step}.parquet")
-    except (OSError, pa.ArrowException):  # none, or unreadable: a record beside the outputs only saves work
+        seen = read_table(curate_dir / COMBINED_DIR / f"{step}.parquet")
+        made = json.loads((seen.schema.metadata or {}).get(COMBINE_RECORD.encode(), b"null"))
+    except (OSError, ValueError, pa.ArrowException):  # a record beside the outputs: it only ever saves work
         return None
-    if list(table.columns) != ["unit", "fingerprint"]:
+    if made != {"base": base, "hash": state_hash} or seen.column_names != ["unit", "fingerprint"]:
         return None
-    return dict(zip(table["unit"], table["fingerprint"]))
+    return dict(zip(seen.column("unit").to_pylist(), seen.column("fingerprint").to_pylist()))
 
 
 def run_steps(curate_dir: Path, steps: list[type[Step]], params, context: StepContext, units: list[str],
