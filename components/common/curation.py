@@ -14,12 +14,11 @@ Under the curation directory (``data/curate``):
 - Pool steps also keep ``steps/<step>/map/<unit>.parquet`` (the per-sample work), ``steps/<step>/partial/
   <unit>.parquet`` (a small statistic) and ``steps/<step>/state.json`` (+ ``state/<key>.parquet``).
 - ``steps/<step>/summary.json`` and ``summary.json``: the funnel counts.
-- Beside them, not outputs (``dvc.yaml`` tracks none of them): ``timings.json``, the last run's seconds,
-  ``combined.json``, what each pool step's stored state was combined from (a rerun whose params and map outputs of
-  a pool step are unchanged, and whose stored state is the one recorded, does not combine it again), and
-  ``combined/<step>.parquet``, the shards that combine saw with their map fingerprints, and in its metadata the
-  params it ran with and the state it made (a run that only adds shards to that state may add them to it:
-  ``PoolStep.combine_more``).
+- Beside them, not outputs (``dvc.yaml`` tracks neither): ``timings.json``, the last run's seconds, and
+  ``combined/<step>.parquet``, the shards a pool step's last combine saw with their map fingerprints, and in its
+  metadata the params it ran with and the state it made (a rerun whose params and map outputs of a pool step are
+  those, and whose stored state is the one recorded, does not combine it again; a run that only adds shards may
+  add them to that state: ``PoolStep.combine_more``).
 
 A file counts only when its ``.done`` marker exists and holds the expected fingerprint, and (a local file) its
 parquet footer reads; data files are written atomically before their marker, so a killed run leaves nothing that

@@ -61,13 +61,15 @@ log = get_logger("curate")
 # Seconds of this run (split, each step, each phase): beside the outputs, not in them, since the outputs must
 # not depend on how long a run took (dvc.yaml does not track it; MLflow records it).
 TIMINGS_FILE = "timings.json"
-# Per pool step: what its stored state was combined from (its params, the context and every shard's map
-# fingerprint) and the state's hash. Beside the outputs too: a cache that only saves a combine, never decides one.
-COMBINED_FILE = "combined.json"
-COMBINED_DIR = "combined"  # per pool step: the shards (and their map fingerprints) its last combine saw
-COMBINE_RECORD = "clipmill.combine"  # that record's schema metadata: the params and method, and the state made
+# Per pool step, beside the outputs (a record that only ever saves a combine, never decides one): the shards its
+# last combine saw with their map fingerprints, and in the file's metadata the params, context and method it ran
+# with and the hash of the state it made. A rerun with the same of all uses the stored state as it is; one that
+# only adds shards may add them to it (``PoolStep.combine_more``).
+COMBINED_DIR = "combined"
+COMBINE_RECORD = "clipmill.combine"  # the record's schema metadata key
+LEGACY_FILES = ("combined.json",)  # what earlier versions kept beside the outputs: removed on the next run
 READ_THREADS, READ_AHEAD = 2, 4  # a combine's reads of the stored partials and map outputs
-CURATION_ENTRIES = (UNITS_DIR, STEPS_DIR, "summary.json", TIMINGS_FILE, COMBINED_FILE, COMBINED_DIR)  # all it holds
+CURATION_ENTRIES = (UNITS_DIR, STEPS_DIR, "summary.json", TIMINGS_FILE, COMBINED_DIR, *LEGACY_FILES)  # all it holds
 
 
 def _fingerprints(step: type[Step], params, context: StepContext, phase: str, inputs: dict[str, str],
@@ -156,18 +158,14 @@ def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: St
     """
     base = hash_obj({"step": step.name, "params": params_dump(section), "context": asdict(context),
                      "method": step.combine_method})
-    key = hash_obj([base, list(mapped.items())])
-    done = read_json_object(curate_dir / COMBINED_FILE) or {}
-    last = done.get(step.name)
-    last = last if isinstance(last, dict) else {}
     stored_hash = stored_state_hash(curate_dir, step.name)
-    if last.get("key") == key and last.get("hash") == stored_hash:
+    before = _combined_maps(curate_dir, step.name, base, stored_hash) if stored_hash else None
+    if before is not None and list(before.items()) == list(mapped.items()):
         log.info("%s: combined state unchanged (same params and map outputs)", step.name)
-        return last["hash"], "stored"
+        return stored_hash, "stored"
     partials = partial(_frames, curate_dir, step.name, "partial", units)
     maps = partial(_frames, curate_dir, step.name, "map", units)
     state, how = None, "whole"
-    before = _combined_maps(curate_dir, step.name, base, stored_hash) if stored_hash else None
     if before and len(before) < len(mapped) and all(mapped.get(unit) == fp for unit, fp in before.items()):
         previous, _ = load_state(curate_dir, step.name)
         state = step.combine_more(section, previous, partials, maps, [unit not in before for unit in units])
@@ -178,18 +176,16 @@ def _combined_state(curate_dir: Path, step: type[PoolStep], section, context: St
     if state is None:
         state = step.combine(section, partials, maps)
     state_hash = save_state(curate_dir, step.name, state)
-    # what this combine saw, with the params (``base``) and the state it made: a later run adds to the stored state
-    # only what this record names as that state's making
     seen = pa.table({"unit": list(mapped), "fingerprint": list(mapped.values())})
     write_table(seen.replace_schema_metadata({COMBINE_RECORD: json.dumps({"base": base, "hash": state_hash})}),
                 curate_dir / COMBINED_DIR / f"{step.name}.parquet")
-    write_json({**done, step.name: {"key": key, "hash": state_hash}}, curate_dir / COMBINED_FILE)
     return state_hash, how
 
 
 def _combined_maps(curate_dir: Path, step: str, base: str, state_hash: str) -> dict[str, str] | None:
     """unit -> map fingerprint of every shard that the combine of ``step`` which made the state ``state_hash`` with
-    the params and method ``base`` saw; None when no such combine is recorded (none, another's, unreadable)."""
+    the params, context and method ``base`` saw; None when no such combine is recorded (none, another's,
+    unreadable)."""
     try:
         seen = read_table(curate_dir / COMBINED_DIR / f"{step}.parquet")
         made = json.loads((seen.schema.metadata or {}).get(COMBINE_RECORD.encode(), b"null"))
@@ -260,7 +256,7 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
     """The download manifest and shards in; ``out_dir`` (laid out as ``components/common/curation.py`` says) and
     ``out_dir/summary.json`` out.
 
-    ``out_dir/timings.json`` holds this run's seconds and ``out_dir/combined.json`` what each pool step's state was
+    ``out_dir/timings.json`` holds this run's seconds and ``out_dir/combined/`` what each pool step's state was
     combined from. ``params`` is the whole params.yaml (each step reads its
     own section; ``curate`` says which steps run and where); ``inputs`` are extra named inputs of steps
     (``bootstrap_model``; ``manifest``, the path that errors name, defaults to ``manifest_path``). Returns the
@@ -289,6 +285,8 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
             raise ClipmillError(f"{manifest_path}: no successful downloads to curate")
         check_shards_present(context.shards_dir, units, steps)
         _remove_stale(out_dir, list(names), units)
+        for name in LEGACY_FILES:
+            remove(out_dir / name)
         previous = _previous_timings(out_dir)
         server_seconds = previous.get("worker_server_seconds") if isinstance(previous, dict) else None
         with Executor(params.curate.executor, params.curate.workers, params.ray, worker_modules(steps),

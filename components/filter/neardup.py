@@ -381,13 +381,8 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     the frames spills each row (its position in the pool, signature and moments: 88 bytes) to the bucket of its band
     value, as many buckets as keep each within ``memory``, then each bucket is banded alone; a last pass names the
     candidates' uids. The frames are read once per band and once more, each row written and read once a band."""
-    held, size = [], 0
-    for frame in frames():
-        held.append(frame)
-        size += len(frame) * ENTRY_BYTES
-        if size > memory:
-            break
-    else:
+    held, fits = _held(frames, memory)
+    if fits:
         uids, words, means = _read_signatures(held)
         scheme = banding(len(uids), min_correlation)
         return _named(_band_keys(words, means, max_bits, max_mean_gap, scheme), len(uids), uids)
@@ -428,6 +423,18 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     return _named(keys, total, uids)
 
 
+def _held(frames: Callable[[], Iterator[pd.DataFrame]], memory: int) -> tuple[list[pd.DataFrame], bool]:
+    """The frames read while their signatures fit in ``memory`` bytes, and whether all of them did (else the list
+    ends with the first frame past the bound)."""
+    held, size = [], 0
+    for frame in frames():
+        held.append(frame)
+        size += len(frame) * ENTRY_BYTES
+        if size > memory:
+            return held, False
+    return held, True
+
+
 def fresh_candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], fresh: Sequence[bool], max_bits: int,
                           memory: int = COMBINE_MEMORY, max_mean_gap: float = math.inf, min_correlation: float = 0.95
                           ) -> tuple[list[tuple[str, str]], set[str]] | None:
@@ -440,15 +447,13 @@ def fresh_candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], fresh: S
     The first image of each identical hash (in pool order) stands for it in the bands: an earlier image stays first
     unless a fresh one comes before it, and an earlier image that was not first cannot become first. A band's rows
     are those whose value a fresh first image has; of them, only pairs with a fresh image are compared."""
-    held, flags, size = [], [], 0
-    for frame, new in zip(frames(), fresh, strict=True):
-        held.append(frame)
-        flags.append(np.full(len(frame), bool(new)))
-        size += len(frame) * ENTRY_BYTES
-        if size > memory:
-            return None
+    held, fits = _held(frames, memory)
+    if not fits:
+        return None
+    if len(held) != len(fresh):
+        raise ValueError(f"{len(fresh)} fresh flags for {len(held)} frames")
     uids, words, means = _read_signatures(held)
-    new = np.concatenate(flags) if flags else np.zeros(0, dtype=bool)
+    new = np.repeat(np.asarray(fresh, dtype=bool), [len(frame) for frame in held])
     scheme = banding(len(uids), min_correlation)
     if banding(int((~new).sum()), min_correlation) != scheme:
         return None

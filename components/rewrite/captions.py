@@ -38,24 +38,28 @@ def failed_captions(dropped: Iterable[list[str]], k: int, prefix: str = "backend
 
 
 def summarize(table: pd.DataFrame, params: RewriteParams, model: str) -> dict:
-    """Slot counts of a rewrite run: every caption has ``rewrites_per_caption`` slots, each kept or dropped.
+    """Slot counts of a rewrite run (``slot_counts``) with the backend, ``model`` and ``rewrites_per_caption``."""
+    return {"backend": params.backend, "model": model, "rewrites_per_caption": params.rewrites_per_caption,
+            **slot_counts(table, params.rewrites_per_caption)}
+
+
+def slot_counts(table: pd.DataFrame, k: int) -> dict:
+    """Slot counts of rewritten captions: every caption has ``k`` slots, each kept or dropped.
 
     ``table`` has ``rewrites`` and ``rewrite_dropped`` (one reason per dropped slot) per caption.
     ``failed_captions``: captions the backend could not answer (``backend:*``, worth a rerun);
     ``rejected_captions``: captions the server refused for themselves (``rejected:http_4xx``), which keep their
     original caption only."""
-    k = params.rewrites_per_caption
     dropped = Counter(reason for reasons in table["rewrite_dropped"] for reason in reasons)
     failed = failed_captions(table["rewrite_dropped"], k)
     rejected = failed_captions(table["rewrite_dropped"], k, "rejected:")
-    summary = {
-        "backend": params.backend, "model": model, "captions": int(len(table)), "rewrites_per_caption": k,
-        "slots": int(len(table) * k), "kept": int(table["rewrites"].map(len).sum()),
+    counts = {
+        "captions": int(len(table)), "slots": int(len(table) * k), "kept": int(table["rewrites"].map(len).sum()),
         "dropped": dict(sorted(dropped.items())),
         "captions_with_rewrites": int((table["rewrites"].map(len) > 0).sum()),
         "failed_captions": dict(sorted(failed.items())),
         "rejected_captions": dict(sorted(rejected.items())),
     }
-    if summary["kept"] + sum(dropped.values()) != summary["slots"]:
-        raise AssertionError(f"rewrite counts do not add up: {summary}")
-    return summary
+    if counts["kept"] + sum(dropped.values()) != counts["slots"]:
+        raise AssertionError(f"rewrite counts do not add up: {counts}")
+    return counts

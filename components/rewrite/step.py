@@ -14,7 +14,7 @@ from clipmill.components.common.errors import ClipmillError
 from clipmill.components.common.steps import Step, decisions
 
 from .backends import model_name
-from .captions import CaptionRewriter, failed_captions, summarize
+from .captions import CaptionRewriter, failed_captions, slot_counts
 from .local_model import model_source
 from .params import RewriteParams
 from .prompt import stable_seed
@@ -91,10 +91,9 @@ class RewriteStep(Step):
 
     @classmethod
     def shard_summary(cls, params: RewriteParams, decided: pd.DataFrame) -> dict:
-        """The shard's slot counts (``captions.summarize`` less the backend, the model and the slots per caption,
-        which ``summarize`` takes from the params: each shard's marker holds only what differs by shard)."""
-        counts = summarize(decided, params, model_name(params))
-        return {k: v for k, v in counts.items() if k not in ("backend", "model", "rewrites_per_caption")}
+        """The shard's slot counts (``captions.slot_counts``: each shard's marker holds only what differs by shard;
+        ``summarize`` takes the backend and model from the params)."""
+        return slot_counts(decided, params.rewrites_per_caption)
 
     @classmethod
     def summarize(cls, params: RewriteParams, shards: list[dict], out_dir: str) -> dict:
