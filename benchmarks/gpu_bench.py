@@ -8,10 +8,11 @@ webdataset shards (textured JPEGs of ``--source-px`` pixels, randomly initialise
   open_clip train transform, tokenisation, ``--workers`` processes), samples/s.
 - **train**: the train stage's Lightning setup (``ClipModule`` under the stage's ``Trainer`` with its precision:
   ``auto`` = bf16-mixed on GPU, fp32 on CPU) against a bare open_clip loop (same model config and initial weights,
-  fused AdamW with the same groups, the same precision via ``torch.autocast``, ``ClipLoss``, gradient clipping),
-  both fed by the same kind of loader, so data loading is included. Samples/s after ``--warmup`` steps, the ratio
-  (target >= 0.97), and on GPU the MFU from the model's FLOPs per sample (``torch.utils.flop_counter``, forward and
-  backward) over ``--peak-tflops`` (default: the bf16 dense peak of known GPUs).
+  AdamW with the same groups and implementation, the same precision via ``torch.autocast``, ``ClipLoss``,
+  gradient clipping), both fed by the same kind of loader, so data loading is included. Samples/s after
+  ``--warmup`` steps, the ratio (target >= 0.97), and on GPU the MFU from the model's FLOPs per sample
+  (``torch.utils.flop_counter``, forward and backward) over ``--peak-tflops``
+  (default: the bf16 dense peak of known GPUs).
 - **score**: the score step's ``map`` (images read from the shards, decoded, embedded, cosine) against a bare
   open_clip inference loop on the same images in memory, images/s and ratio (target >= 0.95).
 - **memory** (GPU only): the peak allocated memory of a training step at the batch size, and the largest batch
@@ -48,7 +49,13 @@ from clipmill.components.common.model import create_clip, export_local_dir
 from clipmill.components.common.steps import StepContext
 from clipmill.components.common.training.data import ResumableLoader, ShardStream, scan_shards
 from clipmill.components.common.training.fit import _trainer, resolve_precision
-from clipmill.components.common.training.module import MAX_LOGIT_SCALE, ClipModule, _no_weight_decay, initial_logits
+from clipmill.components.common.training.module import (
+    MAX_LOGIT_SCALE,
+    ClipModule,
+    _no_weight_decay,
+    fused_optimizer,
+    initial_logits,
+)
 from clipmill.components.common.training.params import TrainParams
 from clipmill.components.score.params import ScoreParams
 from clipmill.components.score.step import ScoreStep
@@ -74,18 +81,22 @@ def textured_jpeg(rng: random.Random, px: int) -> bytes:
 
 
 def write_shards(out: Path, images: int, px: int, per_shard: int = 512) -> tuple[pd.DataFrame, dict[str, bytes]]:
-    """Webdataset shards in ``out`` (the curated sample format); returns uid, shard, key, caption per sample and
-    the JPEG bytes by key."""
+    """Webdataset shards in ``out`` (the curated sample format, with img2dataset's table beside each tar); returns
+    uid, shard, key, caption per sample and the JPEG bytes by key."""
     rng = random.Random(0)
     out.mkdir(parents=True, exist_ok=True)
     rows, jpegs = [], {}
     for s in range(math.ceil(images / per_shard)):
+        shard_rows = []
         with webdataset.TarWriter(str(out / f"{s:05d}.tar")) as sink:
             for i in range(min(per_shard, images - s * per_shard)):
                 key, caption = f"{s:05d}{i:05d}", f"a photo of shape {rng.randrange(1000)} on a textured background"
                 jpegs[key] = textured_jpeg(rng, px)
                 sink.write({"__key__": key, "jpg": jpegs[key], "txt": caption, "json": {"uid": key, "rewrites": []}})
-                rows.append({"uid": key, "shard": f"{s:05d}", "key": key, "caption": caption})
+                shard_rows.append({"uid": key, "shard": f"{s:05d}", "key": key, "caption": caption})
+        # img2dataset's table beside the tar: the score step pairs each image with its shard's next caption
+        pd.DataFrame(shard_rows).assign(status="success").to_parquet(out / f"{s:05d}.parquet", index=False)
+        rows += shard_rows
     return pd.DataFrame(rows), jpegs
 
 
@@ -123,7 +134,8 @@ def optimizer_for(model: torch.nn.Module, params: TrainParams) -> torch.optim.Op
     return torch.optim.AdamW(
         [{"params": [p for n, p in named if not _no_weight_decay(n, p)], "weight_decay": params.weight_decay},
          {"params": [p for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0}],
-        lr=params.lr, betas=(params.beta1, params.beta2), eps=params.eps, fused=True)
+        lr=params.lr, betas=(params.beta1, params.beta2), eps=params.eps,
+        fused=fused_optimizer(resolve_precision(params.precision, params.accelerator)))  # as the stage's module
 
 
 def bare_train(params: TrainParams, batches, device: torch.device, warmup: int) -> float:

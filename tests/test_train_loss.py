@@ -159,3 +159,24 @@ def test_bf16_autocast_does_not_round_the_logit_scale_bias_or_loss(kind):
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=2e-2)
     loss.backward()
     assert module.model.logit_scale.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_stage_trainer_clips_gradients_under_every_precision(tmp_path, precision):
+    """Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that unscales them itself
+    (a fused AdamW), bf16 included: the stage's Trainer, with its clipping on, must take a step under each
+    precision (bf16-mixed is precision auto on a GPU)."""
+    from clipmill.components.common.training.fit import _trainer
+
+    params = TrainParams(accelerator="cpu", devices=1, precision=precision, grad_clip_norm=1.0, max_steps=2,
+                         epochs=1, warmup_steps=0)
+    images, texts = _batch()
+    batches = DataLoader([{"image": image, "text": text, "uid": str(i)} for i, (image, text) in
+                          enumerate(zip(images, texts))], batch_size=4)
+    torch.manual_seed(0)
+    module = ClipModule(create_clip("clipmill-tiny"), params, total_steps=2)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = _trainer(params, out_dir=tmp_path, loggers=[], callbacks=[])
+    trainer.fit(module, train_dataloaders=batches)
+    assert trainer.global_step == 2
+    assert any(not torch.equal(before[n], p) for n, p in module.model.named_parameters())

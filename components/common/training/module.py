@@ -54,6 +54,14 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
 
 
+def fused_optimizer(precision: str) -> bool:
+    """Whether AdamW runs fused under this Lightning precision: in full precision only. Under mixed precision
+    (bf16-mixed, what precision auto picks on a GPU, and 16-mixed) Lightning refuses to clip the gradients of an
+    optimizer that unscales them itself, which a fused one does; there AdamW runs as torch's default
+    (multi-tensor) implementation and Lightning unscales, then clips."""
+    return "mixed" not in precision
+
+
 class ClipModule(pl.LightningModule):
     """Trains ``clip.model`` contrastively; ``self.model`` is the open_clip model itself (exported as is).
 
@@ -120,7 +128,9 @@ class ClipModule(pl.LightningModule):
             {"params": [q for n, q in named if not _no_weight_decay(n, q)], "weight_decay": p.weight_decay},
             {"params": [q for n, q in named if _no_weight_decay(n, q)], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), eps=p.eps, fused=True)
+        trainer = getattr(self, "_trainer", None)
+        optimizer = torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), eps=p.eps,
+                                      fused=fused_optimizer(str(trainer.precision) if trainer else "32-true"))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, schedule=p.schedule, warmup_steps=p.warmup_steps, total_steps=self.total_steps,
             cooldown_steps=p.cooldown_steps, min_lr_ratio=p.min_lr_ratio))
