@@ -6,10 +6,12 @@ banding the step uses (``banding``: 16 x 16 bits below 2**16 signatures, bands o
 with 16 bands of 16 bits at every size. Reported per size: seconds, Hamming comparisons per signature, the share of
 planted pairs found, and the exponent b of seconds ~ pool**b between sizes. No pixels are read: the map's thumbnails
 cost the same either way. The largest size also runs through the out-of-core path (a 64 MB bound: a pass per band
-spilling rows to buckets) to time it against the in-memory one.
+spilling rows to buckets) to time it against the in-memory one, and adds its last ``--new-fraction`` of shards to
+the earlier pool's candidates out of core (a weekly increment's ``combine_more``) to time that against banding the
+whole pool again.
 
     python -m benchmarks.neardup_bench [--sizes 65536 262144 1048576] [--spill-memory 67108864]
-                                       [--out reports/bench/neardup.json]
+                                       [--new-fraction 0.2] [--out reports/bench/neardup.json]
 """
 from __future__ import annotations
 
@@ -62,11 +64,40 @@ def _run(parts: list[pd.DataFrame], planted: int, pool: int, fixed: bool, memory
             "comparisons_per_signature": sum(compared) / pool, "planted_found": found / planted}
 
 
+def _added(parts: list[pd.DataFrame], new_fraction: float, memory: int) -> dict:
+    """The out-of-core combine of a weekly increment: the last ``new_fraction`` of the shards added to the earlier
+    pool's candidates (``fresh_candidate_pairs``, as ``combine_more`` calls it) against the whole pool banded again;
+    the earlier pool's own candidates are found first, untimed, as the last run stored them."""
+    from clipmill.components.filter import neardup
+
+    fresh = [i >= len(parts) - max(1, round(new_fraction * len(parts))) for i in range(len(parts))]
+    bits = neardup.candidate_bits(0.95)
+    earlier = neardup.candidate_pairs(lambda: iter([p for p, f in zip(parts, fresh) if not f]), bits, memory=memory)
+    compared = []
+    real_hamming = neardup.hamming
+    neardup.hamming = lambda a, b: compared.append(len(a)) or real_hamming(a, b)
+    try:
+        started = time.perf_counter()
+        found = neardup.fresh_candidate_pairs(lambda: iter(parts), fresh, bits, memory=memory)
+        seconds = time.perf_counter() - started
+    finally:
+        neardup.hamming = real_hamming
+    if found is None:
+        return {"skipped": "the earlier pool and the grown one band differently (another --new-fraction)"}
+    pairs, demoted = found
+    candidates = {p for p in earlier if not demoted & set(p)} | set(pairs)
+    pool = sum(len(p) for p in parts)
+    return {"seconds": seconds, "new": sum(len(p) for p, f in zip(parts, fresh) if f), "memory": memory,
+            "candidates": len(candidates), "comparisons_per_signature": sum(compared) / pool}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[65536, 262144, 1048576], help="pool sizes")
     parser.add_argument("--spill-memory", type=int, default=64 * 2**20,
                         help="the driver's bound in bytes for the out-of-core run of the largest size")
+    parser.add_argument("--new-fraction", type=float, default=0.2,
+                        help="the share of the largest pool's shards added to its earlier pool out of core")
     parser.add_argument("--out", default="reports/bench/neardup.json", help="results JSON")
     args = parser.parse_args(argv)
     results = []
@@ -92,6 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     results[-1]["scaled_out_of_core"] = spilled
     print(f"pool {largest:,} out of core ({args.spill_memory / 2**20:g} MB): {spilled['seconds']:.1f} s, same "
           f"candidates: {spilled['same_candidates']}")
+    added = _added(parts, args.new_fraction, args.spill_memory)
+    results[-1]["added_out_of_core"] = added
+    if "skipped" in added:
+        print(f"pool {largest:,} out of core, added: skipped, {added['skipped']}")
+    else:
+        added["same_candidates"] = added["candidates"] == spilled["candidates"]
+        print(f"pool {largest:,} out of core, the last {added['new']:,} signatures added to the earlier pool's "
+              f"candidates: {added['seconds']:.1f} s against {spilled['seconds']:.1f} s whole "
+              f"({added['comparisons_per_signature']:.1f} comparisons a signature), same candidates: "
+              f"{added['same_candidates']}")
     print("exponents (seconds ~ pool^b): " + ", ".join(
         f"{r['pool']:,}: log2 bands {r['scaled']['exponent']:.2f}, 16-bit {r['fixed_16']['exponent']:.2f}"
         for r in results[1:]))

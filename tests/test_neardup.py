@@ -453,12 +453,14 @@ def test_unrelated_signatures_cost_under_half_a_comparison_a_band_whatever_the_p
 def test_the_banding_benchmark_reports_both_bandings_and_the_same_candidates_out_of_core(tmp_path):
     from benchmarks import neardup_bench
 
-    result = neardup_bench.main(["--sizes", "20000", "70000", "--spill-memory", "1000000",
+    result = neardup_bench.main(["--sizes", "20000", "100000", "--spill-memory", "1000000",
                                  "--out", str(tmp_path / "neardup.json")])
     small, large = result["sizes"]
     assert (small["scaled"]["bits"], large["scaled"]["bits"]) == (16, 17)
     assert small["scaled"]["candidates"] == small["fixed_16"]["candidates"]  # below 2**16 the same banding
     assert large["scaled_out_of_core"]["same_candidates"] and large["scaled_out_of_core"]["memory"] == 1000000
+    # the last 2 of 10 shards added to the earlier 80,000 signatures' candidates (17-bit bands both)
+    assert large["added_out_of_core"]["same_candidates"] and large["added_out_of_core"]["new"] == 20000
     assert all(r[k]["planted_found"] > 0.9 for r in (small, large) for k in ("scaled", "fixed_16"))
     assert "exponent" in large["scaled"] and (tmp_path / "neardup.json").exists()
 
@@ -548,7 +550,7 @@ def test_new_shards_added_to_the_stored_state_give_the_whole_pools_state(monkeyp
     assert any(copies["uid"].isin(whole["losers"]["uid"]) | copies["uid"].isin(whole["losers"]["winner"]))
 
 
-def test_a_pool_whose_banding_changed_or_that_exceeds_memory_is_banded_whole(monkeypatch):
+def test_a_pool_whose_banding_changed_is_banded_whole(monkeypatch):
     from clipmill.components.filter import neardup
     from clipmill.components.filter.neardup import fresh_candidate_pairs
 
@@ -556,6 +558,7 @@ def test_a_pool_whose_banding_changed_or_that_exceeds_memory_is_banded_whole(mon
     params = FilterParams(near_duplicate_distance=0.025)
     previous = NearDupStep.combine(params, lambda: iter(partials[:4]), lambda: iter(mapped[:4]))
     assert fresh_candidate_pairs(lambda: iter(partials), fresh, max_bits=40) is not None
+    # beyond the driver's bound, and the new images' signature words (78 x 32 bytes) too
     assert fresh_candidate_pairs(lambda: iter(partials), fresh, max_bits=40, memory=1000) is None
     assert NearDupStep.combine_more(params, {"losers": previous["losers"]}, lambda: iter(partials),
                                     lambda: iter(mapped), fresh) is None  # a state stored without its pairs
@@ -563,3 +566,45 @@ def test_a_pool_whose_banding_changed_or_that_exceeds_memory_is_banded_whole(mon
     # the earlier pool (103 images) and the grown one (181) band differently
     monkeypatch.setattr(neardup, "banding", lambda pool, c: Banding(20, 26) if pool > 150 else real(pool, c))
     assert NearDupStep.combine_more(params, previous, lambda: iter(partials), lambda: iter(mapped), fresh) is None
+
+
+@pytest.mark.parametrize("order", ["after", "before", "between"])
+def test_new_shards_of_a_pool_beyond_memory_are_added_one_band_at_a_time(monkeypatch, order):
+    """A pool whose signatures exceed the driver's bound is banded one band at a time from spilled buckets; adding
+    new shards there finds the same candidates and demoted images as in memory, compares only pairs with a new
+    image (past band 0, spilling only the rows of the new images' band values), and with the earlier pool's pairs
+    gives the candidates of the whole pool."""
+    from clipmill.components.filter import neardup
+    from clipmill.components.filter.neardup import candidate_pairs, fresh_candidate_pairs
+
+    _, partials, fresh = grown_pool(order)
+    frames = lambda: iter(partials)  # noqa: E731
+    bits, gap = candidate_bits(0.95), neardup.mean_gap(0.025)
+    compared, spilled_rows = [], []
+    monkeypatch.setattr(neardup, "hamming", lambda a, b: compared.append(len(a)) or hamming(a, b))
+    real_spill = neardup._spill_band
+
+    def counted_spill(*args):
+        paths = real_spill(*args)
+        spilled_rows.append(sum(p.stat().st_size for p in paths) // neardup.SPILL_ROW.itemsize)
+        return paths
+
+    monkeypatch.setattr(neardup, "_spill_band", counted_spill)
+    in_memory = fresh_candidate_pairs(frames, fresh, bits, max_mean_gap=gap)
+    compared[:] = []
+    # the pool's 181 signatures beyond the bound (2 buckets a band), the new ones' words within it
+    spilled = fresh_candidate_pairs(frames, fresh, bits, memory=20_000, max_mean_gap=gap)
+    spilled_compared, compared[:] = sum(compared), []
+    added_rows, spilled_rows[:] = spilled_rows[:], []
+    whole = candidate_pairs(frames, bits, memory=20_000, max_mean_gap=gap)
+    # band 0 spills the whole pool in both; after it, the added path spills the new images' band values alone
+    assert added_rows[0] == spilled_rows[0] == 181 == min(spilled_rows[1:])
+    assert sum(added_rows[1:]) < 0.7 * sum(spilled_rows[1:])  # 78 of the 181 images are new
+    assert spilled is not None and sorted(spilled[0]) == sorted(in_memory[0]) and spilled[1] == in_memory[1]
+    assert 0 < spilled_compared < sum(compared)
+    earlier = [p for p, f in zip(partials, fresh) if not f]
+    before = candidate_pairs(lambda: iter(earlier), bits, memory=10_000, max_mean_gap=gap)
+    demoted = spilled[1]
+    kept = [p for p in before if not demoted & set(p)]
+    assert sorted(set(kept) | set(spilled[0])) == sorted(whole)
+    assert (len(demoted) > 0) == (order != "after")  # new exact copies before their originals stand for them

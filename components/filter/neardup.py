@@ -40,6 +40,7 @@ banded again.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -377,10 +378,8 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     channel moments (``MOMENT_COLUMNS``), also at most ``max_mean_gap`` apart in them.
 
     ``frames`` yields per shard uid, the signature words and optionally the moments (the partials). They are read once
-    while their signatures fit in ``memory`` bytes; a larger pool is worked through one band at a time: a pass over
-    the frames spills each row (its position in the pool, signature and moments: 88 bytes) to the bucket of its band
-    value, as many buckets as keep each within ``memory``, then each bucket is banded alone; a last pass names the
-    candidates' uids. The frames are read once per band and once more, each row written and read once a band."""
+    while their signatures fit in ``memory`` bytes; a larger pool is worked through one band at a time
+    (``_spilled_keys``), and a last pass names the candidates' uids."""
     held, fits = _held(frames, memory)
     if fits:
         uids, words, means = _read_signatures(held)
@@ -389,38 +388,85 @@ def candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], max_bits: int,
     has_means = MEAN_COLUMNS[0] in held[0]
     held.clear()
     total = sum(len(frame) for frame in frames())
-    scheme = banding(total, min_correlation)
+    keys, _ = _spilled_keys(frames, total, banding(total, min_correlation), memory, has_means, max_bits,
+                            max_mean_gap)
+    return _named(keys, total, _uids_at(frames, _key_rows(keys, total), total))
+
+
+def _spilled_keys(frames: Callable[[], Iterator[pd.DataFrame]], total: int, scheme: Banding, memory: int,
+                  has_means: bool, max_bits: int, max_mean_gap: float, new: np.ndarray | None = None,
+                  new_words: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates of a pool larger than ``memory``, one band at a time: a pass over the frames spills each row
+    (its position in the pool, signature and moments: 88 bytes) to the bucket of its band value, as many buckets as
+    keep each within ``memory``, then each bucket is banded alone. The frames are read once per band, each row
+    written and read once a band. Returns sorted distinct ``_pair_keys`` of pool positions, and the positions of
+    the images that are no longer the first of their identical hash.
+
+    With ``new`` (a flag per pool position) and ``new_words`` (the new images' signatures, in pool order), only
+    candidates with a new image are found, as ``fresh_candidate_pairs`` finds them in memory: a bucket holds every
+    row of its band values (and band 0's, every copy of its hashes), so the rule holds bucket by bucket. Band 0
+    spills every row (it finds the copies of every hash); the bands after it spill only the rows whose value a new
+    image that is the first of its hash has, which the rest of the pool shares with them a few times a band at
+    most. Without ``new``, no image is demoted."""
     buckets = math.ceil(total * ENTRY_BYTES / memory)
-    log.info("near-duplicate combine: %d signatures, %d bands of %d bits, %d bucket(s) per band", total,
-             scheme.bands, scheme.bits, buckets)
-    found: list[np.ndarray] = []  # pair keys (``_pair_keys`` of pool positions)
+    log.info("near-duplicate combine: %d signatures%s, %d bands of %d bits, %d bucket(s) per band", total,
+             f" ({int(new.sum())} new)" if new is not None else "", scheme.bands, scheme.bits, buckets)
+    found: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]  # pair keys (``_pair_keys`` of pool positions)
     copies: list[np.ndarray] = []  # positions of rows whose signature an earlier row has (found in band 0)
+    demoted: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     with tempfile.TemporaryDirectory(prefix="clipmill-neardup-") as spill:
         for band in range(scheme.bands):
+            wanted = skipped = None
             if band == 1:  # band 0 found every copy: sorted once for the bands after it
                 later = np.sort(np.concatenate(copies)) if copies else np.zeros(0, dtype=np.int64)
-            for path in _spill_band(frames, band, scheme.bits, buckets, Path(spill)):
-                rows = np.fromfile(path, dtype=SPILL_ROW)
+                if new is not None:  # the new images that stand for their hash
+                    new_firsts = new_words[~np.isin(np.flatnonzero(new), later, assume_unique=True)]
+            if band > 0 and new is not None:
+                # a hash index of the new images' values: each shard's rows are looked up in it, not sorted with it
+                wanted, skipped = pd.Index(np.unique(band_values(new_firsts, band, scheme.bits))), later
+            for path in _spill_band(frames, band, scheme.bits, buckets, Path(spill), wanted, skipped):
+                rows = np.fromfile(path, dtype=SPILL_ROW)  # in pool order: spilled frame by frame, stably
                 path.unlink()
+                position = rows["position"]
                 if band == 0:  # identical signatures share every band value: linked once, then left out
                     firsts, copy_rows, first = _identical_rows(rows["words"])
-                    found.append(_pair_keys(rows["position"][firsts], rows["position"][copy_rows], total))
-                    copies.append(np.setdiff1d(rows["position"], rows["position"][first], assume_unique=True))
+                    linked = slice(None) if new is None else new[position[firsts]] | new[position[copy_rows]]
+                    found.append(_pair_keys(position[firsts][linked], position[copy_rows][linked], total))
+                    copies.append(np.setdiff1d(position, position[first], assume_unique=True))
+                    if new is not None:  # first among the earlier images, not among all: a new copy came before
+                        earlier = np.flatnonzero(~new[position])
+                        demoted.append(np.setdiff1d(position[earlier[_identical_rows(rows["words"][earlier])[2]]],
+                                                    position[first], assume_unique=True))
                     rows = rows[first]
                 else:
                     rows = rows[~np.isin(rows["position"], later, assume_unique=True)]
-                a, b = _close_rows(rows["words"], band_values(rows["words"], band, scheme.bits), max_bits,
-                                   rows["means"] if has_means else None, max_mean_gap)
+                values = band_values(rows["words"], band, scheme.bits)
+                fresh = None
+                if new is not None:  # the rows of the band values that a new image has
+                    mine = np.isin(values, values[new[rows["position"]]])
+                    rows, values = rows[mine], values[mine]
+                    fresh = new[rows["position"]]
+                a, b = _close_rows(rows["words"], values, max_bits, rows["means"] if has_means else None,
+                                   max_mean_gap, fresh=fresh)
                 found.append(_pair_keys(rows["position"][a], rows["position"][b], total))
-    keys = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
-    wanted = np.unique(np.concatenate([keys // total, keys % total]))
+    return np.unique(np.concatenate(found)), np.sort(np.concatenate(demoted))
+
+
+def _key_rows(keys: np.ndarray, total: int) -> np.ndarray:
+    """The pool positions that ``_pair_keys`` below ``total`` name, sorted."""
+    return np.unique(np.concatenate([keys // total, keys % total]))
+
+
+def _uids_at(frames: Callable[[], Iterator[pd.DataFrame]], wanted: np.ndarray, total: int) -> np.ndarray:
+    """One pass over the frames: the uids at the pool positions ``wanted`` (sorted), in an array over the pool
+    (None elsewhere)."""
     uids = np.empty(total, dtype=object)
     start = 0
-    for frame in frames():  # the uids of the candidates' positions only
+    for frame in frames():
         mine = wanted[(wanted >= start) & (wanted < start + len(frame))]
         uids[mine] = frame["uid"].to_numpy(object)[mine - start]
         start += len(frame)
-    return _named(keys, total, uids)
+    return uids
 
 
 def _held(frames: Callable[[], Iterator[pd.DataFrame]], memory: int) -> tuple[list[pd.DataFrame], bool]:
@@ -438,18 +484,37 @@ def _held(frames: Callable[[], Iterator[pd.DataFrame]], memory: int) -> tuple[li
 def fresh_candidate_pairs(frames: Callable[[], Iterator[pd.DataFrame]], fresh: Sequence[bool], max_bits: int,
                           memory: int = COMBINE_MEMORY, max_mean_gap: float = math.inf, min_correlation: float = 0.95
                           ) -> tuple[list[tuple[str, str]], set[str]] | None:
-    """The ``candidate_pairs`` of the pool that has at least one image of a fresh frame (``fresh`` flags each frame
+    """The ``candidate_pairs`` of the pool that have at least one image of a fresh frame (``fresh`` flags each frame
     of ``frames``), and the uids of the earlier frames' images that are no longer the first of their identical hash
     in the pool (a fresh image before them has it): the pairs of the earlier images alone are those of the earlier
-    pool, less every pair with one of those. None when the pool's signatures do not fit in ``memory`` or the pool's
-    banding differs from the earlier pool's (the whole pool is banded again).
+    pool, less every pair with one of those. None when the pool's banding differs from the earlier pool's, or the
+    pool's signatures do not fit in ``memory`` and the fresh images' signature words alone (32 bytes each: 8
+    million images in 256 MB) do not either (the whole pool is banded again). A pool beyond ``memory`` is worked
+    through one band at a time (``_spilled_keys``), with the same result.
 
     The first image of each identical hash (in pool order) stands for it in the bands: an earlier image stays first
     unless a fresh one comes before it, and an earlier image that was not first cannot become first. A band's rows
     are those whose value a fresh first image has; of them, only pairs with a fresh image are compared."""
     held, fits = _held(frames, memory)
     if not fits:
-        return None
+        has_means = MEAN_COLUMNS[0] in held[0]
+        held.clear()
+        sizes, new_words = [], []  # the new images' signatures are held (the increment, not the pool, in memory)
+        for frame, is_new in zip(frames(), itertools.chain(fresh, itertools.repeat(False))):
+            sizes.append(len(frame))
+            if is_new:
+                new_words.append(frame[HASH_COLUMNS].to_numpy(np.uint64))
+        if len(sizes) != len(fresh):
+            raise ValueError(f"{len(fresh)} fresh flags for {len(sizes)} frames")
+        new = np.repeat(np.asarray(fresh, dtype=bool), sizes)
+        total = len(new)
+        scheme = banding(total, min_correlation)
+        if banding(int((~new).sum()), min_correlation) != scheme or new.sum() * WORDS * 8 > memory:
+            return None
+        words = np.concatenate(new_words) if new_words else np.zeros((0, WORDS), dtype=np.uint64)
+        keys, demoted = _spilled_keys(frames, total, scheme, memory, has_means, max_bits, max_mean_gap, new, words)
+        uids = _uids_at(frames, np.union1d(_key_rows(keys, total), demoted), total)
+        return _named(keys, total, uids), set(uids[demoted].tolist())
     if len(held) != len(fresh):
         raise ValueError(f"{len(fresh)} fresh flags for {len(held)} frames")
     uids, words, means = _read_signatures(held)
@@ -484,22 +549,33 @@ def _named(keys: np.ndarray, size: int, uids: np.ndarray) -> list[tuple[str, str
 
 
 def _spill_band(frames: Callable[[], Iterator[pd.DataFrame]], band: int, bits: int, buckets: int,
-                folder: Path) -> list[Path]:
+                folder: Path, wanted: pd.Index | None = None, skipped: np.ndarray | None = None) -> list[Path]:
     """One pass over ``frames``: each row's pool position, signature and means (zero without them) appended as a
     ``SPILL_ROW`` to the file of its bucket (its ``band`` value modulo ``buckets``) in ``folder``; returns the
-    files written, by bucket."""
+    files written, by bucket. With ``wanted`` (distinct band values), only rows with one of them are spilled, and
+    with ``skipped`` (sorted pool positions), those rows are not."""
     files: dict[int, object] = {}
     start = 0
     try:
         for frame in frames():
-            rows = np.zeros(len(frame), dtype=SPILL_ROW)
-            rows["position"] = np.arange(start, start + len(frame))
-            rows["words"] = frame[HASH_COLUMNS].to_numpy(np.uint64)
+            words = frame[HASH_COLUMNS].to_numpy(np.uint64)
+            values = band_values(words, band, bits)
+            mine = slice(None)  # the frame's rows that are spilled
+            if wanted is not None or skipped is not None:  # chosen before the rows are built: most are not spilled
+                mine = np.ones(len(frame), dtype=bool) if wanted is None else wanted.get_indexer(values) >= 0
+                if skipped is not None:  # the skipped positions within this frame's
+                    low, high = np.searchsorted(skipped, [start, start + len(frame)])
+                    mine[skipped[low:high] - start] = False
+                mine = np.flatnonzero(mine)
+                words, values = words[mine], values[mine]
+            rows = np.zeros(len(words), dtype=SPILL_ROW)
+            rows["position"] = np.arange(start, start + len(frame))[mine]
+            rows["words"] = words
             if MEAN_COLUMNS[0] in frame:
-                moments = frame[[c for c in MOMENT_COLUMNS if c in frame]].to_numpy(np.float64)
+                moments = frame[[c for c in MOMENT_COLUMNS if c in frame]].to_numpy(np.float64)[mine]
                 rows["means"][:, :moments.shape[1]] = moments
             start += len(frame)
-            bucket_of = band_values(rows["words"], band, bits) % buckets
+            bucket_of = values % buckets
             order = np.argsort(bucket_of, kind="stable")
             for part in np.split(order, np.flatnonzero(np.diff(bucket_of[order])) + 1) if len(order) else []:
                 bucket = int(bucket_of[part[0]])
@@ -612,8 +688,9 @@ class NearDupStep(PoolStep):
                      mapped: Callable[[], Iterator[pd.DataFrame]], fresh: Sequence[bool]) -> dict | None:
         """The earlier pool's linked pairs (``previous``), less those of an image no longer first of its identical
         hash, plus the checked candidates with a new image (``fresh_candidate_pairs``): the pairs, and so the
-        clusters, of the whole pool, at the cost of the new images' comparisons. None (band the whole pool) when
-        the pool's banding changed with its size or its signatures do not fit in memory."""
+        clusters, of the whole pool, at the cost of the new images' comparisons (in memory or, for a pool beyond the
+        driver's bound, one band at a time). None (band the whole pool) when the pool's banding changed with its
+        size."""
         if params.near_duplicate_distance is None or "pairs" not in previous:
             return None
         found = fresh_candidate_pairs(partials, fresh, candidate_bits(params.near_duplicate_min_correlation),
