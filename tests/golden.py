@@ -6,8 +6,15 @@ durations, checkpoints, registry versions, Great Expectations' data docs) are la
 listing of its files; ``tests/golden_files.tsv`` keeps those listings (stage, output, file, md5), so that a
 difference is reported down to the file.
 
-    python -m tests.golden write            # after `make demo`: the listings of this checkout's dvc.lock
-    python -m tests.golden check CLONE_DIR  # compare a reproduction (its dvc.lock and DVC cache) with the golden one
+Floating-point results differ between CPU kinds: MKL and oneDNN choose their kernels by processor and vector
+width, and sum in other orders, so a model trained on one kind is not bit for bit the model trained on another, and
+every output downstream of the first training differs. A reproduction is bit for bit the
+same on one kind of CPU; ``dvc.lock`` is the golden lock of one kind, and ``tests/golden/<kind>/`` holds the lock
+and listings recorded on another (``cpu.json`` says which CPU). A reproduction passes when it equals one of them.
+
+    python -m tests.golden write                # after `make demo`: the listings of this checkout's dvc.lock
+    python -m tests.golden write --kind NAME    # after `make demo` on another kind of CPU: tests/golden/NAME/
+    python -m tests.golden check CLONE_DIR      # compare a reproduction (its dvc.lock and DVC cache) with the goldens
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -26,6 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTINGS = ROOT / "tests" / "golden_files.tsv"
+KINDS = ROOT / "tests" / "golden"  # the golden locks of other CPU kinds, one folder each
 RUN_RECORD = "run-record"
 
 
@@ -61,6 +70,7 @@ def dir_listing(repo_dir: Path, md5: str) -> dict[str, str]:
 
 def write_listings(repo_dir: Path = ROOT, out: Path = LISTINGS) -> int:
     """Write the file listings of ``repo_dir``'s compared directory outputs; returns the number of rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     hashes = lock_hashes(repo_dir / "dvc.lock")
     rows = []
     for output in compared_outputs(repo_dir):
@@ -110,6 +120,40 @@ def differences(fresh_dir: Path, golden_lock: Path, listings: Path = LISTINGS) -
     return lines
 
 
+def goldens() -> dict[str, tuple[Path, Path]]:
+    """The recorded golden locks: kind -> (dvc.lock, listings); ``main`` is the checkout's own."""
+    found = {"main": (ROOT / "dvc.lock", LISTINGS)}
+    for folder in sorted(KINDS.iterdir()) if KINDS.is_dir() else []:
+        if (folder / "dvc.lock").is_file():
+            found[folder.name] = (folder / "dvc.lock", folder / "golden_files.tsv")
+    return found
+
+
+def cpu_kind() -> dict[str, str]:
+    """This machine's CPU as far as it decides floating-point kernels: vendor, model and torch's vector ISA."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("vendor_id", "model name") and key.strip() not in info:
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    try:
+        import torch
+
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 (a description only)
+        pass
+    return {"machine": platform.machine(), **info}
+
+
+def check_goldens(fresh_dir: Path) -> tuple[str | None, dict[str, list[str]]]:
+    """(the kind whose golden lock the reproduction equals, or None; each golden's differences)."""
+    found = {kind: differences(fresh_dir, lock, listings) for kind, (lock, listings) in goldens().items()}
+    return next((kind for kind, diffs in found.items() if not diffs), None), found
+
+
 def clone_working_tree(dest: Path, src: Path = ROOT) -> Path:
     """A fresh clone of ``src``'s working tree (tracked and untracked, not ignored, files) as one commit in ``dest``,
     sharing ``src``'s virtual environment."""
@@ -143,17 +187,29 @@ def start_reproduction(src: Path = ROOT) -> tuple[subprocess.Popen, Path, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.golden", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("write", help="write tests/golden_files.tsv from this checkout's dvc.lock and DVC cache")
-    check = sub.add_parser("check", help="compare a reproduction with the golden dvc.lock")
+    write = sub.add_parser("write", help="write tests/golden_files.tsv from this checkout's dvc.lock and DVC cache")
+    write.add_argument("--kind", help="record this checkout's dvc.lock as the golden of another kind of CPU, in "
+                                      "tests/golden/KIND/ (dvc.lock, golden_files.tsv, cpu.json)")
+    check = sub.add_parser("check", help="compare a reproduction with the golden locks")
     check.add_argument("fresh_dir", type=Path, help="the reproduction's checkout (its dvc.lock and .dvc/cache)")
-    check.add_argument("--golden-lock", type=Path, default=ROOT / "dvc.lock")
     args = parser.parse_args(argv)
     if args.command == "write":
-        print(f"{LISTINGS.relative_to(ROOT)}: {write_listings()} files of directory outputs")
+        if args.kind:
+            folder = KINDS / args.kind
+            rows = write_listings(out=folder / "golden_files.tsv")
+            shutil.copy2(ROOT / "dvc.lock", folder / "dvc.lock")
+            (folder / "cpu.json").write_text(json.dumps(cpu_kind(), indent=2, sort_keys=True) + "\n")
+            print(f"{folder.relative_to(ROOT)}: dvc.lock, cpu.json and {rows} files of directory outputs")
+        else:
+            print(f"{LISTINGS.relative_to(ROOT)}: {write_listings()} files of directory outputs")
         return 0
-    diffs = differences(args.fresh_dir, args.golden_lock)
-    print("\n".join(diffs) if diffs else "every deterministic output equals the golden dvc.lock")
-    return 1 if diffs else 0
+    kind, found = check_goldens(args.fresh_dir)
+    if kind:
+        print(f"every deterministic output equals the golden dvc.lock of kind {kind!r}")
+        return 0
+    for other, diffs in found.items():
+        print(f"against the golden of kind {other!r}:\n" + "\n".join(diffs))
+    return 1
 
 
 if __name__ == "__main__":

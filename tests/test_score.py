@@ -396,7 +396,8 @@ def test_changing_the_null_recall_recomputes_no_scores():
 
 
 def test_a_sample_embedded_alone_gets_its_embedding_from_any_batch():
-    """A batch of one takes matrix-vector kernels that round otherwise; it is encoded as two copies of itself."""
+    """A row of a partial block of rows (a batch of one included) takes kernels that round otherwise: batches are
+    padded to whole blocks, so a row's embedding is the same alone, at any place in any batch."""
     from clipmill.components.common.model import embed_images, embed_texts
 
     torch.manual_seed(0)
@@ -407,3 +408,4 @@ def test_a_sample_embedded_alone_gets_its_embedding_from_any_batch():
     with torch.inference_mode():
         assert torch.equal(embed_images(clip, pixels)[2:3], embed_images(clip, pixels[2:3]))
         assert torch.equal(embed_texts(clip, texts)[2:3], embed_texts(clip, texts[2:3]))
+        assert torch.equal(embed_images(clip, pixels, batch_size=3)[1:5], embed_images(clip, pixels[1:5]))
