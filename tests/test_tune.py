@@ -45,9 +45,16 @@ def test_two_trial_sweep_writes_the_best_config(tmp_path, mlflow_uri, default_pa
     parent = next(r for r in runs if r.data.tags.get("clipmill.stage") == "tune")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and {c.data.tags["clipmill.stage"] for c in children} == {"tune-trial"}
+    names = json.loads((out / "run.json").read_text())
+    # every trial's run is ended: one the scheduler stopped (fewer reports) as KILLED, at its last report
+    stopped = {n["mlflow_run_id"] for n, t in zip(names["trials"], trials)
+               if t["reports"] < max(u["reports"] for u in trials)}
+    for child in children:
+        assert child.info.end_time is not None, child.info.run_id
+        assert child.info.status == ("KILLED" if child.info.run_id in stopped else "FINISHED"), child.info
+        assert ("clipmill.stopped_by_scheduler" in child.data.tags) == (child.info.run_id in stopped)
     first, second = sorted(children, key=lambda c: c.info.start_time)
     assert first.info.end_time <= second.info.start_time  # one trial at a time, though 2 CPUs hold two
-    names = json.loads((out / "run.json").read_text())
     assert [n["trial"] for n in names["trials"]] == [t["trial"] for t in trials]
     assert not {"trial_id", "mlflow_run_id"} & (best.keys() | {k for t in trials for k in t})
     assert {c.info.run_id for c in children} >= {n["mlflow_run_id"] for n in names["trials"]}
@@ -69,3 +76,37 @@ def test_tuned_values_are_applied_only_to_the_section_they_were_tuned_for_and_ne
     with pytest.raises(InputError, match="field 'overrides.lr'"):
         apply_best_params(default_params.train, str(best), "train")
     assert apply_best_params(default_params.train, str(tmp_path / "none.json"), "train") == default_params.train
+
+
+def test_trial_runs_left_open_or_failed_by_a_stop_are_ended_as_what_they_were(mlflow_uri):
+    """Ray stops a trial's thread inside its report (at its last step, or early for the scheduler) without waiting
+    for it: a run still RUNNING, or marked FAILED by Lightning on the way out, is ended after the sweep as FINISHED
+    (it reached its last step) or KILLED and tagged (stopped early), at its last report; a trial that failed, and a
+    run already ended right, are left as they are."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from clipmill.components.tune.tune import STOPPED_TAG, end_open_runs
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("trials")
+    runs = {name: client.create_run(experiment).info for name in ("open", "failed", "early", "error", "done")}
+    client.set_terminated(runs["failed"].run_id, "FAILED")
+    client.set_terminated(runs["error"].run_id, "FAILED")
+    client.set_terminated(runs["done"].run_id, "FINISHED")
+    stamp = runs["open"].start_time // 1000 + 5
+
+    def result(name, step, error=None):
+        return SimpleNamespace(metrics={"mlflow_run_id": runs[name].run_id, "step": step, "timestamp": stamp},
+                               error=error)
+
+    results = [result("open", 10), result("failed", 10), result("early", 5), result("error", 5, "boom"),
+               result("done", 10)]
+    mended = end_open_runs(mlflow_uri, results, steps_per_trial=10)
+    assert sorted(mended) == sorted(runs[n].run_id for n in ("open", "failed", "early"))
+    status = {name: client.get_run(info.run_id) for name, info in runs.items()}
+    assert {n: r.info.status for n, r in status.items()} == {
+        "open": "FINISHED", "failed": "FINISHED", "early": "KILLED", "error": "FAILED", "done": "FINISHED"}
+    assert status["open"].info.end_time == stamp * 1000  # its last report, not the time of the mending
+    assert [n for n, r in status.items() if STOPPED_TAG in r.data.tags] == ["early"]

@@ -69,13 +69,32 @@ def run_trial(config: dict[str, Any], *, base: dict, tune_params: dict, shards: 
         os.environ[PARENT_RUN_ENV] = parent_run_id
     params = trial_params(TrainParams.model_validate(base), TuneParams.model_validate(tune_params), config)
 
+    reported: dict[str, Any] = {}
+
     def report(step: int, metrics: dict[str, float]) -> None:
         run = mlflow.active_run()
-        tune.report({**metrics, "step": step, "mlflow_run_id": run.info.run_id if run else ""})
+        reported.update(step=step, run_id=run.info.run_id if run else None)
+        tune.report({**metrics, "step": step, "mlflow_run_id": reported["run_id"] or ""})
 
     with tempfile.TemporaryDirectory(prefix="clipmill-trial-") as out:
-        train(params, shards=shards, out_dir=out, eval_dir=eval_dir, seed=seed,
-              tracking=TrackingParams.model_validate(tracking), stage="tune-trial", validation_listeners=[report])
+        try:
+            train(params, shards=shards, out_dir=out, eval_dir=eval_dir, seed=seed,
+                  tracking=TrackingParams.model_validate(tracking), stage="tune-trial", validation_listeners=[report])
+        except SystemExit:  # how Ray ends a trial it stops, in its report: Lightning has marked the run FAILED
+            if reported.get("run_id"):  # at the time Lightning ended it
+                client = mlflow.MlflowClient()
+                end_trial_run(client, reported["run_id"], reported["step"], params.max_steps,
+                              end_time=client.get_run(reported["run_id"]).info.end_time)
+            raise
+
+
+def end_trial_run(client: Any, run_id: str, step: int, max_steps: int, end_time: int | None = None) -> None:
+    """End a trial's MLflow run that Ray stopped at a report: FINISHED when that was its last step, else KILLED and
+    tagged ``STOPPED_TAG`` (the scheduler stopped it early)."""
+    stopped = step < max_steps
+    if stopped:
+        client.set_tag(run_id, STOPPED_TAG, "true")
+    client.set_terminated(run_id, status="KILLED" if stopped else "FINISHED", end_time=end_time)
 
 
 def trial_resources(tune_params: TuneParams, base: TrainParams, cluster: dict[str, float]) -> dict[str, float]:
@@ -131,6 +150,8 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
                     run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0))
                 results = tuner.fit()
                 trials = sorted((_trial_entry(r, tune_params.metric) for r in results), key=lambda t: t["trial"])
+        if run is not None:
+            end_open_runs(uri, results, tune_params.steps_per_trial)
         best = _best(trials, tune_params)
         best["config_key"] = tune_params.config_key
         names = [{k: t.pop(k) for k in RUN_KEYS} | {"trial": t["trial"]} for t in trials]
@@ -148,6 +169,8 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
     log.info("best of %d trials: %s=%.4f with %s", len(trials), tune_params.metric, best["value"], best["overrides"])
     return best
 
+
+STOPPED_TAG = "clipmill.stopped_by_scheduler"  # on the MLflow run of a trial stopped before its last step
 
 # What names a trial in this run only (Ray's trial id has a random prefix; MLflow run ids are new every run).
 RUN_KEYS = ("trial_id", "mlflow_run_id")
@@ -168,6 +191,33 @@ def _trial_entry(result: Any, metric: str) -> dict[str, Any]:
         "mlflow_run_id": last.get("mlflow_run_id"),
         "error": str(result.error).splitlines()[0] if result.error else None,
     }
+
+
+def end_open_runs(uri: str, results: Any, steps_per_trial: int) -> list[str]:
+    """Mend the MLflow runs of the trials that ended without an error but whose run says otherwise: Ray does not
+    wait for a stopped trial's thread, so its run may still be RUNNING (or FAILED, as Lightning marks it when Ray
+    stops the thread) when its process goes. Each is ended at its last report (``end_trial_run``); returns their
+    run ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    mended = []
+    for result in results:
+        last = result.metrics or {}
+        run_id = last.get("mlflow_run_id")
+        if not run_id or result.error:
+            continue
+        info = client.get_run(run_id).info
+        stopped = (last.get("step") or 0) < steps_per_trial
+        if info.status == ("KILLED" if stopped else "FINISHED") and info.end_time:
+            continue
+        stamp = last.get("timestamp")  # the last report's time, in whole seconds (not before the run's start)
+        end = max(int(stamp * 1000), info.start_time or 0) if isinstance(stamp, (int, float)) else None
+        end_trial_run(client, run_id, last.get("step") or 0, steps_per_trial, end_time=info.end_time or end)
+        mended.append(run_id)
+    if mended:
+        log.info("tune: %d trial run(s) ended in MLflow after their trials", len(mended))
+    return mended
 
 
 def _best(trials: list[dict[str, Any]], tune_params: TuneParams) -> dict[str, Any]:
