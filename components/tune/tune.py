@@ -28,6 +28,7 @@ from clipmill.components.common.training.params import TrainParams
 from .params import SearchSpace, TuneParams
 
 log = get_logger("tune")
+STOPPED_TAG = "clipmill.stopped_by_scheduler"  # on the MLflow run of a trial stopped before its last step
 
 TUNED_KEYS = tuple(SearchSpace.model_fields)
 OUTPUT_FILES = ("best_params.json", "trials.json", "run.json")  # what a sweep writes into its out_dir
@@ -169,8 +170,6 @@ def run_sweep(base: TrainParams, tune_params: TuneParams, *, shards: str, eval_d
     log.info("best of %d trials: %s=%.4f with %s", len(trials), tune_params.metric, best["value"], best["overrides"])
     return best
 
-
-STOPPED_TAG = "clipmill.stopped_by_scheduler"  # on the MLflow run of a trial stopped before its last step
 
 # What names a trial in this run only (Ray's trial id has a random prefix; MLflow run ids are new every run).
 RUN_KEYS = ("trial_id", "mlflow_run_id")

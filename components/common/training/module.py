@@ -128,9 +128,12 @@ class ClipModule(pl.LightningModule):
             {"params": [q for n, q in named if not _no_weight_decay(n, q)], "weight_decay": p.weight_decay},
             {"params": [q for n, q in named if _no_weight_decay(n, q)], "weight_decay": 0.0},
         ]
-        trainer = getattr(self, "_trainer", None)
+        try:
+            precision = str(self.trainer.precision)
+        except RuntimeError:  # not attached to a Trainer (a module built alone): full precision
+            precision = "32-true"
         optimizer = torch.optim.AdamW(groups, lr=p.lr, betas=(p.beta1, p.beta2), eps=p.eps,
-                                      fused=fused_optimizer(str(trainer.precision) if trainer else "32-true"))
+                                      fused=fused_optimizer(precision))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, schedule=p.schedule, warmup_steps=p.warmup_steps, total_steps=self.total_steps,
             cooldown_steps=p.cooldown_steps, min_lr_ratio=p.min_lr_ratio))
