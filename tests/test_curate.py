@@ -303,6 +303,28 @@ def test_the_pools_workers_fork_from_a_server_that_imported_the_steps_modules_an
     assert out.stdout.split() == ["True", "False"]  # in the worker, not in the driver
 
 
+def test_a_run_that_needed_no_worker_stops_the_server_instead_of_waiting_for_its_imports(tmp_path):
+    """A run whose phases all ran in the driver (a no-op rerun, a rerun that only decides) used to end only once the
+    server had imported torch and open_clip for nothing: the pool's shutdown waited on its first worker, and that
+    worker on the server. The server is stopped instead (its slow import never finishes), and the next pool of the
+    process starts a new server and runs on it."""
+    (tmp_path / "slow_import.py").write_text(
+        "import pathlib, time\n"
+        f"time.sleep(20)\npathlib.Path({str(tmp_path / 'imported')!r}).write_text('done')\n")
+    code = ("import os, sys\n"
+            "from clipmill.components.common.params import RayParams\n"
+            "from clipmill.components.curate.executor import _SERVER, Executor\n"
+            "with Executor('local', 2, RayParams(), ['slow_import']) as pool:\n"
+            "    pass\n"
+            "print(_SERVER['ready'], _SERVER['started'])\n"
+            "with Executor('local', 2, RayParams(), ['json']) as pool:\n"
+            "    print(pool._pool.submit(os.getpid).result() != os.getpid())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["False", "None", "True"]
+    assert not (tmp_path / "imported").exists()  # a run that waited for the server would have seen it import
+
+
 def test_a_rerun_weighs_the_driver_against_the_pool_with_the_last_runs_timings(download, scorer, reference, tmp_path):
     """A run on the pool records what a worker paid to start each phase; a rerun with new shards reads it, and
     outputs never depend on where a phase ran."""

@@ -43,6 +43,27 @@ def start_forkserver(preload: list[str], environment: dict[str, str] | None = No
     return context
 
 
+def stop_forkserver() -> bool:
+    """Kill this process's forkserver, if it runs: a server still importing its ``preload`` would otherwise hold up
+    the end of a pool that never needed a worker (the pool's first worker waits on it, and the pool's shutdown on
+    that worker). A worker forked from it earlier runs on; a later ``start_forkserver`` starts a new one. Returns
+    whether one was running."""
+    import signal
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # the stdlib keeps no public handle on it
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+        # Until it has exited, the next ``start_forkserver`` would find it alive and send it a worker to start: it
+        # is waited for, and left to be reaped there (which then starts a new one).
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except (ProcessLookupError, ChildProcessError):
+        return False
+    return True
+
+
 @contextmanager
 def ray_session(ray_params: RayParams, *, env_vars: dict[str, str] | None = None, ship_code: bool = True,
                 object_store_mb: int | None = None, worker_logs: bool = False) -> Iterator[None]:

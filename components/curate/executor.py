@@ -18,7 +18,9 @@ The pool's workers fork from a server process that starts with the stage and imp
 their ``preload`` (torch and open_clip for the scorer: 3-4 s) once, instead of every worker importing them when it
 first runs the step. No worker starts before the server has imported them all; until then, the pool's cost of a
 phase also holds the rest of that wait (the last run's measure of it, ``server_seconds``), so a small increment's
-first steps run here while the server imports, as long as they need no torch.
+first steps run here while the server imports, as long as they need no torch. A run whose phases all ran here
+(a rerun that only decides, or finds everything done) stops the server if it is still importing, rather than wait
+for it on the way out: the pool's shutdown waits on a worker that is starting, and a worker on the server.
 """
 from __future__ import annotations
 
@@ -239,21 +241,32 @@ class Executor:
         elif self.workers > 1:
             # forked from a server that imported ``preload`` and nothing else (no torch threads, no Ray state);
             # each worker builds a step once.
+            context = start_worker_server(self.preload, self.workers)
             self._pool = self._stack.enter_context(ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=start_worker_server(self.preload, self.workers),
-                initializer=_worker_threads, initargs=(self.workers,)))
-            threading.Thread(target=self._first_worker, daemon=True).start()
+                max_workers=self.workers, mp_context=context, initializer=_worker_threads,
+                initargs=(self.workers,)))
+            if not _SERVER["ready"]:
+                threading.Thread(target=self._server_probe, args=(context,), daemon=True).start()
         return self
 
-    def _first_worker(self) -> None:
-        """Start a worker (it waits for the server's imports) and say when it runs."""
+    def _server_probe(self, context: BaseContext) -> None:
+        """Fork a process from the server (it waits for the server's imports) and say when it could. Not one of the
+        pool's workers: a pool starting a worker holds its own lock until the server answers, and its shutdown would
+        wait on that (a run whose phases all ran here would end only once the server had imported everything)."""
+        started = _SERVER["started"]
         try:
-            self._pool.submit(int).result()
-        except Exception:  # a broken pool shows where a task is sent to it; this only weighs where phases run
+            probe = context.Process(target=int, daemon=True)
+            probe.start()
+        except Exception:  # the server was stopped (the run ended first); this only weighs where phases run
             return
-        if not _SERVER["ready"]:  # measured once per server: the imports it ran before its first worker
-            self.measured_server_seconds = time.perf_counter() - _SERVER["started"]
+        if not _SERVER["ready"] and started is not None and _SERVER["started"] == started:
+            self.measured_server_seconds = time.perf_counter() - started  # measured once per server
             _SERVER["ready"] = True
+            try:  # the server answers at once now: a worker starts before a phase needs it
+                self._pool.submit(int)
+            except Exception:  # the pool was shut down meanwhile (the run ended)
+                pass
+        probe.join()
 
     def _server_wait(self, step: type[Step]) -> float:
         """Seconds a phase sent to the pool now would wait for the server's imports (the last run's measure of them,
@@ -265,6 +278,8 @@ class Executor:
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
+            if not _SERVER["ready"]:  # no worker has run: the server's imports are not waited for
+                stop_worker_server()
             _stop_workers(self._pool)
         self._stack.close()
 
@@ -386,6 +401,16 @@ def start_worker_server(preload: list[str], workers: int) -> BaseContext:
     if _SERVER["started"] is None:
         _SERVER["started"] = time.perf_counter()
     return start_forkserver(preload, {name: str(_thread_share(workers)) for name in _THREAD_VARIABLES})
+
+
+def stop_worker_server() -> None:
+    """Stop the pool's worker server while it imports (a run whose phases all ran in the driver ends now, not once
+    the server has imported torch and open_clip for nothing); the next pool of this process starts a new one."""
+    from clipmill.components.common.engine import stop_forkserver
+
+    if stop_forkserver():
+        log.debug("curate: the worker server was not needed; stopped")
+    _SERVER.update(started=None, ready=False)
 
 
 def _worker_threads(workers: int) -> None:

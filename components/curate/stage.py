@@ -294,6 +294,8 @@ def curate(manifest_path: str | os.PathLike, shards_dir: str | os.PathLike, out_
             summaries = run_steps(out_dir, steps, params, context, units, executor, timings, previous)
         if executor.measured_server_seconds is not None:
             timings["worker_server_seconds"] = executor.measured_server_seconds
+        elif isinstance(server_seconds, (int, float)):  # a run that needed no worker keeps the last measure
+            timings["worker_server_seconds"] = server_seconds
         samples = sum(read_marker(out_dir / UNITS_DIR / f"{u}.parquet")["rows"] for u in units)
         summary = {"shards": len(units), "samples": samples, "steps": summaries,
                    "kept": summaries[-1]["kept"] if summaries else samples}
