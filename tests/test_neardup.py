@@ -465,10 +465,12 @@ def test_the_banding_benchmark_reports_both_bandings_and_the_same_candidates_out
     assert "exponent" in large["scaled"] and (tmp_path / "neardup.json").exists()
 
 
+@pytest.mark.parametrize("with_fresh", [False, True], ids=["all", "fresh"])
 @pytest.mark.parametrize("gap", [0.0005, 0.01, math.inf])
-def test_rows_sorted_by_brightness_within_a_band_value_give_every_close_pair(gap):
+def test_rows_sorted_by_brightness_within_a_band_value_give_every_close_pair(gap, with_fresh):
     """Large groups of one band value, moments near one another: the pairs found are exactly those that a comparison
-    of every two rows of a group finds (the brightness window leaves out only pairs the moment bound rejects)."""
+    of every two rows of a group finds (the brightness window leaves out only pairs the moment bound rejects); with a
+    fifth of the rows fresh, exactly those of them with a fresh row."""
     from clipmill.components.filter.neardup import _close_rows, hamming
 
     rng = np.random.default_rng(7)
@@ -479,15 +481,19 @@ def test_rows_sorted_by_brightness_within_a_band_value_give_every_close_pair(gap
     words = base ^ np.packbits(flips, axis=2, bitorder="little").view(np.uint64).reshape(n, 4)
     means = np.clip(0.5 + rng.normal(0, 0.03, (n, 6)), 0, 1)
     means[::5, :3] = means[::5, :3][:, ::-1]  # equal brightness, other colours: left to the moment bound
-    first, second = _close_rows(words, keys, 24, means, gap)
+    fresh = rng.random(n) < 0.2 if with_fresh else None
+    first, second = _close_rows(words, keys, 24, means, gap, fresh=fresh)
     found = {(min(a, b), max(a, b)) for a, b in zip(first.tolist(), second.tolist())}
     assert len(found) == len(first)  # each pair once
     i, j = np.triu_indices(n, 1)
     same = keys[i] == keys[j]
     close = hamming(words[i], words[j]) <= 24
     near = ((means[i] - means[j]) ** 2).sum(axis=1) <= gap
-    expected = set(zip(i[same & close & near].tolist(), j[same & close & near].tolist()))
+    wanted = same & close & near & (fresh[i] | fresh[j] if with_fresh else True)
+    expected = set(zip(i[wanted].tolist(), j[wanted].tolist()))
     assert found == expected and 0 < len(expected) < same.sum()
+    if with_fresh:  # pairs of two fresh rows and pairs of a fresh row with an earlier one both occur
+        assert any(fresh[a] and fresh[b] for a, b in expected) and any(fresh[a] != fresh[b] for a, b in expected)
 
 
 def grown_pool(order: str) -> tuple[list[pd.DataFrame], list[pd.DataFrame], list[bool]]:
